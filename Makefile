@@ -1,0 +1,40 @@
+# Two commands set everything up: `make serve` and `make test`. Targets are one-liners; logic lives in scripts/.
+PY ?= python3
+VENV := .venv
+COMPAT := .venv-compat
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
+
+.PHONY: install install-test serve test test-gpu test-slow bench soak lint clean
+
+install: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml scripts/install.sh
+	PY=$(PY) bash scripts/install.sh server && touch $@
+
+install-test: $(VENV)/.installed-test
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml scripts/install.sh
+	PY=$(PY) bash scripts/install.sh test && touch $@
+
+serve:
+	bash scripts/serve.sh $(ARGS)
+
+test: install-test
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-slow: install-test
+	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+
+test-gpu: install-test
+	$(VENV)/bin/python -m pytest -m gpu $(PYTEST_ARGS)
+
+bench: install-test
+	$(VENV)/bin/python bench/run.py $(ARGS)
+
+soak: install-test
+	$(VENV)/bin/python bench/soak.py $(ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check router worker sdk tests bench
+
+clean:
+	rm -rf $(VENV) $(COMPAT) .cache

@@ -1,0 +1,94 @@
+"""`sie-server serve`: parse the command line (Infinity's flags included), build the app, run it under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+import uvicorn
+
+from sie_router import __version__
+from sie_router.app import build_app
+from sie_router.registry import build_registry
+from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, Settings, env_defaults
+
+log = logging.getLogger("sie")
+
+EPILOG = f"""examples:
+  sie-server serve                          serve the default bundle, loading each model on first use
+  sie-server serve -m {DEFAULT_MODEL}
+  sie-server serve -m ./my-model-dir --port 9000
+  sie-server serve --model-id BAAI/bge-small-en-v1.5   (Infinity's flag works too)
+
+Models are found offline first: a local folder, the Hugging Face cache, a package that ships the weights,
+then a hub download only when HF_HUB_OFFLINE=0. Every flag also reads an SIE_* variable (see README)."""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sie-server", description="SIE: embeddings, reranking and extraction for many "
+                                "models behind one server.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"sie {__version__}")
+    sub = p.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the HTTP server", epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("-m", "--model", "--model-id", dest="models", action="append", default=[], metavar="MODEL",
+                       help="serve this model and load it at start (repeatable): a bundle id, a hub id or a local "
+                            "folder. Without -m, the whole bundle is served and loaded on first use")
+    serve.add_argument("--preload", action="append", default=[], metavar="MODEL",
+                       help="load this bundle model at start (repeatable)")
+    serve.add_argument("--bundle", help=f"bundle name under bundles/, or a folder of model YAML files "
+                                        f"(default: {DEFAULT_BUNDLE})")
+    serve.add_argument("--host", help="address to bind (default 127.0.0.1; use 0.0.0.0 to expose it)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default auto: a GPU "
+                                                                          "when NVML finds one, else the CPU)")
+    serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
+    serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
+    serve.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 2)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and listing routes")
+    serve.add_argument("--admin-token", help="require this bearer token on the admin API")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return p
+
+
+def settings_from(argv: Sequence[str]) -> Settings:
+    argv = list(argv)
+    if argv and argv[0] == "v2":  # Infinity's `infinity_emb v2 ...`
+        argv[0] = "serve"
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+        argv = ["serve", *argv]
+    args = parser().parse_args(argv)
+    if args.command != "serve":
+        parser().print_help()
+        sys.exit(2)
+    values = env_defaults()
+    given = {k: v for k, v in vars(args).items() if v not in (None, []) and k != "command"}
+    if "models" in given:
+        given["models"] = tuple(given["models"])
+    if "preload" in given:
+        given["preload"] = tuple(given["preload"])
+    values.update(given)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        registry = build_registry(settings.bundle, settings.bundle_dirs, settings.models, offline=settings.hf_offline)
+    except (ValueError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
+             ", ".join(registry.served) or "no models")
+    uvicorn.run(build_app(settings, registry), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_deadline_s),
+                http="httptools", loop="uvloop", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Infinity-compatible root routes (router process): `/embeddings`, `/models`, `/health`, in Infinity's shapes."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sie_router import codec
+from sie_router.api.embeddings import embed
+from sie_router.errors import Api
+from sie_router.state import app_state
+
+
+async def embeddings(request: Request) -> Response:
+    return await embed(request, Api.INFINITY)
+
+
+def _capabilities(outputs: list[str], inputs: list[str]) -> list[str]:
+    found = []
+    if "dense" in outputs:
+        found.append("embed")
+    if "image" in inputs:
+        found.append("image_embed")
+    if "score" in outputs:
+        found.append("rerank")
+    if "json" in outputs:
+        found.append("classify")
+    return found
+
+
+async def models(request: Request) -> Response:
+    state = app_state(request)
+    data = []
+    for name, (config, _) in state.registry.served.items():
+        batcher = state.service.batchers.get(config.sie_id)
+        queued = batcher.queued_items if batcher else 0
+        capacity = state.settings.max_queue_items
+        data.append({"id": name, "stats": {"queue_fraction": queued / capacity, "queue_absolute": queued,
+                                           "results_pending": queued, "batch_size": state.settings.max_batch_items},
+                     "object": "model", "owned_by": "infinity", "created": int(state.pool.started_at),
+                     "backend": "torch", "capabilities": _capabilities(config.outputs, config.input_kinds)})
+    return codec.json_response({"data": data, "object": "list"})
+
+
+async def health(request: Request) -> Response:
+    state = app_state(request)
+    return codec.json_response({"unix": time.time()}, status=200 if state.ready else 503)

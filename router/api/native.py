@@ -1,0 +1,126 @@
+"""Native SIE routes (router process): `/v1/encode|score|extract/{model}` and the model listing.
+
+Wire-exact for sie-sdk 0.10.1: msgpack or JSON in, msgpack (or JSON when asked) out, arrays as msgpack-numpy maps.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sie_router import codec
+from sie_router.errors import invalid
+from sie_router.inputs import input_items, merged_options, plan_encode
+from sie_router.models import model_info
+from sie_router.postprocess import WIRE_DTYPE_NAMES, quantize
+from sie_router.service import EncodedItem
+from sie_router.state import app_state
+from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
+
+MAX_SCORE_ITEMS = 1000
+MAX_LABELS = 1000
+
+
+def _timing(started: float) -> dict[str, Any]:
+    total = (time.perf_counter() - started) * 1000.0
+    return {"total_ms": total, "queue_ms": 0.0, "tokenization_ms": 0.0, "inference_ms": 0.0,
+            "postprocessing_ms": None}
+
+
+def encoded_item(out: EncodedItem, output_types: list[str], output_dtype: str, item_id: str | None) -> dict[str, Any]:
+    dtype = WIRE_DTYPE_NAMES[output_dtype]
+    body: dict[str, Any] = {} if item_id is None else {"id": item_id}
+    if "dense" in output_types and out.dense is not None:
+        body["dense"] = {"dims": int(out.dense.shape[-1]), "dtype": dtype, "values": quantize(out.dense, output_dtype)}
+    if "sparse" in output_types and out.sparse is not None:
+        indices, values = out.sparse
+        body["sparse"] = {"dims": None, "dtype": "float16" if output_dtype == "float16" else "float32",
+                          "indices": indices, "values": quantize(values, "float16") if output_dtype == "float16"
+                          else values}
+    if "multivector" in output_types and out.multivector is not None:
+        rows = out.multivector
+        body["multivector"] = {"token_dims": int(rows.shape[-1]), "num_tokens": int(rows.shape[0]), "dtype": dtype,
+                               "values": quantize(rows, output_dtype)}
+    return body
+
+
+async def encode(request: Request) -> Response:
+    state, model, started = app_state(request), request.path_params["model"], time.perf_counter()
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, EncodeRequest, msgpack=codec.is_msgpack(request))
+    config, profile = state.registry.lookup(model)
+    plan, output_dtype = plan_encode(config, profile, req.params)
+    items = input_items(req.items, config, state.settings.max_item_bytes)
+    outputs = await state.service.encode(model, items, plan, wait_s=None)
+    sparse_dims = config.dims.get("sparse")
+    results = [encoded_item(out, plan.output_types, output_dtype, item.id) for out, item in zip(outputs, req.items,
+                                                                                                 strict=True)]
+    for result in results:
+        if "sparse" in result:
+            result["sparse"]["dims"] = sparse_dims
+    return codec.negotiated(request, {"model": model, "items": results, "timing": _timing(started),
+                                      "usage": {"input_tokens": sum(o.tokens for o in outputs)}})
+
+
+async def score(request: Request) -> Response:
+    state, model = app_state(request), request.path_params["model"]
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, ScoreRequest, msgpack=codec.is_msgpack(request))
+    config, profile = state.registry.lookup(model)
+    if config.tasks.get("score") is None:
+        raise invalid(f"model '{model}' cannot score; its outputs are {config.outputs}", param="model")
+    if not req.items or len(req.items) > MAX_SCORE_ITEMS:
+        raise invalid(f"score takes 1 to {MAX_SCORE_ITEMS} items, not {len(req.items)}", param="items")
+    query = input_items([req.query], config, state.settings.max_item_bytes, field="query")[0]
+    docs = input_items(req.items, config, state.settings.max_item_bytes)
+    if not (query.text or "").strip():
+        raise invalid("the query text is empty", param="query.text")
+    _, options = merged_options(config, profile, req.options)
+    worker_options = {k: v for k, v in options.items() if k not in ("profile", "instruction")}
+    scored = await state.service.score(model, query.text or "", [d.text or "" for d in docs], worker_options,
+                                       wait_s=None)
+    ids = [item.id if item.id is not None else f"item-{i}" for i, item in enumerate(req.items)]
+    order = sorted(range(len(scored)), key=lambda i: -scored[i][0])
+    scores = [{"item_id": ids[i], "score": scored[i][0], "rank": rank} for rank, i in enumerate(order)]
+    return codec.negotiated(request, {"model": model, "query_id": req.query.id, "scores": scores,
+                                      "usage": {"input_tokens": sum(t for _, _, t in scored)}})
+
+
+async def extract(request: Request) -> Response:
+    state, model = app_state(request), request.path_params["model"]
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, ExtractRequest, msgpack=codec.is_msgpack(request))
+    config, profile = state.registry.lookup(model)
+    if config.tasks.get("extract") is None:
+        raise invalid(f"model '{model}' cannot extract; its outputs are {config.outputs}", param="model")
+    labels = list((req.params.labels if req.params else None) or [])
+    if len(labels) > MAX_LABELS:
+        raise invalid(f"at most {MAX_LABELS} labels, not {len(labels)}", param="params.labels")
+    items = input_items(req.items, config, state.settings.max_item_bytes)
+    _, options = merged_options(config, profile, req.params.options if req.params else None)
+    found = await state.service.extract(model, items, labels, options, wait_s=None)
+    results = []
+    for i, (item, (extracted, _)) in enumerate(zip(req.items, found, strict=True)):
+        results.append({"id": item.id if item.id is not None else f"item-{i}", "entities": extracted.entities,
+                        "relations": extracted.relations, "classifications": extracted.classifications,
+                        "objects": extracted.objects, "data": extracted.data})
+    return codec.negotiated(request, {"model": model, "items": results,
+                                      "usage": {"input_tokens": sum(t for _, t in found)}})
+
+
+async def list_models(request: Request) -> Response:
+    state = app_state(request)
+    infos = [model_info(state, name) for name in state.registry.served]
+    data = [{"id": info["name"], "object": "model", "created": int(state.pool.started_at), "owned_by": "sie"}
+            for info in infos]
+    return codec.json_response({"object": "list", "data": data, "models": infos})
+
+
+async def get_model(request: Request) -> Response:
+    state = app_state(request)
+    name = request.path_params["model"]
+    state.registry.lookup(name)
+    return codec.json_response(model_info(state, name))

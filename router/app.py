@@ -1,0 +1,125 @@
+"""build_app(): the only route list, the error handlers, and the lifespan that starts and stops the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sie_router import WIRE_VERSION, __version__
+from sie_router.api import health, infinity, native, openai
+from sie_router.errors import Api, SIEError, render_error
+from sie_router.pool import WorkerPool
+from sie_router.registry import Registry
+from sie_router.service import Service
+from sie_router.settings import Settings
+from sie_router.state import AppState
+
+log = logging.getLogger("sie.app")
+
+_OPENAI_PATHS = ("/v1/embeddings", "/v1/rerank")
+_INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/health")
+
+
+def api_of(path: str) -> Api:
+    """Which envelope errors on this path are rendered in."""
+    if path.startswith(_OPENAI_PATHS):
+        return Api.OPENAI
+    if path in _INFINITY_PATHS:
+        return Api.INFINITY
+    return Api.NATIVE
+
+
+async def _sie_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SIEError)
+    return render_error(exc, api_of(request.url.path))
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_INPUT")
+    return render_error(SIEError(code, str(exc.detail)), api_of(request.url.path))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path)
+    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), api_of(request.url.path))
+
+
+class VersionHeader:
+    """Adds `X-SIE-Server-Version` (the wire version, so sie-sdk sees no skew) and our engine version to every reply."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.headers = [(b"x-sie-server-version", WIRE_VERSION.encode()),
+                        (b"x-sie-engine-version", __version__.encode())]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+ROUTES = [
+    Route("/v1/encode/{model:path}", native.encode, methods=["POST"]),
+    Route("/v1/score/{model:path}", native.score, methods=["POST"]),
+    Route("/v1/extract/{model:path}", native.extract, methods=["POST"]),
+    Route("/v1/models", native.list_models, methods=["GET"]),
+    Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
+    Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+    Route("/embeddings", infinity.embeddings, methods=["POST"]),
+    Route("/models", infinity.models, methods=["GET"]),
+    Route("/health", infinity.health, methods=["GET"]),
+    Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/readyz", health.readyz, methods=["GET"]),
+]
+
+
+async def _preload(state: AppState, names: list[str]) -> None:
+    """Load the models named at startup; readiness waits for them, as Infinity's late-opening port does."""
+    results = await asyncio.gather(*(state.pool.ensure(n, wait_s=state.settings.load_timeout_s) for n in names),
+                                   return_exceptions=True)
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, BaseException):
+            log.error("preloading %s failed: %s", name, result)
+    state.ready = True
+    log.info("ready: serving %d model(s)", len(state.registry.served))
+
+
+def build_app(settings: Settings, registry: Registry) -> Starlette:
+    pool = WorkerPool(settings, registry)
+    state = AppState(settings=settings, registry=registry, pool=pool, service=Service(settings, pool))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await pool.start()
+        names = list(dict.fromkeys([*settings.models, *settings.preload]))
+        preload = asyncio.create_task(_preload(state, names), name="sie-preload")
+        try:
+            yield
+        finally:
+            state.ready = False
+            preload.cancel()
+            await state.service.close()
+            await pool.shutdown()
+
+    app = Starlette(routes=ROUTES, lifespan=lifespan,
+                    exception_handlers={SIEError: _sie_error, HTTPException: _http_error, Exception: _unexpected})
+    app.state.sie = state
+    app.add_middleware(VersionHeader)
+    return app

@@ -1,0 +1,175 @@
+"""Per-model batching (router process): TEI's queue, in asyncio.
+
+Requests enqueue `Entry`s (a client batch is split so no entry exceeds the item cap). One task per model forms
+batches:
+  1. wait for an entry, then up to `max_wait_ms` for more to arrive (unless the batch is already full);
+  2. take the oldest live entry, then fill from a bounded window of entries with the same batch key, closest in
+     length first, so padding stays small, under the item cap and the token budget;
+  3. skip entries whose request has gone (its future was cancelled);
+  4. keep at most `in_flight` batches at the worker, so the next batch is ready while one runs.
+The queue is bounded in items; past the bound `submit` raises `QUEUE_FULL` (retryable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sie_router.errors import SIEError
+
+log = logging.getLogger("sie.batcher")
+
+_WINDOW_FACTOR = 4  # how far past the batch size we look for similar lengths
+
+
+@dataclass(eq=False)
+class Entry:
+    """Part of one request: items that must share a batch key, and the future for their outputs."""
+
+    key: Any
+    items: list[Any]
+    costs: list[int]
+    future: asyncio.Future[Any]
+    cost: int = 0
+
+    def __post_init__(self) -> None:
+        self.cost = sum(self.costs)
+
+
+RunBatch = Callable[[Any, list[Any]], Awaitable[list[Any]]]
+
+
+@dataclass
+class BatchLimits:
+    max_items: int = 64
+    max_tokens: int = 16384
+    max_wait_ms: float = 2.0
+    max_queue_items: int = 512
+    in_flight: int = 2
+
+
+@dataclass
+class Batcher:
+    """The queue of one model. `run(key, items)` sends one batch to the worker and returns one output per item."""
+
+    name: str
+    run: RunBatch
+    limits: BatchLimits
+    queue: deque[Entry] = field(default_factory=deque)
+    queued_items: int = 0
+    _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _slots: asyncio.Semaphore | None = None
+    _task: asyncio.Task[None] | None = None
+    _running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def start(self) -> None:
+        self._slots = asyncio.Semaphore(self.limits.in_flight)
+        self._task = asyncio.create_task(self._loop(), name=f"sie-batcher:{self.name}")
+
+    async def submit(self, key: Any, items: list[Any], costs: list[int]) -> list[Any]:
+        """Queue the items (split into entries of at most `max_items`) and return their outputs in order."""
+        if len(items) > self.limits.max_queue_items:
+            raise SIEError("INVALID_INPUT", f"{len(items)} items is more than this model's queue can ever hold "
+                           f"({self.limits.max_queue_items}); split the request", param="items")
+        if self.queued_items + len(items) > self.limits.max_queue_items:
+            raise SIEError("QUEUE_FULL", f"model '{self.name}' has {self.queued_items} items queued; retry shortly")
+        loop = asyncio.get_running_loop()
+        step = self.limits.max_items
+        entries = [Entry(key, items[i:i + step], costs[i:i + step], loop.create_future())
+                   for i in range(0, len(items), step)]
+        self.queue.extend(entries)
+        self.queued_items += len(items)
+        self._wakeup.set()
+        try:
+            parts = await asyncio.gather(*(e.future for e in entries))
+        except BaseException:
+            for entry in entries:
+                if entry.future.done() and not entry.future.cancelled():
+                    entry.future.exception()  # mark sibling failures as seen
+                entry.future.cancel()  # still queued ones are skipped, never sent
+            raise
+        return [out for part in parts for out in part]
+
+    def _take(self) -> list[Entry]:
+        """Step 2: the oldest live entry plus similar-length entries of the same key, within the limits."""
+        while self.queue and self.queue[0].future.done():
+            self._drop(self.queue.popleft())
+        if not self.queue:
+            return []
+        head = self.queue.popleft()
+        batch, items, tokens = [head], len(head.items), head.cost
+        window = [e for e in itertools_islice(self.queue, self.limits.max_items * _WINDOW_FACTOR)
+                  if e.key == head.key and not e.future.done()]
+        head_len = head.cost / max(1, len(head.items))
+        window.sort(key=lambda e: abs(e.cost / max(1, len(e.items)) - head_len))
+        for entry in window:
+            if items + len(entry.items) > self.limits.max_items or tokens + entry.cost > self.limits.max_tokens:
+                continue
+            batch.append(entry)
+            items += len(entry.items)
+            tokens += entry.cost
+            self.queue.remove(entry)
+        self.queued_items -= items
+        return batch
+
+    def _drop(self, entry: Entry) -> None:
+        self.queued_items -= len(entry.items)
+
+    async def _loop(self) -> None:
+        assert self._slots is not None
+        while True:
+            if not self.queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            if self.limits.max_wait_ms > 0 and sum(len(e.items) for e in self.queue) < self.limits.max_items:
+                await asyncio.sleep(self.limits.max_wait_ms / 1000)
+            await self._slots.acquire()
+            batch = self._take()
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.create_task(self._dispatch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _dispatch(self, batch: list[Entry]) -> None:
+        assert self._slots is not None
+        try:
+            outputs = await self.run(batch[0].key, [item for e in batch for item in e.items])
+        except Exception as exc:
+            for entry in batch:
+                if not entry.future.done():
+                    entry.future.set_exception(exc)
+            if not isinstance(exc, SIEError):
+                log.exception("batch for %s failed", self.name)
+            return
+        finally:
+            self._slots.release()
+        offset = 0
+        for entry in batch:
+            part = outputs[offset:offset + len(entry.items)]
+            offset += len(entry.items)
+            if not entry.future.done():
+                entry.future.set_result(part)
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._running) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for entry in self.queue:
+            if not entry.future.done():
+                entry.future.set_exception(SIEError("SHUTTING_DOWN", "the server is shutting down"))
+        self.queue.clear()
+        self.queued_items = 0
+
+
+def itertools_islice(queue: deque[Entry], n: int) -> list[Entry]:
+    return [queue[i] for i in range(min(n, len(queue)))]

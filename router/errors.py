@@ -1,0 +1,111 @@
+"""The one error table (router process): every failure is an `SIEError` with a code; one renderer per API.
+
+Handlers raise; `render_error` turns the error into the envelope of the API the request came through:
+native `{"detail": {...}}`, OpenAI `{"error": {...}}`, or Infinity's `{"error": {..., "code": <int>}}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+
+class Api(Enum):
+    """Which envelope an error is rendered in, chosen by the route."""
+
+    NATIVE = "native"
+    OPENAI = "openai"
+    INFINITY = "infinity"
+
+
+@dataclass(frozen=True)
+class Code:
+    """How one error code is answered: native status, Retry-After, and the OpenAI-route status and code."""
+
+    status: int
+    retry_after: float | None
+    openai_status: int
+    openai_code: str
+    native_code: str | None = None  # the code the native API shows, where it differs from ours
+
+
+# code -> how it is answered. Retryable answers carry Retry-After; terminal 5xx tell OpenAI clients not to retry.
+TABLE: dict[str, Code] = {
+    "INVALID_INPUT": Code(400, None, 400, "invalid_request"),
+    "INPUT_TOO_LONG": Code(400, None, 400, "input_too_long"),
+    "REQUEST_TOO_LARGE": Code(413, None, 413, "request_too_large", native_code="INPUT_TOO_LONG"),
+    "UNAUTHORIZED": Code(401, None, 401, "invalid_api_key"),
+    "FORBIDDEN": Code(403, None, 403, "forbidden"),
+    "MODEL_NOT_FOUND": Code(404, None, 404, "model_not_found"),
+    "NOT_FOUND": Code(404, None, 404, "not_found"),
+    "METHOD_NOT_ALLOWED": Code(405, None, 405, "method_not_allowed"),
+    "MODEL_NOT_SUPPORTED": Code(400, None, 400, "model_not_supported"),
+    "INVALID_DIMENSIONS": Code(400, None, 400, "invalid_dimensions"),
+    "INVALID_TOKEN_IDS": Code(400, None, 400, "invalid_token_ids"),
+    "MODEL_LOADING": Code(503, 5.0, 503, "model_loading"),
+    "MODEL_LOAD_FAILED": Code(502, None, 502, "model_load_failed"),
+    "QUEUE_FULL": Code(503, 1.0, 429, "server_overloaded"),
+    "RESOURCE_EXHAUSTED": Code(503, 5.0, 503, "resource_exhausted"),
+    "SHUTTING_DOWN": Code(503, 5.0, 503, "shutting_down"),
+    "INFERENCE_ERROR": Code(500, None, 500, "inference_error"),
+    "INTERNAL_ERROR": Code(500, None, 500, "internal_error"),
+}
+
+
+class SIEError(Exception):
+    """A failure with a code from `TABLE`; `param` names the offending field, `extra` adds body keys."""
+
+    def __init__(self, code: str, message: str, *, param: str | None = None, **extra: Any) -> None:
+        if code not in TABLE:
+            raise ValueError(f"unknown error code {code}")
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.param = param
+        self.extra = extra
+
+    @property
+    def entry(self) -> Code:
+        return TABLE[self.code]
+
+
+def invalid(message: str, param: str | None = None) -> SIEError:
+    return SIEError("INVALID_INPUT", message, param=param)
+
+
+def _json(body: Any, status: int, headers: dict[str, str]) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, headers=headers, media_type="application/json")
+
+
+def render_error(error: SIEError, api: Api) -> Response:
+    entry = error.entry
+    code = entry.native_code or error.code
+    headers: dict[str, str] = {"X-SIE-Error-Code": code}
+    if entry.retry_after is not None:
+        headers["Retry-After"] = f"{entry.retry_after:g}"
+    if api is Api.NATIVE:
+        detail: dict[str, Any] = {"code": code, "message": error.message, **error.extra}
+        if error.param:
+            detail["param"] = error.param
+        return _json({"detail": detail}, entry.status, headers)
+    status = entry.openai_status
+    if status >= 500 and entry.retry_after is None:
+        headers["x-should-retry"] = "false"
+    if api is Api.OPENAI:
+        kind = "invalid_request_error" if status < 500 and status != 429 else "server_error"
+        body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": entry.openai_code}}
+        return _json(body, status, headers)
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+        return _json({"detail": "Unauthorized"}, 401, headers)
+    if error.code == "INVALID_INPUT" and error.param != "model":
+        # Infinity answers schema problems with FastAPI's 422 list; handler errors keep its {"error"} envelope.
+        loc = ["body", *(error.param or "").split(".")] if error.param else ["body"]
+        detail = [{"type": "value_error", "loc": loc, "msg": error.message, "input": None}]
+        return _json({"detail": detail}, 422, headers)
+    return _json({"error": {"message": error.message, "type": None, "param": None, "code": status}}, status, headers)
+

@@ -1,0 +1,74 @@
+"""Server settings (router process): one frozen object, built once from the CLI and `SIE_*` variables."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_BUNDLE = "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server reads from its environment; no other module reads `os.environ`."""
+
+    models: tuple[str, ...] = ()
+    preload: tuple[str, ...] = ()
+    bundle: str = DEFAULT_BUNDLE
+    bundle_dirs: tuple[Path, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 8080
+    device: str = "auto"
+    worker_threads: int = 0
+    # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
+    max_batch_items: int = 64
+    max_wait_ms: float = 2.0
+    max_queue_items: int = 512
+    # Limits on a request.
+    max_request_bytes: int = 34 * 1024 * 1024
+    max_item_bytes: int = 2 * 1024 * 1024
+    max_items_per_request: int = 2048
+    # How long OpenAI and Infinity routes hold a request while its model loads.
+    load_wait_s: float = 120.0
+    load_timeout_s: float = 600.0
+    shutdown_deadline_s: float = 20.0
+    api_key: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    token_ids: str = "cl100k_base"
+    log_level: str = "info"
+    hf_offline: bool = True
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def serves_bundle(self) -> bool:
+        """With no `-m`, the whole bundle is served lazily."""
+        return not self.models
+
+
+def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Settings overrides from `SIE_*` variables (the CLI parser uses them as defaults)."""
+    env = os.environ if environ is None else environ
+    found: dict[str, object] = {}
+    simple = {
+        "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
+        "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
+        "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
+        "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
+        "SIE_MAX_REQUEST_BODY_BYTES": ("max_request_bytes", int),
+        "SIE_MAX_ITEM_TEXT_BYTES": ("max_item_bytes", int), "SIE_LOAD_WAIT_S": ("load_wait_s", float),
+        "SIE_API_KEY": ("api_key", str), "SIE_ADMIN_TOKEN": ("admin_token", str),
+        "SIE_LOG_LEVEL": ("log_level", str), "SIE_TOKEN_IDS": ("token_ids", str),
+    }
+    for name, (attr, kind) in simple.items():
+        if env.get(name):
+            found[attr] = kind(env[name])
+    if env.get("SIE_MODELS"):
+        found["models"] = tuple(m for m in env["SIE_MODELS"].split(";") if m)
+    if env.get("SIE_BUNDLE_DIRS"):
+        found["bundle_dirs"] = tuple(Path(p) for p in env["SIE_BUNDLE_DIRS"].split(os.pathsep) if p)
+    found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
+    # Workers inherit the process environment; these are the ones we pass on explicitly.
+    found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
+    return found

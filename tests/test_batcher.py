@@ -1,0 +1,111 @@
+"""The per-model batcher, driven by a recording fake `run`: cross-request batching, limits, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from sie_router.batcher import BatchLimits, Batcher
+from sie_router.errors import SIEError
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[list[str]] = []
+        self.delay = delay
+
+    async def __call__(self, key: object, items: list[str]) -> list[str]:
+        self.batches.append(list(items))
+        await asyncio.sleep(self.delay)
+        return [f"out:{item}" for item in items]
+
+
+def make(recorder: Recorder, **limits: float) -> Batcher:
+    batcher = Batcher("m", recorder, BatchLimits(**limits))  # type: ignore[arg-type]
+    batcher.start()
+    return batcher
+
+
+async def test_concurrent_requests_share_a_batch_and_get_their_own_outputs() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_wait_ms=20)
+    results = await asyncio.gather(*(batcher.submit("k", [f"t{i}"], [3]) for i in range(10)))
+    assert results == [[f"out:t{i}"] for i in range(10)]
+    assert len(recorder.batches) == 1 and sorted(recorder.batches[0]) == sorted(f"t{i}" for i in range(10))
+    await batcher.close()
+
+
+async def test_big_client_batches_are_split_and_reassembled_in_order() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_items=4, max_wait_ms=0)
+    items = [f"x{i}" for i in range(10)]
+    assert await batcher.submit("k", items, [1] * 10) == [f"out:{i}" for i in items]
+    assert all(len(b) <= 4 for b in recorder.batches) and len(recorder.batches) == 3
+    await batcher.close()
+
+
+async def test_token_budget_and_keys_separate_batches() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_tokens=10, max_wait_ms=20)
+    await asyncio.gather(batcher.submit("a", ["a1"], [6]), batcher.submit("a", ["a2"], [6]),
+                         batcher.submit("b", ["b1"], [1]))
+    assert sorted(map(sorted, recorder.batches)) == [["a1"], ["a2"], ["b1"]]
+    await batcher.close()
+
+
+async def test_similar_lengths_are_batched_together() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_items=2, max_wait_ms=30, in_flight=1)
+    costs = {"short1": 2, "long1": 200, "short2": 3, "long2": 190}
+    await asyncio.gather(*(batcher.submit("k", [name], [cost]) for name, cost in costs.items()))
+    assert sorted(map(sorted, recorder.batches)) == [["long1", "long2"], ["short1", "short2"]]
+    await batcher.close()
+
+
+async def test_full_queue_is_retryable_and_oversized_request_is_invalid() -> None:
+    batcher = make(Recorder(delay=0.2), max_queue_items=4, max_wait_ms=0, in_flight=1, max_items=2)
+    first = asyncio.create_task(batcher.submit("k", ["a", "b", "c", "d"], [1] * 4))
+    await asyncio.sleep(0)
+    with pytest.raises(SIEError) as full:
+        await batcher.submit("k", ["e"], [1])
+    assert full.value.code == "QUEUE_FULL"
+    with pytest.raises(SIEError) as huge:
+        await batcher.submit("k", list("abcde"), [1] * 5)
+    assert huge.value.code == "INVALID_INPUT"
+    assert len(await first) == 4
+    await batcher.close()
+
+
+async def test_cancelled_requests_are_never_sent() -> None:
+    recorder = Recorder(delay=0.05)
+    batcher = make(recorder, max_items=1, max_wait_ms=0, in_flight=1)
+    keep = asyncio.create_task(batcher.submit("k", ["first"], [1]))
+    gone = asyncio.create_task(batcher.submit("k", ["abandoned"], [1]))
+    await asyncio.sleep(0.01)
+    gone.cancel()
+    assert await keep == ["out:first"]
+    await asyncio.sleep(0.1)
+    assert ["abandoned"] not in recorder.batches
+    assert batcher.queued_items == 0
+    await batcher.close()
+
+
+async def test_a_failed_batch_fails_only_its_requests() -> None:
+    calls = 0
+
+    async def flaky(key: object, items: list[str]) -> list[str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SIEError("MODEL_LOADING", "worker died")
+        return items
+
+    batcher = Batcher("m", flaky, BatchLimits(max_wait_ms=0, max_items=1, in_flight=1))
+    batcher.start()
+    first = asyncio.create_task(batcher.submit("k", ["a"], [1]))
+    second = asyncio.create_task(batcher.submit("k", ["b"], [1]))
+    with pytest.raises(SIEError):
+        await first
+    assert await second == ["b"]
+    await batcher.close()

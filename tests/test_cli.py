@@ -1,0 +1,36 @@
+"""`sie-server` command line: flags, Infinity aliases, environment defaults, helpful --help."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from sie_router.__main__ import settings_from
+
+
+def test_model_id_is_an_alias_of_m_and_v2_is_accepted() -> None:
+    settings = settings_from(["v2", "--model-id", "a/b", "-m", "c/d", "--port", "9000"])
+    assert settings.models == ("a/b", "c/d") and settings.port == 9000 and settings.host == "127.0.0.1"
+
+
+def test_defaults_bind_loopback_on_8080(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SIE_PORT", raising=False)
+    settings = settings_from([])
+    assert (settings.host, settings.port, settings.models) == ("127.0.0.1", 8080, ())
+
+
+def test_environment_gives_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIE_PORT", "7000")
+    monkeypatch.setenv("SIE_API_KEY", "secret")
+    assert settings_from([]).port == 7000
+    assert settings_from(["--port", "7001"]).port == 7001
+    assert "secret" not in repr(settings_from([]))
+
+
+def test_help_explains_every_flag() -> None:
+    out = subprocess.run([sys.executable, "-m", "sie_router", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--model-id", "--bundle", "--host", "--port", "--device", "offline first"):
+        assert flag in out

@@ -1,0 +1,55 @@
+"""The adapter contract every model family implements (worker process).
+
+A batch goes through two calls so that tokenising batch n+1 overlaps the forward pass of batch n:
+`prepare` runs on the worker's prepare thread (CPU work, no device), `forward` on the main thread (the model).
+Memory contract: after `close()` the adapter holds no device memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, ScoreBatch
+
+Batch = EncodeBatch | ScoreBatch | ExtractBatch
+
+
+class UnsupportedTask(Exception):
+    """The model cannot do what the batch asks (the router checks first; this is the worker's guard)."""
+
+
+class BadInput(Exception):
+    """An input the model cannot take (an undecodable image, an out-of-range option): the batch fails with 400."""
+
+
+@dataclass
+class LoadInfo:
+    """What `load` found out about the model; the worker's `Ready` reports it."""
+
+    dims: dict[str, int]
+    capabilities: list[str]
+    max_sequence_length: int | None = None
+
+
+@dataclass
+class Prepared:
+    """A batch after `prepare`: whatever the family's forward needs, plus accounting."""
+
+    batch: Batch
+    inputs: Any = None
+    token_counts: list[int] = field(default_factory=list)
+    tokenize_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Adapter(Protocol):
+    def load(self) -> LoadInfo: ...
+
+    def prepare(self, batch: Batch) -> Prepared: ...
+
+    def forward(self, prepared: Prepared) -> Result: ...
+
+    def memory_bytes(self) -> int: ...
+
+    def close(self) -> None: ...

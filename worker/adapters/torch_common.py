@@ -1,0 +1,73 @@
+"""Torch helpers shared by the real adapter families (worker process): device, precision, memory, tokenising."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+
+_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def torch_device(name: str) -> torch.device:
+    # CUDA_VISIBLE_DEVICES pins the worker to one GPU, so it always sees it as cuda:0.
+    if name.startswith("cuda"):
+        return torch.device("cuda:0")
+    return torch.device("cpu")
+
+
+def compute_dtype(precision: str | None, device: torch.device) -> torch.dtype:
+    """The dtype to run in: as configured on a GPU; float32 on CPU unless bfloat16 is asked for explicitly."""
+    if precision is None:
+        return torch.float32
+    dtype = _PRECISIONS[precision]
+    if device.type == "cpu" and dtype is torch.float16:
+        return torch.float32  # fp16 matmuls on CPU are slow and lossy; bf16 stays an explicit choice
+    return dtype
+
+
+def memory_bytes(device: torch.device) -> int:
+    """Memory this worker holds: reserved CUDA memory on a GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_reserved(device))
+    return int(psutil.Process(os.getpid()).memory_info().rss)
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy tokenised inputs to the device; pinned host memory lets the copy run asynchronously on a GPU."""
+    if device.type != "cuda":
+        return tensors
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in tensors.items()}
+
+
+def read_json(path: Path) -> Any:
+    """The parsed file, or None when it is missing or not JSON."""
+    try:
+        with path.open() as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Stopwatch:
+    """Milliseconds since construction."""
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self._start) * 1000.0

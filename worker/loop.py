@@ -1,0 +1,194 @@
+"""The worker process: load the adapter, say `Ready`, then serve batches until told to stop.
+
+Two threads: the prepare thread receives batches and tokenises them (CPU), the main thread runs the forward pass
+and sends results, so tokenising batch n+1 overlaps the forward of batch n. Each ZeroMQ socket belongs to one thread.
+SIGTERM only sets a flag; the batch in hand finishes first.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import msgspec
+import setproctitle
+import zmq
+
+from sie_worker import protocol
+from sie_worker.adapters import build_adapter
+from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
+from sie_worker.protocol import BatchDone, BatchFailed, BatchTiming, LoadFailed, Ready, Shutdown, WorkerSpec
+
+log = logging.getLogger("sie.worker")
+_POLL_MS = 100
+_PR_SET_PDEATHSIG = 1
+
+
+class _Failed:
+    """A batch that failed before its forward pass; the main thread reports it in order."""
+
+    def __init__(self, batch_id: int, code: str, message: str) -> None:
+        self.report = BatchFailed(batch_id=batch_id, code=code, message=message)
+
+
+_STOP = object()
+
+
+def _die_with_parent() -> None:
+    # If the router is SIGKILLed it cannot stop us: ask the kernel to SIGTERM us when it goes (Linux only).
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _failure_code(exc: BaseException) -> str:
+    if isinstance(exc, (BadInput, UnsupportedTask)):
+        return "INVALID_INPUT"
+    if "out of memory" in str(exc).lower():
+        return "RESOURCE_EXHAUSTED"
+    return "INFERENCE_ERROR"
+
+
+def _load_error_class(exc: BaseException) -> str:
+    if isinstance(exc, (FileNotFoundError, OSError)):
+        return "NOT_FOUND"
+    if isinstance(exc, (ValueError, KeyError)):
+        return "CONFIG"
+    if "out of memory" in str(exc).lower():
+        return "OOM"
+    return "ENGINE"
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.stopping = threading.Event()
+        self.ready_batches: queue.Queue[Any] = queue.Queue(maxsize=2)
+        self.context = zmq.Context()
+        self.recv_from_router = self.context.socket(zmq.DEALER)
+        self.recv_from_router.setsockopt(zmq.IDENTITY, spec.worker_id.encode())
+        self.recv_from_router.connect(spec.to_worker_endpoint)
+        self.send_to_router = self.context.socket(zmq.PUSH)
+        self.send_to_router.setsockopt(zmq.LINGER, 2000)
+        self.send_to_router.connect(spec.from_worker_endpoint)
+
+    def send(self, message: protocol.Message) -> None:
+        self.send_to_router.send(protocol.encode(message), copy=False)
+
+    def send_handshake(self, message: Ready | LoadFailed) -> None:
+        # The handshake goes over the DEALER: once the router reads it, it can route batches to this identity.
+        self.recv_from_router.send(protocol.encode(message))
+
+    def load(self) -> Adapter | None:
+        started = time.monotonic()
+        log.info("loading %s (%s adapter) from %s on %s", self.spec.model, self.spec.adapter,
+                 self.spec.weights_dir, self.spec.device)
+        try:
+            adapter = build_adapter(self.spec)
+            info = adapter.load()
+        except Exception as exc:  # any load error is reported, then the process exits
+            log.exception("loading %s failed", self.spec.model)
+            self.send_handshake(LoadFailed(worker_id=self.spec.worker_id, code="MODEL_LOAD_FAILED",
+                                 error_class=_load_error_class(exc), message=f"{type(exc).__name__}: {exc}"))
+            return None
+        seconds = time.monotonic() - started
+        log.info("loaded %s in %.2fs (dims %s)", self.spec.model, seconds, info.dims)
+        self.send_handshake(Ready(worker_id=self.spec.worker_id, model=self.spec.model, device=self.spec.device,
+                        memory_bytes=adapter.memory_bytes(), dims=info.dims, capabilities=info.capabilities,
+                        max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid()))
+        return adapter
+
+    def prepare_loop(self, adapter: Adapter) -> None:
+        """Receive and tokenise batches; runs on the prepare thread."""
+        poller = zmq.Poller()
+        poller.register(self.recv_from_router, zmq.POLLIN)
+        while not self.stopping.is_set():
+            if not poller.poll(_POLL_MS):
+                continue
+            frame = self.recv_from_router.recv(copy=False)
+            try:
+                message = protocol.decode_for_worker(frame.buffer)
+            except msgspec.DecodeError:
+                log.error("dropping an undecodable frame from the router")
+                continue
+            if isinstance(message, Shutdown):
+                break
+            try:
+                item: Any = adapter.prepare(message)
+            except Exception as exc:
+                item = _Failed(message.batch_id, _failure_code(exc), f"{type(exc).__name__}: {exc}")
+            self.ready_batches.put(item)
+        self.ready_batches.put(_STOP)
+
+    def serve(self, adapter: Adapter) -> None:
+        """Run forward passes and send results; runs on the main thread until the prepare thread stops."""
+        while True:
+            try:
+                item = self.ready_batches.get(timeout=_POLL_MS / 1000)
+            except queue.Empty:
+                continue
+            if item is _STOP:
+                return
+            self.send(item.report if isinstance(item, _Failed) else self.run_one(adapter, item))
+
+    def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
+        batch_id = prepared.batch.batch_id
+        started = time.perf_counter()
+        try:
+            result = adapter.forward(prepared)
+        except Exception as exc:  # errors inside a batch are data; the worker keeps serving
+            if not isinstance(exc, (BadInput, UnsupportedTask)):
+                log.exception("batch %d failed", batch_id)
+            return BatchFailed(batch_id=batch_id, code=_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
+        timing = BatchTiming(tokenize_ms=prepared.tokenize_ms,
+                             inference_ms=(time.perf_counter() - started) * 1000.0)
+        return BatchDone(batch_id=batch_id, result=result, timing=timing)
+
+    def close(self) -> None:
+        self.recv_from_router.close(linger=2000)
+        self.send_to_router.close()
+        self.context.term()
+
+
+def run(spec: WorkerSpec) -> int:
+    """Serve one model until `Shutdown` or SIGTERM; returns the exit status."""
+    worker = Worker(spec)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stopping.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the router decides
+    adapter = worker.load()
+    if adapter is None:
+        worker.close()
+        return 1
+    preparer = threading.Thread(target=worker.prepare_loop, args=(adapter,), name="sie-prepare", daemon=True)
+    preparer.start()
+    worker.serve(adapter)
+    adapter.close()
+    worker.close()
+    return 0
+
+
+def configure_torch_threads(threads: int) -> None:
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def entry(spec_bytes: bytes) -> None:
+    """Process entry point for the spawn context: environment first, then the heavy imports."""
+    spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
+    os.environ.update(spec.env)
+    _die_with_parent()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
+    setproctitle.setproctitle(f"sie-worker:{spec.model}@{spec.device}")
+    if spec.adapter != "fake":
+        configure_torch_threads(spec.threads)
+    sys.exit(run(spec))

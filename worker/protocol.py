@@ -1,0 +1,216 @@
+"""Every message that crosses ZeroMQ between the router and a worker. Imported by both processes.
+
+Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `Shutdown`).
+Worker to router: facts (`Ready`, `LoadFailed`, `BatchDone`, `BatchFailed`).
+This module imports only msgspec, numpy, the standard library and `sie_sdk.types`; arrays cross as `Tensor`, never
+pickle.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from sie_sdk.types import Classification, DetectedObject, Entity, Relation
+
+
+class Tensor(msgspec.Struct, array_like=True, gc=False):
+    """A numpy array as dtype string, shape and raw C-order bytes."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: bytes
+
+    @classmethod
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
+        array = np.ascontiguousarray(array)
+        return cls(array.dtype.str, tuple(array.shape), array.tobytes())
+
+    def numpy(self) -> np.ndarray:
+        return np.frombuffer(self.data, dtype=np.dtype(self.dtype)).reshape(self.shape)
+
+
+class InputItem(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    """One input as the worker sees it: text already templated by the router, images as encoded bytes."""
+
+    text: str | None = None
+    images: list[bytes] = []
+
+
+class BatchTiming(msgspec.Struct, array_like=True, gc=False):
+    """Milliseconds the worker spent on each phase of one batch."""
+
+    tokenize_ms: float = 0.0
+    inference_ms: float = 0.0
+    postprocess_ms: float = 0.0
+
+
+class Result(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True, gc=False):
+    """Base of the payloads a `BatchDone` carries."""
+
+
+class EncodeResult(Result):
+    """Encode outputs for a batch, row i belonging to item i.
+
+    Sparse rows and multivector rows are packed CSR-style: item i owns entries `offsets[i]:offsets[i + 1]`.
+    """
+
+    token_counts: list[int]
+    dense: Tensor | None = None
+    sparse_indices: Tensor | None = None
+    sparse_values: Tensor | None = None
+    sparse_offsets: list[int] | None = None
+    multivector: Tensor | None = None
+    multivector_offsets: list[int] | None = None
+
+
+class ScoreResult(Result):
+    """One score per (query, document) pair, in pair order; `raw` holds the logits before activation."""
+
+    scores: Tensor
+    raw: Tensor
+    token_counts: list[int]
+
+
+class ExtractItem(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
+    """What was extracted from one item."""
+
+    entities: list[Entity] = []
+    relations: list[Relation] = []
+    classifications: list[Classification] = []
+    objects: list[DetectedObject] = []
+    data: dict[str, Any] = {}
+
+
+class ExtractResult(Result):
+    """Extraction results, one per item in batch order."""
+
+    items: list[ExtractItem]
+    token_counts: list[int]
+
+
+class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True):
+    """Base of every ZeroMQ message; the tag selects the type on decode."""
+
+
+class EncodeBatch(Message, gc=False):
+    """Encode these items; `output_types` is the union the requests in the batch asked for."""
+
+    batch_id: int
+    items: list[InputItem]
+    output_types: list[str]
+    is_query: bool = False
+    options: dict[str, Any] = {}
+
+
+class ScoreBatch(Message, gc=False):
+    """Score each (query, document) pair."""
+
+    batch_id: int
+    pairs: list[tuple[str, str]]
+    options: dict[str, Any] = {}
+
+
+class ExtractBatch(Message, gc=False):
+    """Extract from each item, against `labels` when the model is label-driven."""
+
+    batch_id: int
+    items: list[InputItem]
+    labels: list[str] = []
+    options: dict[str, Any] = {}
+
+
+class Shutdown(Message):
+    """Finish the batch in hand, then exit 0."""
+
+
+class Ready(Message):
+    """The model is loaded and the worker takes batches; sent once, first."""
+
+    worker_id: str
+    model: str
+    device: str
+    memory_bytes: int
+    dims: dict[str, int]
+    capabilities: list[str]
+    max_sequence_length: int | None = None
+    load_seconds: float = 0.0
+    pid: int = 0
+
+
+class LoadFailed(Message):
+    """The model could not load; the worker exits after sending this."""
+
+    worker_id: str
+    code: str
+    error_class: str
+    message: str
+
+
+class BatchDone(Message, gc=False):
+    """The batch succeeded."""
+
+    batch_id: int
+    result: EncodeResult | ScoreResult | ExtractResult
+    timing: BatchTiming = msgspec.field(default_factory=BatchTiming)
+
+
+class BatchFailed(Message):
+    """The batch failed; `code` is an error code of the router's table (for example `RESOURCE_EXHAUSTED`)."""
+
+    batch_id: int
+    code: str
+    message: str
+
+
+RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | Shutdown
+WorkerToRouter = Ready | LoadFailed | BatchDone | BatchFailed
+ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, Shutdown,
+                                           Ready, LoadFailed, BatchDone, BatchFailed)
+
+_encoder = msgspec.msgpack.Encoder()
+_to_worker = msgspec.msgpack.Decoder(RouterToWorker)
+_to_router = msgspec.msgpack.Decoder(WorkerToRouter)
+
+
+def encode(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_for_worker(frame: bytes | memoryview) -> RouterToWorker:
+    return _to_worker.decode(frame)
+
+
+def decode_for_router(frame: bytes | memoryview) -> WorkerToRouter:
+    return _to_router.decode(frame)
+
+
+def _check_registry() -> None:
+    # Like SGLang's io_struct: a Message subclass that is not in the unions would silently fail to decode.
+    missing = {cls.__name__ for cls in Message.__subclasses__()} - {cls.__name__ for cls in ALL_MESSAGES}
+    if missing:
+        raise TypeError(f"Message subclasses missing from the unions: {sorted(missing)}")
+
+
+_check_registry()
+
+
+class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """How to start one worker: passed once, encoded, as the spawn argument (not a Message: it never crosses ZeroMQ)."""
+
+    worker_id: str
+    model: str
+    adapter: str
+    weights_dir: str
+    to_worker_endpoint: str
+    from_worker_endpoint: str
+    device: str = "cpu"
+    compute_precision: str | None = None
+    max_sequence_length: int | None = None
+    loadtime: dict[str, Any] = {}
+    runtime: dict[str, Any] = {}
+    threads: int = 0
+    env: dict[str, str] = {}
+    max_batch_tokens: int = 16384
