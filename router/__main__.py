@@ -12,7 +12,7 @@ import uvicorn
 from sie_router import __version__
 from sie_router.app import build_app
 from sie_router.registry import build_registry
-from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, Settings, env_defaults
+from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, Settings, env_defaults, parse_bytes
 
 log = logging.getLogger("sie")
 
@@ -48,6 +48,15 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 2)")
+    serve.add_argument("--memory-budget", type=parse_bytes, metavar="SIZE",
+                       help="host memory workers may use on CPU, e.g. 8GiB (default: 80%% of RAM); least recently "
+                            "used idle models are evicted to stay under it")
+    serve.add_argument("--gpu-memory-fraction", type=float, metavar="F",
+                       help="share of each GPU's memory workers may use (default 0.9)")
+    serve.add_argument("--pin", dest="pinned", action="append", default=[], metavar="MODEL",
+                       help="never evict this model (repeatable)")
+    serve.add_argument("--idle-ttl", dest="idle_ttl_s", type=float, metavar="SECONDS",
+                       help="evict models unused this long (default: never)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and listing routes")
     serve.add_argument("--admin-token", help="require this bearer token on the admin API")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
@@ -68,8 +77,9 @@ def settings_from(argv: Sequence[str]) -> Settings:
     given = {k: v for k, v in vars(args).items() if v not in (None, []) and k != "command"}
     if "models" in given:
         given["models"] = tuple(given["models"])
-    if "preload" in given:
-        given["preload"] = tuple(given["preload"])
+    for name in ("preload", "pinned"):
+        if name in given:
+            given[name] = tuple(given[name])
     values.update(given)
     return Settings(**values)  # type: ignore[arg-type]
 

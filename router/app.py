@@ -15,7 +15,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import WIRE_VERSION, __version__
-from sie_router.api import health, infinity, native, openai
+from sie_router.api import admin, health, infinity, native, openai
+from sie_router.devices import detect
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.pool import WorkerPool
 from sie_router.registry import Registry
@@ -86,23 +87,32 @@ ROUTES = [
     Route("/models", infinity.models, methods=["GET"]),
     Route("/health", infinity.health, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/admin/workers", admin.list_workers, methods=["GET"]),
+    Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
     Route("/readyz", health.readyz, methods=["GET"]),
 ]
 
 
 async def _preload(state: AppState, names: list[str]) -> None:
-    """Load the models named at startup; readiness waits for them, as Infinity's late-opening port does."""
-    results = await asyncio.gather(*(state.pool.ensure(n, wait_s=state.settings.load_timeout_s) for n in names),
-                                   return_exceptions=True)
-    for name, result in zip(names, results, strict=True):
-        if isinstance(result, BaseException):
-            log.error("preloading %s failed: %s", name, result)
+    """Load the models named at startup, one by one; readiness waits for them, as Infinity's late-opening port does.
+
+    A model that does not fit beside the ones already loaded is left to load lazily: preloading never evicts.
+    """
+    for name in names:
+        try:
+            await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
+        except SIEError as exc:
+            if exc.code == "RESOURCE_EXHAUSTED":
+                log.warning("%s does not fit in the memory budget beside the models already loaded; it will load "
+                            "lazily on its first request (%s)", name, exc.message)
+            else:
+                log.error("preloading %s failed: %s", name, exc.message)
     state.ready = True
     log.info("ready: serving %d model(s)", len(state.registry.served))
 
 
 def build_app(settings: Settings, registry: Registry) -> Starlette:
-    pool = WorkerPool(settings, registry)
+    pool = WorkerPool(settings, registry, detect(settings.device))
     state = AppState(settings=settings, registry=registry, pool=pool, service=Service(settings, pool))
 
     @contextlib.asynccontextmanager

@@ -157,6 +157,14 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_result(part)
 
+    def fail_queued(self, error: Exception) -> None:
+        """Fail every queued entry (its model is being evicted); batches already sent finish normally."""
+        while self.queue:
+            entry = self.queue.popleft()
+            if not entry.future.done():
+                entry.future.set_exception(error)
+        self.queued_items = 0
+
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._running) if t is not None]
         for task in tasks:

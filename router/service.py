@@ -101,6 +101,7 @@ class Service:
             found = Batcher(config.sie_id, lambda key, items: self._run(config.sie_id, key, items), limits)
             found.start()
             self.batchers[config.sie_id] = found
+            self.pool.slots[config.sie_id].batcher = found
         return found
 
     async def _run(self, model: str, key: tuple[Any, ...], items: list[Any]) -> list[Any]:
@@ -110,18 +111,20 @@ class Service:
             _, output_types, is_query, options = key
             opts = msgspec.msgpack.decode(options)
             result = await self.pool.run_batch(worker, lambda bid: EncodeBatch(
-                batch_id=bid, items=items, output_types=list(output_types), is_query=is_query, options=opts))
+                batch_id=bid, items=items, output_types=list(output_types), is_query=is_query, options=opts),
+                len(items))
             assert isinstance(result, EncodeResult)
             return split_encode(result, len(items))
         if kind == "score":
             opts = msgspec.msgpack.decode(key[1])
-            result = await self.pool.run_batch(worker, lambda bid: ScoreBatch(batch_id=bid, pairs=items, options=opts))
+            result = await self.pool.run_batch(worker, lambda bid: ScoreBatch(batch_id=bid, pairs=items, options=opts),
+                                               len(items))
             assert isinstance(result, ScoreResult)
             scores, raw = result.scores.numpy(), result.raw.numpy()
             return [(float(scores[i]), float(raw[i]), result.token_counts[i]) for i in range(len(items))]
         _, labels, options = key
         result = await self.pool.run_batch(worker, lambda bid: ExtractBatch(
-            batch_id=bid, items=items, labels=list(labels), options=msgspec.msgpack.decode(options)))
+            batch_id=bid, items=items, labels=list(labels), options=msgspec.msgpack.decode(options)), len(items))
         assert isinstance(result, ExtractResult)
         return list(zip(result.items, result.token_counts, strict=True))
 

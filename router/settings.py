@@ -34,6 +34,14 @@ class Settings:
     load_wait_s: float = 120.0
     load_timeout_s: float = 600.0
     shutdown_deadline_s: float = 20.0
+    # Memory: the CPU budget in bytes (0: 80% of host RAM), the share of each GPU's memory workers may use.
+    memory_budget: int = 0
+    gpu_memory_fraction: float = 0.9
+    pinned: tuple[str, ...] = ()
+    idle_ttl_s: float = 0.0
+    # Crash budget: this many unexpected worker exits within the window make the model fail until the cooldown.
+    crash_budget: int = 3
+    crash_window_s: float = 600.0
     api_key: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     token_ids: str = "cl100k_base"
@@ -45,6 +53,19 @@ class Settings:
     def serves_bundle(self) -> bool:
         """With no `-m`, the whole bundle is served lazily."""
         return not self.models
+
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+
+
+def parse_bytes(text: str) -> int:
+    """`"2GiB"`, `"512MB"`, `"1000000"` -> bytes."""
+    number = text.strip().rstrip("BbIiKkMmGg") or "0"
+    unit = text.strip()[len(number):].lower()
+    if unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a size; use e.g. 2GiB or 512MB")
+    return int(float(number) * _UNITS[unit])
 
 
 def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
@@ -60,10 +81,14 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         "SIE_MAX_ITEM_TEXT_BYTES": ("max_item_bytes", int), "SIE_LOAD_WAIT_S": ("load_wait_s", float),
         "SIE_API_KEY": ("api_key", str), "SIE_ADMIN_TOKEN": ("admin_token", str),
         "SIE_LOG_LEVEL": ("log_level", str), "SIE_TOKEN_IDS": ("token_ids", str),
+        "SIE_MEMORY_BUDGET": ("memory_budget", parse_bytes), "SIE_GPU_MEMORY_FRACTION": ("gpu_memory_fraction", float),
+        "SIE_IDLE_TTL_S": ("idle_ttl_s", float), "SIE_SHUTDOWN_DEADLINE_S": ("shutdown_deadline_s", float),
     }
     for name, (attr, kind) in simple.items():
         if env.get(name):
             found[attr] = kind(env[name])
+    if env.get("SIE_PINNED"):
+        found["pinned"] = tuple(m for m in env["SIE_PINNED"].split(";") if m)
     if env.get("SIE_MODELS"):
         found["models"] = tuple(m for m in env["SIE_MODELS"].split(";") if m)
     if env.get("SIE_BUNDLE_DIRS"):

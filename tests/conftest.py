@@ -12,14 +12,14 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from tests.server import MINILM, Server, test_bundle  # noqa: E402
+from tests.server import MINILM, Server, make_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with the whole default and test bundles, MiniLM and the fake model loaded at start."""
     folder = tmp_path_factory.mktemp("server")
-    bundle = test_bundle(folder / "bundle")
+    bundle = make_bundle(folder / "bundle")
     srv = Server(["--bundle", str(bundle), "--preload", MINILM, "--preload", "test/fake-dense"],
                  log=folder / "server.log")
     try:

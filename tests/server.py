@@ -25,7 +25,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_bundle(folder: Path, *names: str) -> Path:
+def make_bundle(folder: Path, *names: str) -> Path:
     """A bundle folder holding the default bundle's and the test bundle's YAML files (or just `names`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for source in [*(ROOT / "bundles/default").glob("*.yaml"), *(ROOT / "bundles/test").glob("*.yaml")]:

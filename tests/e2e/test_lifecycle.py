@@ -66,9 +66,9 @@ def test_injected_oom_is_retryable_503_and_the_worker_keeps_serving(server: Serv
 
 
 def test_sigterm_stops_every_worker(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.server import test_bundle
+    from tests.server import make_bundle
 
-    srv = Server(["--bundle", str(test_bundle(tmp_path / "b", "fake.yaml")), "-m", "test/fake-dense",
+    srv = Server(["--bundle", str(make_bundle(tmp_path / "b", "fake.yaml")), "-m", "test/fake-dense",
                   "-m", "test/fake-e5"], log=tmp_path / "log").wait_ready()
     pids = [p.pid for p in srv.children()]
     assert len(pids) >= 2

@@ -53,7 +53,8 @@ class FakeAdapter:
         time.sleep(float(self.options.get("load_delay_s", 0)))
         if self.options.get("fail_load"):
             raise RuntimeError(str(self.options["fail_load"]))
-        self._ballast = bytes(int(self.options.get("memory_mb", 0)) * 1024 * 1024)
+        # Written, not just allocated, so the pages are resident and show in RSS.
+        self._ballast = b"\x01" * (int(self.options.get("memory_mb", 0)) * 1024 * 1024)
         return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512)
 
     def prepare(self, batch: Any) -> Prepared:

@@ -1,0 +1,50 @@
+"""Admin API (router process): list workers, evict a model. Behind the admin token when one is configured."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sie_router import codec
+from sie_router.pool import Slot, WorkerPool
+from sie_router.state import app_state
+
+
+def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
+    worker = slot.worker
+    info = worker.info if worker else None
+    return {
+        "model": slot.key,
+        "state": slot.state,
+        "pid": info.pid if info else (worker.process.pid if worker else None),
+        "device": worker.device if worker else pool.ledger.placement.get(slot.key),
+        "memory_bytes": pool.devices.process_memory(info.pid, worker.device) if worker and info else None,
+        "memory_budget_bytes": pool.ledger.reserved(slot.key),
+        "queue_depth": slot.queued,
+        "requests_served": worker.items_served if worker else 0,
+        "last_used_s_ago": round(time.monotonic() - worker.last_used, 3) if worker else None,
+        "uptime_s": round(time.time() - worker.started_at, 3) if worker else None,
+        "pinned": pool.pinned(slot.key),
+        "last_error": slot.last_error,
+    }
+
+
+async def list_workers(request: Request) -> Response:
+    pool = app_state(request).pool
+    rows = [worker_row(pool, s) for s in pool.slots.values() if s.worker or s.state != "available"]
+    readings = {d.name: d for d in pool.devices.snapshot()}
+    devices = [{"device": name, "total_bytes": readings[name].total if name in readings else budget.budget,
+                "used_bytes": readings[name].used if name in readings else 0, "budget_bytes": budget.budget,
+                "reserved_bytes": budget.budget - budget.free} for name, budget in pool.ledger.devices.items()]
+    return codec.json_response({"workers": rows, "devices": devices})
+
+
+async def evict(request: Request) -> Response:
+    state = app_state(request)
+    name = request.path_params["model"]
+    config, _ = state.registry.lookup(name)
+    evicted = await state.pool.evict(config.sie_id, reason="admin")
+    return codec.json_response({"model": config.sie_id, "evicted": evicted})

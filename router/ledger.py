@@ -1,0 +1,78 @@
+"""The memory ledger (router process): per-device budgets, reservations per model, and LRU eviction plans.
+
+A model reserves an estimate before its worker spawns; the measured figure replaces it once the worker is ready.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DeviceBudget:
+    name: str
+    budget: int
+    reserved: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def free(self) -> int:
+        return self.budget - sum(self.reserved.values())
+
+
+class MemoryLedger:
+    def __init__(self, budgets: dict[str, int]) -> None:
+        self.devices = {name: DeviceBudget(name, budget) for name, budget in budgets.items()}
+        self.placement: dict[str, str] = {}
+        self.recency: OrderedDict[str, None] = OrderedDict()
+
+    def best_device(self) -> str:
+        """The device with the most free budget."""
+        return max(self.devices.values(), key=lambda d: d.free).name
+
+    def reserve(self, key: str, device: str, nbytes: int) -> None:
+        self.release(key)
+        self.devices[device].reserved[key] = nbytes
+        self.placement[key] = device
+        self.touch(key)
+
+    def settle(self, key: str, measured: int) -> None:
+        """Replace the estimate with the measured figure."""
+        device = self.placement.get(key)
+        if device is not None:
+            self.devices[device].reserved[key] = measured
+
+    def release(self, key: str) -> None:
+        device = self.placement.pop(key, None)
+        if device is not None:
+            self.devices[device].reserved.pop(key, None)
+        self.recency.pop(key, None)
+
+    def touch(self, key: str) -> None:
+        """Mark a model as just used (most recent last)."""
+        self.recency[key] = None
+        self.recency.move_to_end(key)
+
+    def reserved(self, key: str) -> int | None:
+        device = self.placement.get(key)
+        return None if device is None else self.devices[device].reserved.get(key)
+
+    def eviction_plan(self, device: str, needed: int, evictable: Callable[[str], bool]) -> list[str] | None:
+        """Least-recently-used evictable models on `device` whose release frees `needed` bytes; None if impossible."""
+        budget = self.devices[device]
+        if budget.free >= needed:
+            return []
+        victims: list[str] = []
+        freed = budget.free
+        for key in self._lru_on(device):
+            if not evictable(key):
+                continue
+            victims.append(key)
+            freed += budget.reserved.get(key, 0)
+            if freed >= needed:
+                return victims
+        return None
+
+    def _lru_on(self, device: str) -> Iterable[str]:
+        return [k for k in self.recency if self.placement.get(k) == device]

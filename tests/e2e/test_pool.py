@@ -1,0 +1,130 @@
+"""Many models in one server: LRU eviction under a memory budget, crash isolation, crash budget, idle TTL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sie_sdk import SIEClient
+from sie_sdk.types import Item
+from tests.server import MINILM, Server, make_bundle
+
+
+def workers(srv: Server) -> dict[str, dict]:
+    return {w["model"]: w for w in httpx.get(f"{srv.url}/admin/workers").json()["workers"]}
+
+
+def loaded(srv: Server) -> set[str]:
+    return {m for m, w in workers(srv).items() if w["state"] == "loaded"}
+
+
+def encode(srv: Server, model: str, text: str = "x") -> None:
+    with SIEClient(srv.url, retry_budget_s=60) as client:
+        assert client.encode(model, Item(text=text))["dense"].shape == (16,)
+
+
+@pytest.fixture
+def budget_server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(["--bundle", str(make_bundle(tmp_path / "b", "fake.yaml")), "--memory-budget", "600MiB"],
+                 log=tmp_path / "log").wait_ready()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_loading_a_third_model_evicts_the_least_recently_used(budget_server: Server) -> None:
+    srv = budget_server
+    encode(srv, "test/fake-a")
+    encode(srv, "test/fake-b")
+    assert loaded(srv) == {"test/fake-a", "test/fake-b"}
+    encode(srv, "test/fake-a")  # b is now the least recently used
+    encode(srv, "test/fake-c")
+    assert loaded(srv) == {"test/fake-a", "test/fake-c"}
+    table = workers(srv)
+    assert table["test/fake-c"]["memory_bytes"] > 150 * 2**20  # measured RSS replaced the estimate
+    reserved, measured = table["test/fake-c"]["memory_budget_bytes"], table["test/fake-c"]["memory_bytes"]
+    assert reserved != 300 * 2**20 and abs(reserved - measured) < 0.1 * measured
+    encode(srv, "test/fake-b")  # the evicted model reloads on its next request, evicting a (now LRU)
+    assert loaded(srv) == {"test/fake-b", "test/fake-c"}
+    devices = httpx.get(f"{srv.url}/admin/workers").json()["devices"]
+    assert devices[0]["device"] == "cpu" and devices[0]["reserved_bytes"] <= devices[0]["budget_bytes"]
+
+
+def test_admin_evict_and_crash_budget(budget_server: Server) -> None:
+    srv = budget_server
+    url = f"{srv.url}/v1/encode/test/fake-crashy"
+    codes = []
+    for _ in range(12):
+        response = httpx.post(url, json={"items": [{"text": "x"}]})
+        codes.append(response.json()["detail"]["code"])
+        if response.status_code == 502:
+            break
+        time.sleep(0.3)
+    assert codes[-1] == "MODEL_LOAD_FAILED" and "retry-after" not in response.headers
+    assert "crashed 3 times" in response.json()["detail"]["message"]
+    assert set(codes[:-1]) <= {"MODEL_LOADING"}
+    evicted = httpx.post(f"{srv.url}/admin/workers/test/fake-crashy/evict").json()
+    assert evicted["model"] == "test/fake-crashy"
+    assert httpx.post(url, json={"items": [{"text": "x"}]}).json()["detail"]["code"] == "MODEL_LOADING"
+    encode(srv, "test/fake-a")
+    assert httpx.post(f"{srv.url}/admin/workers/test/fake-a/evict").json()["evicted"] is True
+    assert "test/fake-a" not in loaded(srv)
+
+
+def test_idle_ttl_evicts_unused_models(tmp_path: Path) -> None:
+    srv = Server(["--bundle", str(make_bundle(tmp_path / "b", "fake.yaml")), "--idle-ttl", "2",
+                  "--pin", "test/fake-e5", "--preload", "test/fake-e5"], log=tmp_path / "log").wait_ready()
+    try:
+        # The OpenAI route waits for the load, so the request lands before the TTL can evict the fresh worker.
+        assert httpx.post(f"{srv.url}/v1/embeddings", json={"model": "test/fake-dense", "input": "x"},
+                          timeout=60).status_code == 200
+        assert "test/fake-dense" in loaded(srv)
+        deadline = time.monotonic() + 10
+        while "test/fake-dense" in loaded(srv) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert loaded(srv) == {"test/fake-e5"}  # pinned stays
+    finally:
+        srv.stop()
+
+
+async def _hammer(url: str, model: str, texts: list[str]) -> list[tuple[int, str | None]]:
+    async with httpx.AsyncClient(timeout=60) as client:
+        async def one(text: str) -> tuple[int, str | None]:
+            r = await client.post(f"{url}/v1/encode/{model}", json={"items": [{"text": text}]})
+            return r.status_code, (r.json()["detail"]["code"] if r.status_code != 200 else None)
+        return list(await asyncio.gather(*(one(t) for t in texts)))
+
+
+def test_kill_9_fails_only_that_models_requests_and_it_recovers(tmp_path: Path) -> None:
+    srv = Server(["--bundle", str(make_bundle(tmp_path / "b")), "-m", MINILM, "-m", "test/fake-dense"],
+                 log=tmp_path / "log").wait_ready()
+    try:
+        victim_pid = workers(srv)[MINILM]["pid"]
+
+        async def scenario() -> tuple[list, list]:
+            texts = [f"sentence number {i} about nothing much" for i in range(150)]
+            minilm = asyncio.create_task(_hammer(srv.url, MINILM, texts))
+            fake = asyncio.create_task(_hammer(srv.url, "test/fake-dense", texts))
+            await asyncio.sleep(0.3)
+            os.kill(victim_pid, signal.SIGKILL)
+            return await minilm, await fake
+
+        minilm, fake = asyncio.run(scenario())
+        assert all(status == 200 for status, _ in fake)
+        failures = {(s, c) for s, c in minilm if s != 200}
+        assert failures <= {(503, "MODEL_LOADING")} and failures, "the kill must fail some in-flight requests"
+        started = time.monotonic()
+        with SIEClient(srv.url, retry_budget_s=30) as client:
+            assert client.encode(MINILM, Item(text="back again"))["dense"].shape == (384,)
+        assert time.monotonic() - started < 10
+        assert workers(srv)[MINILM]["pid"] != victim_pid
+    finally:
+        srv.stop()
