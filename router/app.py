@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import WIRE_VERSION, __version__
-from sie_router.api import admin, health, infinity, native, openai
+from sie_router.api import admin, classify, health, infinity, native, openai, rerank
 from sie_router.devices import detect
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.pool import WorkerPool
@@ -27,7 +27,7 @@ from sie_router.state import AppState
 log = logging.getLogger("sie.app")
 
 _OPENAI_PATHS = ("/v1/embeddings", "/v1/rerank")
-_INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/models", "/health")
+_INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/v1/classify", "/models", "/health")
 
 
 def api_of(path: str) -> Api:
@@ -83,7 +83,11 @@ ROUTES = [
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
     Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+    Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
     Route("/embeddings", infinity.embeddings, methods=["POST"]),
+    Route("/rerank", rerank.infinity_rerank, methods=["POST"]),
+    Route("/classify", classify.classify, methods=["POST"]),
+    Route("/v1/classify", classify.classify, methods=["POST"]),
     Route("/models", infinity.models, methods=["GET"]),
     Route("/health", infinity.health, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),

@@ -1,0 +1,45 @@
+"""Infinity's `/classify` (router process): every label for every input, sorted, keys `score` then `label`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from sie_router import codec
+from sie_router.api.embeddings import parse_inputs, served_model
+from sie_router.errors import Api, SIEError
+from sie_router.inputs import input_items
+from sie_router.state import app_state
+from sie_sdk.types import Item
+
+
+class ClassifyRequest(msgspec.Struct, kw_only=True):
+    """Infinity's classify body."""
+
+    input: object = msgspec.UNSET
+    model: str = "default/not-specified"
+    raw_scores: bool = False
+
+
+async def classify(request: Request) -> Response:
+    state = app_state(request)
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, ClassifyRequest, msgpack=False)
+    texts = [t.strip() for t in parse_inputs(req.input, allow_token_ids=False)]
+    model = served_model(state, req.model, Api.INFINITY)
+    config, profile = state.registry.lookup(model)
+    if config.tasks.get("extract") is None or config.family(profile) != "classifier":
+        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model}` does not support `classify`.",
+                       param="model")
+    items = input_items([Item(text=t) for t in texts], config, state.settings.max_item_bytes, field="input")
+    options = {**config.profiles[profile].adapter_options.runtime, "raw_scores": req.raw_scores}
+    found = await state.service.extract(model, items, [], options, wait_s=state.settings.load_wait_s)
+    data = [[{"score": c.score, "label": c.label} for c in extracted.classifications] for extracted, _ in found]
+    chars = sum(len(t) for t in texts)
+    return codec.json_response({"object": "classify", "data": data, "model": model,
+                                "usage": {"prompt_tokens": chars, "total_tokens": chars},
+                                "id": f"infinity-{uuid.uuid4()}", "created": int(time.time())})
