@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,25 @@ def unknown_model(url: str, args: dict[str, Any]) -> dict[str, Any]:
     except RequestError as exc:
         return {"status": np.array(exc.status_code), "code": np.array(str(getattr(exc, "code", "")))}
     return {"status": np.array(200)}
+
+
+@scenario
+def cold_load(url: str, args: dict[str, Any]) -> dict[str, Any]:
+    client = SIEClient(url)
+    result = client.encode(args["model"], {"text": "wake up"})
+    return {"dense": result["dense"], "retries": np.array(client.last_retry_count)}
+
+
+@scenario
+def load_failed(url: str, args: dict[str, Any]) -> dict[str, Any]:
+    from sie_sdk.client.errors import ModelLoadFailedError
+
+    started = time.monotonic()
+    try:
+        SIEClient(url).encode(args["model"], {"text": "x"})
+    except ModelLoadFailedError as exc:
+        return {"error": np.array(type(exc).__name__), "seconds": np.array(time.monotonic() - started)}
+    return {"error": np.array("none"), "seconds": np.array(time.monotonic() - started)}
 
 
 def main() -> None:

@@ -33,3 +33,17 @@ def test_unknown_model_is_request_error_404(server: Server, real_sdk: RunScenari
     got = real_sdk(server.url, "unknown_model")
     assert int(got["status"]) == 404
     assert str(got["code"]) == "MODEL_NOT_FOUND"
+
+
+def test_real_sdk_retries_through_a_cold_load(server: Server, real_sdk: RunScenario) -> None:
+    from sie_worker.adapters.fake import fake_vector
+
+    got = real_sdk(server.url, "cold_load", model="test/fake-cold-sdk")
+    assert int(got["retries"]) >= 1
+    np.testing.assert_allclose(got["dense"], fake_vector("wake up", 16), atol=1e-6)
+
+
+def test_real_sdk_fails_fast_on_a_load_failure(server: Server, real_sdk: RunScenario) -> None:
+    got = real_sdk(server.url, "load_failed", model="test/fake-missing-weights")
+    assert str(got["error"]) == "ModelLoadFailedError"
+    assert float(got["seconds"]) < 10
