@@ -2,7 +2,7 @@
 
 Requests enqueue `Entry`s (a client batch is split so no entry exceeds the item cap). One task per model forms
 batches:
-  1. wait for an entry, then up to `max_wait_ms` for more to arrive (unless the batch is already full);
+  1. wait for an entry; when a batch is already running, wait up to `max_wait_ms` more for the batch to fill;
   2. take the oldest live entry, then fill from a bounded window of entries with the same batch key, closest in
      length first, so padding stays small, under the item cap and the token budget;
   3. skip entries whose request has gone (its future was cancelled);
@@ -117,6 +117,9 @@ class Batcher:
         self.queued_items -= items
         return batch
 
+    def _queued_live(self) -> int:
+        return sum(len(e.items) for e in self.queue if not e.future.done())
+
     def _drop(self, entry: Entry) -> None:
         self.queued_items -= len(entry.items)
 
@@ -126,7 +129,9 @@ class Batcher:
             if not self.queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self.limits.max_wait_ms > 0 and sum(len(e.items) for e in self.queue) < self.limits.max_items:
+            if self._running and self.limits.max_wait_ms > 0 and self._queued_live() < self.limits.max_items:
+                # The worker is busy anyway: a short wait lets the batch fill. An idle worker gets work at once,
+                # so a lone request pays no batching delay.
                 await asyncio.sleep(self.limits.max_wait_ms / 1000)
             await self._slots.acquire()
             batch = self._take()

@@ -71,3 +71,23 @@ class Stopwatch:
 
     def ms(self) -> float:
         return (time.perf_counter() - self._start) * 1000.0
+
+
+def length_buckets(lengths: list[int], max_items: int, max_tokens: int) -> list[list[int]]:
+    """Item indices sorted by length and cut into micro-batches of similar length (each padded to its own longest).
+
+    Padding costs compute on every backend; sorting a batch before cutting it is what makes sentence-transformers'
+    own `encode` fast, and it is worth 20-45% on CPU (bench/README.md).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        longest = lengths[index]  # ascending, so the newcomer is the longest
+        if current and (len(current) >= max_items or longest * (len(current) + 1) > max_tokens):
+            buckets.append(current)
+            current = []
+        current.append(index)
+    if current:
+        buckets.append(current)
+    return buckets
