@@ -31,7 +31,7 @@ from sie_worker.protocol import (
 
 # Options the router consumes itself; everything else in the merged options goes to the worker.
 ROUTER_OPTIONS = frozenset({"is_query", "profile", "output_types", "output_dtype", "instruction", "query_template",
-                            "doc_template", "default_instruction", "truncate"})
+                            "doc_template", "default_instruction"})
 
 
 @dataclass

@@ -23,7 +23,7 @@ import zmq
 
 from sie_worker import protocol
 from sie_worker.adapters import build_adapter
-from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
+from sie_worker.adapters.base import Adapter, BadInput, InputTooLong, Prepared, UnsupportedTask
 from sie_worker.protocol import BatchDone, BatchFailed, BatchTiming, LoadFailed, Ready, Shutdown, WorkerSpec
 
 log = logging.getLogger("sie.worker")
@@ -50,6 +50,8 @@ def _die_with_parent() -> None:
 
 
 def _failure_code(exc: BaseException) -> str:
+    if isinstance(exc, InputTooLong):
+        return "INPUT_TOO_LONG"
     if isinstance(exc, (BadInput, UnsupportedTask)):
         return "INVALID_INPUT"
     if "out of memory" in str(exc).lower():

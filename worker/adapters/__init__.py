@@ -11,7 +11,15 @@ from sie_worker.protocol import WorkerSpec
 # (gliner, PIL) are paid only by the workers that serve it.
 FAMILIES: dict[str, str] = {
     "dense": "sie_worker.adapters.dense:DenseAdapter",
+    "sparse": "sie_worker.adapters.sparse:SparseAdapter",
+    "multivector": "sie_worker.adapters.multivector:MultivectorAdapter",
+    "hybrid": "sie_worker.adapters.hybrid:HybridAdapter",
+    "cross_encoder": "sie_worker.adapters.cross_encoder:CrossEncoderAdapter",
     "fake": "sie_worker.adapters.fake:FakeAdapter",
+    "classifier": "sie_worker.adapters.classifier:ClassifierAdapter",
+    "ner": "sie_worker.adapters.ner:NerAdapter",
+    "gliner": "sie_worker.adapters.gliner_adapter:GlinerAdapter",
+    "clip": "sie_worker.adapters.clip:ClipAdapter",
 }
 
 

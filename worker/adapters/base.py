@@ -23,6 +23,18 @@ class BadInput(Exception):
     """An input the model cannot take (an undecodable image, an out-of-range option): the batch fails with 400."""
 
 
+class InputTooLong(BadInput):
+    """A text longer than the model's maximum sequence length when the request asked not to truncate (400)."""
+
+
+def refuse_over_length(token_counts: list[int], max_length: int | None) -> None:
+    """For `truncate: false`: fail the batch, stating the token count, if any text is over `max_length` tokens."""
+    longest = max(token_counts, default=0)
+    if max_length is not None and longest > max_length:
+        raise InputTooLong(f"input is {longest} tokens long, over this model's maximum of {max_length}; shorten it "
+                           "or leave `truncate` on")
+
+
 @dataclass
 class LoadInfo:
     """What `load` found out about the model; the worker's `Ready` reports it."""

@@ -9,14 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_over_length
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
+    length_buckets,
     memory_bytes,
     read_json,
     release,
@@ -26,6 +28,8 @@ from sie_worker.adapters.torch_common import (
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 POOLINGS = ("mean", "cls", "last", "last_token", "none")
+# Items per forward pass inside one router batch; buckets of similar length keep padding small.
+MICRO_BATCH_ITEMS = 16
 
 
 def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
@@ -82,31 +86,43 @@ class DenseAdapter:
         self.model = model.to(self.device).eval()
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
-        dim = int(self.model.config.hidden_size)
+        self.dim = dim = int(self.model.config.hidden_size)
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:
+        """Tokenise without padding, then pad each length bucket on its own."""
         if not isinstance(batch, EncodeBatch):
             raise UnsupportedTask("this model only encodes")
         clock = Stopwatch()
         texts = [item.text or "" for item in batch.items]
-        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
-        counts = encoded["attention_mask"].sum(dim=1).tolist()
-        return Prepared(batch=batch, inputs=dict(encoded), token_counts=counts, tokenize_ms=clock.ms())
+        truncate = batch.options.get("truncate", True) is not False
+        encoded = self.tokenizer(texts, truncation=truncate, max_length=self.max_length if truncate else None)
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        if not truncate:
+            refuse_over_length(counts, self.max_length)
+        buckets = []
+        for indices in length_buckets(counts, MICRO_BATCH_ITEMS, self.spec.max_batch_tokens):
+            features = {key: [encoded[key][i] for i in indices] for key in encoded}
+            buckets.append((indices, dict(self.tokenizer.pad(features, return_tensors="pt"))))
+        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch
         assert isinstance(batch, EncodeBatch)
         pooling = str(batch.options.get("pooling", self.pooling))
+        if pooling not in ("mean", "cls", "last", "last_token"):
+            raise BadInput(f"options.pooling must be mean, cls, last or last_token, not {pooling!r}")
         normalize = bool(batch.options.get("normalize", self.normalize))
-        inputs = to_device(prepared.inputs, self.device)
+        out = np.empty((len(batch.items), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            hidden = self.model(**inputs).last_hidden_state
-            vectors = pool(hidden, inputs["attention_mask"], pooling).float()
-            if normalize:
-                vectors = F.normalize(vectors, p=2, dim=1)
-        return EncodeResult(token_counts=prepared.token_counts, dense=Tensor.from_numpy(vectors.cpu().numpy()))
+            for indices, tensors in prepared.inputs:
+                inputs = to_device(tensors, self.device)
+                hidden = self.model(**inputs).last_hidden_state
+                vectors = pool(hidden, inputs["attention_mask"], pooling).float()
+                if normalize:
+                    vectors = F.normalize(vectors, p=2, dim=1)
+                out[indices] = vectors.cpu().numpy()
+        return EncodeResult(token_counts=prepared.token_counts, dense=Tensor.from_numpy(out))
 
     def memory_bytes(self) -> int:
         return memory_bytes(self.device)

@@ -1,0 +1,117 @@
+"""The ColBERT adapter against a hand-written ColBERT on both checkpoint layouts (CPU).
+
+The reference inserts the marker token id after [CLS] the way colbert-ir and PyLate do, so it also checks the
+adapter's text-prefix tokenisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, BertModel
+
+from sie_sdk.scoring import maxsim
+from sie_worker.adapters.base import InputTooLong, UnsupportedTask
+from tests.adapters.conftest import MakeAdapter, encode, multivector_items
+from tests.sentences import SENTENCES
+from tests.tiny_models import COLBERT_DIM, HFColBERT
+
+QUERIES = ["what is the capital of france", "berlin", "query document passage search retrieval and more words"]
+# More than one micro-batch (16 items) of mixed lengths, so length bucketing and reordering are exercised.
+DOCS = ["paris is the capital and largest city of france", *SENTENCES[:30]]
+# (layout fixture, query marker, document marker, query cap, document cap) as the tiny checkpoints declare them
+LAYOUTS = {"stanford": ("colbert_stanford_dir", "[unused0]", "[unused1]", 8, 64),
+           "pylate": ("colbert_pylate_dir", "[Q] ", "[D] ", 8, 64)}
+
+
+def load_reference(layout: str, weights_dir: Path) -> tuple[torch.nn.Module, torch.Tensor]:
+    """(encoder, projection weight), read the way each layout's own code reads them."""
+    if layout == "stanford":
+        model = HFColBERT.from_pretrained(weights_dir).eval()
+        return model.bert, model.linear.weight.detach()
+    encoder = BertModel.from_pretrained(weights_dir).eval()
+    return encoder, load_file(str(weights_dir / "1_Dense" / "model.safetensors"))["linear.weight"]
+
+
+def reference(layout: str, weights_dir: Path, texts: list[str], is_query: bool) -> list[np.ndarray]:
+    """Tokenise with one slot left, insert the marker id after [CLS], encode, project, normalise, drop padding."""
+    _, q_marker, d_marker, q_cap, d_cap = LAYOUTS[layout]
+    tokenizer = AutoTokenizer.from_pretrained(weights_dir)
+    marker = tokenizer.convert_tokens_to_ids(q_marker if is_query else d_marker)
+    assert marker != tokenizer.unk_token_id
+    encoded = tokenizer(texts, padding=True, truncation=True, max_length=(q_cap if is_query else d_cap) - 1,
+                        return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    ids = torch.cat([ids[:, :1], torch.full_like(ids[:, :1], marker), ids[:, 1:]], dim=1)
+    mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
+    encoder, weight = load_reference(layout, weights_dir)
+    with torch.inference_mode():
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        vectors = F.normalize(hidden @ weight.T, p=2, dim=-1)
+    return [vectors[i][mask[i].bool()].numpy() for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("is_query", [True, False], ids=["query", "doc"])
+def test_matches_the_reference(layout: str, is_query: bool, make_adapter: MakeAdapter,
+                               request: pytest.FixtureRequest) -> None:
+    weights_dir = request.getfixturevalue(LAYOUTS[layout][0])
+    texts = QUERIES if is_query else DOCS
+    result = encode(make_adapter("multivector", weights_dir), texts, ["multivector"], is_query=is_query)
+    got, expected = multivector_items(result), reference(layout, weights_dir, texts, is_query)
+    assert [len(rows) for rows in got] == [len(rows) for rows in expected] == result.token_counts
+    for rows, want in zip(got, expected, strict=True):
+        np.testing.assert_allclose(rows, want, atol=1e-5)
+    assert result.dense is None and result.sparse_indices is None
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_reports_token_dims(layout: str, make_adapter: MakeAdapter, request: pytest.FixtureRequest) -> None:
+    adapter = make_adapter("multivector", request.getfixturevalue(LAYOUTS[layout][0]))
+    info = adapter.load()
+    assert info.dims == {"multivector": COLBERT_DIM} and info.capabilities == ["multivector"]
+    rows = multivector_items(encode(adapter, ["berlin"], ["multivector"]))[0]
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+
+
+def test_queries_are_capped_and_options_override_the_checkpoint(make_adapter: MakeAdapter,
+                                                                colbert_pylate_dir: Path) -> None:
+    long_query = "berlin is in germany " * 20
+    capped = make_adapter("multivector", colbert_pylate_dir)
+    assert encode(capped, [long_query], ["multivector"], is_query=True).token_counts == [8]
+    # a query is cut at its cap whatever `truncate` says: the cap is part of how ColBERT encodes queries
+    assert encode(capped, [long_query], ["multivector"], is_query=True,
+                  options={"truncate": False}).token_counts == [8]
+    wider = make_adapter("multivector", colbert_pylate_dir, loadtime={"query_max_length": 12})
+    assert encode(wider, [long_query], ["multivector"], is_query=True).token_counts == [12]
+    with pytest.raises(InputTooLong):
+        encode(capped, [long_query * 3], ["multivector"], options={"truncate": False})
+
+
+def test_query_and_doc_markers_differ(make_adapter: MakeAdapter, colbert_stanford_dir: Path) -> None:
+    adapter = make_adapter("multivector", colbert_stanford_dir)
+    query = multivector_items(encode(adapter, ["berlin"], ["multivector"], is_query=True))[0]
+    doc = multivector_items(encode(adapter, ["berlin"], ["multivector"]))[0]
+    assert query.shape == doc.shape == (4, COLBERT_DIM)  # [CLS] marker berlin [SEP]
+    assert not np.allclose(query, doc)
+
+
+def test_rejects_a_token_dim_the_checkpoint_does_not_have(make_adapter: MakeAdapter,
+                                                          colbert_stanford_dir: Path) -> None:
+    with pytest.raises(ValueError, match="token_dim"):
+        make_adapter("multivector", colbert_stanford_dir, loadtime={"token_dim": 128})
+
+
+def test_maxsim_ranks_with_the_encoded_vectors(make_adapter: MakeAdapter, colbert_pylate_dir: Path) -> None:
+    adapter = make_adapter("multivector", colbert_pylate_dir)
+    query = multivector_items(encode(adapter, QUERIES[:1], ["multivector"], is_query=True))[0]
+    docs = multivector_items(encode(adapter, DOCS, ["multivector"]))
+    want = [float(torch.from_numpy(query @ d.T).max(dim=1).values.sum()) for d in docs]
+    np.testing.assert_allclose(maxsim(query, docs), want, rtol=1e-6)
+    with pytest.raises(UnsupportedTask):
+        encode(adapter, ["text"], ["dense"])

@@ -1,0 +1,54 @@
+"""Fixtures for the extraction and CLIP adapter tests (test process): tiny checkpoints built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sie_worker.adapters import build_adapter
+from sie_worker.adapters.base import Adapter
+from sie_worker.protocol import WorkerSpec
+from tests import tiny_extract_models as tiny
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`models(name)`: the dir of a tiny checkpoint (`tiny_extract_models.build_<name>`), built on first use."""
+    root = tmp_path_factory.mktemp("tiny_extract")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            if name == "gliner":
+                built[name] = tiny.build_gliner(root / name, get("bert"))
+            else:
+                built[name] = getattr(tiny, f"build_{name}")(root / name)
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def load() -> Iterator[Callable[..., Adapter]]:
+    """`load(family, weights_dir, **spec_fields)`: an adapter built and loaded through `build_adapter`, closed after."""
+    opened: list[Adapter] = []
+
+    def make(family: str, weights_dir: Path, **fields: Any) -> Adapter:
+        spec = WorkerSpec(worker_id="w0", model=f"test/{family}", adapter=family, weights_dir=str(weights_dir),
+                          to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused", **fields)
+        adapter = build_adapter(spec)
+        adapter.load()
+        opened.append(adapter)
+        return adapter
+
+    yield make
+    for adapter in opened:
+        adapter.close()

@@ -1,0 +1,182 @@
+"""Sequence classification and NLI zero-shot classification (worker process): text in, sorted `classifications` out.
+
+Plain heads score each text against the labels in `id2label`, as transformers' "text-classification" pipeline does;
+NLI heads score each (text, hypothesis) pair, as its "zero-shot-classification" pipeline does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from sie_sdk.types import Classification
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, to_device, torch_device
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
+
+DEFAULT_TEMPLATE = "This example is {}."
+
+
+def option(spec: WorkerSpec, batch: ExtractBatch, name: str, default: Any) -> Any:
+    """A request option, else the profile's runtime default, else its loadtime setting, else `default`."""
+    for source in (batch.options, spec.runtime, spec.loadtime):
+        if source.get(name) is not None:
+            return source[name]
+    return default
+
+
+def label_index(id2label: dict[int, str], prefix: str) -> int | None:
+    for index, label in id2label.items():
+        if label.lower().startswith(prefix):
+            return int(index)
+    return None
+
+
+def texts_of(batch: ExtractBatch) -> list[str]:
+    texts = [item.text for item in batch.items]
+    for i, text in enumerate(texts):
+        if text is None:
+            raise BadInput(f"item {i} has no text; this model classifies text")
+    return [t for t in texts if t is not None]
+
+
+def sorted_classifications(labels: list[str], scores: list[float]) -> list[Classification]:
+    pairs = sorted(zip(labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
+    return [Classification(label=label, score=float(score)) for label, score in pairs]
+
+
+class ClassifierAdapter:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch_device(spec.device)
+        self.weights_dir = Path(spec.weights_dir)
+        self.max_length = spec.max_sequence_length
+
+    def load(self) -> LoadInfo:
+        self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
+        dtype = compute_dtype(self.spec.compute_precision, self.device)
+        model = AutoModelForSequenceClassification.from_pretrained(self.weights_dir, local_files_only=True, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        config = self.model.config
+        if self.tokenizer.pad_token is None:  # decoder-style heads: batches need padding (the pipeline does the same)
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            config.pad_token_id = config.pad_token_id or self.tokenizer.pad_token_id
+        self.id2label = {int(k): str(v) for k, v in config.id2label.items()}
+        self.entailment = label_index(self.id2label, "entail")
+        self.contradiction = self._contradiction_index()
+        if self.max_length is None:
+            limits = [int(self.tokenizer.model_max_length), int(getattr(config, "max_position_embeddings", 512))]
+            self.max_length = min(limits)
+        return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
+
+    def _contradiction_index(self) -> int | None:
+        if self.entailment is None:
+            return None
+        found = label_index(self.id2label, "contra")
+        if found is not None:
+            return found
+        # The pipeline's rule for heads without a "contradiction" label (e.g. entailment / not_entailment).
+        return len(self.id2label) - 1 if self.entailment == 0 else 0
+
+    def zero_shot(self, batch: ExtractBatch) -> bool:
+        """Whether this batch is NLI zero-shot: labels given, or asked for, or an NLI head by default."""
+        wanted = option(self.spec, batch, "zero_shot", None)
+        if batch.labels:
+            if self.entailment is None:
+                raise BadInput("this classifier has fixed labels and no entailment label; it takes no labels")
+            return True
+        if wanted or (wanted is None and self.entailment is not None):
+            raise BadInput("zero-shot classification needs labels")
+        return False
+
+    def prepare(self, batch: Any) -> Prepared:
+        if not isinstance(batch, ExtractBatch):
+            raise UnsupportedTask("this model only extracts (classifies)")
+        clock = Stopwatch()
+        texts = texts_of(batch)
+        if self.zero_shot(batch):
+            encoded, counts = self._tokenize_pairs(batch, texts)
+        else:
+            encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                     return_tensors="pt")
+            counts = encoded["attention_mask"].sum(dim=1).tolist()
+        return Prepared(batch=batch, inputs=dict(encoded), token_counts=counts, tokenize_ms=clock.ms())
+
+    def _tokenize_pairs(self, batch: ExtractBatch, texts: list[str]) -> tuple[Any, list[int]]:
+        template = str(option(self.spec, batch, "hypothesis_template", DEFAULT_TEMPLATE))
+        hypotheses = [self._hypothesis(template, label) for label in batch.labels]
+        pairs = [(text, hypothesis) for text in texts for hypothesis in hypotheses]
+        kwargs: dict[str, Any] = {"padding": True, "max_length": self.max_length, "return_tensors": "pt"}
+        try:
+            # Truncate only the premise, so that the hypothesis (the label) stays whole, as the pipeline does.
+            encoded = self.tokenizer(pairs, truncation="only_first", **kwargs)
+        except Exception:  # the hypothesis alone is over max_length: fall back to trimming both
+            encoded = self.tokenizer(pairs, truncation="longest_first", **kwargs)
+        per_pair = encoded["attention_mask"].sum(dim=1).view(len(texts), len(hypotheses))
+        return encoded, per_pair.sum(dim=1).tolist()
+
+    @staticmethod
+    def _hypothesis(template: str, label: str) -> str:
+        try:
+            hypothesis = template.format(label)
+        except (IndexError, KeyError, ValueError) as exc:
+            raise BadInput(f"hypothesis_template {template!r} does not format: {exc}") from None
+        if hypothesis == template:
+            raise BadInput(f"hypothesis_template {template!r} has no {{}} for the label")
+        return hypothesis
+
+    def forward(self, prepared: Prepared) -> ExtractResult:
+        batch = prepared.batch
+        assert isinstance(batch, ExtractBatch)
+        logits = self._logits(prepared.inputs)
+        raw = bool(option(self.spec, batch, "raw_scores", False))
+        if batch.labels:
+            items = self._zero_shot_items(batch, logits, raw)
+        else:
+            items = [self._plain_item(row, raw) for row in logits]
+        return ExtractResult(items=items, token_counts=prepared.token_counts)
+
+    def _logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Float32 logits on the CPU, one row per input row, run in chunks of at most `max_batch_tokens` tokens."""
+        rows, width = inputs["input_ids"].shape
+        step = max(1, self.spec.max_batch_tokens // max(1, width))
+        out = []
+        with torch.inference_mode():
+            for start in range(0, rows, step):
+                chunk = to_device({k: v[start:start + step] for k, v in inputs.items()}, self.device)
+                out.append(self.model(**chunk).logits.float().cpu())
+        return torch.cat(out)
+
+    def _plain_item(self, logits: torch.Tensor, raw: bool) -> ExtractItem:
+        problem = self.model.config.problem_type
+        if raw or problem == "regression":
+            scores = logits
+        elif problem == "multi_label_classification" or len(self.id2label) == 1:
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        labels = [self.id2label[i] for i in range(len(scores))]
+        return ExtractItem(classifications=sorted_classifications(labels, scores.tolist()))
+
+    def _zero_shot_items(self, batch: ExtractBatch, logits: torch.Tensor, raw: bool) -> list[ExtractItem]:
+        assert self.entailment is not None and self.contradiction is not None
+        logits = logits.view(len(batch.items), len(batch.labels), -1)
+        entail = logits[..., self.entailment]
+        if raw:
+            scores = entail
+        elif bool(option(self.spec, batch, "multi_label", False)) or len(batch.labels) == 1:
+            # Each label on its own: entailment against contradiction.
+            scores = torch.softmax(logits[..., [self.contradiction, self.entailment]], dim=-1)[..., 1]
+        else:
+            scores = torch.softmax(entail, dim=-1)
+        return [ExtractItem(classifications=sorted_classifications(batch.labels, row.tolist())) for row in scores]
+
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.device)
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)

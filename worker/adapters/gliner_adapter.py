@@ -1,0 +1,75 @@
+"""GLiNER span NER (worker process): entities of the caller's labels, through the `gliner` package's own inference.
+
+`prepare` only checks the batch and counts tokens; GLiNER's word splitting and span decoding run inside its
+`inference`, on the main thread, so the results are exactly `GLiNER.predict_entities`.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sie_sdk.types import Entity
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.classifier import option, texts_of
+from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, torch_device
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
+
+with warnings.catch_warnings():
+    # gliner decorates with torch.jit.script, deprecated in torch 2.13; nothing to act on here.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from gliner import GLiNER
+
+
+def to_entity(found: dict[str, Any]) -> Entity:
+    return Entity(text=str(found["text"]), label=str(found["label"]), score=float(found["score"]),
+                  start=int(found["start"]), end=int(found["end"]))
+
+
+class GlinerAdapter:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch_device(spec.device)
+        self.weights_dir = Path(spec.weights_dir)
+
+    def load(self) -> LoadInfo:
+        dtype = compute_dtype(self.spec.compute_precision, self.device)
+        model = GLiNER.from_pretrained(str(self.weights_dir), local_files_only=True, map_location=str(self.device),
+                                       dtype=None if dtype is torch.float32 else dtype)
+        self.model = model.to(self.device).eval()
+        # A copy for the prepare thread: a fast tokenizer is not safe to share with `inference` on the main thread.
+        self.tokenizer = copy.deepcopy(model.data_processor.transformer_tokenizer)
+        max_length = self.spec.max_sequence_length or getattr(model.config, "max_len", None)
+        return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=max_length)
+
+    def prepare(self, batch: Any) -> Prepared:
+        if not isinstance(batch, ExtractBatch):
+            raise UnsupportedTask("this model only extracts entities")
+        if not batch.labels:
+            raise BadInput("GLiNER needs labels: the entity types to look for")
+        clock = Stopwatch()
+        texts = texts_of(batch)
+        counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        return Prepared(batch=batch, inputs=texts, token_counts=counts, tokenize_ms=clock.ms())
+
+    def forward(self, prepared: Prepared) -> ExtractResult:
+        batch = prepared.batch
+        assert isinstance(batch, ExtractBatch)
+        threshold = float(option(self.spec, batch, "threshold", 0.5))
+        flat_ner = bool(option(self.spec, batch, "flat_ner", True))
+        multi_label = bool(option(self.spec, batch, "multi_label", False))
+        found = self.model.inference(prepared.inputs, list(batch.labels), flat_ner=flat_ner, threshold=threshold,
+                                     multi_label=multi_label, batch_size=max(1, len(prepared.inputs)))
+        items = [ExtractItem(entities=[to_entity(e) for e in spans]) for spans in found]
+        return ExtractResult(items=items, token_counts=prepared.token_counts)
+
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.device)
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)

@@ -1,0 +1,224 @@
+"""ColBERT multi-vector embeddings (worker process): encoder tokens -> linear projection -> per-token L2 normalise.
+
+Reads both checkpoint layouts: colbert-ir's (`linear.weight` inside the Hugging Face checkpoint, settings in
+`artifact.metadata`) and sentence-transformers/PyLate's (`modules.json` with a `Dense` folder). Also owns
+`token_rows`/`join_rows`, the per-token row packing the hybrid family shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AddedToken, AutoModel, AutoTokenizer
+
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.sparse import tokenize_in_buckets
+from sie_worker.adapters.torch_common import (
+    Stopwatch,
+    compute_dtype,
+    memory_bytes,
+    read_json,
+    release,
+    to_device,
+    torch_device,
+)
+from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+
+_ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": torch.tanh}
+
+
+def token_rows(vectors: torch.Tensor, keep: torch.Tensor) -> list[np.ndarray]:
+    """Each item's kept rows of [B, T, D], as float32 [kept, D] arrays."""
+    rows, kept = vectors.float().cpu().numpy(), keep.bool().cpu().numpy()
+    return [rows[b][kept[b]] for b in range(rows.shape[0])]
+
+
+def join_rows(parts: list[np.ndarray], dim: int) -> tuple[Tensor, list[int]]:
+    """Per-item rows in item order as one [sum rows, D] array plus CSR offsets (item i owns offsets[i]:offsets[i+1])."""
+    offsets = np.cumsum([0] + [len(rows) for rows in parts]).tolist()
+    return Tensor.from_numpy(np.concatenate([np.empty((0, dim), np.float32), *parts])), [int(o) for o in offsets]
+
+
+@dataclass
+class Projection:
+    """The token projection: `linear` weight [dim, hidden], optional bias and activation."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    activation: str = "torch.nn.modules.linear.Identity"
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = F.linear(hidden, self.weight, self.bias)
+        activation = _ACTIVATIONS[self.activation]
+        return out if activation is None else activation(out)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Projection:
+        bias = None if self.bias is None else self.bias.to(device, dtype)
+        return Projection(self.weight.to(device, dtype), bias, self.activation)
+
+
+def read_tensors(folder: Path, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Those of `names` stored in the folder's checkpoint (single or sharded safetensors, or pytorch_model.bin)."""
+    index = read_json(folder / "model.safetensors.index.json")
+    if isinstance(index, dict):
+        weight_map: dict[str, str] = index.get("weight_map", {})
+        return {n: _safetensor(folder / weight_map[n], n) for n in names if n in weight_map}
+    if (folder / "model.safetensors").exists():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+            return {n: f.get_tensor(n) for n in names if n in f.keys()}  # noqa: SIM118 (safe_open has no __contains__)
+    if (folder / "pytorch_model.bin").exists():
+        state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return {n: state[n] for n in names if n in state}
+    return {}
+
+
+def _safetensor(path: Path, name: str) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as f:
+        tensor: torch.Tensor = f.get_tensor(name)
+    return tensor
+
+
+def _modules(weights_dir: Path) -> list[dict[str, Any]]:
+    modules = read_json(weights_dir / "modules.json")
+    return modules if isinstance(modules, list) else []
+
+
+def find_projection(weights_dir: Path) -> Projection:
+    """The sentence-transformers `Dense` module if `modules.json` names one, else colbert-ir's inline `linear`."""
+    for module in _modules(weights_dir):
+        if str(module.get("type", "")).endswith("Dense"):
+            folder = weights_dir / str(module.get("path", ""))
+            config = read_json(folder / "config.json") or {}
+            found = read_tensors(folder, ("linear.weight", "linear.bias"))
+            activation = str(config.get("activation_function") or "torch.nn.modules.linear.Identity")
+            if activation not in _ACTIVATIONS:
+                raise ValueError(f"unsupported Dense activation {activation!r} in {folder}")
+            return Projection(found["linear.weight"], found.get("linear.bias"), activation)
+    found = read_tensors(weights_dir, ("linear.weight", "linear.bias"))
+    if "linear.weight" not in found:
+        raise ValueError(f"no ColBERT projection in {weights_dir}: neither a Dense module nor a linear.weight")
+    return Projection(found["linear.weight"], found.get("linear.bias"))
+
+
+def encoder_dir(weights_dir: Path) -> Path:
+    for module in _modules(weights_dir):
+        if str(module.get("type", "")).endswith("Transformer"):
+            return weights_dir / str(module.get("path", ""))
+    return weights_dir
+
+
+def checkpoint_defaults(weights_dir: Path) -> dict[str, Any]:
+    """Prefixes and lengths as the checkpoint declares them (colbert-ir `artifact.metadata`, PyLate configs)."""
+    found: dict[str, Any] = {}
+    metadata = read_json(weights_dir / "artifact.metadata")
+    if isinstance(metadata, dict):
+        # colbert-ir inserts these vocabulary tokens as markers; a bare "[Q] " would be three word pieces there.
+        found["query_prefix"] = str(metadata.get("query_token_id") or "[unused0]") + " "
+        found["doc_prefix"] = str(metadata.get("doc_token_id") or "[unused1]") + " "
+        found["query_max_length"] = metadata.get("query_maxlen")
+        found["doc_max_length"] = metadata.get("doc_maxlen")
+    st = read_json(weights_dir / "config_sentence_transformers.json") or {}
+    prompts = st.get("prompts") or {}
+    found["query_prefix"] = st.get("query_prefix") or prompts.get("query") or found.get("query_prefix")
+    found["doc_prefix"] = st.get("document_prefix") or prompts.get("document") or found.get("doc_prefix")
+    found["query_max_length"] = st.get("query_length") or found.get("query_max_length")
+    found["doc_max_length"] = st.get("document_length") or (read_json(
+        weights_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or found.get("doc_max_length")
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def register_prefix_tokens(tokenizer: Any, prefixes: list[str]) -> None:
+    """Make a prefix the vocabulary knows (`[unused0]`, an added `[Q] `) come out as one token when prepended as text.
+
+    ColBERT checkpoints were trained with the marker inserted as a token id; prepended as text, `[unused0]` would split
+    on punctuation and an added `[Q] ` would be lower-cased out of a match. Registering it as a special,
+    non-normalised token reproduces the trained tokenisation. Prefixes the vocabulary lacks stay plain text.
+    """
+    added = set(getattr(tokenizer, "added_tokens_encoder", None) or {})
+    vocab = tokenizer.get_vocab()
+    register = []
+    for value in prefixes:
+        for candidate in ((value, value.split(None, 1)[0]) if value.strip() else ()):
+            if candidate in added or candidate in vocab:
+                if tokenizer.tokenize(candidate) != [candidate]:
+                    register.append(AddedToken(candidate, normalized=False, special=True))
+                break
+    if register:
+        tokenizer.add_special_tokens({"extra_special_tokens": register}, replace_extra_special_tokens=False)
+
+
+class MultivectorAdapter:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch_device(spec.device)
+        self.weights_dir = Path(spec.weights_dir)
+        options = {**checkpoint_defaults(self.weights_dir), **spec.loadtime}
+        self.query_prefix = str(options.get("query_prefix", "[Q] "))
+        self.doc_prefix = str(options.get("doc_prefix", "[D] "))
+        self.query_max_length = int(options.get("query_max_length", 32))
+        self.max_length: int | None = spec.max_sequence_length or options.get("doc_max_length")
+        self.normalize = bool(options.get("normalize", True))
+        self.token_dim = options.get("token_dim")
+
+    def load(self) -> LoadInfo:
+        encoder = encoder_dir(self.weights_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(encoder, local_files_only=True)
+        register_prefix_tokens(self.tokenizer, [self.query_prefix, self.doc_prefix])
+        dtype = compute_dtype(self.spec.compute_precision, self.device)
+        model = AutoModel.from_pretrained(encoder, local_files_only=True, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        projection = find_projection(self.weights_dir).to(self.device, dtype)
+        self.projection: Projection | None = projection
+        self.dim = int(projection.weight.shape[0])
+        if self.token_dim is not None and int(self.token_dim) != self.dim:
+            raise ValueError(f"token_dim {self.token_dim} is configured but the checkpoint projects to {self.dim}")
+        if self.max_length is None:
+            self.max_length = min(int(self.tokenizer.model_max_length), 512)
+        return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
+                        max_sequence_length=self.max_length)
+
+    def prepare(self, batch: Any) -> Prepared:
+        if not isinstance(batch, EncodeBatch):
+            raise UnsupportedTask("this model only encodes")
+        if set(batch.output_types) - {"multivector"}:
+            raise UnsupportedTask(f"this model only has multivector outputs, not {sorted(batch.output_types)}")
+        clock = Stopwatch()
+        prefix = self.query_prefix if batch.is_query else self.doc_prefix
+        texts = [prefix + (item.text or "") for item in batch.items]
+        # Queries are always cut at query_max_length: the cap is part of how ColBERT encodes them, not a limit.
+        truncate = batch.is_query or batch.options.get("truncate", True) is not False
+        max_length = self.query_max_length if batch.is_query else self.max_length
+        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, max_length, truncate=truncate,
+                                              max_batch_tokens=self.spec.max_batch_tokens)
+        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+
+    def forward(self, prepared: Prepared) -> EncodeResult:
+        parts: list[np.ndarray] = [np.empty((0, self.dim), np.float32)] * len(prepared.token_counts)
+        projection = self.projection
+        assert projection is not None, "forward after close"
+        with torch.inference_mode():
+            for indices, tensors in prepared.inputs:
+                inputs = to_device(tensors, self.device)
+                hidden = self.model(**inputs).last_hidden_state
+                vectors = projection(hidden).float()
+                if self.normalize:
+                    vectors = F.normalize(vectors, p=2, dim=-1)
+                for i, rows in zip(indices, token_rows(vectors, inputs["attention_mask"]), strict=True):
+                    parts[i] = rows
+        multivector, offsets = join_rows(parts, self.dim)
+        return EncodeResult(token_counts=prepared.token_counts, multivector=multivector, multivector_offsets=offsets)
+
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.device)
+
+    def close(self) -> None:
+        self.model = None
+        self.projection = None
+        release(self.device)
+

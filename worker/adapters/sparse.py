@@ -1,0 +1,142 @@
+"""SPLADE sparse embeddings (worker process): masked-LM logits -> log1p(relu) -> max over tokens -> CSR rows.
+
+Also owns the helpers the other text families share: `tokenize_in_buckets` and the CSR packing of sparse rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.torch_common import (
+    Stopwatch,
+    compute_dtype,
+    length_buckets,
+    memory_bytes,
+    read_json,
+    release,
+    to_device,
+    torch_device,
+)
+from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+
+
+# Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
+# [items, tokens, vocabulary] logits stay bounded.
+MICRO_BATCH_ITEMS = 16
+Buckets = list[tuple[list[int], dict[str, torch.Tensor]]]
+SparseRow = tuple[np.ndarray, np.ndarray]
+
+
+def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None, *, max_batch_tokens: int,
+                        truncate: bool = True, pairs: list[str] | None = None) -> tuple[Buckets, list[int]]:
+    """Tokenise without padding, then pad each bucket of similar lengths on its own: (buckets, tokens per item).
+
+    With `truncate` off, a text over `max_length` fails the batch instead of being cut.
+    """
+    encoded = tokenizer(texts, pairs, truncation=truncate, max_length=max_length if truncate else None)
+    counts = [len(ids) for ids in encoded["input_ids"]]
+    if not truncate:
+        refuse_over_length(counts, max_length)
+    buckets = []
+    for indices in length_buckets(counts, MICRO_BATCH_ITEMS, max_batch_tokens):
+        features = {key: [encoded[key][i] for i in indices] for key in encoded}
+        buckets.append((indices, dict(tokenizer.pad(features, return_tensors="pt"))))
+    return buckets, counts
+
+
+def sparse_rows(weights: torch.Tensor) -> list[SparseRow]:
+    """Each row of a [B, V] matrix as (int32 ascending indices, float32 values) of its entries > 0."""
+    keep = weights > 0
+    rows, cols = keep.nonzero(as_tuple=True)  # row-major order, so indices ascend within each row
+    values = weights[rows, cols].float().cpu().numpy()
+    bounds = np.cumsum(keep.sum(dim=1).cpu().numpy())[:-1]
+    return list(zip(np.split(cols.to(torch.int32).cpu().numpy(), bounds), np.split(values, bounds), strict=True))
+
+
+def join_sparse(parts: list[SparseRow]) -> tuple[Tensor, Tensor, list[int]]:
+    """Rows in item order, packed CSR: indices, values, offsets (item i owns offsets[i]:offsets[i + 1])."""
+    offsets = np.cumsum([0] + [len(indices) for indices, _ in parts]).tolist()
+    indices = np.concatenate([np.empty(0, np.int32)] + [i for i, _ in parts])
+    values = np.concatenate([np.empty(0, np.float32)] + [v for _, v in parts])
+    return Tensor.from_numpy(indices), Tensor.from_numpy(values), [int(o) for o in offsets]
+
+
+def splade_pooling_config(weights_dir: Path) -> dict[str, Any]:
+    """The `SpladePooling` settings of a sentence-transformers SPLADE checkpoint (empty for a bare MLM folder)."""
+    modules = read_json(weights_dir / "modules.json")
+    for module in modules if isinstance(modules, list) else []:
+        if str(module.get("type", "")).endswith("SpladePooling"):
+            return dict(read_json(weights_dir / str(module.get("path", "")) / "config.json") or {})
+    return {}
+
+
+def splade_pool(logits: torch.Tensor, mask: torch.Tensor, strategy: str = "max",
+                activation: str = "relu") -> torch.Tensor:
+    """[B, T, V] logits -> [B, V] term weights; in place on `logits`, which at vocabulary width dominate memory."""
+    weights = logits.mul_(mask.unsqueeze(-1).to(logits.dtype)).relu_().log1p_()
+    if activation == "log1p_relu":
+        weights = weights.log1p_()
+    # Padding rows are 0 after the mask, and every weight is >= 0, so they never win the max.
+    return weights.amax(dim=1) if strategy == "max" else weights.sum(dim=1)
+
+
+class SparseAdapter:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch_device(spec.device)
+        self.weights_dir = Path(spec.weights_dir)
+        st_config = read_json(self.weights_dir / "sentence_bert_config.json") or {}
+        self.max_length: int | None = spec.max_sequence_length or st_config.get("max_seq_length")
+        pooling = splade_pooling_config(self.weights_dir)
+        self.strategy = str(spec.loadtime.get("pooling_strategy", pooling.get("pooling_strategy", "max")))
+        self.activation = str(spec.loadtime.get("activation_function", pooling.get("activation_function", "relu")))
+        if self.strategy not in ("max", "sum") or self.activation not in ("relu", "log1p_relu"):
+            raise ValueError(f"unsupported SPLADE pooling {self.strategy!r} / activation {self.activation!r}")
+
+    def load(self) -> LoadInfo:
+        self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
+        dtype = compute_dtype(self.spec.compute_precision, self.device)
+        model = AutoModelForMaskedLM.from_pretrained(self.weights_dir, local_files_only=True, dtype=dtype)
+        self.model = model.to(self.device).eval()
+        if self.max_length is None:
+            self.max_length = min(int(self.tokenizer.model_max_length), 512)
+        vocab = int(self.model.config.vocab_size)
+        return LoadInfo(dims={"sparse": vocab}, capabilities=["sparse"], max_sequence_length=self.max_length)
+
+    def prepare(self, batch: Any) -> Prepared:
+        if not isinstance(batch, EncodeBatch):
+            raise UnsupportedTask("this model only encodes")
+        if set(batch.output_types) - {"sparse"}:
+            raise UnsupportedTask(f"this model only has sparse outputs, not {sorted(batch.output_types)}")
+        clock = Stopwatch()
+        texts = [item.text or "" for item in batch.items]
+        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, self.max_length,
+                                              max_batch_tokens=self.spec.max_batch_tokens,
+                                              truncate=batch.options.get("truncate", True) is not False)
+        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+
+    def forward(self, prepared: Prepared) -> EncodeResult:
+        parts: list[SparseRow] = [(np.empty(0, np.int32), np.empty(0, np.float32))] * len(prepared.token_counts)
+        with torch.inference_mode():
+            for indices, tensors in prepared.inputs:
+                inputs = to_device(tensors, self.device)
+                logits = self.model(**inputs).logits
+                weights = splade_pool(logits, inputs["attention_mask"], self.strategy, self.activation)
+                for i, row in zip(indices, sparse_rows(weights), strict=True):
+                    parts[i] = row
+        sparse_indices, sparse_values, sparse_offsets = join_sparse(parts)
+        return EncodeResult(token_counts=prepared.token_counts, sparse_indices=sparse_indices,
+                            sparse_values=sparse_values, sparse_offsets=sparse_offsets)
+
+    def memory_bytes(self) -> int:
+        return memory_bytes(self.device)
+
+    def close(self) -> None:
+        self.model = None
+        release(self.device)
