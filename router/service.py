@@ -104,6 +104,12 @@ class Service:
             self.pool.slots[config.sie_id].batcher = found
         return found
 
+    def admit(self, count: int) -> None:
+        """Refuse work past the server-wide queue bound (retryable), whatever model it is for."""
+        queued = sum(b.queued_items for b in self.batchers.values())
+        if queued + count > self.settings.max_total_queue_items:
+            raise SIEError("QUEUE_FULL", f"the server has {queued} items queued across its models; retry shortly")
+
     async def _run(self, model: str, key: tuple[Any, ...], items: list[Any]) -> list[Any]:
         worker = await self.pool.ensure(model, wait_s=None)
         kind = key[0]
@@ -139,6 +145,7 @@ class Service:
                                                                                plan.instruction), images=i.images)
                      for i in items]
         key = ("encode", tuple(sorted(plan.output_types)), plan.is_query, _options_key(plan.worker_options))
+        self.admit(len(items))
         outputs: list[EncodedItem] = await self.batcher(config).submit(
             key, templated, [estimate_tokens(i) for i in templated])
         return outputs
@@ -148,6 +155,7 @@ class Service:
         config = await self._ready(model, wait_s)
         pairs = [(query, doc) for doc in documents]
         costs = [2 + (len(query) + len(doc)) // 4 for doc in documents]
+        self.admit(len(pairs))
         scores: list[tuple[float, float, int]] = await self.batcher(config).submit(
             ("score", _options_key(options)), pairs, costs)
         if not all(np.isfinite(s) for s, _, _ in scores):
@@ -158,6 +166,7 @@ class Service:
                       wait_s: float | None) -> list[tuple[ExtractItem, int]]:
         config = await self._ready(model, wait_s)
         key = ("extract", tuple(labels), _options_key(options))
+        self.admit(len(items))
         found: list[tuple[ExtractItem, int]] = await self.batcher(config).submit(
             key, items, [estimate_tokens(i) * max(1, len(labels)) for i in items])
         return found

@@ -26,10 +26,14 @@ class Settings:
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
     max_queue_items: int = 512
+    max_total_queue_items: int = 4096  # across every model, so many busy models cannot grow memory without bound
     # Limits on a request.
     max_request_bytes: int = 34 * 1024 * 1024
     max_item_bytes: int = 2 * 1024 * 1024
     max_items_per_request: int = 2048
+    # Images: the router refuses an image over max_image_bytes; workers that decode images refuse more pixels.
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
     # How long OpenAI and Infinity routes hold a request while its model loads.
     load_wait_s: float = 120.0
     load_timeout_s: float = 600.0
@@ -77,8 +81,11 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
         "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
         "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
+        "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),
         "SIE_MAX_REQUEST_BODY_BYTES": ("max_request_bytes", int),
         "SIE_MAX_ITEM_TEXT_BYTES": ("max_item_bytes", int), "SIE_LOAD_WAIT_S": ("load_wait_s", float),
+        "SIE_MAX_ITEMS_PER_REQUEST": ("max_items_per_request", int),
+        "SIE_MAX_IMAGE_BYTES": ("max_image_bytes", parse_bytes), "SIE_MAX_IMAGE_PIXELS": ("max_image_pixels", int),
         "SIE_API_KEY": ("api_key", str), "SIE_ADMIN_TOKEN": ("admin_token", str),
         "SIE_LOG_LEVEL": ("log_level", str), "SIE_TOKEN_IDS": ("token_ids", str),
         "SIE_MEMORY_BUDGET": ("memory_budget", parse_bytes), "SIE_GPU_MEMORY_FRACTION": ("gpu_memory_fraction", float),

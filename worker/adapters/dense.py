@@ -87,7 +87,22 @@ class DenseAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         self.dim = dim = int(self.model.config.hidden_size)
+        self.warm_up()
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
+
+    def warm_up(self) -> None:
+        """One forward at the largest micro-batch the worker will run, so a GPU out-of-memory shows at load, not
+        under traffic (the memory stays in torch's cache); on CPU a small pass primes the kernels."""
+        assert self.max_length is not None
+        if self.device.type == "cuda":
+            rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // self.max_length))
+            length = self.max_length
+        else:
+            rows, length = 1, 8
+        ids = torch.full((rows, length), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+        inputs = to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, self.device)
+        with torch.inference_mode():
+            self.model(**inputs)
 
     def prepare(self, batch: Any) -> Prepared:
         """Tokenise without padding, then pad each length bucket on its own."""
