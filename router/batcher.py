@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sie_router import metrics
 from sie_router.errors import SIEError
 
 log = logging.getLogger("sie.batcher")
@@ -36,6 +38,7 @@ class Entry:
     costs: list[int]
     future: asyncio.Future[Any]
     cost: int = 0
+    enqueued: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.cost = sum(self.costs)
@@ -83,7 +86,7 @@ class Batcher:
         entries = [Entry(key, items[i:i + step], costs[i:i + step], loop.create_future())
                    for i in range(0, len(items), step)]
         self.queue.extend(entries)
-        self.queued_items += len(items)
+        self._set_queued(self.queued_items + len(items))
         self._wakeup.set()
         try:
             parts = await asyncio.gather(*(e.future for e in entries))
@@ -114,14 +117,18 @@ class Batcher:
             items += len(entry.items)
             tokens += entry.cost
             self.queue.remove(entry)
-        self.queued_items -= items
+        self._set_queued(self.queued_items - items)
         return batch
+
+    def _set_queued(self, count: int) -> None:
+        self.queued_items = count
+        metrics.QUEUE_DEPTH.labels(self.name).set(count)
 
     def _queued_live(self) -> int:
         return sum(len(e.items) for e in self.queue if not e.future.done())
 
     def _drop(self, entry: Entry) -> None:
-        self.queued_items -= len(entry.items)
+        self._set_queued(self.queued_items - len(entry.items))
 
     async def _loop(self) -> None:
         assert self._slots is not None
@@ -144,6 +151,7 @@ class Batcher:
 
     async def _dispatch(self, batch: list[Entry]) -> None:
         assert self._slots is not None
+        self._observe(batch)
         try:
             outputs = await self.run(batch[0].key, [item for e in batch for item in e.items])
         except Exception as exc:
@@ -162,13 +170,21 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_result(part)
 
+    def _observe(self, batch: list[Entry]) -> None:
+        kind = str(batch[0].key[0]) if isinstance(batch[0].key, tuple) else "batch"
+        now = time.perf_counter()
+        queue_seconds = metrics.REQUEST_DURATION.labels(self.name, kind, "queue")
+        for entry in batch:
+            queue_seconds.observe(now - entry.enqueued)
+        metrics.BATCH_SIZE.labels(self.name).observe(sum(len(e.items) for e in batch))
+
     def fail_queued(self, error: Exception) -> None:
         """Fail every queued entry (its model is being evicted); batches already sent finish normally."""
         while self.queue:
             entry = self.queue.popleft()
             if not entry.future.done():
                 entry.future.set_exception(error)
-        self.queued_items = 0
+        self._set_queued(0)
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._running) if t is not None]

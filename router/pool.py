@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sie_router import metrics
 from sie_router.devices import Devices
 from sie_router.errors import SIEError
 from sie_router.ipc import Channel, WorkerUnreachable
@@ -165,6 +166,7 @@ class WorkerPool:
         try:
             worker = await self._start_worker(slot, evict)
         except SIEError as exc:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
             slot.state, slot.failed_at = "failed", time.monotonic()
             attempts = (slot.last_error or {}).get("attempts", 0) + 1
             slot.last_error = {"code": exc.extra.get("error_class", "UNKNOWN"), "message": exc.message,
@@ -182,6 +184,8 @@ class WorkerPool:
         assert info is not None
         measured = self.devices.process_memory(info.pid, worker.device) or info.memory_bytes
         self.ledger.settle(slot.key, measured)
+        metrics.MODEL_LOADS.labels(slot.key, "success").inc()
+        metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
         log.info("model %s ready on %s in %.1fs (pid %d, %.0f MiB)", slot.key, worker.device,
                  time.monotonic() - slot.load_started, info.pid, measured / 2**20)
         return worker
@@ -203,7 +207,7 @@ class WorkerPool:
             raise SIEError("RESOURCE_EXHAUSTED", f"model '{slot.key}' needs about {nbytes / 2**20:.0f} MiB on "
                            f"{device}, {free / 2**20:.0f} MiB is free and no idle model can be evicted")
         for victim in plan:
-            await self.evict(victim, reason="lru")
+            await self.evict(victim, reason="memory")
         self.ledger.reserve(slot.key, device, nbytes)
         return device
 
@@ -299,6 +303,7 @@ class WorkerPool:
         self.ledger.release(slot.key)
         if not worker.stopping:
             slot.crashes.append(time.monotonic())
+            metrics.WORKER_RESTARTS.labels(slot.key).inc()
             log.warning("worker for %s (pid %s) died with status %s (%d recent crashes)", worker.key,
                         worker.process.pid, code, len(slot.crashes))
 
@@ -321,7 +326,16 @@ class WorkerPool:
         worker.items_served += items
         if isinstance(reply, BatchFailed):
             raise SIEError(reply.code if reply.code != "MODEL_LOAD_FAILED" else "INFERENCE_ERROR", reply.message)
+        self._observe(worker.key, reply)
         return reply.result
+
+    @staticmethod
+    def _observe(key: str, reply: BatchDone) -> None:
+        kind = type(reply.result).__name__.removesuffix("Result").lower()
+        for phase, ms in (("tokenize", reply.timing.tokenize_ms), ("inference", reply.timing.inference_ms),
+                          ("postprocess", reply.timing.postprocess_ms)):
+            metrics.REQUEST_DURATION.labels(key, kind, phase).observe(ms / 1000.0)
+        metrics.TOKENS.labels(key).inc(sum(reply.result.token_counts))
 
     # -- eviction and stopping --------------------------------------------------------------------------------------
 
@@ -335,6 +349,7 @@ class WorkerPool:
         if worker is None:
             return False
         log.info("evicting %s (%s)", key, reason)
+        metrics.EVICTIONS.labels(key, reason).inc()
         slot.state, worker.stopping = "unloading", True
         if slot.batcher is not None:
             slot.batcher.fail_queued(SIEError("MODEL_LOADING", f"model '{key}' was evicted; retry to reload it"))

@@ -1,0 +1,87 @@
+"""Request metrics (router process): an ASGI middleware that counts and times every request, and the `/metrics` route.
+
+Handlers never touch metrics: the model a request is for is noted in a context variable when its name is resolved
+(`request_labels.note_model`), and the middleware reads it once the response has started.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sie_router import metrics, request_labels
+from sie_router.state import app_state
+
+
+class Instrument:
+    def __init__(self, app: ASGIApp, routes: list[Route]) -> None:
+        self.app = app
+        self.routes: dict[Any, Route] = {route.endpoint: route for route in routes}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+        labels: dict[str, str] = {}
+        token = request_labels.current.set(labels)
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            request_labels.current.reset(token)
+            self._observe(scope, status, labels.get("model"), time.perf_counter() - started)
+
+    def _observe(self, scope: Scope, status: int, model: str | None, elapsed: float) -> None:
+        route = self.routes.get(scope.get("endpoint"))
+        handler = route.path if route else "none"
+        metrics.HTTP_REQUESTS.labels(handler, scope["method"], metrics.status_class(status)).inc()
+        metrics.HTTP_REQUEST_DURATION.labels(handler, scope["method"]).observe(elapsed)
+        if model and route is not None and route.name:
+            metrics.REQUESTS.labels(model, route.name, str(status)).inc()
+            metrics.REQUEST_DURATION.labels(model, route.name, "total").observe(elapsed)
+
+
+def refresh_gauges(request: Request) -> None:
+    """Gauges read at scrape time: device memory, models loaded, memory per model."""
+    pool = app_state(request).pool
+    for device in pool.devices.snapshot():
+        metrics.DEVICE_MEMORY_USED.labels(device.name).set(device.used)
+        metrics.DEVICE_MEMORY_TOTAL.labels(device.name).set(device.total)
+    loaded: dict[str, int] = dict.fromkeys(pool.ledger.devices, 0)
+    for key, slot in pool.slots.items():
+        device = slot.worker.device if slot.worker else None
+        if device is not None and slot.state == "loaded":
+            loaded[device] = loaded.get(device, 0) + 1
+            metrics.MODEL_MEMORY.labels(key, device).set(pool.ledger.reserved(key) or 0)
+    for device, count in loaded.items():
+        metrics.MODELS_LOADED.labels(device).set(count)
+
+
+async def serve_metrics(request: Request) -> Response:
+    refresh_gauges(request)
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def declare_models(models: list[str]) -> None:
+    """Create every per-model series at zero, so dashboards and the autoscaler see 0 rather than no data."""
+    for model in models:
+        metrics.QUEUE_DEPTH.labels(model).set(0)
+        metrics.WORKER_RESTARTS.labels(model)
+        for result in metrics.LOAD_RESULTS:
+            metrics.MODEL_LOADS.labels(model, result)
+        for reason in metrics.EVICTION_REASONS:
+            metrics.EVICTIONS.labels(model, reason)
