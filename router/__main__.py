@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
+import setproctitle
 import uvicorn
 
 from sie_router import __version__
@@ -57,8 +59,10 @@ def parser() -> argparse.ArgumentParser:
                        help="never evict this model (repeatable)")
     serve.add_argument("--idle-ttl", dest="idle_ttl_s", type=float, metavar="SECONDS",
                        help="evict models unused this long (default: never)")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on inference and listing routes")
-    serve.add_argument("--admin-token", help="require this bearer token on the admin API")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but health, metrics "
+                                         "and docs (prefer SIE_API_KEY: command lines are visible to other users)")
+    serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "
+                                             "key (prefer SIE_ADMIN_TOKEN)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
     return p
 
@@ -67,7 +71,7 @@ def settings_from(argv: Sequence[str]) -> Settings:
     argv = list(argv)
     if argv and argv[0] == "v2":  # Infinity's `infinity_emb v2 ...`
         argv[0] = "serve"
-    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["serve", *argv]
     args = parser().parse_args(argv)
     if args.command != "serve":
@@ -84,8 +88,26 @@ def settings_from(argv: Sequence[str]) -> Settings:
     return Settings(**values)  # type: ignore[arg-type]
 
 
+def hide_secrets(argv: Sequence[str]) -> list[str]:
+    """The command line with the values of secret flags masked."""
+    out, hide = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        out.append("***" if hide else f"{flag}=***" if eq and flag in _SECRET_FLAGS else arg)
+        hide = arg in _SECRET_FLAGS
+    return out
+
+
+_SECRET_FLAGS = ("--api-key", "--admin-token")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from(sys.argv[1:] if argv is None else argv)
+    for secret in ("SIE_API_KEY", "SIE_ADMIN_TOKEN"):
+        os.environ.pop(secret, None)  # read once into Settings; workers, which inherit the environment, never need them
+    if argv is None and any(a.partition("=")[0] in _SECRET_FLAGS for a in sys.argv):
+        # /proc/<pid>/cmdline is world-readable: overwrite the key given on the command line.
+        setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:

@@ -14,9 +14,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sie_router import WIRE_VERSION, __version__
+from sie_router import WIRE_VERSION, __version__, forward, instrument, openapi
 from sie_router.api import admin, classify, health, infinity, native, openai, rerank
+from sie_router.auth import Auth
 from sie_router.devices import detect
+from sie_router.disconnect import ClientGone
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.pool import WorkerPool
 from sie_router.registry import Registry
@@ -50,6 +52,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return render_error(SIEError(code, str(exc.detail)), api_of(request.url.path))
 
 
+async def _undecodable(request: Request, exc: Exception) -> Response:
+    # msgspec raises these, not DecodeError, on a body nested past its depth limit or a string that is not UTF-8.
+    problem = "is nested too deeply" if isinstance(exc, RecursionError) else "holds a string that is not UTF-8"
+    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), api_of(request.url.path))
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    # Nobody reads this answer; 499 (nginx's "client closed request") keeps it apart from real errors in metrics.
+    return Response(status_code=499)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
     return render_error(SIEError("INTERNAL_ERROR", "internal server error"), api_of(request.url.path))
@@ -77,40 +90,46 @@ class VersionHeader:
 
 
 ROUTES = [
-    Route("/v1/encode/{model:path}", native.encode, methods=["POST"]),
-    Route("/v1/score/{model:path}", native.score, methods=["POST"]),
-    Route("/v1/extract/{model:path}", native.extract, methods=["POST"]),
+    Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
+    Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
+    Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
-    Route("/v1/embeddings", openai.embeddings, methods=["POST"]),
+    Route("/v1/embeddings", openai.embeddings, methods=["POST"], name="openai_embeddings"),
     Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
-    Route("/embeddings", infinity.embeddings, methods=["POST"]),
+    Route("/embeddings", infinity.embeddings, methods=["POST"], name="infinity_embeddings"),
     Route("/rerank", rerank.infinity_rerank, methods=["POST"]),
     Route("/classify", classify.classify, methods=["POST"]),
     Route("/v1/classify", classify.classify, methods=["POST"]),
     Route("/models", infinity.models, methods=["GET"]),
     Route("/health", infinity.health, methods=["GET"]),
     Route("/healthz", health.healthz, methods=["GET"]),
+    Route("/metrics", instrument.serve_metrics, methods=["GET"]),
     Route("/admin/workers", admin.list_workers, methods=["GET"]),
     Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
     Route("/readyz", health.readyz, methods=["GET"]),
+    Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+    Route("/docs", openapi.docs, methods=["GET"]),
 ]
 
 
 async def _preload(state: AppState, names: list[str]) -> None:
-    """Load the models named at startup, one by one; readiness waits for them, as Infinity's late-opening port does.
+    """Load the models named at startup, in parallel; readiness waits for them, as Infinity's late-opening port does.
 
-    A model that does not fit beside the ones already loaded is left to load lazily: preloading never evicts.
+    A model that does not fit beside the ones already reserved is left to load lazily: preloading never evicts.
     """
-    for name in names:
+
+    async def load(name: str) -> None:
         try:
             await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
         except SIEError as exc:
             if exc.code == "RESOURCE_EXHAUSTED":
-                log.warning("%s does not fit in the memory budget beside the models already loaded; it will load "
-                            "lazily on its first request (%s)", name, exc.message)
+                log.warning("%s does not fit in the memory budget beside the other models; it will load lazily on "
+                            "its first request (%s)", name, exc.message)
             else:
                 log.error("preloading %s failed: %s", name, exc.message)
+
+    await asyncio.gather(*(load(name) for name in names))
     state.ready = True
     log.info("ready: serving %d model(s)", len(state.registry.served))
 
@@ -122,6 +141,7 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
+        instrument.declare_models(list(registry.configs))
         names = list(dict.fromkeys([*settings.models, *settings.preload]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
@@ -133,7 +153,15 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
             await pool.shutdown()
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
-                    exception_handlers={SIEError: _sie_error, HTTPException: _http_error, Exception: _unexpected})
+                    exception_handlers={SIEError: _sie_error, HTTPException: _http_error, ClientGone: _client_gone,
+                                        RecursionError: _undecodable, UnicodeDecodeError: _undecodable,
+                                        Exception: _unexpected})
     app.state.sie = state
-    app.add_middleware(VersionHeader)
+    app.state.openapi = openapi.encoded(ROUTES, api_key=bool(settings.api_key),
+                                        admin_token=bool(settings.admin_token))
+    # Innermost: a request for another pool's model is forwarded only once Auth has let it in.
+    app.add_middleware(forward.Forward, settings=settings, registry=registry, routes=ROUTES, api_of=api_of)
+    app.add_middleware(Auth, settings=settings, api_of=api_of)
+    app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
+    app.add_middleware(instrument.Instrument, routes=ROUTES)  # outermost: counts and times every answer
     return app

@@ -6,7 +6,8 @@ batches:
   2. take the oldest live entry, then fill from a bounded window of entries with the same batch key, closest in
      length first, so padding stays small, under the item cap and the token budget;
   3. skip entries whose request has gone (its future was cancelled);
-  4. keep at most `in_flight` batches at the worker, so the next batch is ready while one runs.
+  4. keep at most `in_flight` batches at the worker, so the next batch is ready while one runs;
+  5. if a shared batch fails on one request's input, re-run its requests one by one so only that one fails.
 The queue is bounded in items; past the bound `submit` raises `QUEUE_FULL` (retryable).
 """
 
@@ -27,6 +28,8 @@ from sie_router.errors import SIEError
 log = logging.getLogger("sie.batcher")
 
 _WINDOW_FACTOR = 4  # how far past the batch size we look for similar lengths
+# Failures caused by one request's input: a shared batch that fails so is re-run request by request.
+INPUT_ERRORS = frozenset({"INVALID_INPUT", "INPUT_TOO_LONG", "INVALID_MEDIA"})
 
 
 @dataclass(eq=False)
@@ -153,22 +156,38 @@ class Batcher:
         assert self._slots is not None
         self._observe(batch)
         try:
-            outputs = await self.run(batch[0].key, [item for e in batch for item in e.items])
-        except Exception as exc:
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(exc)
-            if not isinstance(exc, SIEError):
-                log.exception("batch for %s failed", self.name)
-            return
+            await self._run_entries(batch, isolate=True)
         finally:
             self._slots.release()
+
+    async def _run_entries(self, batch: list[Entry], *, isolate: bool) -> None:
+        """Run entries as one batch. If the batch fails on one request's input (a corrupt image, an over-long
+        text), run each request on its own, so only the offending request fails and its neighbours succeed."""
+        try:
+            outputs = await self.run(batch[0].key, [item for e in batch for item in e.items])
+        except SIEError as exc:
+            if isolate and len(batch) > 1 and exc.code in INPUT_ERRORS:
+                for entry in batch:
+                    await self._run_entries([entry], isolate=False)
+                return
+            self._fail(batch, exc)
+            return
+        except Exception as exc:
+            log.exception("batch for %s failed", self.name)
+            self._fail(batch, exc)
+            return
         offset = 0
         for entry in batch:
             part = outputs[offset:offset + len(entry.items)]
             offset += len(entry.items)
             if not entry.future.done():
                 entry.future.set_result(part)
+
+    @staticmethod
+    def _fail(batch: list[Entry], exc: Exception) -> None:
+        for entry in batch:
+            if not entry.future.done():
+                entry.future.set_exception(exc)
 
     def _observe(self, batch: list[Entry]) -> None:
         kind = str(batch[0].key[0]) if isinstance(batch[0].key, tuple) else "batch"

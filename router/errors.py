@@ -46,12 +46,17 @@ TABLE: dict[str, Code] = {
     "MODEL_NOT_SUPPORTED": Code(400, None, 400, "model_not_supported"),
     "INVALID_DIMENSIONS": Code(400, None, 400, "invalid_dimensions"),
     "INVALID_TOKEN_IDS": Code(400, None, 400, "invalid_token_ids"),
+    # Media that cannot be used (undecodable, a refused URL): INVALID_INPUT natively, Infinity's 400 handler error.
+    "INVALID_MEDIA": Code(400, None, 400, "invalid_media", native_code="INVALID_INPUT"),
     "MODEL_LOADING": Code(503, 5.0, 503, "model_loading"),
     "MODEL_LOAD_FAILED": Code(502, None, 502, "model_load_failed"),
     "QUEUE_FULL": Code(503, 1.0, 429, "server_overloaded"),
     "RESOURCE_EXHAUSTED": Code(503, 5.0, 503, "resource_exhausted"),
     "SHUTTING_DOWN": Code(503, 5.0, 503, "shutting_down"),
+    # The pool serving the model has no pod answering yet (scaling from zero): SDK clients retry MODEL_LOADING.
+    "POOL_UNAVAILABLE": Code(503, 5.0, 503, "pool_unavailable", native_code="MODEL_LOADING"),
     "INFERENCE_ERROR": Code(500, None, 500, "inference_error"),
+    "DEADLINE_EXCEEDED": Code(504, None, 504, "deadline_exceeded"),
     "INTERNAL_ERROR": Code(500, None, 500, "internal_error"),
 }
 

@@ -252,7 +252,9 @@ class WorkerPool:
             to_worker_endpoint=self.channel.to_worker_endpoint,
             from_worker_endpoint=self.channel.from_worker_endpoint, device=device,
             compute_precision=profile.compute_precision, max_sequence_length=cfg.max_sequence_length,
-            loadtime=profile.adapter_options.loadtime, runtime=profile.adapter_options.runtime,
+            loadtime={"max_image_pixels": self.settings.max_image_pixels,
+                      "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
+            runtime=profile.adapter_options.runtime,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),
             env={**self.settings.extra_env, "CUDA_VISIBLE_DEVICES": visible},
             max_batch_tokens=profile.max_batch_tokens or 16384)

@@ -159,7 +159,8 @@ class Registry:
 
     def add(self, cfg: ModelConfig) -> None:
         if cfg.sie_id in self.configs:
-            raise ValueError(f"{cfg.source}: model {cfg.sie_id!r} is already defined in {self.configs[cfg.sie_id].source}")
+            first = self.configs[cfg.sie_id].source
+            raise ValueError(f"{cfg.source}: model {cfg.sie_id!r} is already defined in {first}")
         self.configs[cfg.sie_id] = cfg
         for profile in cfg.profiles:
             name = cfg.sie_id if profile == "default" else f"{cfg.sie_id}:{profile}"

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from sie_router.batcher import BatchLimits, Batcher
+from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
 from sie_router.pool import WorkerPool
 from sie_router.registry import ModelConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,8 @@ class Settings:
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
-    max_queue_items: int = 512
+    # Items queued per model; 2048 so that one OpenAI request of 2048 inputs (its documented maximum) fits.
+    max_queue_items: int = 2048
     max_total_queue_items: int = 4096  # across every model, so many busy models cannot grow memory without bound
     # Limits on a request.
     max_request_bytes: int = 34 * 1024 * 1024
@@ -36,6 +38,9 @@ class Settings:
     max_image_pixels: int = 40_000_000
     # How long OpenAI and Infinity routes hold a request while its model loads.
     load_wait_s: float = 120.0
+    # A request still unanswered after this long gets 504 DEADLINE_EXCEEDED (0: no deadline); under the SDK's
+    # 150 s read timeout, so clients get a coded answer rather than a timeout of their own.
+    request_timeout_s: float = 140.0
     load_timeout_s: float = 600.0
     shutdown_deadline_s: float = 20.0
     # Memory: the CPU budget in bytes (0: 80% of host RAM), the share of each GPU's memory workers may use.
@@ -52,6 +57,9 @@ class Settings:
     log_level: str = "info"
     hf_offline: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Pools (Helm chart): this server's pool name, and the pool map (model -> pool Service URL) for forwarding.
+    pool: str | None = None
+    pool_map: Path | None = None
 
     @property
     def serves_bundle(self) -> bool:
@@ -76,7 +84,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
     """Settings overrides from `SIE_*` variables (the CLI parser uses them as defaults)."""
     env = os.environ if environ is None else environ
     found: dict[str, object] = {}
-    simple = {
+    simple: dict[str, tuple[str, Callable[[str], object]]] = {
         "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
         "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
         "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
@@ -84,6 +92,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),
         "SIE_MAX_REQUEST_BODY_BYTES": ("max_request_bytes", int),
         "SIE_MAX_ITEM_TEXT_BYTES": ("max_item_bytes", int), "SIE_LOAD_WAIT_S": ("load_wait_s", float),
+        "SIE_REQUEST_TIMEOUT_S": ("request_timeout_s", float),
         "SIE_MAX_ITEMS_PER_REQUEST": ("max_items_per_request", int),
         "SIE_MAX_IMAGE_BYTES": ("max_image_bytes", parse_bytes), "SIE_MAX_IMAGE_PIXELS": ("max_image_pixels", int),
         "SIE_API_KEY": ("api_key", str), "SIE_ADMIN_TOKEN": ("admin_token", str),
@@ -98,9 +107,18 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         found["pinned"] = tuple(m for m in env["SIE_PINNED"].split(";") if m)
     if env.get("SIE_MODELS"):
         found["models"] = tuple(m for m in env["SIE_MODELS"].split(";") if m)
+    if env.get("SIE_POOL"):
+        found["pool"] = env["SIE_POOL"]
+    if env.get("SIE_POOL_MAP"):
+        found["pool_map"] = Path(env["SIE_POOL_MAP"])
     if env.get("SIE_BUNDLE_DIRS"):
         found["bundle_dirs"] = tuple(Path(p) for p in env["SIE_BUNDLE_DIRS"].split(os.pathsep) if p)
     found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
     # Workers inherit the process environment; these are the ones we pass on explicitly.
-    found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
+    extra_env = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
+    # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
+    for name, attr in (("SIE_MAX_IMAGE_PIXELS", "max_image_pixels"), ("SIE_MAX_IMAGE_BYTES", "max_image_bytes")):
+        if attr in found:
+            extra_env[name] = str(found[attr])
+    found["extra_env"] = extra_env
     return found

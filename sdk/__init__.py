@@ -10,8 +10,8 @@ from sie_sdk.errors import (
     QueueFullError,
     RequestError,
     ResourceExhaustedError,
-    SIEError,
     ServerError,
+    SIEError,
 )
 
 __all__ = [

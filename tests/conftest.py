@@ -7,12 +7,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
+from collections.abc import Iterator
+from pathlib import Path
 
-import pytest  # noqa: E402
+import pytest
 
-from tests.server import MINILM, Server, make_bundle  # noqa: E402
+from tests.server import MINILM, Server, make_bundle
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +40,27 @@ def reference_model(minilm_dir: Path):  # type: ignore[no-untyped-def]
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def extract_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One server over the tiny extraction and CLIP checkpoints (tests/extract_server.py), for e2e and compat."""
+    from tests.extract_server import start_extract_server
+
+    started = start_extract_server(tmp_path_factory.mktemp("extract_server"))
+    try:
+        yield started
+    finally:
+        started.server.stop()
+
+
+@pytest.fixture(scope="session")
+def retrieval_server(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One server over the tiny sparse, ColBERT, BGE-M3 and cross-encoder checkpoints (tests/retrieval_server.py)."""
+    from tests.retrieval_server import start_retrieval_server
+
+    started = start_retrieval_server(tmp_path_factory.mktemp("retrieval_server"))
+    try:
+        yield started
+    finally:
+        started.server.stop()

@@ -37,8 +37,9 @@ def make_bundle(folder: Path, *names: str) -> Path:
 class Server:
     """`python -m sie_router serve ...` in a subprocess; `url` once /readyz says ok."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None) -> None:
-        self.port = free_port()
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",

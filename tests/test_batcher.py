@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from sie_router.batcher import BatchLimits, Batcher
+from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
 
 
@@ -108,4 +108,26 @@ async def test_a_failed_batch_fails_only_its_requests() -> None:
     with pytest.raises(SIEError):
         await first
     assert await second == ["b"]
+    await batcher.close()
+
+
+async def test_a_bad_input_fails_only_its_own_request_when_batched_with_others() -> None:
+    calls: list[list[str]] = []
+
+    async def strict(key: object, items: list[str]) -> list[str]:
+        calls.append(sorted(items))
+        if "corrupt" in items:
+            raise SIEError("INVALID_INPUT", "image data is not a decodable image")
+        return [f"ok:{item}" for item in items]
+
+    batcher = Batcher("m", strict, BatchLimits(max_wait_ms=20, in_flight=1))
+    batcher.start()
+    blocker = asyncio.create_task(batcher.submit("k", ["first"], [1]))  # makes the next ones queue together
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(batcher.submit("k", [name], [1])) for name in ("a", "corrupt", "b")]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert await blocker == ["ok:first"]
+    assert results[0] == ["ok:a"] and results[2] == ["ok:b"]
+    assert isinstance(results[1], SIEError) and results[1].code == "INVALID_INPUT"
+    assert ["a", "b", "corrupt"] in calls  # they did share a batch, which was then split
     await batcher.close()

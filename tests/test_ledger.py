@@ -43,19 +43,19 @@ class RecordedNvml:
     def __init__(self) -> None:
         self.initialised = False
 
-    def nvmlInit(self) -> None:  # noqa: N802 - NVML's names
+    def nvmlInit(self) -> None:
         self.initialised = True
 
-    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+    def nvmlDeviceGetCount(self) -> int:
         return 1
 
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:  # noqa: N802
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> str:
         return f"handle{index}"
 
-    def nvmlDeviceGetMemoryInfo(self, handle: str) -> SimpleNamespace:  # noqa: N802
+    def nvmlDeviceGetMemoryInfo(self, handle: str) -> SimpleNamespace:
         return SimpleNamespace(total=85520809984, free=83293437952, used=2227372032)
 
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[SimpleNamespace]:  # noqa: N802
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: str) -> list[SimpleNamespace]:
         return [SimpleNamespace(pid=4242, usedGpuMemory=1073741824), SimpleNamespace(pid=4343, usedGpuMemory=None)]
 
 
@@ -70,7 +70,7 @@ def test_nvml_readings_and_per_pid_attribution() -> None:
 
 def test_without_a_gpu_auto_falls_back_to_host_memory_and_cuda_is_an_error() -> None:
     class NoLibrary(RecordedNvml):
-        def nvmlInit(self) -> None:  # noqa: N802
+        def nvmlInit(self) -> None:
             raise pynvml.NVMLError_LibraryNotFound()
 
     assert isinstance(detect("auto", NoLibrary()), HostMemory)

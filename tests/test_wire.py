@@ -19,7 +19,8 @@ def test_smallest_encode_response_is_byte_exact() -> None:
 
 
 def test_round_trip_and_dtype_strings() -> None:
-    for dtype, wire in [(np.int8, b"\xa3|i1"), (np.uint8, b"\xa3|u1"), (np.float16, b"\xa3<f2"), (np.int32, b"\xa3<i4")]:
+    cases = [(np.int8, b"\xa3|i1"), (np.uint8, b"\xa3|u1"), (np.float16, b"\xa3<f2"), (np.int32, b"\xa3<i4")]
+    for dtype, wire in cases:
         arr = np.arange(4, dtype=dtype)
         packed = encode_msgpack({"a": arr})
         assert wire in packed

@@ -7,6 +7,7 @@ SIGTERM only sets a flag; the batch in hand finishes first.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -43,10 +44,8 @@ _STOP = object()
 
 def _die_with_parent() -> None:
     # If the router is SIGKILLed it cannot stop us: ask the kernel to SIGTERM us when it goes (Linux only).
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def _failure_code(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from sie_router import codec
 from sie_router.api.embeddings import parse_inputs, served_model
+from sie_router.disconnect import guarded
 from sie_router.errors import Api, SIEError
 from sie_router.inputs import input_items
 from sie_router.state import app_state
@@ -35,9 +36,10 @@ async def classify(request: Request) -> Response:
     if config.tasks.get("extract") is None or config.family(profile) != "classifier":
         raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model}` does not support `classify`.",
                        param="model")
-    items = input_items([Item(text=t) for t in texts], config, state.settings.max_item_bytes, field="input")
-    options = {**config.profiles[profile].adapter_options.runtime, "raw_scores": req.raw_scores}
-    found = await state.service.extract(model, items, [], options, wait_s=state.settings.load_wait_s)
+    items = input_items([Item(text=t) for t in texts], config, state.settings, field="input")
+    # Infinity runs the text-classification pipeline: an NLI head scores its own labels, never zero-shot.
+    options = {**config.profiles[profile].adapter_options.runtime, "raw_scores": req.raw_scores, "zero_shot": False}
+    found = await guarded(request, state.service.extract(model, items, [], options, wait_s=state.settings.load_wait_s))
     data = [[{"score": c.score, "label": c.label} for c in extracted.classifications] for extracted, _ in found]
     chars = sum(len(t) for t in texts)
     return codec.json_response({"object": "classify", "data": data, "model": model,

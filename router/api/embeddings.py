@@ -16,8 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router import codec
+from sie_router.disconnect import guarded
 from sie_router.errors import Api, SIEError, invalid
 from sie_router.inputs import input_items
+from sie_router.models import served_outputs
 from sie_router.postprocess import cut_dimensions
 from sie_router.registry import ModelConfig
 from sie_router.service import EncodePlan
@@ -27,6 +29,8 @@ from sie_sdk.types import ImageInput, Item
 
 MAX_INPUTS = 2048
 INFINITY_MAX_CHARS = 122_880
+# Infinity's modalities and the capability each needs (its 400 names the capability).
+MODALITIES = {"text": "embed", "image": "image_embed", "audio": "audio_embed"}
 
 
 class EmbeddingsRequest(msgspec.Struct, kw_only=True):
@@ -67,18 +71,24 @@ def image_items(texts: list[str]) -> list[Item]:
     for i, uri in enumerate(texts):
         head, _, payload = uri.partition(",")
         if not (head.startswith("data:image/") and head.endswith(";base64")):
-            raise invalid(f"input[{i}] must be a data:image/...;base64 URI; remote image URLs are disabled",
-                          param="input")
+            raise SIEError("INVALID_MEDIA", f"input[{i}] must be a data:image/...;base64 URI; remote image URLs are "
+                           "disabled on this server", param="input")
         try:
             data = base64.b64decode(payload, validate=True)
         except ValueError:
-            raise invalid(f"input[{i}] is not valid base64", param="input") from None
+            raise SIEError("INVALID_MEDIA", f"input[{i}] is not valid base64", param="input") from None
         items.append(Item(images=[ImageInput(data=data, format=head[len("data:image/"):-len(";base64")])]))
     return items
 
 
 def served_model(state: AppState, name: str, api: Api) -> str:
     """The served model a request names; Infinity ignores `model` when one model is served, as Infinity does."""
+    model = _match_served(state, name, api)
+    state.registry.lookup(model)  # labels the request's metrics with its model
+    return model
+
+
+def _match_served(state: AppState, name: str, api: Api) -> str:
     served = list(state.registry.served)
     if api is Api.INFINITY:
         if len(state.registry.configs) == 1:
@@ -93,12 +103,28 @@ def served_model(state: AppState, name: str, api: Api) -> str:
     return name
 
 
-def _dense_config(state: AppState, model: str) -> ModelConfig:
-    config, _ = state.registry.lookup(model)
-    if "dense" not in config.dims and "dense" not in config.outputs:
-        raise SIEError("MODEL_NOT_SUPPORTED", f"model '{model}' has no dense output (it offers {config.outputs}); "
+def _dense_config(state: AppState, model: str, modality: str) -> ModelConfig:
+    config, profile = state.registry.lookup(model)
+    outputs = served_outputs(config, profile)
+    if "dense" not in outputs:
+        raise SIEError("MODEL_NOT_SUPPORTED", f"model '{model}' has no dense output (it offers {outputs}); "
                        "use /v1/encode for sparse or multivector outputs", param="model")
+    if modality not in MODALITIES:
+        raise invalid(f"modality must be one of {list(MODALITIES)}, not {modality!r}", param="modality")
+    if modality not in config.input_kinds:  # Infinity's capability check: a 400 naming what the model lacks
+        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model}` does not support "
+                       f"`{MODALITIES[modality]}`; it takes {config.input_kinds}", param="model")
     return config
+
+
+async def _encode(request: Request, model: str, items: list[Any], plan: EncodePlan, images: bool) -> list[Any]:
+    state = app_state(request)
+    try:
+        return await guarded(request, state.service.encode(model, items, plan, wait_s=state.settings.load_wait_s))
+    except SIEError as exc:
+        if images and exc.code == "INVALID_INPUT":  # the worker could not use an image: Infinity's ImageCorrupt
+            raise SIEError("INVALID_MEDIA", f"ImageCorrupt: {exc.message}") from None
+        raise
 
 
 def _check_dimensions(dimensions: int | None, native: int) -> int:
@@ -114,21 +140,21 @@ async def embed(request: Request, api: Api) -> Response:
     state = app_state(request)
     body = await codec.read_body(request, state.settings.max_request_bytes)
     req = codec.decode(body, EmbeddingsRequest, msgpack=False)
+    model = served_model(state, req.model, api)
     if req.encoding_format not in ("float", "base64"):
         raise invalid(f"encoding_format must be 'float' or 'base64', not {req.encoding_format!r}",
                       param="encoding_format")
     texts = parse_inputs(req.input, allow_token_ids=True)
     if api is Api.INFINITY:
         texts = [t.strip() for t in texts]
-    model = served_model(state, req.model, api)
-    config = _dense_config(state, model)
+    config = _dense_config(state, model, req.modality)
     raw_items = image_items(texts) if req.modality == "image" else [Item(text=t) for t in texts]
-    items = input_items(raw_items, config, state.settings.max_item_bytes, field="input")
+    items = input_items(raw_items, config, state.settings, field="input")
     plan = EncodePlan(output_types=["dense"], is_query=req.is_query, instruction=req.instruction,
                       runtime=config.profiles["default"].adapter_options.runtime)
     plan.worker_options = {k: v for k, v in plan.runtime.items() if k in ("pooling", "normalize")}
     native = config.dims.get("dense") or 0
-    outputs = await state.service.encode(model, items, plan, wait_s=state.settings.load_wait_s)
+    outputs = await _encode(request, model, items, plan, images=req.modality == "image")
     vectors = np.stack([o.dense for o in outputs if o.dense is not None])
     dims = _check_dimensions(req.dimensions, native or vectors.shape[1])
     if dims != vectors.shape[1]:

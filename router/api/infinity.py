@@ -10,6 +10,7 @@ from starlette.responses import Response
 from sie_router import codec
 from sie_router.api.embeddings import embed
 from sie_router.errors import Api
+from sie_router.models import served_outputs
 from sie_router.state import app_state
 
 
@@ -17,15 +18,15 @@ async def embeddings(request: Request) -> Response:
     return await embed(request, Api.INFINITY)
 
 
-def _capabilities(outputs: list[str], inputs: list[str]) -> list[str]:
+def _capabilities(outputs: list[str], inputs: list[str], family: str) -> list[str]:
     found = []
-    if "dense" in outputs:
+    if "dense" in outputs and "text" in inputs:
         found.append("embed")
-    if "image" in inputs:
+    if "dense" in outputs and "image" in inputs:
         found.append("image_embed")
     if "score" in outputs:
         found.append("rerank")
-    if "json" in outputs:
+    if "json" in outputs and family == "classifier":  # NER and GLiNER extract, but `/classify` refuses them
         found.append("classify")
     return found
 
@@ -33,14 +34,15 @@ def _capabilities(outputs: list[str], inputs: list[str]) -> list[str]:
 async def models(request: Request) -> Response:
     state = app_state(request)
     data = []
-    for name, (config, _) in state.registry.served.items():
+    for name, (config, profile) in state.registry.served.items():
         batcher = state.service.batchers.get(config.sie_id)
         queued = batcher.queued_items if batcher else 0
         capacity = state.settings.max_queue_items
+        capabilities = _capabilities(served_outputs(config, profile), config.input_kinds, config.family(profile))
         data.append({"id": name, "stats": {"queue_fraction": queued / capacity, "queue_absolute": queued,
                                            "results_pending": queued, "batch_size": state.settings.max_batch_items},
                      "object": "model", "owned_by": "infinity", "created": int(state.pool.started_at),
-                     "backend": "torch", "capabilities": _capabilities(config.outputs, config.input_kinds)})
+                     "backend": "torch", "capabilities": capabilities})
     return codec.json_response({"data": data, "object": "list"})
 
 

@@ -12,10 +12,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router import codec
+from sie_router.disconnect import guarded
 from sie_router.errors import invalid
 from sie_router.inputs import input_items, merged_options, plan_encode
-from sie_router.models import model_info
+from sie_router.models import model_info, served_dims
 from sie_router.postprocess import WIRE_DTYPE_NAMES, quantize
+from sie_router.registry import ModelConfig
 from sie_router.service import EncodedItem
 from sie_router.state import app_state
 from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
@@ -30,14 +32,15 @@ def _timing(started: float) -> dict[str, Any]:
             "postprocessing_ms": None}
 
 
-def encoded_item(out: EncodedItem, output_types: list[str], output_dtype: str, item_id: str | None) -> dict[str, Any]:
+def encoded_item(out: EncodedItem, output_types: list[str], output_dtype: str, item_id: str | None,
+                 sparse_dims: int | None = None) -> dict[str, Any]:
     dtype = WIRE_DTYPE_NAMES[output_dtype]
     body: dict[str, Any] = {} if item_id is None else {"id": item_id}
     if "dense" in output_types and out.dense is not None:
         body["dense"] = {"dims": int(out.dense.shape[-1]), "dtype": dtype, "values": quantize(out.dense, output_dtype)}
     if "sparse" in output_types and out.sparse is not None:
         indices, values = out.sparse
-        body["sparse"] = {"dims": None, "dtype": "float16" if output_dtype == "float16" else "float32",
+        body["sparse"] = {"dims": sparse_dims, "dtype": "float16" if output_dtype == "float16" else "float32",
                           "indices": indices, "values": quantize(values, "float16") if output_dtype == "float16"
                           else values}
     if "multivector" in output_types and out.multivector is not None:
@@ -53,16 +56,19 @@ async def encode(request: Request) -> Response:
     req = codec.decode(body, EncodeRequest, msgpack=codec.is_msgpack(request))
     config, profile = state.registry.lookup(model)
     plan, output_dtype = plan_encode(config, profile, req.params)
-    items = input_items(req.items, config, state.settings.max_item_bytes)
-    outputs = await state.service.encode(model, items, plan, wait_s=None)
-    sparse_dims = config.dims.get("sparse")
-    results = [encoded_item(out, plan.output_types, output_dtype, item.id) for out, item in zip(outputs, req.items,
-                                                                                                 strict=True)]
-    for result in results:
-        if "sparse" in result:
-            result["sparse"]["dims"] = sparse_dims
+    items = input_items(req.items, config, state.settings)
+    outputs = await guarded(request, state.service.encode(model, items, plan, wait_s=None))
+    sparse_dims = served_dims(state, config).get("sparse")
+    results = [encoded_item(out, plan.output_types, output_dtype, item.id, sparse_dims)
+               for out, item in zip(outputs, req.items, strict=True)]
     return codec.negotiated(request, {"model": model, "items": results, "timing": _timing(started),
                                       "usage": {"input_tokens": sum(o.tokens for o in outputs)}})
+
+
+def score_options(config: ModelConfig, profile: str, options: dict[str, Any] | None) -> dict[str, Any]:
+    """The worker's options for a score call: the profile's runtime options under the request's."""
+    _, merged = merged_options(config, profile, options)
+    return {k: v for k, v in merged.items() if k not in ("profile", "instruction")}
 
 
 async def score(request: Request) -> Response:
@@ -74,14 +80,13 @@ async def score(request: Request) -> Response:
         raise invalid(f"model '{model}' cannot score; its outputs are {config.outputs}", param="model")
     if not req.items or len(req.items) > MAX_SCORE_ITEMS:
         raise invalid(f"score takes 1 to {MAX_SCORE_ITEMS} items, not {len(req.items)}", param="items")
-    query = input_items([req.query], config, state.settings.max_item_bytes, field="query")[0]
-    docs = input_items(req.items, config, state.settings.max_item_bytes)
+    query = input_items([req.query], config, state.settings, field="query")[0]
+    docs = input_items(req.items, config, state.settings)
     if not (query.text or "").strip():
         raise invalid("the query text is empty", param="query.text")
-    _, options = merged_options(config, profile, req.options)
-    worker_options = {k: v for k, v in options.items() if k not in ("profile", "instruction")}
-    scored = await state.service.score(model, query.text or "", [d.text or "" for d in docs], worker_options,
-                                       wait_s=None)
+    options = score_options(config, profile, req.options)
+    scored = await guarded(request, state.service.score(model, query.text or "", [d.text or "" for d in docs],
+                                                        options, wait_s=None))
     ids = [item.id if item.id is not None else f"item-{i}" for i, item in enumerate(req.items)]
     order = sorted(range(len(scored)), key=lambda i: -scored[i][0])
     scores = [{"item_id": ids[i], "score": scored[i][0], "rank": rank} for rank, i in enumerate(order)]
@@ -99,9 +104,9 @@ async def extract(request: Request) -> Response:
     labels = list((req.params.labels if req.params else None) or [])
     if len(labels) > MAX_LABELS:
         raise invalid(f"at most {MAX_LABELS} labels, not {len(labels)}", param="params.labels")
-    items = input_items(req.items, config, state.settings.max_item_bytes)
+    items = input_items(req.items, config, state.settings)
     _, options = merged_options(config, profile, req.params.options if req.params else None)
-    found = await state.service.extract(model, items, labels, options, wait_s=None)
+    found = await guarded(request, state.service.extract(model, items, labels, options, wait_s=None))
     results = []
     for i, (item, (extracted, _)) in enumerate(zip(req.items, found, strict=True)):
         results.append({"id": item.id if item.id is not None else f"item-{i}", "entities": extracted.entities,

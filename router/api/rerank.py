@@ -15,7 +15,10 @@ from starlette.responses import Response
 
 from sie_router import codec
 from sie_router.api.embeddings import served_model
+from sie_router.api.native import score_options
+from sie_router.disconnect import guarded
 from sie_router.errors import Api, SIEError, invalid
+from sie_router.models import served_outputs
 from sie_router.state import app_state
 
 MAX_DOCUMENTS = 1000
@@ -59,12 +62,14 @@ async def rerank(request: Request, api: Api) -> Response:
     if req.top_n is not None and req.top_n <= 0:
         raise invalid("`top_n` must be positive", param="top_n")
     model = served_model(state, req.model, api)
-    config, _ = state.registry.lookup(model)
+    config, profile = state.registry.lookup(model)
     if config.tasks.get("score") is None:
-        raise SIEError("MODEL_NOT_SUPPORTED", f"model '{model}' cannot rerank; it offers {config.outputs}",
-                       param="model")
-    scored = await state.service.score(model, query, documents, dict(req.options or {}),
-                                       wait_s=state.settings.load_wait_s)
+        prefix = "ModelNotDeployedError: " if api is Api.INFINITY else ""  # Infinity's capability error
+        raise SIEError("MODEL_NOT_SUPPORTED", f"{prefix}model=`{model}` does not support `rerank`; it offers "
+                       f"{served_outputs(config, profile)}", param="model")
+    options = score_options(config, profile, req.options)
+    scored = await guarded(request, state.service.score(model, query, documents, options,
+                                                        wait_s=state.settings.load_wait_s))
     value = 1 if req.raw_scores else 0
     order = sorted(range(len(scored)), key=lambda i: -scored[i][value])[:req.top_n]
     results = [{"relevance_score": scored[i][value], "index": i, "document": _document(documents[i], req, api)}

@@ -1,4 +1,4 @@
-"""The BGE-M3 hybrid adapter against FlagEmbedding's BGE-M3 formulas, written out here (CPU)."""
+"""The BGE-M3 hybrid adapter against FlagEmbedding's BGE-M3 formulas, written out in tests/references.py (CPU)."""
 
 from __future__ import annotations
 
@@ -6,50 +6,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
-from sie_worker.adapters.base import UnsupportedTask
 from sie_worker import protocol
+from sie_worker.adapters.base import UnsupportedTask
 from sie_worker.protocol import BatchDone, ScoreBatch
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items, sparse_items
+from tests.references import bge_m3 as reference
 from tests.sentences import SENTENCES
 
 # More than one micro-batch (16 items) of mixed lengths, so length bucketing and reordering are exercised.
 TEXTS = ["what is the capital of france", *SENTENCES[:30], "berlin"]
 ALL = ["dense", "sparse", "multivector"]
-
-
-def linear(path: Path) -> torch.nn.Linear:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    layer = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
-    layer.load_state_dict(state)
-    return layer.eval()
-
-
-def reference(weights_dir: Path, texts: list[str]) -> tuple[np.ndarray, list[dict[int, float]], list[np.ndarray]]:
-    """(dense, sparse as {token id: weight}, colbert rows) as `BGEM3FlagModel.encode` computes them."""
-    tokenizer = AutoTokenizer.from_pretrained(weights_dir)
-    model = AutoModel.from_pretrained(weights_dir).eval()
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=126, return_tensors="pt")
-    mask = encoded["attention_mask"]
-    with torch.inference_mode():
-        hidden = model(**encoded).last_hidden_state
-        dense = F.normalize(hidden[:, 0], dim=-1)
-        token_weights = torch.relu(linear(weights_dir / "sparse_linear.pt")(hidden))
-        colbert = linear(weights_dir / "colbert_linear.pt")(hidden[:, 1:]) * mask[:, 1:][:, :, None].float()
-        colbert = F.normalize(colbert, dim=-1)
-    unused = {tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
-    lexical: list[dict[int, float]] = []
-    for weights, ids in zip(token_weights.squeeze(-1).tolist(), encoded["input_ids"].tolist(), strict=True):
-        found: dict[int, float] = {}
-        for w, idx in zip(weights, ids, strict=True):
-            if idx not in unused and w > 0 and w > found.get(idx, 0.0):
-                found[idx] = w
-        lexical.append(found)
-    tokens = mask.sum(dim=1).tolist()
-    return dense.numpy(), lexical, [colbert[i, :tokens[i] - 1].numpy() for i in range(len(texts))]
 
 
 def test_matches_bge_m3(make_adapter: MakeAdapter, bge_m3_dir: Path) -> None:

@@ -11,56 +11,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertModel
 
 from sie_sdk.scoring import maxsim
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items
+from tests.references import colbert as reference
 from tests.sentences import SENTENCES
-from tests.tiny_models import COLBERT_DIM, HFColBERT
+from tests.tiny_models import COLBERT_DIM
 
 QUERIES = ["what is the capital of france", "berlin", "query document passage search retrieval and more words"]
 # More than one micro-batch (16 items) of mixed lengths, so length bucketing and reordering are exercised.
 DOCS = ["paris is the capital and largest city of france", *SENTENCES[:30]]
-# (layout fixture, query marker, document marker, query cap, document cap) as the tiny checkpoints declare them
-LAYOUTS = {"stanford": ("colbert_stanford_dir", "[unused0]", "[unused1]", 8, 64),
-           "pylate": ("colbert_pylate_dir", "[Q] ", "[D] ", 8, 64)}
-
-
-def load_reference(layout: str, weights_dir: Path) -> tuple[torch.nn.Module, torch.Tensor]:
-    """(encoder, projection weight), read the way each layout's own code reads them."""
-    if layout == "stanford":
-        model = HFColBERT.from_pretrained(weights_dir).eval()
-        return model.bert, model.linear.weight.detach()
-    encoder = BertModel.from_pretrained(weights_dir).eval()
-    return encoder, load_file(str(weights_dir / "1_Dense" / "model.safetensors"))["linear.weight"]
-
-
-def reference(layout: str, weights_dir: Path, texts: list[str], is_query: bool) -> list[np.ndarray]:
-    """Tokenise with one slot left, insert the marker id after [CLS], encode, project, normalise, drop padding."""
-    _, q_marker, d_marker, q_cap, d_cap = LAYOUTS[layout]
-    tokenizer = AutoTokenizer.from_pretrained(weights_dir)
-    marker = tokenizer.convert_tokens_to_ids(q_marker if is_query else d_marker)
-    assert marker != tokenizer.unk_token_id
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=(q_cap if is_query else d_cap) - 1,
-                        return_tensors="pt")
-    ids, mask = encoded["input_ids"], encoded["attention_mask"]
-    ids = torch.cat([ids[:, :1], torch.full_like(ids[:, :1], marker), ids[:, 1:]], dim=1)
-    mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
-    encoder, weight = load_reference(layout, weights_dir)
-    with torch.inference_mode():
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        vectors = F.normalize(hidden @ weight.T, p=2, dim=-1)
-    return [vectors[i][mask[i].bool()].numpy() for i in range(len(texts))]
+# layout -> the fixture that builds its tiny checkpoint
+LAYOUTS = {"stanford": "colbert_stanford_dir", "pylate": "colbert_pylate_dir"}
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("is_query", [True, False], ids=["query", "doc"])
 def test_matches_the_reference(layout: str, is_query: bool, make_adapter: MakeAdapter,
                                request: pytest.FixtureRequest) -> None:
-    weights_dir = request.getfixturevalue(LAYOUTS[layout][0])
+    weights_dir = request.getfixturevalue(LAYOUTS[layout])
     texts = QUERIES if is_query else DOCS
     result = encode(make_adapter("multivector", weights_dir), texts, ["multivector"], is_query=is_query)
     got, expected = multivector_items(result), reference(layout, weights_dir, texts, is_query)
@@ -72,7 +42,7 @@ def test_matches_the_reference(layout: str, is_query: bool, make_adapter: MakeAd
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_reports_token_dims(layout: str, make_adapter: MakeAdapter, request: pytest.FixtureRequest) -> None:
-    adapter = make_adapter("multivector", request.getfixturevalue(LAYOUTS[layout][0]))
+    adapter = make_adapter("multivector", request.getfixturevalue(LAYOUTS[layout]))
     info = adapter.load()
     assert info.dims == {"multivector": COLBERT_DIM} and info.capabilities == ["multivector"]
     rows = multivector_items(encode(adapter, ["berlin"], ["multivector"]))[0]

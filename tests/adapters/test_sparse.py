@@ -6,27 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
 from sie_worker.protocol import ScoreBatch
 from tests.adapters.conftest import MakeAdapter, encode, sparse_items
+from tests.references import splade as reference
 from tests.sentences import SENTENCES
 
 # More than one micro-batch (16 items) of mixed lengths, so length bucketing and reordering are exercised.
 TEXTS = ["what is the capital of france", *SENTENCES[:30], "berlin"]
-
-
-def reference(weights_dir: Path, texts: list[str], max_length: int = 128) -> np.ndarray:
-    """max over non-padding tokens of log1p(relu(MLM logits)), in one padded batch."""
-    tokenizer = AutoTokenizer.from_pretrained(weights_dir)
-    model = AutoModelForMaskedLM.from_pretrained(weights_dir).eval()
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    with torch.inference_mode():
-        logits = model(**encoded).logits
-    weights = torch.log1p(torch.relu(logits)) * encoded["attention_mask"].unsqueeze(-1)
-    return weights.max(dim=1).values.numpy()
 
 
 def test_matches_the_mlm_formula(make_adapter: MakeAdapter, mlm_dir: Path) -> None:

@@ -9,17 +9,18 @@ import httpx
 from tests.server import MINILM, Server
 
 
-def _value(text: str, name: str, **labels: str) -> float:
+def _value(text: str, name: str, default: float | None = None, **labels: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
     raise AssertionError(f"no sample {name} {labels}")
 
 
 def test_metrics_follow_traffic(server: Server) -> None:
     before = httpx.get(f"{server.url}/metrics").text
-    start = _value(before, "sie_requests_total", model=MINILM, endpoint="openai_embeddings", status="200") \
-        if 'endpoint="openai_embeddings"' in before else 0.0
+    start = _value(before, "sie_requests_total", 0.0, model=MINILM, endpoint="openai_embeddings", status="200")
     for _ in range(3):
         assert httpx.post(f"{server.url}/v1/embeddings", json={"model": MINILM, "input": ["a b c", "d"]}).status_code \
             == 200

@@ -27,7 +27,6 @@ from sie_worker.adapters.torch_common import (
 )
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
 
-
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "torch.nn.modules.activation.Sigmoid": torch.sigmoid,
     "torch.nn.modules.linear.Identity": lambda x: x,

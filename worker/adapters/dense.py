@@ -75,7 +75,8 @@ class DenseAdapter:
         self.weights_dir = Path(spec.weights_dir)
         defaults = sentence_transformers_defaults(self.weights_dir)
         self.max_length = spec.max_sequence_length or defaults.get("max_sequence_length")
-        self.pooling = str(spec.loadtime.get("pooling") or spec.runtime.get("pooling") or defaults.get("pooling", "mean"))
+        pooling = spec.loadtime.get("pooling") or spec.runtime.get("pooling")
+        self.pooling = str(pooling or defaults.get("pooling", "mean"))
         normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
         self.normalize = bool(defaults.get("normalize", False) if normalize is None else normalize)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from sie_sdk.types import Classification
 from sie_worker.adapters.base import LoadInfo, Prepared
 from sie_worker.protocol import (
     EncodeBatch,
@@ -28,7 +29,6 @@ from sie_worker.protocol import (
     Tensor,
     WorkerSpec,
 )
-from sie_sdk.types import Classification
 
 
 class InjectedOutOfMemory(RuntimeError):

@@ -25,7 +25,6 @@ from sie_worker.adapters.torch_common import (
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
-
 # Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
 # [items, tokens, vocabulary] logits stay bounded.
 MICRO_BATCH_ITEMS = 16
