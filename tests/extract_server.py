@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import struct
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from tests import tiny_extract_models as tiny
-from tests.server import Server
+from tests.server import FamilyServer, Server
 
 SENTIMENT, NLI, NER, GLINER, CLIP, CLIP_IMAGES = ("test/sentiment", "test/nli", "test/ner", "test/gliner",
                                                   "test/clip", "test/clip-images")
@@ -48,20 +47,7 @@ LABELS = ["travel", "sports", "politics", "weather"]
 ENTITY_LABELS = ["person", "location", "organization"]
 
 
-@dataclass
-class ExtractServer:
-    """The server starts at once; `url` waits for it, so references can be computed while the models load."""
-
-    server: Server
-    folders: dict[str, Path] = field(default_factory=dict)  # sie_id -> checkpoint folder
-    ready: bool = False
-
-    @property
-    def url(self) -> str:
-        if not self.ready:
-            self.server.wait_ready(timeout=180)
-            self.ready = True
-        return self.server.url
+ExtractServer = FamilyServer
 
 
 def build_checkpoints(root: Path) -> dict[str, Path]:

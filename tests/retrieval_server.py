@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from tests import tiny_models as tiny
-from tests.server import ROOT, Server
+from tests.server import ROOT, FamilyServer, Server
 
 SPLADE, COLBERT, COLBERT_PYLATE, BGE_M3, RERANKER = ("test/splade", "test/colbert", "test/colbert-pylate",
                                                     "test/bge-m3", "test/reranker")
@@ -51,20 +50,7 @@ CONFIGS: dict[str, tuple[Callable[[Path], Path], Callable[[int], dict[str, Any]]
 PRELOADED = (*CONFIGS, CASSETTE)
 
 
-@dataclass
-class RetrievalServer:
-    """The server starts at once; `url` waits for it, so references can be computed while the models load."""
-
-    server: Server
-    folders: dict[str, Path] = field(default_factory=dict)  # sie_id -> checkpoint folder
-    ready: bool = False
-
-    @property
-    def url(self) -> str:
-        if not self.ready:
-            self.server.wait_ready(timeout=180)
-            self.ready = True
-        return self.server.url
+RetrievalServer = FamilyServer
 
 
 def vocab_size(folder: Path) -> int:

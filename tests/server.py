@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -88,3 +89,20 @@ class Server:
         if alive:
             raise AssertionError(f"orphan worker processes after shutdown: {[p.pid for p in alive]}")
         return int(self.process.returncode)
+
+
+@dataclass
+class FamilyServer:
+    """A server of tiny checkpoints. It starts at once and `url` waits for it, so tests compute their references
+    while the models load."""
+
+    server: Server
+    folders: dict[str, Path] = field(default_factory=dict)  # sie_id -> checkpoint folder
+    ready: bool = False
+
+    @property
+    def url(self) -> str:
+        if not self.ready:
+            self.server.wait_ready(timeout=180)
+            self.ready = True
+        return self.server.url

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,25 +16,9 @@ from transformers import AutoProcessor, CLIPModel
 
 from sie_worker.adapters.base import Adapter, BadInput, UnsupportedTask
 from sie_worker.protocol import EncodeBatch, EncodeResult, ExtractBatch, InputItem
+from tests.extract_server import declared_png, image_bytes
 
 TEXTS = ["a photo of a cat", "a red square on a blue background, " * 30]  # the second is over 77 tokens
-
-
-def image_bytes(fmt: str, size: tuple[int, int] = (48, 40), seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format=fmt)
-    return out.getvalue()
-
-
-def declared_png(width: int, height: int) -> bytes:
-    """A PNG whose header declares `width` x `height` pixels, with almost no data behind it."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-            + chunk(b"IEND", b""))
 
 
 def encode(adapter: Adapter, items: list[InputItem], **options: Any) -> EncodeResult:
