@@ -86,8 +86,10 @@ class Batcher:
             raise SIEError("QUEUE_FULL", f"model '{self.name}' has {self.queued_items} items queued; retry shortly")
         loop = asyncio.get_running_loop()
         step = self.limits.max_items
-        entries = [Entry(key, items[i:i + step], costs[i:i + step], loop.create_future())
-                   for i in range(0, len(items), step)]
+        # A big client batch is cut in length order, so each entry pads little; outputs are put back in order below.
+        order = sorted(range(len(items)), key=costs.__getitem__)
+        entries = [Entry(key, [items[j] for j in order[i:i + step]], [costs[j] for j in order[i:i + step]],
+                         loop.create_future()) for i in range(0, len(items), step)]
         self.queue.extend(entries)
         self._set_queued(self.queued_items + len(items))
         self._wakeup.set()
@@ -99,7 +101,10 @@ class Batcher:
                     entry.future.exception()  # mark sibling failures as seen
                 entry.future.cancel()  # still queued ones are skipped, never sent
             raise
-        return [out for part in parts for out in part]
+        outputs: list[Any] = [None] * len(items)
+        for position, output in zip(order, (out for part in parts for out in part), strict=True):
+            outputs[position] = output
+        return outputs
 
     def _take(self) -> list[Entry]:
         """Step 2: the oldest live entry plus similar-length entries of the same key, within the limits."""

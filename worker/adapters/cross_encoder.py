@@ -15,7 +15,6 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.sparse import tokenize_in_buckets
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -23,6 +22,7 @@ from sie_worker.adapters.torch_common import (
     read_json,
     release,
     to_device,
+    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec

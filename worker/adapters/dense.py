@@ -14,22 +14,21 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.torch_common import (
+    MICRO_BATCH_ITEMS,
     Stopwatch,
     compute_dtype,
-    length_buckets,
     memory_bytes,
     read_json,
     release,
     to_device,
+    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 POOLINGS = ("mean", "cls", "last", "last_token", "none")
-# Items per forward pass inside one router batch; buckets of similar length keep padding small.
-MICRO_BATCH_ITEMS = 16
 
 
 def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
@@ -111,15 +110,9 @@ class DenseAdapter:
             raise UnsupportedTask("this model only encodes")
         clock = Stopwatch()
         texts = [item.text or "" for item in batch.items]
-        truncate = batch.options.get("truncate", True) is not False
-        encoded = self.tokenizer(texts, truncation=truncate, max_length=self.max_length if truncate else None)
-        counts = [len(ids) for ids in encoded["input_ids"]]
-        if not truncate:
-            refuse_over_length(counts, self.max_length)
-        buckets = []
-        for indices in length_buckets(counts, MICRO_BATCH_ITEMS, self.spec.max_batch_tokens):
-            features = {key: [encoded[key][i] for i in indices] for key in encoded}
-            buckets.append((indices, dict(self.tokenizer.pad(features, return_tensors="pt"))))
+        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, self.max_length,
+                                              max_batch_tokens=self.spec.max_batch_tokens,
+                                              truncate=batch.options.get("truncate", True) is not False)
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 
     def forward(self, prepared: Prepared) -> EncodeResult:

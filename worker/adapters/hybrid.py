@@ -17,13 +17,14 @@ from transformers import AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.multivector import join_rows, token_rows
-from sie_worker.adapters.sparse import SparseRow, join_sparse, sparse_rows, tokenize_in_buckets
+from sie_worker.adapters.sparse import SparseRow, join_sparse, sparse_rows
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
     memory_bytes,
     release,
     to_device,
+    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec

@@ -18,7 +18,6 @@ from safetensors import safe_open
 from transformers import AddedToken, AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.sparse import tokenize_in_buckets
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -26,6 +25,7 @@ from sie_worker.adapters.torch_common import (
     read_json,
     release,
     to_device,
+    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec

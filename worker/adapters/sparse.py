@@ -12,41 +12,24 @@ import numpy as np
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
-    length_buckets,
     memory_bytes,
     read_json,
     release,
     to_device,
+    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 # Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
 # [items, tokens, vocabulary] logits stay bounded.
-MICRO_BATCH_ITEMS = 16
-Buckets = list[tuple[list[int], dict[str, torch.Tensor]]]
 SparseRow = tuple[np.ndarray, np.ndarray]
 
 
-def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None, *, max_batch_tokens: int,
-                        truncate: bool = True, pairs: list[str] | None = None) -> tuple[Buckets, list[int]]:
-    """Tokenise without padding, then pad each bucket of similar lengths on its own: (buckets, tokens per item).
-
-    With `truncate` off, a text over `max_length` fails the batch instead of being cut.
-    """
-    encoded = tokenizer(texts, pairs, truncation=truncate, max_length=max_length if truncate else None)
-    counts = [len(ids) for ids in encoded["input_ids"]]
-    if not truncate:
-        refuse_over_length(counts, max_length)
-    buckets = []
-    for indices in length_buckets(counts, MICRO_BATCH_ITEMS, max_batch_tokens):
-        features = {key: [encoded[key][i] for i in indices] for key in encoded}
-        buckets.append((indices, dict(tokenizer.pad(features, return_tensors="pt"))))
-    return buckets, counts
 
 
 def sparse_rows(weights: torch.Tensor) -> list[SparseRow]:

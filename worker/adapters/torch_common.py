@@ -11,6 +11,14 @@ from typing import Any
 import psutil
 import torch
 
+from sie_worker.adapters.base import refuse_over_length
+
+# Items per forward pass inside one router batch; buckets of similar length keep padding small.
+MICRO_BATCH_ITEMS = 16
+# Padded lengths are rounded up to a multiple of this: few distinct shapes keep the kernel caches (oneDNN's
+# primitive cache, cuBLAS plans) small and warm, for a few pad tokens per row.
+PAD_MULTIPLE = 8
+
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -91,3 +99,23 @@ def length_buckets(lengths: list[int], max_items: int, max_tokens: int) -> list[
     if current:
         buckets.append(current)
     return buckets
+
+
+Buckets = list[tuple[list[int], dict[str, torch.Tensor]]]
+
+
+def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None, *, max_batch_tokens: int,
+                        truncate: bool = True, pairs: list[str] | None = None) -> tuple[Buckets, list[int]]:
+    """Tokenise without padding, then pad each bucket of similar lengths on its own: (buckets, tokens per item).
+
+    With `truncate` off, a text over `max_length` fails the batch instead of being cut.
+    """
+    encoded = tokenizer(texts, pairs, truncation=truncate, max_length=max_length if truncate else None)
+    counts = [len(ids) for ids in encoded["input_ids"]]
+    if not truncate:
+        refuse_over_length(counts, max_length)
+    buckets = []
+    for indices in length_buckets(counts, MICRO_BATCH_ITEMS, max_batch_tokens):
+        features = {key: [encoded[key][i] for i in indices] for key in encoded}
+        buckets.append((indices, dict(tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"))))
+    return buckets, counts

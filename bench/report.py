@@ -1,0 +1,89 @@
+"""Fold the repeats of each (target, shape) into medians and print the table with the ratios ours/bare, ours/Infinity.
+
+A target that could not run keeps its row, marked 'unavailable: reason'.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+COS_FLOOR = 0.999
+
+
+def fold(runs: list[dict]) -> dict:
+    """Median sentences/s and latencies over repeats; the worst cosine; all errors."""
+    return {"sent_per_s": statistics.median(r["sent_per_s"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "min_cos": min(r["min_cos"] for r in runs), "errors": sum(r["errors"] for r in runs),
+            "server_cores": statistics.median(r.get("server_cores", 0.0) for r in runs),
+            "foreign_cores": max(r.get("foreign_cores", 0.0) for r in runs), "repeats": len(runs)}
+
+
+def summary(rows: dict[str, dict]) -> dict[str, dict]:
+    """{target: {shape: folded}} for the targets that ran."""
+    return {name: {shape: fold(runs) for shape, runs in row["runs"].items() if runs}
+            for name, row in rows.items() if row.get("runs")}
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def table(rows: dict[str, dict], shapes: list[str]) -> tuple[str, list[str]]:
+    """The printed table, and the list of cosine failures (empty when every response matched the bare model)."""
+    folded = summary(rows)
+    head = f"{'target':<16} {'c1 s/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
+    rest = [s for s in shapes if s != "c1"]
+    head += "".join(f" {s + ' s/s':>11}" for s in rest) + f" {'min cos':>9} {'errors':>6}"
+    lines, failures = [head, "-" * len(head)], []
+    for name, row in rows.items():
+        if row.get("unavailable"):
+            lines.append(f"{name:<16} unavailable: {row['unavailable']}")
+            continue
+        got = folded.get(name, {})
+        c1 = got.get("c1")
+        line = f"{name:<16} " + (f"{c1['sent_per_s']:8.1f} {c1['p50_ms']:7.1f} {c1['p99_ms']:7.1f}" if c1 else
+                                 f"{'-':>8} {'-':>7} {'-':>7}")
+        line += "".join(f" {got[s]['sent_per_s']:11.1f}" if s in got else f" {'-':>11}" for s in rest)
+        cos = min((v["min_cos"] for v in got.values()), default=float("nan"))
+        line += f" {cos:9.6f} {sum(v['errors'] for v in got.values()):6d}"
+        lines.append(line)
+        failures += [f"{name} {s}: min cosine {v['min_cos']:.6f} < {COS_FLOOR}" for s, v in got.items()
+                     if not v["min_cos"] >= COS_FLOOR]
+    lines += ratio_lines(folded, shapes)
+    return "\n".join(lines), failures
+
+
+def ratio_lines(folded: dict[str, dict], shapes: list[str]) -> list[str]:
+    ours, bare = folded.get("ours", {}), folded.get("bare", {})
+    infinity = [v for k, v in folded.items() if k.startswith("infinity")]
+    best = {s: max((v[s]["sent_per_s"] for v in infinity if s in v), default=None) for s in shapes}
+    out = ["-" * 16]
+
+    def row(label: str, other: dict[str, float | None], c1_extra: str) -> str:
+        vals = {s: _ratio(ours.get(s, {}).get("sent_per_s"), other.get(s)) for s in shapes}
+        return (f"{label:<16} {vals.get('c1', ''):>8} {c1_extra:>15}"
+                + "".join(f" {vals[s]:>11}" for s in shapes if s != "c1"))
+
+    if ours and bare:
+        p50 = (f"p50 {ours['c1']['p50_ms'] - bare['c1']['p50_ms']:+.1f} ms"
+               if "c1" in ours and "c1" in bare else "")
+        out.append(row("ours/bare", {s: bare.get(s, {}).get("sent_per_s") for s in shapes}, p50))
+    if ours and infinity:
+        out.append(row("ours/inf-best", best, ""))
+    return out
+
+
+def cpu_lines(rows: dict[str, dict], shapes: list[str]) -> str:
+    """Cores used by each server's process tree during each shape, and the most other tenants used meanwhile."""
+    folded = summary(rows)
+    lines = [f"{'server cores':<16}" + "".join(f" {s:>11}" for s in shapes)]
+    for name, got in folded.items():
+        if name == "bare":
+            continue
+        lines.append(f"{name:<16}" + "".join(f" {got[s]['server_cores']:11.2f}" if s in got else f" {'-':>11}"
+                                             for s in shapes))
+    foreign = max((v["foreign_cores"] for got in folded.values() for v in got.values()), default=0.0)
+    lines.append(f"most cores used by other tenants during any measurement: {foreign:.2f}")
+    return "\n".join(lines)

