@@ -47,6 +47,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default auto: a GPU "
                                                                           "when NVML finds one, else the CPU)")
+    serve.add_argument("--engine", choices=["torch", "onnx", "auto", "optimum"],
+                       help="dense encoders' engine on CPU: torch, onnx (ONNX Runtime, exported and cached at load; "
+                            "Infinity's 'optimum' means the same) or auto (onnx when onnxruntime is installed); "
+                            "GPUs always run torch (default torch)")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 2)")
@@ -79,6 +83,8 @@ def settings_from(argv: Sequence[str]) -> Settings:
         sys.exit(2)
     values = env_defaults()
     given = {k: v for k, v in vars(args).items() if v not in (None, []) and k != "command"}
+    if given.get("engine") == "optimum":
+        given["engine"] = "onnx"
     if "models" in given:
         given["models"] = tuple(given["models"])
     for name in ("preload", "pinned"):

@@ -252,7 +252,7 @@ class WorkerPool:
             to_worker_endpoint=self.channel.to_worker_endpoint,
             from_worker_endpoint=self.channel.from_worker_endpoint, device=device,
             compute_precision=profile.compute_precision, max_sequence_length=cfg.max_sequence_length,
-            loadtime={"max_image_pixels": self.settings.max_image_pixels,
+            loadtime={"engine": self.settings.engine, "max_image_pixels": self.settings.max_image_pixels,
                       "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
             runtime=profile.adapter_options.runtime,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),

@@ -23,6 +23,8 @@ class Settings:
     port: int = 8080
     device: str = "auto"
     worker_threads: int = 0
+    # Dense encoders' engine on CPU (torch, onnx or auto); a model config's own `engine` loadtime option wins.
+    engine: str = "torch"
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
@@ -86,7 +88,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
     found: dict[str, object] = {}
     simple: dict[str, tuple[str, Callable[[str], object]]] = {
         "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
-        "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
+        "SIE_ENGINE": ("engine", str), "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
         "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
         "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
         "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),

@@ -1,11 +1,14 @@
 """Dense embeddings (worker process): transformers encoder, pooling (mean, CLS, last) and L2 normalisation.
 
 Pooling and normalisation default to what the checkpoint's sentence-transformers files say (`modules.json`,
-`1_Pooling/config.json`, `sentence_bert_config.json`); model-config options override them.
+`1_Pooling/config.json`, `sentence_bert_config.json`); model-config options override them. On CPU the encoder can run
+under ONNX Runtime (loadtime option `engine`: torch, onnx or auto); pooling stays in torch either way.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
+from sie_worker.adapters import onnx_engine
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
+    PAD_MULTIPLE,
     Stopwatch,
     compute_dtype,
     memory_bytes,
@@ -29,6 +34,9 @@ from sie_worker.adapters.torch_common import (
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 POOLINGS = ("mean", "cls", "last", "last_token", "none")
+ENGINES = ("torch", "onnx", "auto")
+
+log = logging.getLogger("sie.worker")
 
 
 def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
@@ -78,6 +86,10 @@ class DenseAdapter:
         self.pooling = str(pooling or defaults.get("pooling", "mean"))
         normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
         self.normalize = bool(defaults.get("normalize", False) if normalize is None else normalize)
+        self.engine = str(spec.loadtime.get("engine") or "torch")
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; expected one of {ENGINES}")
+        self.onnx: onnx_engine.OnnxEncoder | None = None
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
@@ -87,22 +99,46 @@ class DenseAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         self.dim = dim = int(self.model.config.hidden_size)
+        if self.wants_onnx(dtype):
+            self.onnx = onnx_engine.export_or_load(self.model, self.tokenizer, self.weights_dir,
+                                                   self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads)
+        if self.onnx is not None:
+            self.model = None  # the session holds its own copy of the weights
+            log.info("engine: %s", self.onnx.describe())
+        else:
+            log.info("engine: torch (%s)", self.device.type)
         self.warm_up()
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
 
+    def wants_onnx(self, dtype: torch.dtype) -> bool:
+        """ONNX Runtime runs float32 on CPU only: `onnx` asks for it, `auto` takes it when onnxruntime is installed."""
+        if self.engine == "torch":
+            return False
+        if self.device.type != "cpu" or dtype is not torch.float32:
+            if self.engine == "onnx":
+                log.warning("engine onnx runs float32 on CPU only; using torch on %s in %s", self.device, dtype)
+            return False
+        return self.engine == "onnx" or importlib.util.find_spec("onnxruntime") is not None
+
     def warm_up(self) -> None:
-        """One forward at the largest micro-batch the worker will run, so a GPU out-of-memory shows at load, not
-        under traffic (the memory stays in torch's cache); on CPU a small pass primes the kernels."""
+        """One forward at the largest micro-batch the worker will run, then a small one: a GPU out-of-memory shows
+        at load rather than under traffic, and the worker's memory reaches its working set before `Ready` reports
+        it, so the ledger accounts what the model will really hold (and RSS stays flat under load)."""
         assert self.max_length is not None
-        if self.device.type == "cuda":
-            rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // self.max_length))
-            length = self.max_length
-        else:
-            rows, length = 1, 8
-        ids = torch.full((rows, length), int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
-        inputs = to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, self.device)
-        with torch.inference_mode():
-            self.model(**inputs)
+        rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // self.max_length))
+        for shape in ((rows, self.max_length), (1, PAD_MULTIPLE)):
+            ids = torch.full(shape, int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
+            tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if "token_type_ids" in self.tokenizer.model_input_names:
+                tensors["token_type_ids"] = torch.zeros_like(ids)
+            with torch.inference_mode():
+                self.hidden_states(to_device(tensors, self.device))
+
+    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The encoder's last hidden state, from ONNX Runtime or torch, whichever engine is loaded."""
+        if self.onnx is not None:
+            return torch.from_numpy(self.onnx.run(inputs))
+        return self.model(**inputs).last_hidden_state
 
     def prepare(self, batch: Any) -> Prepared:
         """Tokenise without padding, then pad each length bucket on its own."""
@@ -126,7 +162,7 @@ class DenseAdapter:
         with torch.inference_mode():
             for indices, tensors in prepared.inputs:
                 inputs = to_device(tensors, self.device)
-                hidden = self.model(**inputs).last_hidden_state
+                hidden = self.hidden_states(inputs)
                 vectors = pool(hidden, inputs["attention_mask"], pooling).float()
                 if normalize:
                     vectors = F.normalize(vectors, p=2, dim=1)
@@ -138,4 +174,5 @@ class DenseAdapter:
 
     def close(self) -> None:
         self.model = None
+        self.onnx = None
         release(self.device)

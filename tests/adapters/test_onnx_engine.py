@@ -1,0 +1,99 @@
+"""The dense adapter's ONNX Runtime engine against its torch engine and sentence-transformers (CPU, packaged MiniLM)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from sie_worker.adapters import onnx_engine
+from tests.adapters.conftest import MakeAdapter, encode
+from tests.sentences import SENTENCES
+
+pytest.importorskip("onnxruntime")
+
+# Varied lengths and scripts, more than two micro-batches, so bucketing and padding are exercised.
+TEXTS = ["berlin", "what is the capital of france?", "Ünïcödé, emoji 🙂 and 数字 123", "a " * 300,
+         *SENTENCES[:36]]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def onnx_adapter(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path) -> Any:
+    return make_adapter("dense", minilm_dir, threads=2, loadtime={"engine": "onnx", "onnx_cache_dir": str(cache)})
+
+
+def test_onnx_matches_torch_and_sentence_transformers(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                      reference_model: Any, tmp_path: Path) -> None:
+    adapter = onnx_adapter(make_adapter, minilm_dir, tmp_path)
+    assert adapter.onnx is not None and adapter.onnx.export_s is not None, "the first load exports"
+    got = encode(adapter, TEXTS, ["dense"]).dense.numpy()
+    torch_engine = encode(make_adapter("dense", minilm_dir, threads=2), TEXTS, ["dense"]).dense.numpy()
+    expected = reference_model.encode(TEXTS, convert_to_numpy=True)
+    for other in (torch_engine, expected):
+        assert cosines(got, other).min() >= 0.999
+        assert np.abs(got - other).max() < 1e-4  # measured: ~2e-7 against torch
+
+
+def test_a_second_load_reuses_the_cached_graph(make_adapter: MakeAdapter, minilm_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    first = onnx_adapter(make_adapter, minilm_dir, tmp_path)
+    assert first.onnx is not None and first.onnx.export_s is not None
+
+    def no_export(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cached graph should have been reused")
+
+    monkeypatch.setattr(onnx_engine, "export", no_export)
+    second = onnx_adapter(make_adapter, minilm_dir, tmp_path)
+    assert second.onnx is not None and second.onnx.export_s is None and second.onnx.path == first.onnx.path
+    np.testing.assert_allclose(encode(second, TEXTS[:8], ["dense"]).dense.numpy(),
+                               encode(first, TEXTS[:8], ["dense"]).dense.numpy(), atol=1e-6)
+
+
+def test_a_failing_export_falls_back_to_torch(make_adapter: MakeAdapter, minilm_dir: Path, reference_model: Any,
+                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("exporter exploded")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with caplog.at_level(logging.WARNING, logger="sie.worker.onnx"):
+        adapter = onnx_adapter(make_adapter, minilm_dir, tmp_path)
+    assert adapter.onnx is None and adapter.model is not None
+    assert any("exporter exploded" in r.getMessage() and "using torch" in r.getMessage() for r in caplog.records)
+    got = encode(adapter, TEXTS, ["dense"]).dense.numpy()
+    assert cosines(got, reference_model.encode(TEXTS, convert_to_numpy=True)).min() >= 0.999
+
+
+def test_a_graph_that_disagrees_with_torch_is_refused(make_adapter: MakeAdapter, minilm_dir: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(onnx_engine.OnnxEncoder, "run", lambda self, tensors: np.random.default_rng(0).standard_normal(
+        (*tensors["input_ids"].shape, 384)).astype(np.float32))
+    with caplog.at_level(logging.WARNING, logger="sie.worker.onnx"):
+        adapter = onnx_adapter(make_adapter, minilm_dir, tmp_path)
+    assert adapter.onnx is None and any("disagrees with torch" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unwritable_cache_exports_into_a_temporary_folder(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                             tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    adapter = onnx_adapter(make_adapter, minilm_dir, blocker / "onnx")
+    assert adapter.onnx is not None and not adapter.onnx.path.exists(), "the temporary export is removed after load"
+    assert encode(adapter, ["hello"], ["dense"]).dense.numpy().shape == (1, 384)
+
+
+def test_auto_uses_torch_for_bfloat16_and_rejects_unknown_engines(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                                  tmp_path: Path) -> None:
+    adapter = make_adapter("dense", minilm_dir, compute_precision="bfloat16",
+                           loadtime={"engine": "auto", "onnx_cache_dir": str(tmp_path)})
+    assert adapter.onnx is None and not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="unknown engine"):
+        make_adapter("dense", minilm_dir, loadtime={"engine": "tensorrt"})
