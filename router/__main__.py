@@ -50,7 +50,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", choices=["torch", "onnx", "auto", "optimum"],
                        help="dense encoders' engine on CPU: torch, onnx (ONNX Runtime, exported and cached at load; "
                             "Infinity's 'optimum' means the same) or auto (onnx when onnxruntime is installed); "
-                            "GPUs always run torch (default torch)")
+                            "GPUs always run torch (default auto)")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 2)")
