@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import time
@@ -12,13 +14,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sie_sdk import SIEClient
+from sie_sdk import SIEClient, admin
 from sie_sdk.types import Item
 from tests.server import MINILM, Server, make_bundle
 
 
 def workers(srv: Server) -> dict[str, dict]:
-    return {w["model"]: w for w in httpx.get(f"{srv.url}/admin/workers").json()["workers"]}
+    """The worker table as `sie-admin workers ls --json` prints it."""
+    out = io.StringIO()
+    assert admin.main(["--url", srv.url, "workers", "ls", "--json"], out=out) == 0
+    return {w["model"]: w for w in json.loads(out.getvalue())["workers"]}
+
+
+def admin_table(srv: Server) -> str:
+    """`sie-admin workers ls` as an operator sees it."""
+    out = io.StringIO()
+    assert admin.main(["--url", srv.url, "workers", "ls"], out=out) == 0
+    return out.getvalue()
 
 
 def loaded(srv: Server) -> set[str]:
@@ -48,6 +60,8 @@ def test_loading_a_third_model_evicts_the_least_recently_used(budget_server: Ser
     encode(srv, "test/fake-a")  # b is now the least recently used
     encode(srv, "test/fake-c")
     assert loaded(srv) == {"test/fake-a", "test/fake-c"}
+    shown = admin_table(srv)
+    assert "test/fake-c" in shown and "test/fake-a" in shown and "test/fake-b" not in shown
     table = workers(srv)
     assert table["test/fake-c"]["memory_bytes"] > 150 * 2**20  # measured RSS replaced the estimate
     reserved, measured = table["test/fake-c"]["memory_budget_bytes"], table["test/fake-c"]["memory_bytes"]
