@@ -22,13 +22,12 @@ from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTa
 from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
     PAD_MULTIPLE,
-    Stopwatch,
     compute_dtype,
     memory_bytes,
+    prepare_texts,
     read_json,
     release,
     to_device,
-    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
@@ -144,12 +143,7 @@ class DenseAdapter:
         """Tokenise without padding, then pad each length bucket on its own."""
         if not isinstance(batch, EncodeBatch):
             raise UnsupportedTask("this model only encodes")
-        clock = Stopwatch()
-        texts = [item.text or "" for item in batch.items]
-        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, self.max_length,
-                                              max_batch_tokens=self.spec.max_batch_tokens,
-                                              truncate=batch.options.get("truncate", True) is not False)
-        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch

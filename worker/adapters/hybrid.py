@@ -19,12 +19,11 @@ from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.multivector import join_rows, token_rows
 from sie_worker.adapters.sparse import SparseRow, join_sparse, sparse_rows
 from sie_worker.adapters.torch_common import (
-    Stopwatch,
     compute_dtype,
     memory_bytes,
+    prepare_texts,
     release,
     to_device,
-    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
@@ -115,12 +114,7 @@ class HybridAdapter:
             raise UnsupportedTask("this model only encodes")
         if set(batch.output_types) - set(OUTPUTS):
             raise UnsupportedTask(f"this model has no {sorted(set(batch.output_types) - set(OUTPUTS))} outputs")
-        clock = Stopwatch()
-        texts = [item.text or "" for item in batch.items]
-        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, self.max_length,
-                                              max_batch_tokens=self.spec.max_batch_tokens,
-                                              truncate=batch.options.get("truncate", True) is not False)
-        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch

@@ -14,13 +14,12 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.torch_common import (
-    Stopwatch,
     compute_dtype,
     memory_bytes,
+    prepare_texts,
     read_json,
     release,
     to_device,
-    tokenize_in_buckets,
     torch_device,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
@@ -96,12 +95,7 @@ class SparseAdapter:
             raise UnsupportedTask("this model only encodes")
         if set(batch.output_types) - {"sparse"}:
             raise UnsupportedTask(f"this model only has sparse outputs, not {sorted(batch.output_types)}")
-        clock = Stopwatch()
-        texts = [item.text or "" for item in batch.items]
-        buckets, counts = tokenize_in_buckets(self.tokenizer, texts, self.max_length,
-                                              max_batch_tokens=self.spec.max_batch_tokens,
-                                              truncate=batch.options.get("truncate", True) is not False)
-        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         parts: list[SparseRow] = [(np.empty(0, np.int32), np.empty(0, np.float32))] * len(prepared.token_counts)

@@ -11,7 +11,8 @@ from typing import Any
 import psutil
 import torch
 
-from sie_worker.adapters.base import refuse_over_length
+from sie_worker.adapters.base import Prepared, refuse_over_length
+from sie_worker.protocol import EncodeBatch
 
 # Items per forward pass inside one router batch; buckets of similar length keep padding small.
 MICRO_BATCH_ITEMS = 16
@@ -119,3 +120,12 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
         features = {key: [encoded[key][i] for i in indices] for key in encoded}
         buckets.append((indices, dict(tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"))))
     return buckets, counts
+
+
+def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, max_batch_tokens: int) -> Prepared:
+    """The `prepare` step of a plain text encoder: its items' texts in length buckets, honouring `truncate`."""
+    clock = Stopwatch()
+    texts = [item.text or "" for item in batch.items]
+    buckets, counts = tokenize_in_buckets(tokenizer, texts, max_length, max_batch_tokens=max_batch_tokens,
+                                          truncate=batch.options.get("truncate", True) is not False)
+    return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
