@@ -81,7 +81,7 @@ class CrossEncoderAdapter:
         queries = [query for query, _ in batch.pairs]
         docs = [doc for _, doc in batch.pairs]
         buckets, counts = tokenize_in_buckets(self.tokenizer, queries, self.max_length, pairs=docs,
-                                              max_batch_tokens=self.spec.max_batch_tokens,
+                                              max_batch_tokens=self.spec.max_batch_tokens, device=self.device,
                                               truncate=batch.options.get("truncate", True) is not False)
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 

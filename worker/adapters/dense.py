@@ -103,6 +103,10 @@ class DenseAdapter:
                                                    self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads)
         if self.onnx is not None:
             self.model = None  # the session holds its own copy of the weights
+            # ORT's thread pool owns the cores now; torch only pools. With more than one thread torch's OpenMP
+            # workers spin after each pooling op and take a core from ORT's next forward: 30% of the throughput
+            # (bench/README.md, "torch threads beside ONNX Runtime").
+            torch.set_num_threads(1)
             log.info("engine: %s", self.onnx.describe())
         else:
             log.info("engine: torch (%s)", self.device.type)
@@ -143,7 +147,7 @@ class DenseAdapter:
         """Tokenise without padding, then pad each length bucket on its own."""
         if not isinstance(batch, EncodeBatch):
             raise UnsupportedTask("this model only encodes")
-        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch

@@ -114,7 +114,7 @@ class HybridAdapter:
             raise UnsupportedTask("this model only encodes")
         if set(batch.output_types) - set(OUTPUTS):
             raise UnsupportedTask(f"this model has no {sorted(set(batch.output_types) - set(OUTPUTS))} outputs")
-        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch

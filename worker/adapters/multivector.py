@@ -195,7 +195,7 @@ class MultivectorAdapter:
         truncate = batch.is_query or batch.options.get("truncate", True) is not False
         max_length = self.query_max_length if batch.is_query else self.max_length
         buckets, counts = tokenize_in_buckets(self.tokenizer, texts, max_length, truncate=truncate,
-                                              max_batch_tokens=self.spec.max_batch_tokens)
+                                              max_batch_tokens=self.spec.max_batch_tokens, device=self.device)
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 
     def forward(self, prepared: Prepared) -> EncodeResult:

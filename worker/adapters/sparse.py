@@ -95,7 +95,7 @@ class SparseAdapter:
             raise UnsupportedTask("this model only encodes")
         if set(batch.output_types) - {"sparse"}:
             raise UnsupportedTask(f"this model only has sparse outputs, not {sorted(batch.output_types)}")
-        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens)
+        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         parts: list[SparseRow] = [(np.empty(0, np.int32), np.empty(0, np.float32))] * len(prepared.token_counts)
