@@ -53,7 +53,9 @@ def parser() -> argparse.ArgumentParser:
                             "GPUs always run torch (default auto)")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
-    serve.add_argument("--max-wait-ms", type=float, help="longest wait to fill a batch, in ms (default 2)")
+    serve.add_argument("--max-wait-ms", type=float,
+                       help="while the worker is busy, how long a batch waits to fill until the worker's pace is "
+                            "learned; after that it leaves just before the worker needs it (default 2; 0 never waits)")
     serve.add_argument("--memory-budget", type=parse_bytes, metavar="SIZE",
                        help="host memory workers may use on CPU, e.g. 8GiB (default: 80%% of RAM); least recently "
                             "used idle models are evicted to stay under it")

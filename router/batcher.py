@@ -2,7 +2,8 @@
 
 Requests enqueue `Entry`s (a client batch is split so no entry exceeds the item cap). One task per model forms
 batches:
-  1. wait for an entry; when a batch is already running, wait up to `max_wait_ms` more for the batch to fill;
+  1. wait for an entry; while a batch runs, hold the next one back until the worker is about to need it (the
+     `Pacer` learns when; `max_wait_ms` until it knows, 0 turns waiting off) or a full batch is waiting;
   2. take the oldest live entry, then fill from a bounded window of entries with the same batch key, closest in
      length first, so padding stays small, under the item cap and the token budget;
   3. skip entries whose request has gone (its future was cancelled);
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -24,6 +26,7 @@ from typing import Any
 
 from sie_router import metrics
 from sie_router.errors import SIEError
+from sie_router.pacing import BatchReport, Pacer
 
 log = logging.getLogger("sie.batcher")
 
@@ -47,7 +50,7 @@ class Entry:
         self.cost = sum(self.costs)
 
 
-RunBatch = Callable[[Any, list[Any]], Awaitable[list[Any]]]
+RunBatch = Callable[[Any, list[Any]], Awaitable[BatchReport]]
 
 
 @dataclass
@@ -61,14 +64,16 @@ class BatchLimits:
 
 @dataclass
 class Batcher:
-    """The queue of one model. `run(key, items)` sends one batch to the worker and returns one output per item."""
+    """The queue of one model. `run(key, items)` sends one batch to the worker and reports one output per item."""
 
     name: str
     run: RunBatch
     limits: BatchLimits
     queue: deque[Entry] = field(default_factory=deque)
     queued_items: int = 0
+    pacer: Pacer = field(default_factory=Pacer)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    _batch_ids: itertools.count[int] = field(default_factory=itertools.count)
     _slots: asyncio.Semaphore | None = None
     _task: asyncio.Task[None] | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
@@ -132,8 +137,10 @@ class Batcher:
         self.queued_items = count
         metrics.QUEUE_DEPTH.labels(self.name).set(count)
 
-    def _queued_live(self) -> int:
-        return sum(len(e.items) for e in self.queue if not e.future.done())
+    def _full_batch_waiting(self) -> bool:
+        live = [e for e in self.queue if not e.future.done()]
+        return (sum(len(e.items) for e in live) >= self.limits.max_items
+                or sum(e.cost for e in live) >= self.limits.max_tokens)
 
     def _drop(self, entry: Entry) -> None:
         self._set_queued(self.queued_items - len(entry.items))
@@ -144,10 +151,7 @@ class Batcher:
             if not self.queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            if self._running and self.limits.max_wait_ms > 0 and self._queued_live() < self.limits.max_items:
-                # The worker is busy anyway: a short wait lets the batch fill. An idle worker gets work at once,
-                # so a lone request pays no batching delay.
-                await asyncio.sleep(self.limits.max_wait_ms / 1000)
+            await self._fill()
             await self._slots.acquire()
             batch = self._take()
             if not batch:
@@ -157,36 +161,59 @@ class Batcher:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
+    async def _fill(self) -> None:
+        """Step 1: the worker is busy anyway, so the requests that arrive before it needs the next batch join it
+        for free. An idle worker gets work at once, so a lone request pays no batching delay."""
+        if self.limits.max_wait_ms <= 0:
+            return
+        fallback = time.perf_counter() + self.limits.max_wait_ms / 1000
+        while self._running and not self._full_batch_waiting():
+            send_by = self.pacer.send_by()
+            wait = (fallback if send_by is None else send_by) - time.perf_counter()
+            if wait <= 0:
+                return
+            self._wakeup.clear()  # set again by a new request or a finished batch
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), wait)
+
     async def _dispatch(self, batch: list[Entry]) -> None:
         assert self._slots is not None
         self._observe(batch)
+        batch_id = next(self._batch_ids)
+        self.pacer.sent(batch_id, sum(e.cost for e in batch))
+        report = None
         try:
-            await self._run_entries(batch, isolate=True)
+            report = await self._run_entries(batch, isolate=True)
         finally:
+            self.pacer.done(batch_id, report)
             self._slots.release()
+            self._wakeup.set()
 
-    async def _run_entries(self, batch: list[Entry], *, isolate: bool) -> None:
-        """Run entries as one batch. If the batch fails on one request's input (a corrupt image, an over-long
-        text), run each request on its own, so only the offending request fails and its neighbours succeed."""
+    async def _run_entries(self, batch: list[Entry], *, isolate: bool) -> BatchReport | None:
+        """Run entries as one batch, and return its report (None when it failed or was split). If the batch fails
+        on one request's input (a corrupt image, an over-long text), run each request on its own, so only the
+        offending request fails and its neighbours succeed."""
         try:
-            outputs = await self.run(batch[0].key, [item for e in batch for item in e.items])
+            report = await self.run(batch[0].key, [item for e in batch for item in e.items])
         except SIEError as exc:
             if isolate and len(batch) > 1 and exc.code in INPUT_ERRORS:
                 for entry in batch:
                     await self._run_entries([entry], isolate=False)
-                return
+                return None
             self._fail(batch, exc)
-            return
+            return None
         except Exception as exc:
             log.exception("batch for %s failed", self.name)
             self._fail(batch, exc)
-            return
+            return None
+        outputs = report.outputs
         offset = 0
         for entry in batch:
             part = outputs[offset:offset + len(entry.items)]
             offset += len(entry.items)
             if not entry.future.done():
                 entry.future.set_result(part)
+        return report
 
     @staticmethod
     def _fail(batch: list[Entry], exc: Exception) -> None:

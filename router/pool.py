@@ -30,7 +30,7 @@ from sie_router.processes import spawn_worker, stop_processes
 from sie_router.registry import ModelConfig, Registry
 from sie_router.settings import Settings
 from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
-from sie_worker.protocol import BatchDone, BatchFailed, LoadFailed, Ready, Result, Shutdown, WorkerSpec
+from sie_worker.protocol import BatchDone, BatchFailed, LoadFailed, Ready, Shutdown, WorkerSpec
 
 if TYPE_CHECKING:
     from sie_router.batcher import Batcher
@@ -311,8 +311,8 @@ class WorkerPool:
 
     # -- batches ----------------------------------------------------------------------------------------------------
 
-    async def run_batch(self, worker: Worker, make: Any, items: int) -> Result:
-        """Send `make(batch_id)` to the worker and wait for its result."""
+    async def run_batch(self, worker: Worker, make: Any, items: int) -> BatchDone:
+        """Send `make(batch_id)` to the worker and wait for its result (with the worker's timing of it)."""
         batch_id = next(self.batch_ids)
         future: asyncio.Future[BatchDone | BatchFailed] = asyncio.get_running_loop().create_future()
         self.in_flight[batch_id] = (worker, future)
@@ -329,7 +329,7 @@ class WorkerPool:
         if isinstance(reply, BatchFailed):
             raise SIEError(reply.code if reply.code != "MODEL_LOAD_FAILED" else "INFERENCE_ERROR", reply.message)
         self._observe(worker.key, reply)
-        return reply.result
+        return reply
 
     @staticmethod
     def _observe(key: str, reply: BatchDone) -> None:

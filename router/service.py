@@ -15,10 +15,12 @@ import numpy as np
 
 from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
+from sie_router.pacing import BatchReport
 from sie_router.pool import WorkerPool
 from sie_router.registry import ModelConfig
 from sie_router.settings import Settings
 from sie_worker.protocol import (
+    BatchDone,
     EncodeBatch,
     EncodeResult,
     ExtractBatch,
@@ -86,6 +88,13 @@ def split_encode(result: EncodeResult, count: int) -> list[EncodedItem]:
     return out
 
 
+def report(done: BatchDone, outputs: list[Any]) -> BatchReport:
+    """The batcher's view of a finished batch: its outputs and how long the worker's model spent on it."""
+    timing = done.timing
+    return BatchReport(outputs, busy_s=(timing.inference_ms + timing.postprocess_ms) / 1000.0,
+                       prepare_s=timing.tokenize_ms / 1000.0)
+
+
 class Service:
     def __init__(self, settings: Settings, pool: WorkerPool) -> None:
         self.settings = settings
@@ -110,29 +119,29 @@ class Service:
         if queued + count > self.settings.max_total_queue_items:
             raise SIEError("QUEUE_FULL", f"the server has {queued} items queued across its models; retry shortly")
 
-    async def _run(self, model: str, key: tuple[Any, ...], items: list[Any]) -> list[Any]:
+    async def _run(self, model: str, key: tuple[Any, ...], items: list[Any]) -> BatchReport:
         worker = await self.pool.ensure(model, wait_s=None)
         kind = key[0]
         if kind == "encode":
             _, output_types, is_query, options = key
             opts = msgspec.msgpack.decode(options)
-            result = await self.pool.run_batch(worker, lambda bid: EncodeBatch(
+            done = await self.pool.run_batch(worker, lambda bid: EncodeBatch(
                 batch_id=bid, items=items, output_types=list(output_types), is_query=is_query, options=opts),
                 len(items))
-            assert isinstance(result, EncodeResult)
-            return split_encode(result, len(items))
+            assert isinstance(done.result, EncodeResult)
+            return report(done, split_encode(done.result, len(items)))
         if kind == "score":
             opts = msgspec.msgpack.decode(key[1])
-            result = await self.pool.run_batch(worker, lambda bid: ScoreBatch(batch_id=bid, pairs=items, options=opts),
-                                               len(items))
-            assert isinstance(result, ScoreResult)
-            scores, raw = result.scores.numpy(), result.raw.numpy()
-            return [(float(scores[i]), float(raw[i]), result.token_counts[i]) for i in range(len(items))]
+            done = await self.pool.run_batch(worker, lambda bid: ScoreBatch(batch_id=bid, pairs=items, options=opts),
+                                             len(items))
+            assert isinstance(done.result, ScoreResult)
+            scores, raw, counts = done.result.scores.numpy(), done.result.raw.numpy(), done.result.token_counts
+            return report(done, [(float(scores[i]), float(raw[i]), counts[i]) for i in range(len(items))])
         _, labels, options = key
-        result = await self.pool.run_batch(worker, lambda bid: ExtractBatch(
+        done = await self.pool.run_batch(worker, lambda bid: ExtractBatch(
             batch_id=bid, items=items, labels=list(labels), options=msgspec.msgpack.decode(options)), len(items))
-        assert isinstance(result, ExtractResult)
-        return list(zip(result.items, result.token_counts, strict=True))
+        assert isinstance(done.result, ExtractResult)
+        return report(done, list(zip(done.result.items, done.result.token_counts, strict=True)))
 
     async def _ready(self, model: str, wait_s: float | None) -> ModelConfig:
         await self.pool.ensure(model, wait_s)

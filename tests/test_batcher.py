@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
+from sie_router.pacing import BatchReport, Pacer
 
 
 class Recorder:
@@ -15,10 +17,10 @@ class Recorder:
         self.batches: list[list[str]] = []
         self.delay = delay
 
-    async def __call__(self, key: object, items: list[str]) -> list[str]:
+    async def __call__(self, key: object, items: list[str]) -> BatchReport:
         self.batches.append(list(items))
         await asyncio.sleep(self.delay)
-        return [f"out:{item}" for item in items]
+        return BatchReport([f"out:{item}" for item in items], busy_s=self.delay)
 
 
 def make(recorder: Recorder, **limits: float) -> Batcher:
@@ -94,12 +96,12 @@ async def test_cancelled_requests_are_never_sent() -> None:
 async def test_a_failed_batch_fails_only_its_requests() -> None:
     calls = 0
 
-    async def flaky(key: object, items: list[str]) -> list[str]:
+    async def flaky(key: object, items: list[str]) -> BatchReport:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise SIEError("MODEL_LOADING", "worker died")
-        return items
+        return BatchReport(items)
 
     batcher = Batcher("m", flaky, BatchLimits(max_wait_ms=0, max_items=1, in_flight=1))
     batcher.start()
@@ -114,11 +116,11 @@ async def test_a_failed_batch_fails_only_its_requests() -> None:
 async def test_a_bad_input_fails_only_its_own_request_when_batched_with_others() -> None:
     calls: list[list[str]] = []
 
-    async def strict(key: object, items: list[str]) -> list[str]:
+    async def strict(key: object, items: list[str]) -> BatchReport:
         calls.append(sorted(items))
         if "corrupt" in items:
             raise SIEError("INVALID_INPUT", "image data is not a decodable image")
-        return [f"ok:{item}" for item in items]
+        return BatchReport([f"ok:{item}" for item in items])
 
     batcher = Batcher("m", strict, BatchLimits(max_wait_ms=20, in_flight=1))
     batcher.start()
@@ -131,3 +133,47 @@ async def test_a_bad_input_fails_only_its_own_request_when_batched_with_others()
     assert isinstance(results[1], SIEError) and results[1].code == "INVALID_INPUT"
     assert ["a", "b", "corrupt"] in calls  # they did share a batch, which was then split
     await batcher.close()
+
+
+async def test_while_the_worker_is_busy_the_next_batch_leaves_when_the_worker_is_about_to_need_it() -> None:
+    recorder = Recorder(delay=0.08)
+    batcher = make(recorder, max_wait_ms=2)
+    await batcher.submit("k", ["warm"], [10])  # the pacer learns 8 ms per unit of cost
+    first = asyncio.create_task(batcher.submit("k", ["first"], [10]))  # an idle worker: sent at once
+    late = []
+    for i in range(5):  # arrive while `first` runs; without pacing the first of them would leave alone after 2 ms
+        await asyncio.sleep(0.01)
+        late.append(asyncio.create_task(batcher.submit("k", [f"late{i}"], [10])))
+    await asyncio.gather(first, *late)
+    assert recorder.batches[1] == ["first"]
+    assert sorted(recorder.batches[2]) == [f"late{i}" for i in range(5)] and len(recorder.batches) == 3
+    await batcher.close()
+
+
+async def test_a_full_batch_does_not_wait_for_the_pace() -> None:
+    recorder = Recorder(delay=0.2)
+    batcher = make(recorder, max_items=2)
+    await batcher.submit("k", ["warm"], [1])
+    running = asyncio.create_task(batcher.submit("k", ["a"], [1]))
+    await asyncio.sleep(0.01)
+    full = asyncio.create_task(batcher.submit("k", ["b", "c"], [1, 1]))
+    await asyncio.sleep(0.05)  # far less than the 200 ms `a` takes
+    assert sorted(recorder.batches[-1]) == ["b", "c"]  # sent while `a` still runs
+    await asyncio.gather(running, full)
+    await batcher.close()
+
+
+def test_the_pacer_predicts_from_the_workers_own_timing() -> None:
+    pacer = Pacer()
+    assert pacer.send_by() is not None  # nothing outstanding: send now
+    pacer.sent(1, 100)
+    assert pacer.send_by() is None  # busy, pace unknown: the batcher falls back to max_wait_ms
+    pacer.done(1, BatchReport([], busy_s=0.5, prepare_s=0.01))  # 5 ms per unit, whatever the wall clock said
+    before = time.perf_counter()
+    pacer.sent(2, 10)
+    pacer.sent(3, 20)
+    send_by = pacer.send_by()
+    assert send_by is not None
+    assert before + 0.15 - 0.011 <= send_by <= time.perf_counter() + 0.15 - 0.011  # both batches, less the lead
+    pacer.done(2, None)  # a failed batch teaches nothing
+    assert pacer.seconds_per_cost == 0.005
