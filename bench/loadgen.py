@@ -38,6 +38,17 @@ SHAPES = [Shape("c1", 1, 1), Shape("c32", 1, 32), Shape("c128", 1, 128), Shape("
 QUICK_SHAPES = [Shape("c1", 1, 1), Shape("c32", 1, 32), Shape("b32c4", 32, 4)]
 
 
+def select(names: str | None, quick: bool = False) -> list[Shape]:
+    """The shapes named in a comma-separated list (all of them, or the quick set, when none are named)."""
+    if not names:
+        return QUICK_SHAPES if quick else SHAPES
+    by_name = {shape.name: shape for shape in SHAPES}
+    unknown = [name for name in names.split(",") if name not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown load shape(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
+    return [by_name[name] for name in names.split(",")]
+
+
 def assert_loopback(url: str) -> None:
     host = urlparse(url).hostname or ""
     if host == "localhost":

