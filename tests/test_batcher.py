@@ -9,7 +9,7 @@ import pytest
 
 from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
-from sie_router.pacing import BatchReport, Pacer
+from sie_router.pacing import BatchReport, BusyTimeFit, Pacer
 
 
 class Recorder:
@@ -176,4 +176,11 @@ def test_the_pacer_predicts_from_the_workers_own_timing() -> None:
     assert send_by is not None
     assert before + 0.15 - 0.011 <= send_by <= time.perf_counter() + 0.15 - 0.011  # both batches, less the lead
     pacer.done(2, None)  # a failed batch teaches nothing
-    assert pacer.seconds_per_cost == 0.005
+    assert pacer.fit.predict(10) == 0.05
+
+
+def test_the_pacer_learns_the_fixed_cost_of_a_batch() -> None:
+    fit = BusyTimeFit()
+    for cost in [1, 40, 3, 64, 8, 32, 1, 50] * 4:  # 2 ms a call plus 0.1 ms a token, as a CPU worker behaves
+        fit.add(cost, 0.002 + 0.0001 * cost)
+    assert fit.predict(1) == pytest.approx(0.0021) and fit.predict(100) == pytest.approx(0.012)
