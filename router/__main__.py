@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
                             "Infinity's 'optimum' means the same) or auto (onnx when onnxruntime is installed); "
                             "GPUs always run torch (default auto)")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
+    serve.add_argument("--onnx-lanes", type=int, metavar="N",
+                       help="ONNX Runtime: forward calls run side by side, worker threads / N threads each (default: "
+                            "one thread each, best under load; 1 gives a lone request every thread, best latency)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float,
                        help="while the worker is busy, how long a batch waits to fill until the worker's pace is "

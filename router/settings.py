@@ -26,6 +26,9 @@ class Settings:
     # Dense encoders' engine on CPU (torch, onnx or auto); a model config's own `engine` loadtime option wins.
     # auto: ONNX Runtime on CPU (1.3x to 2x torch in make bench), torch on GPUs and whenever the export fails.
     engine: str = "auto"
+    # ONNX Runtime forward calls run side by side, one thread each (0: as many as worker threads). 1 gives a lone
+    # request every thread: lower latency at concurrency 1, less throughput under load (bench/README.md, "lanes").
+    onnx_lanes: int = 0
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
@@ -90,6 +93,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
     simple: dict[str, tuple[str, Callable[[str], object]]] = {
         "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
         "SIE_ENGINE": ("engine", str), "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
+        "SIE_ONNX_LANES": ("onnx_lanes", int),
         "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
         "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
         "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),

@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import random
 
+import torch
+
 from sie_worker.adapters.torch_common import (
     CPU_CALL_OVERHEAD_TOKENS,
     GPU_CALL_OVERHEAD_TOKENS,
     length_buckets,
     padded,
+    split_for_lanes,
 )
 
 
@@ -61,3 +64,13 @@ def test_cpu_splits_mixed_lengths_and_gpu_fills_its_buckets() -> None:
 
 def test_a_text_longer_than_the_token_budget_runs_alone() -> None:
     assert length_buckets([500, 10, 10], 16, 256, GPU_CALL_OVERHEAD_TOKENS) == [[1, 2], [0]]
+
+
+def test_every_lane_gets_a_bucket_when_there_are_rows_enough() -> None:
+    rows = torch.arange(5).unsqueeze(1).repeat(1, 8)  # row i holds i, so each split keeps its own rows
+    split = split_for_lanes([([10, 11, 12, 13, 14], {"input_ids": rows})], 4)
+    assert [indices for indices, _ in split] == [[10], [11], [12], [13, 14]]
+    for indices, tensors in split:
+        assert [10 + int(v) for v in tensors["input_ids"][:, 0]] == indices
+    lone = [([7], {"input_ids": rows[:1]})]
+    assert split_for_lanes(lone, 2) == lone  # one row cannot be shared

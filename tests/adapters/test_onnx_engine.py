@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,30 @@ def test_onnx_matches_torch_and_sentence_transformers(make_adapter: MakeAdapter,
     for other in (torch_engine, expected):
         assert cosines(got, other).min() >= 0.999
         assert np.abs(got - other).max() < 1e-4  # measured: ~2e-7 against torch
+
+
+def test_lanes_run_buckets_side_by_side_and_agree_with_one_lane(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                                tmp_path: Path) -> None:
+    lanes = onnx_adapter(make_adapter, minilm_dir, tmp_path)  # 2 worker threads: 2 lanes of 1 thread by default
+    single = make_adapter("dense", minilm_dir, threads=2,
+                          loadtime={"engine": "onnx", "onnx_cache_dir": str(tmp_path), "onnx_lanes": 1})
+    assert lanes.onnx is not None and single.onnx is not None
+    assert (lanes.onnx.lanes, lanes.onnx.session.get_session_options().intra_op_num_threads) == (2, 1)
+    assert (single.onnx.lanes, single.onnx.session.get_session_options().intra_op_num_threads) == (1, 2)
+    callers: set[int] = set()
+    run = lanes.onnx.run
+
+    def recording(tensors: dict[str, torch.Tensor]) -> np.ndarray:
+        callers.add(threading.get_ident())
+        return run(tensors)
+
+    lanes.onnx.run = recording  # type: ignore[method-assign]
+    got = encode(lanes, TEXTS, ["dense"]).dense.numpy()
+    assert len(callers) == 2, "the buckets of one batch ran on both lanes"
+    np.testing.assert_allclose(got, encode(single, TEXTS, ["dense"]).dense.numpy(), atol=1e-5)
+    callers.clear()
+    encode(lanes, ["one lone sentence"], ["dense"])
+    assert len(callers) == 1
 
 
 def test_a_second_load_reuses_the_cached_graph(make_adapter: MakeAdapter, minilm_dir: Path, tmp_path: Path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTa
 from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
     PAD_MULTIPLE,
+    Buckets,
     compute_dtype,
     memory_bytes,
     prepare_texts,
     read_json,
     release,
+    split_for_lanes,
     to_device,
     torch_device,
 )
@@ -100,7 +103,8 @@ class DenseAdapter:
         self.dim = dim = int(self.model.config.hidden_size)
         if self.wants_onnx(dtype):
             self.onnx = onnx_engine.export_or_load(self.model, self.tokenizer, self.weights_dir,
-                                                   self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads)
+                                                   self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads,
+                                                   int(self.spec.loadtime.get("onnx_lanes") or 0))
         if self.onnx is not None:
             self.model = None  # the session holds its own copy of the weights
             # ORT's thread pool owns the cores now; torch only pools. With more than one thread torch's OpenMP
@@ -135,13 +139,21 @@ class DenseAdapter:
             if "token_type_ids" in self.tokenizer.model_input_names:
                 tensors["token_type_ids"] = torch.zeros_like(ids)
             with torch.inference_mode():
-                self.hidden_states(to_device(tensors, self.device))
+                for _ in self.encoded([(list(range(shape[0])), tensors)]):
+                    pass
 
-    def hidden_states(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The encoder's last hidden state, from ONNX Runtime or torch, whichever engine is loaded."""
+    def encoded(self, buckets: Buckets) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
+        """(item indices, inputs on the device, last hidden state) per bucket. ONNX Runtime runs every bucket at
+        once, side by side on its lanes; torch runs them one at a time, so a GPU holds one bucket's activations."""
         if self.onnx is not None:
-            return torch.from_numpy(self.onnx.run(inputs))
-        return self.model(**inputs).last_hidden_state
+            buckets = split_for_lanes(buckets, self.onnx.lanes)
+            hidden = self.onnx.run_all([tensors for _, tensors in buckets])
+            for (indices, tensors), states in zip(buckets, hidden, strict=True):
+                yield indices, tensors, torch.from_numpy(states)
+            return
+        for indices, tensors in buckets:
+            inputs = to_device(tensors, self.device)
+            yield indices, inputs, self.model(**inputs).last_hidden_state
 
     def prepare(self, batch: Any) -> Prepared:
         """Tokenise without padding, then pad each length bucket on its own."""
@@ -158,9 +170,7 @@ class DenseAdapter:
         normalize = bool(batch.options.get("normalize", self.normalize))
         out = np.empty((len(batch.items), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            for indices, tensors in prepared.inputs:
-                inputs = to_device(tensors, self.device)
-                hidden = self.hidden_states(inputs)
+            for indices, inputs, hidden in self.encoded(prepared.inputs):
                 vectors = pool(hidden, inputs["attention_mask"], pooling).float()
                 if normalize:
                     vectors = F.normalize(vectors, p=2, dim=1)
@@ -172,5 +182,7 @@ class DenseAdapter:
 
     def close(self) -> None:
         self.model = None
+        if self.onnx is not None:
+            self.onnx.close()
         self.onnx = None
         release(self.device)

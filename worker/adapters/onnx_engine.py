@@ -14,7 +14,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,34 @@ MIN_COSINE = 0.999
 
 @dataclass
 class OnnxEncoder:
-    """An open session over a cached graph; `export_s` is None when the graph came from the cache."""
+    """An open session over a cached graph; `export_s` is None when the graph came from the cache.
+
+    `lanes` calls run side by side, each on threads // lanes threads. On a small encoder one thread per call beats
+    splitting every operator across threads under load (no barrier per operator, and a thread the tokeniser or the
+    router preempts delays only its own micro-batch), while a lone request is faster on every thread
+    (bench/README.md, "lanes").
+    """
 
     session: Any
     path: Path
     input_names: list[str]
     export_s: float | None
+    lanes: int = 1
+    _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def run_all(self, buckets: list[dict[str, torch.Tensor]]) -> list[np.ndarray]:
+        """last_hidden_state for each padded bucket, in order; longest first across the lanes."""
+        if self.lanes == 1 or len(buckets) == 1:
+            return [self.run(tensors) for tensors in buckets]
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.lanes, thread_name_prefix="sie-onnx")
+        order = sorted(range(len(buckets)), key=lambda i: -buckets[i]["input_ids"].numel())
+        hidden = dict(zip(order, self._executor.map(self.run, [buckets[i] for i in order]), strict=True))
+        return [hidden[i] for i in range(len(buckets))]
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
 
     def run(self, tensors: dict[str, torch.Tensor]) -> np.ndarray:
         """last_hidden_state for one padded bucket of int64 tensors."""
@@ -55,7 +78,7 @@ class OnnxEncoder:
 
     def describe(self) -> str:
         how = f"exported in {self.export_s:.1f}s" if self.export_s is not None else "loaded from cache"
-        return f"onnxruntime ({how}, cached at {self.path})"
+        return f"onnxruntime ({how}, cached at {self.path}; {self.lanes} lane(s))"
 
 
 class _LastHidden(torch.nn.Module):
@@ -120,12 +143,12 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path) 
         model.eval()  # the exporter restores the training flag of the wrapper onto its children
 
 
-def open_session(path: Path, threads: int) -> Any:
+def open_session(path: Path, threads_per_call: int) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads_per_call
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -144,9 +167,12 @@ def verify(model: torch.nn.Module, tokenizer: Any, encoder: OnnxEncoder) -> floa
 
 
 def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Path, cache_dir: str | Path | None,
-                   threads: int = 0) -> OnnxEncoder | None:
-    """An ORT session equivalent to `model` (float32, CPU), exported on first use; None, with a warning, on failure."""
+                   threads: int = 0, lanes: int = 0) -> OnnxEncoder | None:
+    """An ORT session equivalent to `model` (float32, CPU), exported on first use; None, with a warning, on failure.
+
+    `lanes` calls run side by side on `threads` threads in all (0: one thread per call)."""
     threads = threads or torch.get_num_threads()
+    lanes = max(1, min(lanes or threads, threads))
     try:
         import onnxruntime  # noqa: F401
     except ImportError as exc:
@@ -166,7 +192,7 @@ def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Pa
         session = None
         if path.is_file():
             try:
-                session = open_session(path, threads)
+                session = open_session(path, threads // lanes)
             except Exception as exc:  # a torn or stale file: export it again
                 log.warning("cached onnx graph %s does not open (%s); exporting it again", path, exc)
         if session is None:
@@ -182,8 +208,8 @@ def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Pa
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             export_s = time.perf_counter() - started
-            session = open_session(path, threads)
-        encoder = OnnxEncoder(session=session, path=path, input_names=names, export_s=export_s)
+            session = open_session(path, threads // lanes)
+        encoder = OnnxEncoder(session=session, path=path, input_names=names, export_s=export_s, lanes=lanes)
         cosine = verify(model, tokenizer, encoder)
         if cosine < MIN_COSINE:
             log.warning("onnx graph %s disagrees with torch (lowest cosine %.6f < %s); using torch", path, cosine,

@@ -121,6 +121,21 @@ def length_buckets(lengths: list[int], max_items: int, max_tokens: int,
 Buckets = list[tuple[list[int], dict[str, torch.Tensor]]]
 
 
+def split_for_lanes(buckets: Buckets, lanes: int) -> Buckets:
+    """At least `lanes` buckets where there are rows enough, so that every lane has work: the bucket with the most
+    rows is halved until there are. Rows keep their bucket's padding."""
+    buckets = list(buckets)
+    while len(buckets) < lanes:
+        largest = max(range(len(buckets)), key=lambda i: len(buckets[i][0]))
+        indices, tensors = buckets[largest]
+        if len(indices) < 2:
+            break
+        half = len(indices) // 2
+        buckets[largest:largest + 1] = [(indices[:half], {k: v[:half] for k, v in tensors.items()}),
+                                        (indices[half:], {k: v[half:] for k, v in tensors.items()})]
+    return buckets
+
+
 def call_overhead_tokens(device: torch.device) -> int:
     return GPU_CALL_OVERHEAD_TOKENS if device.type == "cuda" else CPU_CALL_OVERHEAD_TOKENS
 
