@@ -24,7 +24,8 @@ class Settings:
     device: str = "auto"
     worker_threads: int = 0
     # Dense encoders' engine on CPU (torch, onnx or auto); a model config's own `engine` loadtime option wins.
-    # auto: ONNX Runtime on CPU (1.3x to 2x torch in make bench), torch on GPUs and whenever the export fails.
+    # auto: ONNX Runtime on CPU (faster than torch at every load shape of make bench), torch on GPUs and whenever
+    # the export fails.
     engine: str = "auto"
     # ONNX Runtime forward calls run side by side, one thread each (0: as many as worker threads). 1 gives a lone
     # request every thread: lower latency at concurrency 1, less throughput under load (bench/README.md, "lanes").
