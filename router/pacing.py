@@ -61,6 +61,8 @@ class BusyTimeFit:
 
 @dataclass
 class Pacer:
+    """One model's worker as the batcher sees it: the batches it has been sent, and how fast it gets through them."""
+
     fit: BusyTimeFit = field(default_factory=BusyTimeFit)
     prepare_s: float | None = None
     _outstanding: dict[int, tuple[float, int]] = field(default_factory=dict)  # id -> (sent at, cost)
