@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -40,20 +42,44 @@ class Server:
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None,
                  port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log
-        environ = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                   "PYTHONUNBUFFERED": "1", **(env or {})}
-        out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
-        self._out = out
-        self.process = subprocess.Popen([sys.executable, "-m", "sie_router", "serve", "--port", str(self.port),
-                                         *args], env=environ, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.args = list(args)
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Without a log of its own, the server writes to a temporary one: a failed start says why, and a lost
+        # port is recognisable. It is removed after a clean stop.
+        self.own_log = log is None
+        self.log_path = log or Path(tempfile.mkstemp(prefix="sie-server-", suffix=".log")[1])
+        self.pinned_port = port
+        self._out: Any = None
+        self._log_offset = 0
+        self._start(port or free_port())
+
+    def _start(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen([sys.executable, "-m", "sie_router", "serve", "--port", str(port),
+                                         *self.args], env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
+                                        cwd=ROOT)
+
+    def _lost_its_port(self) -> bool:
+        """Whether the server exited because another process took its port between `free_port` and the bind.
+
+        The port is free when chosen but not held, so any client's outgoing connection (which draws from the same
+        ephemeral range) can take it first; on a busy test machine that happens often enough to turn CI red."""
+        return self.pinned_port is None and "address already in use" in self.log_path.read_text()[self._log_offset:]
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
         deadline = time.monotonic() + timeout
+        restarts = 3
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if restarts and self._lost_its_port():
+                    restarts -= 1
+                    self.stop()
+                    self._start(free_port())
+                    continue
                 raise RuntimeError(f"server exited with {self.process.returncode}: {self.log_tail()}")
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
@@ -64,7 +90,7 @@ class Server:
         raise TimeoutError(f"server not ready after {timeout}s: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        return self.log_path.read_text()[-3000:] if self.log_path and self.log_path.exists() else ""
+        return self.log_path.read_text()[-3000:] if self.log_path.exists() else ""
 
     def children(self) -> list[psutil.Process]:
         try:
@@ -84,8 +110,11 @@ class Server:
         _, alive = psutil.wait_procs(children, timeout=10)
         for orphan in alive:
             orphan.kill()
-        if self._out is not subprocess.DEVNULL:
+        if self._out is not None:
             self._out.close()
+            self._out = None
+        if self.own_log and self.process.returncode in (0, -signal.SIGTERM):
+            self.log_path.unlink(missing_ok=True)
         if alive:
             raise AssertionError(f"orphan worker processes after shutdown: {[p.pid for p in alive]}")
         return int(self.process.returncode)

@@ -47,25 +47,37 @@ class Prometheus:
     """`prometheus` scraping one target every second, with the labels the ServiceMonitor would give it."""
 
     def __init__(self, folder: Path, target: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.folder = folder
         labels = {"namespace": NAMESPACE, "service": SERVICE, "pod": f"{SERVICE}-0", "pool": "fake"}
         config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                   "scrape_configs": [{"job_name": "sie", "static_configs": [{"targets": [target], "labels": labels}]}]}
         (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
-        self.log = open(folder / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
+        self._start()
+
+    def _start(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(self.folder / "prometheus.log", "wb")  # noqa: SIM115 - closed in stop()
         assert PROMETHEUS is not None
         self.process = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={folder / 'prometheus.yml'}", f"--storage.tsdb.path={folder / 'data'}",
-             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=folder)
+            [PROMETHEUS, f"--config.file={self.folder / 'prometheus.yml'}",
+             f"--storage.tsdb.path={self.folder / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+             "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=self.folder)
 
     def wait_scraping(self, timeout: float = 30.0) -> None:
-        """Until the target has been scraped and is up."""
+        """Until the target has been scraped and is up; started again on another port if its own was taken."""
         deadline = time.monotonic() + timeout
+        restarts = 3
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}")
+                log = (self.folder / "prometheus.log").read_text()
+                if restarts and "address already in use" in log:
+                    restarts -= 1
+                    self.stop()
+                    self._start()
+                    continue
+                raise RuntimeError(f"prometheus exited with {self.process.returncode}: {log[-2000:]}")
             try:
                 result = self.query("up")
                 if result and result[0]["value"][1] == "1":
@@ -139,8 +151,8 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     server = Server(["--bundle", str(bundle), "--preload", DENSE, "--preload", E5], log=folder / "server.log")
     prometheus: Prometheus | None = None
     try:
-        prometheus = Prometheus(folder, f"127.0.0.1:{server.port}")  # scrapes once the server is up
-        server.wait_ready()
+        server.wait_ready()  # before Prometheus knows the port, which the server may have had to change
+        prometheus = Prometheus(folder, f"127.0.0.1:{server.port}")
         prometheus.wait_scraping()
         time.sleep(1.0)  # a sample or two before the load, so rates and increases have a baseline
         statuses = _traffic(server.url, 3.0)

@@ -72,3 +72,26 @@ def test_sigterm_stops_every_worker(tmp_path) -> None:  # type: ignore[no-untype
     assert len(pids) >= 2
     # uvicorn re-raises the SIGTERM it handled once shutdown is done, so -15 is a clean exit here.
     assert srv.stop() in (0, -15)  # stop() raises if any worker outlives the router
+
+
+def test_a_server_whose_port_was_taken_starts_again_on_another(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The harness's answer to a port lost between choosing it and binding it (it turned CI red once)."""
+    import socket
+
+    from tests import server as harness
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        ports = iter([taken])
+        truly_free = harness.free_port
+        monkeypatch.setattr(harness, "free_port", lambda: next(ports, None) or truly_free())
+        srv = Server(["--bundle", str(harness.make_bundle(tmp_path / "b", "fake.yaml"))], log=tmp_path / "log")
+        try:
+            assert srv.port == taken
+            srv.wait_ready()
+            assert srv.port != taken and httpx.get(f"{srv.url}/readyz").status_code == 200
+            assert "address already in use" in (tmp_path / "log").read_text()
+        finally:
+            assert srv.stop() in (0, -15)

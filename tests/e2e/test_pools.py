@@ -42,23 +42,37 @@ def _ports(count: int) -> list[int]:
 def pools(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pools]:
     folder = tmp_path_factory.mktemp("pools")
     bundle = make_bundle(folder / "bundle", "fake.yaml")
+    started: list[Server] = []
+    try:
+        for attempt in range(3):  # the ports are free when chosen but not held: another process may take one first
+            started = _start_pools(folder, bundle)
+            try:
+                for server in started:
+                    server.wait_ready()
+                break
+            except RuntimeError as error:
+                for server in started:
+                    server.stop()
+                if attempt == 2 or "address already in use" not in str(error):
+                    raise
+        yield Pools(*started)
+    finally:
+        for server in started:
+            server.stop()
+
+
+def _start_pools(folder: Path, bundle: Path) -> list[Server]:
     port_a, port_b, port_down = _ports(3)
     url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
     # The format the chart's ConfigMap renders (templates/configmap-pools.yaml): model -> pool Service URL.
     pool_map = {DENSE: url_a, E5: url_b, STRAY: url_b, DOWN: f"http://127.0.0.1:{port_down}"}
     (folder / "pools.json").write_text(json.dumps(pool_map))
-    started: list[Server] = []
-    try:
-        for name, port, model in (("a", port_a, DENSE), ("b", port_b, E5)):
-            env = {"SIE_POOL": name, "SIE_POOL_MAP": str(folder / "pools.json"), "SIE_API_KEY": KEY}
-            started.append(Server(["--bundle", str(bundle), "-m", model], env=env, log=folder / f"{name}.log",
-                                  port=port))
-        for server in started:
-            server.wait_ready()
-        yield Pools(*started)
-    finally:
-        for server in started:
-            server.stop()
+    started = []
+    for name, port, model in (("a", port_a, DENSE), ("b", port_b, E5)):
+        env = {"SIE_POOL": name, "SIE_POOL_MAP": str(folder / "pools.json"), "SIE_API_KEY": KEY}
+        started.append(Server(["--bundle", str(bundle), "-m", model], env=env, log=folder / f"{name}.log",
+                              port=port))
+    return started
 
 
 def post(server: Server, path: str, *, json: Any = None, content: bytes | None = None,
