@@ -16,13 +16,21 @@ query and the Grafana dashboards in deploy/ depend on them, and tests/deploy che
 - `sie_device_memory_total_bytes{device}` gauge: memory per GPU, or host memory (or the budget) on CPU.
 - `http_requests_total{handler,method,status}` counter: Infinity-compatible; `status` grouped as 2xx|4xx|5xx.
 - `http_request_duration_seconds{handler,method}` histogram: Infinity-compatible, per route template.
+
+prometheus-client's standard families describe the router process itself (not its workers): `process_*` (CPU
+seconds, resident and virtual memory, open file descriptors, start time) and `python_gc_*{generation}`.
 """
 
 from __future__ import annotations
 
+import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+# The router's own CPU, memory and file descriptors (process_*) and its garbage collections (python_gc_*), read at
+# scrape time only: what an operator checks first when the router, not a model, is the slow part.
+prometheus_client.ProcessCollector(registry=REGISTRY)
+prometheus_client.GCCollector(registry=REGISTRY)
 # The classic text format, which every scraper reads; prometheus-client's newer default announces version 1.0.0.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
