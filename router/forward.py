@@ -161,8 +161,9 @@ class Forward:
         return self.client
 
     def _note(self, scope: Scope, model: str) -> None:
-        """Label the request for the Instrument middleware: its model and route, as if it had been served here."""
+        """Label the request for the Instrument middleware: forwarded, its model, the route it would have had here."""
         request_labels.note_model(model)
+        request_labels.note_forwarded()
         for route in self.routes:
             match, child = route.matches(scope)
             if match is Match.FULL:

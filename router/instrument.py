@@ -42,14 +42,19 @@ class Instrument:
             await self.app(scope, receive, send_and_watch)
         finally:
             request_labels.current.reset(token)
-            self._observe(scope, status, labels.get("model"), time.perf_counter() - started)
+            self._observe(scope, status, labels, time.perf_counter() - started)
 
-    def _observe(self, scope: Scope, status: int, model: str | None, elapsed: float) -> None:
+    def _observe(self, scope: Scope, status: int, labels: dict[str, str], elapsed: float) -> None:
         route = self.routes.get(scope.get("endpoint"))
         handler = route.path if route else "none"
         metrics.HTTP_REQUESTS.labels(handler, scope["method"], metrics.status_class(status)).inc()
         metrics.HTTP_REQUEST_DURATION.labels(handler, scope["method"]).observe(elapsed)
-        if model and route is not None and route.name:
+        model = labels.get("model")
+        if not model or route is None or not route.name:
+            return
+        if "forwarded" in labels:  # the pool that answers counts it in REQUESTS; counting it here too would double it
+            metrics.FORWARDED.labels(model, route.name, str(status)).inc()
+        else:
             metrics.REQUESTS.labels(model, route.name, str(status)).inc()
             metrics.REQUEST_DURATION.labels(model, route.name, "total").observe(elapsed)
 

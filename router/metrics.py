@@ -2,7 +2,10 @@
 query and the Grafana dashboards in deploy/ depend on them, and tests/deploy checks every dashboard against this module.
 
 - `sie_queue_depth{model}` gauge: items admitted and waiting for a batch (the autoscaling signal).
-- `sie_requests_total{model,endpoint,status}` counter: requests answered; `status` is the HTTP code ("200", "429").
+- `sie_requests_total{model,endpoint,status}` counter: requests answered here; `status` is the HTTP code ("200", "429").
+- `sie_forwarded_requests_total{model,endpoint,status}` counter: requests relayed to the pool that serves their model,
+  by the status relayed back (503: that pool did not answer, e.g. at zero replicas: KEDA's wake signal). A request
+  is counted once in sie_requests_total, by the pool that answers it, so sums over pools do not count it twice.
 - `sie_request_duration_seconds{model,endpoint,phase}` histogram: phase in queue|tokenize|inference|postprocess|total.
 - `sie_batch_size{model}` histogram: items per forward pass.
 - `sie_tokens_total{model}` counter: input tokens processed.
@@ -49,6 +52,8 @@ _HTTP_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 
 QUEUE_DEPTH = Gauge("sie_queue_depth", "Items admitted and waiting for a batch.", ["model"], registry=REGISTRY)
 REQUESTS = Counter("sie_requests", "Requests answered, by HTTP status code.", ["model", "endpoint", "status"],
                    registry=REGISTRY)
+FORWARDED = Counter("sie_forwarded_requests", "Requests relayed to the pool that serves their model, by the HTTP "
+                    "status relayed back.", ["model", "endpoint", "status"], registry=REGISTRY)
 REQUEST_DURATION = Histogram("sie_request_duration_seconds", "Request time by phase "
                              "(queue, tokenize, inference, postprocess, total).", ["model", "endpoint", "phase"],
                              buckets=_LATENCY_BUCKETS, registry=REGISTRY)

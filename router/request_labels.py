@@ -15,3 +15,10 @@ def note_model(model: str) -> None:
     labels = current.get()
     if labels is not None:
         labels["model"] = model
+
+
+def note_forwarded() -> None:
+    """Record that the current request was relayed to another pool, which counts it as answered."""
+    labels = current.get()
+    if labels is not None:
+        labels["forwarded"] = "yes"

@@ -3,6 +3,7 @@ queries and every dashboard panel's query return data through Prometheus's HTTP 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import threading
@@ -25,10 +26,13 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the prometheus binar
                                 "--no-install-recommends prometheus, as .ci/run does)")
 
 DENSE, E5, BROKEN = "test/fake-dense", "test/fake-e5", "test/fake-broken"
+ASLEEP = "test/fake-asleep"  # in the pool map under a URL where nothing listens: a pool scaled to zero
 NAMESPACE = "sie"
-# One pool at minReplicas 0, so its ScaledObject has both triggers: queue depth and the wake on requests.
+# The server stands in for pool "fake"; pool "asleep" is at minReplicas 0, so its ScaledObject has the wake trigger,
+# fed by the requests "fake" forwards to it.
 VALUES = {"keda": {"enabled": True},
-          "pools": [{"name": "fake", "models": [DENSE, E5], "minReplicas": 0, "maxReplicas": 2}]}
+          "pools": [{"name": "fake", "models": [DENSE, E5], "maxReplicas": 2},
+                    {"name": "asleep", "models": [ASLEEP], "minReplicas": 0, "maxReplicas": 1}]}
 SERVICE = "sie-fake"
 # What Grafana sends with the `model` variable at "All" (its allValue).
 LIVE_VARIABLES = {**VARIABLES, "${model}": ".*", "$model": ".*"}
@@ -121,6 +125,7 @@ def _traffic(url: str, seconds: float) -> dict[int, int]:
         ("/v1/rerank", {"model": DENSE, "query": "q", "documents": ["a b", "c d", "e"]}),
         ("/v1/embeddings", {"model": DENSE, "input": []}),  # 400
         ("/v1/embeddings", {"model": BROKEN, "input": ["x"]}),  # 502: its load fails
+        ("/v1/embeddings", {"model": ASLEEP, "input": ["x"]}),  # 503: forwarded to a pool with no pods
     ]
 
     def worker(offset: int) -> None:
@@ -148,7 +153,9 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
     """A server under load, scraped by Prometheus throughout, then left a few scrapes to catch up."""
     folder = tmp_path_factory.mktemp("prometheus_live")
     bundle = make_bundle(folder / "bundle", "fake.yaml")
-    server = Server(["--bundle", str(bundle), "--preload", DENSE, "--preload", E5], log=folder / "server.log")
+    (folder / "pools.json").write_text(json.dumps({ASLEEP: f"http://127.0.0.1:{free_port()}"}))
+    server = Server(["--bundle", str(bundle), "--preload", DENSE, "--preload", E5], log=folder / "server.log",
+                    env={"SIE_POOL": "fake", "SIE_POOL_MAP": str(folder / "pools.json")})
     prometheus: Prometheus | None = None
     try:
         server.wait_ready()  # before Prometheus knows the port, which the server may have had to change
@@ -156,7 +163,7 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
         prometheus.wait_scraping()
         time.sleep(1.0)  # a sample or two before the load, so rates and increases have a baseline
         statuses = _traffic(server.url, 3.0)
-        assert statuses.get(200, 0) > 20 and statuses.get(400) and statuses.get(502), statuses
+        assert statuses.get(200, 0) > 20 and statuses.get(400) and statuses.get(502) and statuses.get(503), statuses
         time.sleep(2.5)  # the last counts reach Prometheus
         yield prometheus
     finally:
@@ -166,14 +173,16 @@ def scraped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
 
 
 def test_keda_queries_from_the_chart_return_data(scraped: Prometheus) -> None:
-    (scaled,) = kinds(render(VALUES, name="sie", namespace=NAMESPACE), "ScaledObject")
-    triggers = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"]}
-    assert set(triggers) == {"queue-depth", "wake"}
-    assert f'service="{SERVICE}"' in triggers["queue-depth"]
-    (depth,) = scraped.query(triggers["queue-depth"])
+    scaled = {so["metadata"]["name"]: so for so in kinds(render(VALUES, name="sie", namespace=NAMESPACE),
+                                                         "ScaledObject")}
+    triggers = {(name, t["name"]): t["metadata"]["query"] for name, so in scaled.items()
+                for t in so["spec"]["triggers"]}
+    assert set(triggers) == {(SERVICE, "queue-depth"), ("sie-asleep", "queue-depth"), ("sie-asleep", "wake")}
+    assert f'service="{SERVICE}"' in triggers[SERVICE, "queue-depth"]
+    (depth,) = scraped.query(triggers[SERVICE, "queue-depth"])
     assert float(depth["value"][1]) >= 0
-    (wake,) = scraped.query(triggers["wake"])
-    assert float(wake["value"][1]) > 0  # requests for the pool's models: what wakes a pool at zero
+    (wake,) = scraped.query(triggers["sie-asleep", "wake"])
+    assert float(wake["value"][1]) > 0  # requests forwarded to the pool with no pods: what wakes it
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -196,5 +205,7 @@ def test_the_load_shows_in_the_series(scraped: Prometheus) -> None:
     assert value(f'sum(increase(sie_model_loads_total{{model="{DENSE}",result="success"}}[1m]))') > 0  # reloaded
     assert value(f'sum(sie_requests_total{{model="{BROKEN}",status="502"}})') > 0
     assert value(f'sum(sie_requests_total{{model="{DENSE}",status="400"}})') > 0
+    assert value(f'sum(sie_forwarded_requests_total{{model="{ASLEEP}",status="503"}})') > 0
+    assert scraped.query(f'sie_requests_total{{model="{ASLEEP}"}}') == []  # answered by no pool, so never counted
     assert value('sum(rate(sie_request_duration_seconds_count{phase="inference"}[1m]))') > 0
     assert value('sum(sie_device_memory_total_bytes{device="cpu"})') > 0
