@@ -6,6 +6,7 @@ returns with these on the same checkpoints.
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +42,18 @@ def _colbert_weights(layout: str, weights_dir: Path) -> tuple[torch.nn.Module, t
 
 
 def colbert(layout: str, weights_dir: Path, texts: list[str], is_query: bool) -> list[np.ndarray]:
-    """Per text [tokens, dim]: tokenise with one slot left, insert the marker id after [CLS] (as colbert-ir and
-    PyLate do), encode, project, normalise, drop padding."""
+    """Per text [rows, dim], as PyLate's `ColBERT.encode` (and colbert-ir) computes it: tokenise with one slot left,
+    insert the marker id after [CLS], encode, project, normalise. A query is padded to its cap with [MASK] (the pad
+    token becomes [MASK]; the attention mask stays 0 there) and keeps every row; a document keeps the rows of its
+    real tokens minus the punctuation skiplist (symbols the vocabulary lacks left out, see `skiplist_ids`)."""
     q_marker, d_marker, q_cap, d_cap = COLBERT_LAYOUTS[layout]
     tokenizer = AutoTokenizer.from_pretrained(weights_dir)
     marker = tokenizer.convert_tokens_to_ids(q_marker if is_query else d_marker)
     assert marker != tokenizer.unk_token_id
-    encoded = tokenizer(texts, padding=True, truncation=True, max_length=(q_cap if is_query else d_cap) - 1,
-                        return_tensors="pt")
+    if is_query:
+        tokenizer.pad_token = tokenizer.mask_token
+    encoded = tokenizer(texts, padding="max_length" if is_query else True, truncation=True,
+                        max_length=(q_cap if is_query else d_cap) - 1, return_tensors="pt")
     ids, mask = encoded["input_ids"], encoded["attention_mask"]
     ids = torch.cat([ids[:, :1], torch.full_like(ids[:, :1], marker), ids[:, 1:]], dim=1)
     mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
@@ -56,7 +61,12 @@ def colbert(layout: str, weights_dir: Path, texts: list[str], is_query: bool) ->
     with torch.inference_mode():
         hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         vectors = F.normalize(hidden @ weight.T, p=2, dim=-1)
-    return [vectors[i][mask[i].bool()].numpy() for i in range(len(texts))]
+    if is_query:
+        return [vectors[i].numpy() for i in range(len(texts))]
+    punctuation = [tokenizer.convert_tokens_to_ids(symbol) for symbol in string.punctuation]
+    skip = torch.tensor([i for i in punctuation if i != tokenizer.unk_token_id])
+    keep = mask.bool() & ~torch.isin(ids, skip)
+    return [vectors[i][keep[i]].numpy() for i in range(len(texts))]
 
 
 def _linear(path: Path) -> torch.nn.Linear:

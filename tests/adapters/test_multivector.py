@@ -1,11 +1,12 @@
 """The ColBERT adapter against a hand-written ColBERT on both checkpoint layouts (CPU).
 
-The reference inserts the marker token id after [CLS] the way colbert-ir and PyLate do, so it also checks the
-adapter's text-prefix tokenisation.
+The reference follows PyLate's `ColBERT.encode`: it inserts the marker token id after [CLS] (so it also checks the
+adapter's text-prefix tokenisation), expands queries with [MASK] and drops punctuation rows from documents.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from sie_sdk.scoring import maxsim
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
+from sie_worker.adapters.multivector import checkpoint_defaults
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items
 from tests.references import colbert as reference
 from tests.sentences import SENTENCES
@@ -34,7 +36,12 @@ def test_matches_the_reference(layout: str, is_query: bool, make_adapter: MakeAd
     texts = QUERIES if is_query else DOCS
     result = encode(make_adapter("multivector", weights_dir), texts, ["multivector"], is_query=is_query)
     got, expected = multivector_items(result), reference(layout, weights_dir, texts, is_query)
-    assert [len(rows) for rows in got] == [len(rows) for rows in expected] == result.token_counts
+    assert [len(rows) for rows in got] == [len(rows) for rows in expected]
+    if is_query:  # every query is expanded to its cap; token_counts still counts its real tokens
+        assert {len(rows) for rows in got} == {8} and max(result.token_counts) <= 8 > min(result.token_counts)
+    else:  # punctuation rows dropped, so some documents return fewer rows than they have tokens
+        assert all(len(r) <= n for r, n in zip(got, result.token_counts, strict=True))
+        assert any(len(r) < n for r, n in zip(got, result.token_counts, strict=True))
     for rows, want in zip(got, expected, strict=True):
         np.testing.assert_allclose(rows, want, atol=1e-5)
     assert result.dense is None and result.sparse_indices is None
@@ -67,8 +74,9 @@ def test_query_and_doc_markers_differ(make_adapter: MakeAdapter, colbert_stanfor
     adapter = make_adapter("multivector", colbert_stanford_dir)
     query = multivector_items(encode(adapter, ["berlin"], ["multivector"], is_query=True))[0]
     doc = multivector_items(encode(adapter, ["berlin"], ["multivector"]))[0]
-    assert query.shape == doc.shape == (4, COLBERT_DIM)  # [CLS] marker berlin [SEP]
-    assert not np.allclose(query, doc)
+    assert doc.shape == (4, COLBERT_DIM)  # [CLS] marker berlin [SEP]
+    assert query.shape == (8, COLBERT_DIM)  # the same, then [MASK] up to the query cap
+    assert not np.allclose(query[:4], doc)
 
 
 def test_rejects_a_token_dim_the_checkpoint_does_not_have(make_adapter: MakeAdapter,
@@ -85,3 +93,37 @@ def test_maxsim_ranks_with_the_encoded_vectors(make_adapter: MakeAdapter, colber
     np.testing.assert_allclose(maxsim(query, docs), want, rtol=1e-6)
     with pytest.raises(UnsupportedTask):
         encode(adapter, ["text"], ["dense"])
+
+
+def test_expansion_attention_and_skiplist_follow_the_options(make_adapter: MakeAdapter,
+                                                             colbert_pylate_dir: Path) -> None:
+    query, doc = "berlin is in germany", "paris, the capital of france."
+
+    def rows(adapter: object, text: str, is_query: bool) -> np.ndarray:
+        return multivector_items(encode(adapter, [text], ["multivector"], is_query=is_query))[0]
+
+    default = make_adapter("multivector", colbert_pylate_dir)
+    expanded, full_doc = rows(default, query, True), rows(default, doc, False)
+    plain = make_adapter("multivector", colbert_pylate_dir, loadtime={"query_expansion": False})
+    unexpanded = rows(plain, query, True)
+    assert len(expanded) == 8 and len(unexpanded) == 7  # [CLS] [Q] berlin is in germany [SEP]
+    # The real tokens do not attend to the [MASK]s, so their rows are the same with or without them...
+    np.testing.assert_allclose(expanded[:7], unexpanded, atol=1e-5)
+    # ...unless the checkpoint says they do.
+    attending = make_adapter("multivector", colbert_pylate_dir, loadtime={"attend_to_expansion_tokens": True})
+    assert not np.allclose(rows(attending, query, True)[:7], unexpanded, atol=1e-5)
+    no_skiplist = make_adapter("multivector", colbert_pylate_dir, loadtime={"skiplist_words": []})
+    assert len(rows(no_skiplist, doc, False)) == len(full_doc) + 2  # the comma and the full stop
+
+
+def test_checkpoint_configs_set_expansion_attention_and_skiplist(tmp_path: Path) -> None:
+    pylate, stanford = tmp_path / "pylate", tmp_path / "stanford"
+    pylate.mkdir(), stanford.mkdir()
+    (pylate / "config_sentence_transformers.json").write_text(json.dumps(
+        {"do_query_expansion": False, "attend_to_expansion_tokens": True, "skiplist_words": ["!"]}))
+    assert checkpoint_defaults(pylate) == {"query_expansion": False, "attend_to_expansion_tokens": True,
+                                           "skiplist_words": ["!"]}
+    (stanford / "artifact.metadata").write_text(json.dumps({"attend_to_mask_tokens": True,
+                                                            "mask_punctuation": False}))
+    assert checkpoint_defaults(stanford) == {"query_prefix": "[unused0] ", "doc_prefix": "[unused1] ",
+                                             "attend_to_expansion_tokens": True, "skiplist_words": []}

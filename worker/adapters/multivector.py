@@ -3,10 +3,15 @@
 Reads both checkpoint layouts: colbert-ir's (`linear.weight` inside the Hugging Face checkpoint, settings in
 `artifact.metadata`) and sentence-transformers/PyLate's (`modules.json` with a `Dense` folder). Also owns
 `token_rows`/`join_rows`, the per-token row packing the hybrid family shares.
+
+Encodes as colbert-ir and PyLate do: a query is padded to its fixed length with [MASK] tokens, which the real tokens
+do not attend to but which are encoded and returned (query augmentation: every query has `query_max_length` rows);
+a document's punctuation tokens are encoded but their rows dropped (the skiplist).
 """
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +128,9 @@ def checkpoint_defaults(weights_dir: Path) -> dict[str, Any]:
         found["doc_prefix"] = str(metadata.get("doc_token_id") or "[unused1]") + " "
         found["query_max_length"] = metadata.get("query_maxlen")
         found["doc_max_length"] = metadata.get("doc_maxlen")
+        found["attend_to_expansion_tokens"] = metadata.get("attend_to_mask_tokens")
+        if metadata.get("mask_punctuation") is False:
+            found["skiplist_words"] = []
     st = read_json(weights_dir / "config_sentence_transformers.json") or {}
     prompts = st.get("prompts") or {}
     found["query_prefix"] = st.get("query_prefix") or prompts.get("query") or found.get("query_prefix")
@@ -130,7 +138,42 @@ def checkpoint_defaults(weights_dir: Path) -> dict[str, Any]:
     found["query_max_length"] = st.get("query_length") or found.get("query_max_length")
     found["doc_max_length"] = st.get("document_length") or (read_json(
         weights_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or found.get("doc_max_length")
+    for ours, theirs in (("query_expansion", "do_query_expansion"),
+                         ("attend_to_expansion_tokens", "attend_to_expansion_tokens"),
+                         ("skiplist_words", "skiplist_words")):
+        if st.get(theirs) is not None:
+            found[ours] = st[theirs]
     return {k: v for k, v in found.items() if v is not None}
+
+
+def expansion_token_id(tokenizer: Any) -> int:
+    """What pads a query: [MASK] in an encoder's vocabulary, else end-of-sequence, else padding (as PyLate picks)."""
+    for candidate in (tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    raise ValueError("the tokenizer has no [MASK], end-of-sequence or padding token to expand queries with")
+
+
+def expand_queries(tensors: dict[str, torch.Tensor], length: int, expansion_id: int,
+                   attend: bool) -> dict[str, torch.Tensor]:
+    """A bucket of tokenised queries padded (or cut back from its pad multiple) to exactly `length` columns, every
+    padding position turned into `expansion_id`; the real tokens attend to those positions only when `attend`."""
+    mask = tensors["attention_mask"]
+    width = mask.shape[1]
+    grown = {key: F.pad(value, (0, length - width)) if width < length else value[:, :length]
+             for key, value in tensors.items()}
+    real = grown["attention_mask"].bool()
+    grown["input_ids"] = grown["input_ids"].masked_fill(~real, expansion_id)
+    if attend:
+        grown["attention_mask"] = torch.ones_like(grown["attention_mask"])
+    return grown
+
+
+def skiplist_ids(tokenizer: Any, words: list[str]) -> torch.Tensor:
+    """Token ids of the skiplist words that are single entries of the vocabulary (a word the vocabulary lacks would
+    map to [UNK], and dropping every unknown piece from documents is not what the skiplist means)."""
+    ids = {tokenizer.convert_tokens_to_ids(word) for word in words}
+    return torch.tensor(sorted(i for i in ids if i is not None and i != tokenizer.unk_token_id), dtype=torch.long)
 
 
 def register_prefix_tokens(tokenizer: Any, prefixes: list[str]) -> None:
@@ -165,11 +208,16 @@ class MultivectorAdapter:
         self.max_length: int | None = spec.max_sequence_length or options.get("doc_max_length")
         self.normalize = bool(options.get("normalize", True))
         self.token_dim = options.get("token_dim")
+        self.query_expansion = bool(options.get("query_expansion", True))
+        self.attend_to_expansion = bool(options.get("attend_to_expansion_tokens", False))
+        self.skiplist_words = [str(w) for w in options.get("skiplist_words", list(string.punctuation))]
 
     def load(self) -> LoadInfo:
         encoder = encoder_dir(self.weights_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(encoder, local_files_only=True)
         register_prefix_tokens(self.tokenizer, [self.query_prefix, self.doc_prefix])
+        self.expansion_id = expansion_token_id(self.tokenizer)
+        self.skiplist = skiplist_ids(self.tokenizer, self.skiplist_words).to(self.device)
         dtype = compute_dtype(self.spec.compute_precision, self.device)
         model = AutoModel.from_pretrained(encoder, local_files_only=True, dtype=dtype)
         self.model = model.to(self.device).eval()
@@ -196,7 +244,16 @@ class MultivectorAdapter:
         max_length = self.query_max_length if batch.is_query else self.max_length
         buckets, counts = tokenize_in_buckets(self.tokenizer, texts, max_length, truncate=truncate,
                                               max_batch_tokens=self.spec.max_batch_tokens, device=self.device)
+        if batch.is_query and self.query_expansion:
+            buckets = [(indices, expand_queries(tensors, self.query_max_length, self.expansion_id,
+                                                self.attend_to_expansion)) for indices, tensors in buckets]
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+
+    def _kept(self, inputs: dict[str, torch.Tensor], is_query: bool) -> torch.Tensor:
+        """Which rows an item returns: every one of an expanded query; a document's real tokens off the skiplist."""
+        if is_query:
+            return torch.ones_like(inputs["input_ids"]) if self.query_expansion else inputs["attention_mask"]
+        return inputs["attention_mask"].bool() & ~torch.isin(inputs["input_ids"], self.skiplist)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         parts: list[np.ndarray] = [np.empty((0, self.dim), np.float32)] * len(prepared.token_counts)
@@ -209,7 +266,8 @@ class MultivectorAdapter:
                 vectors = projection(hidden).float()
                 if self.normalize:
                     vectors = F.normalize(vectors, p=2, dim=-1)
-                for i, rows in zip(indices, token_rows(vectors, inputs["attention_mask"]), strict=True):
+                kept = self._kept(inputs, prepared.batch.is_query)
+                for i, rows in zip(indices, token_rows(vectors, kept), strict=True):
                     parts[i] = rows
         multivector, offsets = join_rows(parts, self.dim)
         return EncodeResult(token_counts=prepared.token_counts, multivector=multivector, multivector_offsets=offsets)
