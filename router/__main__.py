@@ -15,7 +15,7 @@ import uvicorn
 from sie_router import __version__
 from sie_router.app import build_app
 from sie_router.registry import build_registry
-from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, Settings, env_defaults, parse_bytes
+from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, DTYPES, Settings, env_defaults, parse_bytes
 
 log = logging.getLogger("sie")
 
@@ -52,6 +52,10 @@ def parser() -> argparse.ArgumentParser:
                        help="dense encoders' engine on CPU: torch, onnx (ONNX Runtime, exported and cached at load; "
                             "Infinity's 'optimum' means the same) or auto (onnx when onnxruntime is installed); "
                             "GPUs always run torch (default auto)")
+    serve.add_argument("--dtype", choices=DTYPES,
+                       help="compute precision for every model, over each model config's own (default auto: the "
+                            "config's, else float32); bfloat16 runs torch, fast on CPUs with native bf16 "
+                            "(AVX512-BF16, AMX); float16 is for GPUs")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--onnx-lanes", type=int, metavar="N",
                        help="ONNX Runtime: forward calls run side by side, worker threads / N threads each (default: "
@@ -97,6 +101,8 @@ def settings_from(argv: Sequence[str]) -> Settings:
         if name in given:
             given[name] = tuple(given[name])
     values.update(given)
+    if values.get("dtype", "auto") not in DTYPES:
+        parser().error(f"SIE_DTYPE must be one of {', '.join(DTYPES)}, not {values['dtype']!r}")
     return Settings(**values)  # type: ignore[arg-type]
 
 

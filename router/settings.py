@@ -9,6 +9,7 @@ from pathlib import Path
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Settings:
     # ONNX Runtime forward calls run side by side, one thread each (0: as many as worker threads). 1 gives a lone
     # request every thread: lower latency at concurrency 1, less throughput under load (bench/README.md, "lanes").
     onnx_lanes: int = 0
+    # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else float32).
+    # bfloat16 runs torch (ONNX Runtime is float32 only); on a CPU with native bf16 (AVX512-BF16, AMX) it beats the
+    # float32 ONNX engine on big requests and trails it on many small ones, at sentence cosine >= 0.9998 for
+    # all-MiniLM-L6-v2 (bench/README.md). float16 is for GPUs; CPU workers run it as float32.
+    dtype: str = "auto"
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
@@ -94,7 +100,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
     simple: dict[str, tuple[str, Callable[[str], object]]] = {
         "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
         "SIE_ENGINE": ("engine", str), "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
-        "SIE_ONNX_LANES": ("onnx_lanes", int),
+        "SIE_ONNX_LANES": ("onnx_lanes", int), "SIE_DTYPE": ("dtype", str),
         "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
         "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
         "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),

@@ -34,3 +34,16 @@ def test_help_explains_every_flag() -> None:
                          check=True).stdout
     for flag in ("--model-id", "--bundle", "--host", "--port", "--device", "offline first"):
         assert flag in out
+
+
+def test_dtype_comes_from_the_flag_or_the_environment_and_is_checked(monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SIE_DTYPE", raising=False)
+    assert settings_from([]).dtype == "auto"
+    assert settings_from(["--dtype", "bfloat16"]).dtype == "bfloat16"
+    monkeypatch.setenv("SIE_DTYPE", "float16")
+    assert settings_from([]).dtype == "float16"
+    monkeypatch.setenv("SIE_DTYPE", "int4")
+    with pytest.raises(SystemExit):
+        settings_from([])
+    assert "SIE_DTYPE must be one of auto, float32, bfloat16, float16, not 'int4'" in capsys.readouterr().err

@@ -1,0 +1,28 @@
+"""`--dtype bfloat16`: every model runs in bf16 (torch, since ONNX Runtime is float32 only), within the 0.999 cosine
+bar of the float32 reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.sentences import SENTENCES
+from tests.server import MINILM, Server, make_bundle
+
+
+def test_bfloat16_for_every_model_stays_within_cosine_of_float32(tmp_path: Path, reference_model) -> None:  # type: ignore[no-untyped-def]
+    log = tmp_path / "server.log"
+    server = Server(["--bundle", str(make_bundle(tmp_path / "bundle", "all-minilm-l6-v2.yaml")), "-m", MINILM,
+                     "--dtype", "bfloat16"], log=log).wait_ready()
+    try:
+        body = httpx.post(f"{server.url}/v1/embeddings", json={"model": MINILM, "input": SENTENCES}, timeout=60).json()
+        got = np.asarray([row["embedding"] for row in sorted(body["data"], key=lambda row: row["index"])])
+    finally:
+        assert server.stop() in (0, -15)
+    want = np.asarray(reference_model.encode(SENTENCES, normalize_embeddings=True))
+    cosines = np.sum(got * want, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.999, cosines.min()
+    assert np.abs(got - want).max() > 1e-4  # float32 agrees to about 1e-6: these really came from bf16
+    assert "engine: torch (cpu)" in log.read_text()
