@@ -62,6 +62,7 @@ class Instrument:
 def refresh_gauges(request: Request) -> None:
     """Gauges read at scrape time: device memory, models loaded, memory per model."""
     pool = app_state(request).pool
+    pool.remeasure()
     for device in pool.devices.snapshot():
         metrics.DEVICE_MEMORY_USED.labels(device.name).set(device.used)
         metrics.DEVICE_MEMORY_TOTAL.labels(device.name).set(device.total)

@@ -198,8 +198,24 @@ class WorkerPool:
         weights = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
         return int(weights * WEIGHTS_MEMORY_FACTOR) or DEFAULT_ESTIMATE
 
+    def remeasure(self) -> None:
+        """Raise each loaded model's reservation to what its worker holds now, if that is more.
+
+        The figure taken at Ready is not a ceiling: the torch engine's allocator and oneDNN caches grow with the batch
+        shapes traffic brings (all-MiniLM-L6-v2 in bf16: 530 MiB at Ready, 890 under the soak's mix, then flat).
+        Eviction plans and the memory metrics must see the grown figure, or the budget is overrun. Reservations only
+        rise: memory a worker gave back it can take again."""
+        for key, slot in self.slots.items():
+            worker = slot.worker
+            if slot.state != "loaded" or worker is None or worker.info is None:
+                continue
+            measured, reserved = self.devices.process_memory(worker.info.pid, worker.device), self.ledger.reserved(key)
+            if measured and reserved is not None and measured > reserved:
+                self.ledger.settle(key, measured)
+
     async def _reserve(self, slot: Slot, nbytes: int, evict: bool) -> str:
         """Pick the device with the most free budget and reserve `nbytes`, evicting LRU idle models if needed."""
+        self.remeasure()
         device = self.ledger.best_device()
         plan = self.ledger.eviction_plan(device, nbytes, lambda k: evict and k != slot.key and self._evictable(k))
         if plan is None:

@@ -34,6 +34,7 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
 
 async def list_workers(request: Request) -> Response:
     pool = app_state(request).pool
+    pool.remeasure()
     rows = [worker_row(pool, s) for s in pool.slots.values() if s.worker or s.state != "available"]
     readings = {d.name: d for d in pool.devices.snapshot()}
     devices = [{"device": name, "total_bytes": readings[name].total if name in readings else budget.budget,

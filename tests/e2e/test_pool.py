@@ -72,6 +72,19 @@ def test_loading_a_third_model_evicts_the_least_recently_used(budget_server: Ser
     assert devices[0]["device"] == "cpu" and devices[0]["reserved_bytes"] <= devices[0]["budget_bytes"]
 
 
+def test_a_working_set_that_grows_after_ready_counts_against_the_budget(budget_server: Server) -> None:
+    """Reservations follow a worker's memory past its figure at Ready, so an eviction plan sees what it holds now."""
+    srv = budget_server
+    encode(srv, "test/fake-growing")  # ~50 MiB at Ready, then 300 MiB more after this batch
+    row = workers(srv)["test/fake-growing"]
+    assert row["memory_bytes"] > 300 * 2**20 and row["memory_budget_bytes"] >= row["memory_bytes"] * 0.95
+    # Reserved as measured at Ready, a (300 MiB estimate) would fit beside it in 600 MiB; as it is, it does not.
+    encode(srv, "test/fake-a")
+    assert loaded(srv) == {"test/fake-a"}
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    assert 'sie_evictions_total{model="test/fake-growing",reason="memory"} 1.0' in metrics
+
+
 def test_admin_evict_and_crash_budget(budget_server: Server) -> None:
     srv = budget_server
     url = f"{srv.url}/v1/encode/test/fake-crashy"

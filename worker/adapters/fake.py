@@ -2,7 +2,8 @@
 
 Vectors and scores are seeded from a hash of the input. Faults are injected through `loadtime` options:
 `load_delay_s`, `fail_load` (a message), `batch_delay_s`, `oom_on_batch` and `crash_on_batch` (1-based batch
-numbers), `memory_mb` (bytes to hold, so memory budgets can be exercised).
+numbers), `memory_mb` (MiB to hold from load, so memory budgets can be exercised) and `grow_mb_per_batch` (MiB more
+held after every batch, as a working set that grows under traffic).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class FakeAdapter:
         self.dim = int(self.options.get("dim", 16))
         self.batches = 0
         self._ballast = b""
+        self._grown: list[bytes] = []
 
     def load(self) -> LoadInfo:
         time.sleep(float(self.options.get("load_delay_s", 0)))
@@ -67,6 +69,7 @@ class FakeAdapter:
         if self.batches == self.options.get("oom_on_batch"):
             raise InjectedOutOfMemory("CUDA out of memory (injected by the fake adapter)")
         time.sleep(float(self.options.get("batch_delay_s", 0)))
+        self._grown.append(b"\x01" * (int(self.options.get("grow_mb_per_batch", 0)) * 1024 * 1024))
         batch = prepared.batch
         if isinstance(batch, EncodeBatch):
             texts = [item.text or "" for item in batch.items]
@@ -87,3 +90,4 @@ class FakeAdapter:
 
     def close(self) -> None:
         self._ballast = b""
+        self._grown.clear()
