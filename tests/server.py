@@ -37,6 +37,12 @@ def make_bundle(folder: Path, *names: str) -> Path:
     return folder
 
 
+def _temporary_log() -> Path:
+    handle, path = tempfile.mkstemp(prefix="sie-server-", suffix=".log")
+    os.close(handle)
+    return Path(path)
+
+
 class Server:
     """`python -m sie_router serve ...` in a subprocess; `url` once /readyz says ok."""
 
@@ -48,7 +54,7 @@ class Server:
         # Without a log of its own, the server writes to a temporary one: a failed start says why, and a lost
         # port is recognisable. It is removed after a clean stop.
         self.own_log = log is None
-        self.log_path = log or Path(tempfile.mkstemp(prefix="sie-server-", suffix=".log")[1])
+        self.log_path = log or _temporary_log()
         self.pinned_port = port
         self._out: Any = None
         self._log_offset = 0
@@ -68,7 +74,7 @@ class Server:
 
         The port is free when chosen but not held, so any client's outgoing connection (which draws from the same
         ephemeral range) can take it first; on a busy test machine that happens often enough to turn CI red."""
-        return self.pinned_port is None and "address already in use" in self.log_path.read_text()[self._log_offset:]
+        return self.pinned_port is None and b"address already in use" in self.log_path.read_bytes()[self._log_offset:]
 
     def wait_ready(self, timeout: float = 120.0) -> Server:
         deadline = time.monotonic() + timeout
