@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
                        help="never evict this model (repeatable)")
     serve.add_argument("--idle-ttl", dest="idle_ttl_s", type=float, metavar="SECONDS",
                        help="evict models unused this long (default: never)")
+    serve.add_argument("--batch-timeout", dest="batch_timeout_s", type=float, metavar="SECONDS",
+                       help="a worker whose batch makes no progress this long is hung: killed and restarted (default "
+                            "30; sooner for models whose batches are fast: 20 times their pace, at least 10)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but health, metrics "
                                          "and docs (prefer SIE_API_KEY: command lines are visible to other users)")
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "

@@ -156,6 +156,9 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
                     exception_handlers={SIEError: _sie_error, HTTPException: _http_error, ClientGone: _client_gone,
                                         RecursionError: _undecodable, UnicodeDecodeError: _undecodable,
                                         Exception: _unexpected})
+    # No slash redirects: a client follows a 307 without its body (POST /v1/encode/ -> GET). A path that does not
+    # exist is a JSON 404 (a wrong method a 405) in its API's envelope, through `_http_error`.
+    app.router.redirect_slashes = False
     app.state.sie = state
     app.state.openapi = openapi.encoded(ROUTES, api_key=bool(settings.api_key),
                                         admin_token=bool(settings.admin_token))

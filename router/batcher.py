@@ -8,7 +8,8 @@ batches:
      length first, so padding stays small, under the item cap and the token budget;
   3. skip entries whose request has gone (its future was cancelled);
   4. keep at most `in_flight` batches at the worker, so the next batch is ready while one runs;
-  5. if a shared batch fails on one request's input, re-run its requests one by one so only that one fails.
+  5. if a shared batch fails on one request's input, re-run its requests one by one so only that one fails;
+  6. if the worker runs out of device memory, run the batch again in halves before answering RESOURCE_EXHAUSTED.
 The queue is bounded in items; past the bound `submit` raises `QUEUE_FULL` (retryable).
 """
 
@@ -194,7 +195,7 @@ class Batcher:
         on one request's input (a corrupt image, an over-long text), run each request on its own, so only the
         offending request fails and its neighbours succeed."""
         try:
-            report = await self.run(batch[0].key, [item for e in batch for item in e.items])
+            report = await self._run_halving(batch[0].key, [item for e in batch for item in e.items])
         except SIEError as exc:
             if isolate and len(batch) > 1 and exc.code in INPUT_ERRORS:
                 for entry in batch:
@@ -214,6 +215,19 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_result(part)
         return report
+
+    async def _run_halving(self, key: Any, items: list[Any]) -> BatchReport:
+        """Step 6: out of device memory, a smaller batch may fit; only a single item that does not is refused."""
+        try:
+            return await self.run(key, items)
+        except SIEError as exc:
+            if exc.code != "RESOURCE_EXHAUSTED" or len(items) < 2:
+                raise
+        log.warning("%s ran out of memory on a batch of %d; running it in halves", self.name, len(items))
+        half = len(items) // 2
+        first = await self._run_halving(key, items[:half])
+        second = await self._run_halving(key, items[half:])
+        return BatchReport(first.outputs + second.outputs)  # no timing: a split batch teaches the pacer nothing
 
     @staticmethod
     def _fail(batch: list[Entry], exc: Exception) -> None:

@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 from starlette.responses import Response
 
+from sie_sdk.codes import ErrorCode
+from sie_worker.protocol import LoadErrorClass
+
 
 class Api(Enum):
     """Which envelope an error is rendered in, chosen by the route."""
@@ -34,41 +37,39 @@ class Code:
 
 
 # code -> how it is answered. Retryable answers carry Retry-After; terminal 5xx tell OpenAI clients not to retry.
-TABLE: dict[str, Code] = {
-    "INVALID_INPUT": Code(400, None, 400, "invalid_request"),
-    "INPUT_TOO_LONG": Code(400, None, 400, "input_too_long"),
-    "REQUEST_TOO_LARGE": Code(413, None, 413, "request_too_large", native_code="INPUT_TOO_LONG"),
-    "UNAUTHORIZED": Code(401, None, 401, "invalid_api_key"),
-    "FORBIDDEN": Code(403, None, 403, "forbidden"),
-    "MODEL_NOT_FOUND": Code(404, None, 404, "model_not_found"),
-    "NOT_FOUND": Code(404, None, 404, "not_found"),
-    "METHOD_NOT_ALLOWED": Code(405, None, 405, "method_not_allowed"),
-    "MODEL_NOT_SUPPORTED": Code(400, None, 400, "model_not_supported"),
-    "INVALID_DIMENSIONS": Code(400, None, 400, "invalid_dimensions"),
-    "INVALID_TOKEN_IDS": Code(400, None, 400, "invalid_token_ids"),
+TABLE: dict[ErrorCode, Code] = {
+    ErrorCode.INVALID_INPUT: Code(400, None, 400, "invalid_request"),
+    ErrorCode.INPUT_TOO_LONG: Code(400, None, 400, "input_too_long"),
+    ErrorCode.REQUEST_TOO_LARGE: Code(413, None, 413, "request_too_large", native_code="INPUT_TOO_LONG"),
+    ErrorCode.UNAUTHORIZED: Code(401, None, 401, "invalid_api_key"),
+    ErrorCode.FORBIDDEN: Code(403, None, 403, "forbidden"),
+    ErrorCode.MODEL_NOT_FOUND: Code(404, None, 404, "model_not_found"),
+    ErrorCode.NOT_FOUND: Code(404, None, 404, "not_found"),
+    ErrorCode.METHOD_NOT_ALLOWED: Code(405, None, 405, "method_not_allowed"),
+    ErrorCode.MODEL_NOT_SUPPORTED: Code(400, None, 400, "model_not_supported"),
+    ErrorCode.INVALID_DIMENSIONS: Code(400, None, 400, "invalid_dimensions"),
+    ErrorCode.INVALID_TOKEN_IDS: Code(400, None, 400, "invalid_token_ids"),
     # Media that cannot be used (undecodable, a refused URL): INVALID_INPUT natively, Infinity's 400 handler error.
-    "INVALID_MEDIA": Code(400, None, 400, "invalid_media", native_code="INVALID_INPUT"),
-    "MODEL_LOADING": Code(503, 5.0, 503, "model_loading"),
-    "MODEL_LOAD_FAILED": Code(502, None, 502, "model_load_failed"),
-    "QUEUE_FULL": Code(503, 1.0, 429, "server_overloaded"),
-    "RESOURCE_EXHAUSTED": Code(503, 5.0, 503, "resource_exhausted"),
-    "SHUTTING_DOWN": Code(503, 5.0, 503, "shutting_down"),
+    ErrorCode.INVALID_MEDIA: Code(400, None, 400, "invalid_media", native_code="INVALID_INPUT"),
+    ErrorCode.MODEL_LOADING: Code(503, 5.0, 503, "model_loading"),
+    ErrorCode.MODEL_LOAD_FAILED: Code(502, None, 502, "model_load_failed"),
+    ErrorCode.QUEUE_FULL: Code(503, 1.0, 429, "server_overloaded"),
+    ErrorCode.RESOURCE_EXHAUSTED: Code(503, 5.0, 503, "resource_exhausted"),
+    ErrorCode.SHUTTING_DOWN: Code(503, 5.0, 503, "shutting_down"),
     # The pool serving the model has no pod answering yet (scaling from zero): SDK clients retry MODEL_LOADING.
-    "POOL_UNAVAILABLE": Code(503, 5.0, 503, "pool_unavailable", native_code="MODEL_LOADING"),
-    "INFERENCE_ERROR": Code(500, None, 500, "inference_error"),
-    "DEADLINE_EXCEEDED": Code(504, None, 504, "deadline_exceeded"),
-    "INTERNAL_ERROR": Code(500, None, 500, "internal_error"),
+    ErrorCode.POOL_UNAVAILABLE: Code(503, 5.0, 503, "pool_unavailable", native_code="MODEL_LOADING"),
+    ErrorCode.INFERENCE_ERROR: Code(500, None, 500, "inference_error"),
+    ErrorCode.DEADLINE_EXCEEDED: Code(504, None, 504, "deadline_exceeded"),
+    ErrorCode.INTERNAL_ERROR: Code(500, None, 500, "internal_error"),
 }
 
 
 class SIEError(Exception):
     """A failure with a code from `TABLE`; `param` names the offending field, `extra` adds body keys."""
 
-    def __init__(self, code: str, message: str, *, param: str | None = None, **extra: Any) -> None:
-        if code not in TABLE:
-            raise ValueError(f"unknown error code {code}")
+    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None, **extra: Any) -> None:
         super().__init__(message)
-        self.code = code
+        self.code = ErrorCode(code)  # a code outside the enum is a bug in the router: ValueError at once
         self.message = message
         self.param = param
         self.extra = extra
@@ -76,6 +77,39 @@ class SIEError(Exception):
     @property
     def entry(self) -> Code:
         return TABLE[self.code]
+
+
+class LoadError(SIEError):
+    """A model that could not load: 502 `MODEL_LOAD_FAILED` (no Retry-After), with why and whether it will retry."""
+
+    def __init__(self, error_class: LoadErrorClass, message: str, *, attempts: int = 1) -> None:
+        super().__init__(ErrorCode.MODEL_LOAD_FAILED, message, error_class=str(error_class),
+                         permanent=error_class.permanent, attempts=attempts)
+        self.error_class = error_class
+        self.attempts = attempts
+
+    @property
+    def permanent(self) -> bool:
+        return self.error_class.permanent
+
+    def again(self, attempts: int) -> LoadError:
+        """The same failure, counted as the `attempts`-th in a row."""
+        return LoadError(self.error_class, self.message, attempts=attempts)
+
+    def summary(self) -> dict[str, Any]:
+        """`last_error` as `/v1/models` and the admin listing show it (sie-native.md, section 9)."""
+        return {"code": str(self.error_class), "message": self.message, "attempts": self.attempts,
+                "permanent": self.permanent}
+
+
+def _check_table() -> None:
+    # Every code the processes share has an answer: a code without a row would fail only when first raised.
+    missing = set(ErrorCode) - set(TABLE)
+    if missing:
+        raise TypeError(f"error codes without a TABLE row: {sorted(missing)}")
+
+
+_check_table()
 
 
 def invalid(message: str, param: str | None = None) -> SIEError:

@@ -87,6 +87,7 @@ def declare_models(models: list[str]) -> None:
     for model in models:
         metrics.QUEUE_DEPTH.labels(model).set(0)
         metrics.WORKER_RESTARTS.labels(model)
+        metrics.WORKER_HANGS.labels(model)
         for result in metrics.LOAD_RESULTS:
             metrics.MODEL_LOADS.labels(model, result)
         for reason in metrics.EVICTION_REASONS:

@@ -1,65 +1,54 @@
-"""WorkerPool (router process): one supervised worker process per loaded model.
+"""WorkerPool (router process): which models are loaded, loading or failed, and getting each one a ready worker.
 
-It starts workers on demand under a memory ledger (evicting least-recently-used idle models when a new one does
-not fit), completes their `Ready` handshake, routes batches and results by `batch_id`, and notices a dead worker
-through its process sentinel: the worker's in-flight batches fail retryably and the next request restarts it,
-within a crash budget. States: available -> loading -> loaded -> (unloading ->) available, or failed.
+`ensure` loads a model on demand (weights lookup, placement, then the supervisor's spawn); `evict` unloads one;
+idle models are evicted after their TTL. Processes, deadlines and the crash budget are the supervisor's
+(`supervisor.py`), memory is placement's (`placement.py`). States: available -> loading -> loaded
+-> (unloading ->) available, or failed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import logging
 import os
 import time
 import uuid
-from collections import deque
-from dataclasses import dataclass, field
-from multiprocessing.process import BaseProcess
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sie_router import metrics
 from sie_router.devices import Devices
-from sie_router.errors import SIEError
-from sie_router.ipc import Channel, WorkerUnreachable
+from sie_router.errors import LoadError, SIEError
+from sie_router.ipc import WorkerLost
 from sie_router.ledger import MemoryLedger
-from sie_router.processes import spawn_worker, stop_processes
+from sie_router.placement import Placement
 from sie_router.registry import ModelConfig, Registry
 from sie_router.settings import Settings
+from sie_router.supervisor import Supervisor, Worker
 from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
-from sie_worker.protocol import BatchDone, BatchFailed, LoadFailed, Ready, Shutdown, WorkerSpec
+from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
 
 if TYPE_CHECKING:
     from sie_router.batcher import Batcher
 
+__all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
+
 log = logging.getLogger("sie.pool")
 
-# After a transient load failure, requests get the failure (502, no retry) for this long before a new attempt.
-LOAD_RETRY_COOLDOWN_S = 30.0
-# Estimate for a model whose config gives none: its weight files times this factor.
-WEIGHTS_MEMORY_FACTOR = 1.5
-DEFAULT_ESTIMATE = 512 * 2**20
 IDLE_CHECK_S = 1.0
+MAX_COOLDOWN_FACTOR = 16  # a transient load failure that repeats waits twice as long each time, up to this factor
 
 
-@dataclass
-class Worker:
-    """One worker process and what the router knows about it."""
+class ModelState(StrEnum):
+    """A model's load state, as `/v1/models` shows it."""
 
-    worker_id: str
-    key: str
-    process: BaseProcess
-    device: str
-    ready: asyncio.Future[Ready]
-    info: Ready | None = None
-    started_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
-    batches_served: int = 0
-    items_served: int = 0
-    stopping: bool = False  # evicted or shut down: its exit is not a crash
+    AVAILABLE = "available"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
 
 
 @dataclass
@@ -68,47 +57,44 @@ class Slot:
 
     key: str
     config: ModelConfig
-    state: str = "available"
+    state: ModelState = ModelState.AVAILABLE
     worker: Worker | None = None
     loading: asyncio.Task[Worker] | None = None
-    last_error: dict[str, Any] | None = None
+    load_error: LoadError | None = None
     load_started: float = 0.0
     failed_at: float = 0.0
-    crashes: deque[float] = field(default_factory=deque)
     batcher: Batcher | None = None
 
     @property
     def queued(self) -> int:
         return self.batcher.queued_items if self.batcher else 0
 
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        return self.load_error.summary() if self.load_error else None
+
 
 class WorkerPool:
     def __init__(self, settings: Settings, registry: Registry, devices: Devices) -> None:
         self.settings = settings
         self.registry = registry
-        self.devices = devices
-        self.ledger = MemoryLedger(self._budgets())
-        self.channel = Channel()
+        self.placement = Placement(settings, devices)
+        self.supervisor = Supervisor(settings, on_exit=self._on_exit)
         self.slots = {cfg.sie_id: Slot(key=cfg.sie_id, config=cfg) for cfg in registry.configs.values()}
-        self.workers: dict[str, Worker] = {}
-        self.in_flight: dict[int, tuple[Worker, asyncio.Future[BatchDone | BatchFailed]]] = {}
-        self.batch_ids = itertools.count(1)
         self.accepting = True
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _budgets(self) -> dict[str, int]:
-        budgets = {}
-        for device in self.devices.snapshot():
-            if device.name == "cpu":
-                budgets["cpu"] = self.settings.memory_budget or int(device.total * 0.8)
-            else:
-                budgets[device.name] = int(device.total * self.settings.gpu_memory_fraction)
-        return budgets
+    @property
+    def devices(self) -> Devices:
+        return self.placement.devices
+
+    @property
+    def ledger(self) -> MemoryLedger:
+        return self.placement.ledger
 
     async def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._receive_handshakes(), name="sie-handshakes"),
-                       asyncio.create_task(self._receive_results(), name="sie-results")]
+        self.supervisor.start()
         if self.settings.idle_ttl_s > 0:
             self._tasks.append(asyncio.create_task(self._evict_idle(), name="sie-idle-ttl"))
 
@@ -118,8 +104,7 @@ class WorkerPool:
 
     def busy(self, key: str) -> bool:
         slot = self.slots[key]
-        worker = slot.worker
-        return slot.queued > 0 or (worker is not None and any(w is worker for w, _ in self.in_flight.values()))
+        return slot.queued > 0 or (slot.worker is not None and self.supervisor.busy(slot.worker))
 
     def pinned(self, key: str) -> bool:
         return key in self.settings.pinned
@@ -147,89 +132,61 @@ class WorkerPool:
             raise SIEError("MODEL_LOADING", f"model '{model}' is still loading after {wait_s:g}s") from None
 
     def _check_failed(self, slot: Slot) -> None:
-        """Terminal answers: a failed load within its cooldown, or a spent crash budget (502, no Retry-After)."""
-        now = time.monotonic()
-        while slot.crashes and now - slot.crashes[0] > self.settings.crash_window_s:
-            slot.crashes.popleft()
-        if len(slot.crashes) >= self.settings.crash_budget:
-            raise SIEError("MODEL_LOAD_FAILED", f"model '{slot.key}' crashed {len(slot.crashes)} times in "
-                           f"{self.settings.crash_window_s:g}s; evict it (sie-admin workers evict) to retry now",
-                           error_class="ENGINE", permanent=False, attempts=len(slot.crashes))
-        if slot.state == "failed" and slot.last_error and slot.loading is None:
-            permanent = bool(slot.last_error.get("permanent"))
-            if permanent or now - slot.failed_at < LOAD_RETRY_COOLDOWN_S:
-                raise SIEError("MODEL_LOAD_FAILED", slot.last_error["message"], error_class=slot.last_error["code"],
-                               permanent=permanent, attempts=slot.last_error["attempts"])
+        """Terminal answers (502, no Retry-After): a spent crash budget, a permanent load failure, or a transient
+        one within its cooldown. After the cooldown the next request tries again, with no operator."""
+        self.supervisor.check_crash_budget(slot.key)
+        error = slot.load_error
+        if slot.state != ModelState.FAILED or error is None or slot.loading is not None:
+            return
+        if error.permanent or time.monotonic() - slot.failed_at < self.cooldown(error):
+            raise error.again(error.attempts)
+
+    def cooldown(self, error: LoadError) -> float:
+        return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
 
     async def _load(self, slot: Slot, evict: bool) -> Worker:
-        slot.state, slot.load_started = "loading", time.monotonic()
+        slot.state, slot.load_started = ModelState.LOADING, time.monotonic()
         try:
             worker = await self._start_worker(slot, evict)
-        except SIEError as exc:
+        except LoadError as exc:
             metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
-            slot.state, slot.failed_at = "failed", time.monotonic()
-            attempts = (slot.last_error or {}).get("attempts", 0) + 1
-            slot.last_error = {"code": exc.extra.get("error_class", "UNKNOWN"), "message": exc.message,
-                               "attempts": attempts, "permanent": exc.extra.get("permanent", True)}
-            if exc.code != "RESOURCE_EXHAUSTED":
-                self.ledger.release(slot.key)
-            else:
-                slot.state = "available"
+            slot.state, slot.failed_at = ModelState.FAILED, time.monotonic()
+            slot.load_error = exc.again((slot.load_error.attempts if slot.load_error else 0) + 1)
+            self.placement.release(slot.key)
+            raise slot.load_error from None
+        except SIEError:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+            slot.state = ModelState.AVAILABLE  # no room right now (RESOURCE_EXHAUSTED): retryable, nothing held
             raise
         finally:
             slot.loading = None
-        slot.state, slot.worker, slot.last_error = "loaded", worker, None
-        worker.last_used = time.monotonic()  # idle time counts from readiness, not from the spawn
+        slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
         info = worker.info
         assert info is not None
-        measured = self.devices.process_memory(info.pid, worker.device) or info.memory_bytes
-        self.ledger.settle(slot.key, measured)
+        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
         log.info("model %s ready on %s in %.1fs (pid %d, %.0f MiB)", slot.key, worker.device,
                  time.monotonic() - slot.load_started, info.pid, measured / 2**20)
         return worker
 
-    def estimate(self, config: ModelConfig, folder: str) -> int:
-        if config.memory_mb:
-            return config.memory_mb * 2**20
-        if not folder:
-            return DEFAULT_ESTIMATE
-        weights = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
-        return int(weights * WEIGHTS_MEMORY_FACTOR) or DEFAULT_ESTIMATE
-
     def remeasure(self) -> None:
-        """Raise each loaded model's reservation to what its worker holds now, if that is more.
-
-        The figure taken at Ready is not a ceiling: the torch engine's allocator and oneDNN caches grow with the batch
-        shapes traffic brings (all-MiniLM-L6-v2 in bf16: 530 MiB at Ready, 890 under the soak's mix, then flat).
-        Eviction plans and the memory metrics must see the grown figure, or the budget is overrun. Reservations only
-        rise: memory a worker gave back it can take again."""
-        for key, slot in self.slots.items():
-            worker = slot.worker
-            if slot.state != "loaded" or worker is None or worker.info is None:
-                continue
-            measured, reserved = self.devices.process_memory(worker.info.pid, worker.device), self.ledger.reserved(key)
-            if measured and reserved is not None and measured > reserved:
-                self.ledger.settle(key, measured)
+        """Raise each loaded model's reservation to what its worker holds now (see `Placement.remeasure`)."""
+        self.placement.remeasure((key, s.worker.info.pid, s.worker.device) for key, s in self.slots.items()
+                                 if s.state == ModelState.LOADED and s.worker is not None and s.worker.info is not None)
 
     async def _reserve(self, slot: Slot, nbytes: int, evict: bool) -> str:
-        """Pick the device with the most free budget and reserve `nbytes`, evicting LRU idle models if needed."""
+        """Reserve `nbytes` on the device with the most free budget, evicting LRU idle models if needed."""
         self.remeasure()
-        device = self.ledger.best_device()
-        plan = self.ledger.eviction_plan(device, nbytes, lambda k: evict and k != slot.key and self._evictable(k))
-        if plan is None:
-            free = self.ledger.devices[device].free
-            raise SIEError("RESOURCE_EXHAUSTED", f"model '{slot.key}' needs about {nbytes / 2**20:.0f} MiB on "
-                           f"{device}, {free / 2**20:.0f} MiB is free and no idle model can be evicted")
-        for victim in plan:
+        device, victims = self.placement.plan(slot.key, nbytes, lambda k: evict and self._evictable(k))
+        for victim in victims:
             await self.evict(victim, reason="memory")
-        self.ledger.reserve(slot.key, device, nbytes)
+        self.placement.reserve(slot.key, device, nbytes)
         return device
 
     def _evictable(self, key: str) -> bool:
         slot = self.slots[key]
-        return slot.state == "loaded" and not self.pinned(key) and not self.busy(key)
+        return slot.state == ModelState.LOADED and not self.pinned(key) and not self.busy(key)
 
     async def _start_worker(self, slot: Slot, evict: bool) -> Worker:
         cfg = slot.config
@@ -240,33 +197,22 @@ class WorkerPool:
                               await asyncio.to_thread(resolve_weights, query, offline=self.settings.hf_offline))
         except WeightsNotFound as exc:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
-            raise SIEError("MODEL_LOAD_FAILED", str(exc), error_class="NOT_FOUND", permanent=True) from None
-        device = await self._reserve(slot, self.estimate(cfg, str(folder)), evict)
+            raise LoadError(LoadErrorClass.NOT_FOUND, str(exc)) from None
+        device = await self._reserve(slot, self.placement.estimate(cfg, str(folder)), evict)
         spec = self._spec(cfg, str(folder), device)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
-        loop = asyncio.get_running_loop()
-        worker = Worker(worker_id=spec.worker_id, key=slot.key, process=spawn_worker(spec), device=device,
-                        ready=loop.create_future())
-        self.workers[worker.worker_id] = worker
-        loop.add_reader(worker.process.sentinel, self._on_exit, worker)
-        try:
-            worker.info = await asyncio.wait_for(asyncio.shield(worker.ready), self.settings.load_timeout_s)
-        except TimeoutError:
-            worker.stopping = True
-            await asyncio.to_thread(stop_processes, [worker.process], 5.0)
-            raise SIEError("MODEL_LOAD_FAILED", f"model '{cfg.sie_id}' did not load within "
-                           f"{self.settings.load_timeout_s:g}s", error_class="TIMEOUT", permanent=False) from None
-        return worker
+        return await self.supervisor.spawn(spec, slot.key)
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
         profile = cfg.profiles["default"]
+        client = self.supervisor.client
         # One GPU per worker: the child sees only its own, as cuda:0.
         visible = device.split(":")[1] if device.startswith("cuda:") else ""
         return WorkerSpec(
             worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
-            to_worker_endpoint=self.channel.to_worker_endpoint,
-            from_worker_endpoint=self.channel.from_worker_endpoint, device=device,
+            to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
+            device=device,
             compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
             max_sequence_length=cfg.max_sequence_length,
             loadtime={"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
@@ -277,75 +223,28 @@ class WorkerPool:
             env={**self.settings.extra_env, "CUDA_VISIBLE_DEVICES": visible},
             max_batch_tokens=profile.max_batch_tokens or 16384)
 
-    # -- messages from workers --------------------------------------------------------------------------------------
-
-    async def _receive_handshakes(self) -> None:
-        while True:
-            message = await self.channel.recv_handshake()
-            worker = self.workers.get(getattr(message, "worker_id", ""))
-            if worker is None or worker.ready.done():
-                continue
-            if isinstance(message, Ready):
-                worker.ready.set_result(message)
-            elif isinstance(message, LoadFailed):
-                worker.ready.set_exception(SIEError("MODEL_LOAD_FAILED", f"model '{worker.key}' failed to load: "
-                                                   f"{message.message}", error_class=message.error_class,
-                                                   permanent=message.error_class in ("NOT_FOUND", "CONFIG")))
-
-    async def _receive_results(self) -> None:
-        while True:
-            message = await self.channel.recv_result()
-            if isinstance(message, (BatchDone, BatchFailed)):
-                _, future = self.in_flight.pop(message.batch_id, (None, None))
-                if future is not None and not future.done():
-                    future.set_result(message)
-
-    def _on_exit(self, worker: Worker) -> None:
-        """The worker's sentinel fired: it exited. Fail what it held; the next request restarts it."""
-        asyncio.get_running_loop().remove_reader(worker.process.sentinel)
-        worker.process.join(0)
-        code = worker.process.exitcode
-        self.workers.pop(worker.worker_id, None)
-        if not worker.ready.done():
-            worker.ready.set_exception(SIEError(
-                "MODEL_LOAD_FAILED", f"worker for '{worker.key}' exited with status {code} while loading",
-                error_class="ENGINE", permanent=False))
-        for batch_id, (owner, future) in list(self.in_flight.items()):
-            if owner is worker:
-                del self.in_flight[batch_id]
-                if not future.done():
-                    future.set_exception(SIEError("MODEL_LOADING", f"the worker for '{worker.key}' stopped "
-                                                  f"(exit status {code}); retry shortly"))
+    def _on_exit(self, worker: Worker, code: int | None) -> None:
+        """A worker exited (crashed, was killed as hung, or was stopped): the next request starts a new one."""
         slot = self.slots.get(worker.key)
         if slot is None or slot.worker is not worker:
             return
-        slot.worker, slot.state = None, "available"
-        self.ledger.release(slot.key)
-        if not worker.stopping:
-            slot.crashes.append(time.monotonic())
-            metrics.WORKER_RESTARTS.labels(slot.key).inc()
-            log.warning("worker for %s (pid %s) died with status %s (%d recent crashes)", worker.key,
-                        worker.process.pid, code, len(slot.crashes))
+        slot.worker, slot.state = None, ModelState.AVAILABLE
+        self.placement.release(slot.key)
 
     # -- batches ----------------------------------------------------------------------------------------------------
 
-    async def run_batch(self, worker: Worker, make: Any, items: int) -> BatchDone:
-        """Send `make(batch_id)` to the worker and wait for its result (with the worker's timing of it)."""
-        batch_id = next(self.batch_ids)
-        future: asyncio.Future[BatchDone | BatchFailed] = asyncio.get_running_loop().create_future()
-        self.in_flight[batch_id] = (worker, future)
-        worker.last_used = time.monotonic()
-        self.ledger.touch(worker.key)
+    async def run_batch(self, worker: Worker, make: Callable[[int], Message], items: int) -> BatchDone:
+        """Send `make(batch_id)` to the worker and wait, under the batch deadline, for its result."""
+        self.placement.touch(worker.key)
         try:
-            await self.channel.send(worker.worker_id, make(batch_id))
-        except WorkerUnreachable:
-            self.in_flight.pop(batch_id, None)
-            raise SIEError("MODEL_LOADING", f"the worker for '{worker.key}' is gone; retry shortly") from None
-        reply = await future
+            reply = await self.supervisor.call(worker, make, items)
+        except WorkerLost as exc:
+            raise SIEError("MODEL_LOADING", f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
         worker.batches_served += 1
         worker.items_served += items
         if isinstance(reply, BatchFailed):
-            raise SIEError(reply.code if reply.code != "MODEL_LOAD_FAILED" else "INFERENCE_ERROR", reply.message)
+            code = reply.code if reply.code != "MODEL_LOAD_FAILED" else "INFERENCE_ERROR"
+            raise SIEError(code, reply.message)
         self._observe(worker.key, reply)
         return reply
 
@@ -360,28 +259,27 @@ class WorkerPool:
     # -- eviction and stopping --------------------------------------------------------------------------------------
 
     async def evict(self, key: str, reason: str) -> bool:
-        """Stop a model's worker: queued requests fail retryably, in-flight batches finish within the deadline."""
+        """Stop a model's worker: queued requests fail retryably, in-flight batches finish within the deadline.
+        An operator's eviction also forgets the model's crashes and failed load, so the next request loads it."""
         slot = self.slots[key]
-        slot.crashes.clear()
-        if slot.state == "failed":
-            slot.state, slot.last_error = "available", None
+        self.supervisor.crashes.pop(key, None)
+        if slot.state == ModelState.FAILED:
+            slot.state, slot.load_error = ModelState.AVAILABLE, None
         worker = slot.worker
         if worker is None:
             return False
         log.info("evicting %s (%s)", key, reason)
         metrics.EVICTIONS.labels(key, reason).inc()
-        slot.state, worker.stopping = "unloading", True
+        slot.state, worker.stopping = ModelState.UNLOADING, True
         if slot.batcher is not None:
             slot.batcher.fail_queued(SIEError("MODEL_LOADING", f"model '{key}' was evicted; retry to reload it"))
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
-        while any(w is worker for w, _ in self.in_flight.values()) and time.monotonic() < deadline:
+        while self.supervisor.busy(worker) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        with contextlib.suppress(WorkerUnreachable):
-            await self.channel.send(worker.worker_id, Shutdown())
-        await asyncio.to_thread(stop_processes, [worker.process], max(1.0, deadline - time.monotonic()))
+        await self.supervisor.stop([worker], deadline - time.monotonic())
         if slot.worker is worker:  # the sentinel callback normally clears it first
-            slot.worker, slot.state = None, "available"
-            self.ledger.release(key)
+            slot.worker, slot.state = None, ModelState.AVAILABLE
+            self.placement.release(key)
         return True
 
     async def _evict_idle(self) -> None:
@@ -390,7 +288,7 @@ class WorkerPool:
             now = time.monotonic()
             for slot in list(self.slots.values()):
                 worker = slot.worker
-                if (worker is not None and slot.state == "loaded" and self._evictable(slot.key)
+                if (worker is not None and self._evictable(slot.key)
                         and now - worker.last_used > self.settings.idle_ttl_s):
                     await self.evict(slot.key, reason="idle")
 
@@ -398,14 +296,9 @@ class WorkerPool:
         """Stop admitting, let in-flight batches finish within the deadline, then stop every worker."""
         self.accepting = False
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
-        while self.in_flight and time.monotonic() < deadline:
+        while self.supervisor.client.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for worker in list(self.workers.values()):
-            worker.stopping = True
-            with contextlib.suppress(WorkerUnreachable):
-                await self.channel.send(worker.worker_id, Shutdown())
-        processes = [w.process for w in self.workers.values()]
-        await asyncio.to_thread(stop_processes, processes, max(1.0, deadline - time.monotonic()))
         for task in self._tasks:
             task.cancel()
-        self.channel.close()
+        await self.supervisor.stop(list(self.supervisor.workers.values()), deadline - time.monotonic())
+        await self.supervisor.close()

@@ -55,6 +55,13 @@ class Settings:
     # 150 s read timeout, so clients get a coded answer rather than a timeout of their own.
     request_timeout_s: float = 140.0
     load_timeout_s: float = 600.0
+    # A transient load failure (EMFILE, a crash while loading) is answered 502 for this long, then retried; each
+    # failure in a row doubles the wait (up to 16 times this).
+    load_retry_cooldown_s: float = 30.0
+    # A worker is hung, killed and restarted when a batch makes no progress for 20 times its expected busy time, at
+    # least batch_timeout_floor_s and at most batch_timeout_s (batch_timeout_s while its pace is still unknown).
+    batch_timeout_s: float = 30.0
+    batch_timeout_floor_s: float = 10.0
     shutdown_deadline_s: float = 20.0
     # Memory: the CPU budget in bytes (0: 80% of host RAM), the share of each GPU's memory workers may use.
     memory_budget: int = 0
@@ -113,6 +120,9 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         "SIE_LOG_LEVEL": ("log_level", str), "SIE_TOKEN_IDS": ("token_ids", str),
         "SIE_MEMORY_BUDGET": ("memory_budget", parse_bytes), "SIE_GPU_MEMORY_FRACTION": ("gpu_memory_fraction", float),
         "SIE_IDLE_TTL_S": ("idle_ttl_s", float), "SIE_SHUTDOWN_DEADLINE_S": ("shutdown_deadline_s", float),
+        "SIE_LOAD_RETRY_COOLDOWN_S": ("load_retry_cooldown_s", float),
+        "SIE_BATCH_TIMEOUT_S": ("batch_timeout_s", float),
+        "SIE_BATCH_TIMEOUT_FLOOR_S": ("batch_timeout_floor_s", float),
     }
     for name, (attr, kind) in simple.items():
         if env.get(name):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from sie_sdk.client import SIEClient
+from sie_sdk.codes import ErrorCode
 from sie_sdk.errors import (
     InputTooLongError,
     ModelLoadFailedError,
@@ -15,6 +16,7 @@ from sie_sdk.errors import (
 )
 
 __all__ = [
+    "ErrorCode",
     "InputTooLongError",
     "ModelLoadFailedError",
     "ModelLoadingError",

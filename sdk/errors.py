@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sie_sdk.codes import ErrorCode
+
 
 class SIEError(Exception):
     """Base of every SDK error; carries the server's code and HTTP status when there was a response."""
@@ -46,16 +48,19 @@ class ResourceExhaustedError(ServerError):
 
 
 # Which exception a final (non-retried or retry-exhausted) error becomes, by server code.
+# Keyed by the shared enum; a code from a newer server that the enum lacks falls back on the status (StrEnum members
+# hash as their strings, so a plain string from a response finds its entry).
 EXCEPTION_BY_CODE: dict[str, type[SIEError]] = {
-    "INPUT_TOO_LONG": InputTooLongError,
-    "MODEL_LOADING": ModelLoadingError,
-    "MODEL_LOAD_FAILED": ModelLoadFailedError,
-    "QUEUE_FULL": QueueFullError,
-    "RESOURCE_EXHAUSTED": ResourceExhaustedError,
+    ErrorCode.INPUT_TOO_LONG: InputTooLongError,
+    ErrorCode.MODEL_LOADING: ModelLoadingError,
+    ErrorCode.MODEL_LOAD_FAILED: ModelLoadFailedError,
+    ErrorCode.QUEUE_FULL: QueueFullError,
+    ErrorCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
 
 # Codes that a 503 may carry and that the client retries, honouring Retry-After.
-RETRYABLE_CODES: frozenset[str] = frozenset({"MODEL_LOADING", "QUEUE_FULL", "RESOURCE_EXHAUSTED"})
+RETRYABLE_CODES: frozenset[str] = frozenset({ErrorCode.MODEL_LOADING, ErrorCode.QUEUE_FULL,
+                                             ErrorCode.RESOURCE_EXHAUSTED})
 
 
 def error_from_response(status: int, code: str | None, message: str, param: str | None = None,

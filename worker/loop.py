@@ -22,20 +22,27 @@ import msgspec
 import setproctitle
 import zmq
 
+from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
 from sie_worker.adapters import build_adapter
-from sie_worker.adapters.base import Adapter, BadInput, InputTooLong, Prepared, UnsupportedTask
+from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
+from sie_worker.failures import batch_failure_code, load_error_class
 from sie_worker.protocol import BatchDone, BatchFailed, BatchTiming, LoadFailed, Ready, Shutdown, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 _POLL_MS = 100
 _PR_SET_PDEATHSIG = 1
+# Test-only faults, off unless the environment names one: `bad_frame` sends an undecodable frame before the first
+# reply, `garbage` before every reply, `unknown_code` answers the first batch with a code no router knows.
+FAULT_ENV = "SIE_WORKER_FAULT"
+FAULTS = frozenset({"bad_frame", "garbage", "unknown_code"})
+UNDECODABLE = b"\xc1 is never valid msgpack"
 
 
 class _Failed:
     """A batch that failed before its forward pass; the main thread reports it in order."""
 
-    def __init__(self, batch_id: int, code: str, message: str) -> None:
+    def __init__(self, batch_id: int, code: ErrorCode, message: str) -> None:
         self.report = BatchFailed(batch_id=batch_id, code=code, message=message)
 
 
@@ -48,24 +55,13 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _failure_code(exc: BaseException) -> str:
-    if isinstance(exc, InputTooLong):
-        return "INPUT_TOO_LONG"
-    if isinstance(exc, (BadInput, UnsupportedTask)):
-        return "INVALID_INPUT"
-    if "out of memory" in str(exc).lower():
-        return "RESOURCE_EXHAUSTED"
-    return "INFERENCE_ERROR"
-
-
-def _load_error_class(exc: BaseException) -> str:
-    if isinstance(exc, (FileNotFoundError, OSError)):
-        return "NOT_FOUND"
-    if isinstance(exc, (ValueError, KeyError)):
-        return "CONFIG"
-    if "out of memory" in str(exc).lower():
-        return "OOM"
-    return "ENGINE"
+def _injected_fault(model: str) -> str:
+    """Test-only: the fault `SIE_WORKER_FAULT=<fault>:<model>[,...]` names for this model, or "" (in production)."""
+    for entry in os.environ.get(FAULT_ENV, "").split(","):
+        fault, _, target = entry.partition(":")
+        if fault in FAULTS and target == model:
+            return fault
+    return ""
 
 
 class Worker:
@@ -80,9 +76,18 @@ class Worker:
         self.send_to_router = self.context.socket(zmq.PUSH)
         self.send_to_router.setsockopt(zmq.LINGER, 2000)
         self.send_to_router.connect(spec.from_worker_endpoint)
+        self.identity = spec.worker_id.encode()
+        self.fault = _injected_fault(spec.model)
+        self.replies = 0
 
     def send(self, message: protocol.Message) -> None:
-        self.send_to_router.send(protocol.encode(message), copy=False)
+        """Send a reply, after our id: the router's PULL socket cannot tell who sent a frame otherwise."""
+        self.replies += 1
+        if self.fault == "garbage" or (self.fault == "bad_frame" and self.replies == 1):
+            self.send_to_router.send_multipart([self.identity, UNDECODABLE])
+        if self.fault == "unknown_code" and self.replies == 1 and isinstance(message, (BatchDone, BatchFailed)):
+            message = BatchFailed(batch_id=message.batch_id, code="NO_SUCH_CODE", message="injected")  # type: ignore[arg-type]
+        self.send_to_router.send_multipart([self.identity, protocol.encode(message)], copy=False)
 
     def send_handshake(self, message: Ready | LoadFailed) -> None:
         # The handshake goes over the DEALER: once the router reads it, it can route batches to this identity.
@@ -97,8 +102,8 @@ class Worker:
             info = adapter.load()
         except Exception as exc:  # any load error is reported, then the process exits
             log.exception("loading %s failed", self.spec.model)
-            self.send_handshake(LoadFailed(worker_id=self.spec.worker_id, code="MODEL_LOAD_FAILED",
-                                 error_class=_load_error_class(exc), message=f"{type(exc).__name__}: {exc}"))
+            self.send_handshake(LoadFailed(worker_id=self.spec.worker_id, code=ErrorCode.MODEL_LOAD_FAILED,
+                                           error_class=load_error_class(exc), message=f"{type(exc).__name__}: {exc}"))
             return None
         seconds = time.monotonic() - started
         log.info("loaded %s in %.2fs (dims %s)", self.spec.model, seconds, info.dims)
@@ -125,7 +130,7 @@ class Worker:
             try:
                 item: Any = adapter.prepare(message)
             except Exception as exc:
-                item = _Failed(message.batch_id, _failure_code(exc), f"{type(exc).__name__}: {exc}")
+                item = _Failed(message.batch_id, batch_failure_code(exc), f"{type(exc).__name__}: {exc}")
             self.ready_batches.put(item)
         self.ready_batches.put(_STOP)
 
@@ -148,7 +153,7 @@ class Worker:
         except Exception as exc:  # errors inside a batch are data; the worker keeps serving
             if not isinstance(exc, (BadInput, UnsupportedTask)):
                 log.exception("batch %d failed", batch_id)
-            return BatchFailed(batch_id=batch_id, code=_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
+            return BatchFailed(batch_id=batch_id, code=batch_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
         timing = BatchTiming(tokenize_ms=prepared.tokenize_ms,
                              inference_ms=(time.perf_counter() - started) * 1000.0)
         return BatchDone(batch_id=batch_id, result=result, timing=timing)

@@ -8,12 +8,39 @@ pickle.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Any
 
 import msgspec
 import numpy as np
 
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Classification, DetectedObject, Entity, Relation
+
+
+class LoadErrorClass(StrEnum):
+    """Why a model failed to load (sie-native.md, section 9). Permanent classes wait for an operator; the others
+    are retried after a cooldown."""
+
+    NOT_FOUND = "NOT_FOUND"  # the weights or a file the model needs are not there
+    CONFIG = "CONFIG"  # the model's config or the family asked for cannot work
+    DEPENDENCY = "DEPENDENCY"  # a package the family needs is not installed
+    GATED = "GATED"
+    OOM = "OOM"  # the device had no room for the model
+    STORAGE = "STORAGE"  # an OS error such as EMFILE or ENOMEM
+    NETWORK = "NETWORK"
+    TIMEOUT = "TIMEOUT"  # the worker did not say Ready within the load timeout
+    PLACEMENT = "PLACEMENT"
+    ENGINE = "ENGINE"  # the worker crashed while loading, or the engine raised something unforeseen
+    UNKNOWN = "UNKNOWN"
+
+    @property
+    def permanent(self) -> bool:
+        return self in _PERMANENT
+
+
+_PERMANENT = frozenset({LoadErrorClass.NOT_FOUND, LoadErrorClass.CONFIG, LoadErrorClass.DEPENDENCY,
+                        LoadErrorClass.GATED})
 
 
 class Tensor(msgspec.Struct, array_like=True, gc=False):
@@ -144,8 +171,8 @@ class LoadFailed(Message):
     """The model could not load; the worker exits after sending this."""
 
     worker_id: str
-    code: str
-    error_class: str
+    code: ErrorCode
+    error_class: LoadErrorClass
     message: str
 
 
@@ -158,10 +185,10 @@ class BatchDone(Message, gc=False):
 
 
 class BatchFailed(Message):
-    """The batch failed; `code` is an error code of the router's table (for example `RESOURCE_EXHAUSTED`)."""
+    """The batch failed; `code` is one of the shared codes (for example `RESOURCE_EXHAUSTED`), checked on decode."""
 
     batch_id: int
-    code: str
+    code: ErrorCode
     message: str
 
 
@@ -185,6 +212,19 @@ def decode_for_worker(frame: bytes | memoryview) -> RouterToWorker:
 
 def decode_for_router(frame: bytes | memoryview) -> WorkerToRouter:
     return _to_router.decode(frame)
+
+
+def batch_id_of(frame: bytes | memoryview) -> int | None:
+    """The batch a reply that failed to decode was about, if its frame still says (a `BatchFailed` whose code this
+    router does not know, for one): the router can then fail that batch at once rather than wait for its deadline."""
+    try:
+        fields = msgspec.msgpack.decode(frame)
+    except msgspec.DecodeError:
+        return None
+    if (isinstance(fields, list) and len(fields) > 1 and fields[0] in ("BatchDone", "BatchFailed")
+            and isinstance(fields[1], int)):
+        return fields[1]
+    return None
 
 
 def _check_registry() -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from pathlib import Path
 
 import psutil
 
-from sie_router.ipc import Channel
+from sie_router.ipc import WorkerClient
 from tests.hardening.conftest import Hardened
 
 
@@ -24,12 +25,15 @@ def test_running_server_binds_its_ipc_sockets_in_a_private_folder(hardened: Hard
         assert stat.S_IMODE(info.st_mode) == 0o700 and info.st_uid == os.getuid()
 
 
-def test_channel_folder_is_0700_and_removed_on_close() -> None:
-    channel = Channel()
-    try:
-        assert stat.S_IMODE(channel.folder.stat().st_mode) == 0o700
-        assert channel.to_worker_endpoint.startswith(f"ipc://{channel.folder}/")
-        assert channel.from_worker_endpoint.startswith(f"ipc://{channel.folder}/")
-    finally:
-        channel.close()
-    assert not channel.folder.exists()
+def test_client_folder_is_0700_and_removed_on_close() -> None:
+    async def scenario() -> WorkerClient:
+        client = WorkerClient(on_broken=lambda worker_id, why: None)
+        try:
+            assert stat.S_IMODE(client.folder.stat().st_mode) == 0o700
+            assert client.to_worker_endpoint.startswith(f"ipc://{client.folder}/")
+            assert client.from_worker_endpoint.startswith(f"ipc://{client.folder}/")
+        finally:
+            await client.close()
+        return client
+
+    assert not asyncio.run(scenario()).folder.exists()

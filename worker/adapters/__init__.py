@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from sie_worker.adapters.base import Adapter
+from sie_worker.adapters.base import Adapter, UnknownFamily
 from sie_worker.protocol import WorkerSpec
 
 # Family name -> "module:Class". Modules import torch lazily through this table, so a family's heavy imports
@@ -27,7 +27,7 @@ def build_adapter(spec: WorkerSpec) -> Adapter:
     try:
         target = FAMILIES[spec.adapter]
     except KeyError:
-        raise ValueError(f"unknown adapter family {spec.adapter!r}; known: {sorted(FAMILIES)}") from None
+        raise UnknownFamily(f"unknown adapter family {spec.adapter!r}; known: {sorted(FAMILIES)}") from None
     module_name, class_name = target.split(":")
     cls = getattr(importlib.import_module(module_name), class_name)
     adapter: Adapter = cls(spec)

@@ -19,6 +19,18 @@ class UnsupportedTask(Exception):
     """The model cannot do what the batch asks (the router checks first; this is the worker's guard)."""
 
 
+class OutOfMemory(Exception):
+    """The device ran out of memory for this batch (for adapters whose engine has no typed OOM of its own)."""
+
+
+class BadModelConfig(Exception):
+    """The model's config cannot work (a permanent load failure: retrying will not help)."""
+
+
+class UnknownFamily(BadModelConfig):
+    """The config names an adapter family this worker does not have."""
+
+
 class BadInput(Exception):
     """An input the model cannot take (an undecodable image, an out-of-range option): the batch fails with 400."""
 

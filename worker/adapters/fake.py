@@ -1,23 +1,27 @@
 """Deterministic fake model (worker process), for pool and router tests only; it never imports torch.
 
 Vectors and scores are seeded from a hash of the input. Faults are injected through `loadtime` options:
-`load_delay_s`, `fail_load` (a message), `batch_delay_s`, `oom_on_batch` and `crash_on_batch` (1-based batch
-numbers), `memory_mb` (MiB to hold from load, so memory budgets can be exercised) and `grow_mb_per_batch` (MiB more
-held after every batch, as a working set that grows under traffic).
+`load_delay_s`, `fail_load` (a message), `fail_loads` with `fail_loads_file` (the first that many loads fail with
+EMFILE, a transient OS error; the file counts loads across worker processes), `batch_delay_s`,
+`batch_delay_per_item_s`, `oom_on_batch` and `crash_on_batch` (1-based batch numbers), `oom_over_items` (a batch of
+more items runs out of memory), `memory_mb` (MiB to hold from load, so memory budgets can be exercised) and
+`grow_mb_per_batch` (MiB more held after every batch, as a working set that grows under traffic).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
 from sie_sdk.types import Classification
-from sie_worker.adapters.base import LoadInfo, Prepared
+from sie_worker.adapters.base import LoadInfo, OutOfMemory, Prepared
 from sie_worker.protocol import (
     EncodeBatch,
     EncodeResult,
@@ -32,8 +36,8 @@ from sie_worker.protocol import (
 )
 
 
-class InjectedOutOfMemory(RuntimeError):
-    """Raised on the configured batch, with the message torch uses, so the worker maps it the same way."""
+class InjectedOutOfMemory(OutOfMemory):
+    """Raised on the configured batch; the worker maps it as it maps torch's OOM."""
 
 
 def fake_vector(text: str, dim: int) -> np.ndarray:
@@ -55,9 +59,20 @@ class FakeAdapter:
         time.sleep(float(self.options.get("load_delay_s", 0)))
         if self.options.get("fail_load"):
             raise RuntimeError(str(self.options["fail_load"]))
+        self._fail_transiently()
         # Written, not just allocated, so the pages are resident and show in RSS.
         self._ballast = b"\x01" * (int(self.options.get("memory_mb", 0)) * 1024 * 1024)
         return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512)
+
+    def _fail_transiently(self) -> None:
+        counter, failures = self.options.get("fail_loads_file"), int(self.options.get("fail_loads", 0))
+        if not counter or not failures:
+            return
+        path = Path(counter)
+        done = int(path.read_text() or 0) if path.exists() else 0
+        if done < failures:
+            path.write_text(str(done + 1))
+            raise OSError(errno.EMFILE, "Too many open files (injected by the fake adapter)")
 
     def prepare(self, batch: Any) -> Prepared:
         return Prepared(batch=batch)
@@ -66,11 +81,13 @@ class FakeAdapter:
         self.batches += 1
         if self.batches == self.options.get("crash_on_batch"):
             os._exit(3)
-        if self.batches == self.options.get("oom_on_batch"):
-            raise InjectedOutOfMemory("CUDA out of memory (injected by the fake adapter)")
-        time.sleep(float(self.options.get("batch_delay_s", 0)))
-        self._grown.append(b"\x01" * (int(self.options.get("grow_mb_per_batch", 0)) * 1024 * 1024))
         batch = prepared.batch
+        size = len(batch.pairs) if isinstance(batch, ScoreBatch) else len(batch.items)
+        if self.batches == self.options.get("oom_on_batch") or size > self.options.get("oom_over_items", size):
+            raise InjectedOutOfMemory(f"out of memory on a batch of {size} (injected by the fake adapter)")
+        per_item = float(self.options.get("batch_delay_per_item_s", 0))
+        time.sleep(float(self.options.get("batch_delay_s", 0)) + size * per_item)
+        self._grown.append(b"\x01" * (int(self.options.get("grow_mb_per_batch", 0)) * 1024 * 1024))
         if isinstance(batch, EncodeBatch):
             texts = [item.text or "" for item in batch.items]
             dense = np.stack([fake_vector(t, self.dim) for t in texts]) if texts else np.zeros((0, self.dim))

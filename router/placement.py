@@ -1,0 +1,85 @@
+"""Placement (router process): where a model's worker runs and how much memory it is accounted.
+
+It owns the memory ledger and the device readings: a model's estimate before its worker spawns, the measured figure
+once it is ready, reservations that follow a worker's growth, and the plan of least-recently-used victims when a new
+model does not fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sie_router.devices import Devices
+from sie_router.errors import SIEError
+from sie_router.ledger import MemoryLedger
+from sie_router.registry import ModelConfig
+from sie_router.settings import Settings
+
+# Estimate for a model whose config gives none: its weight files times this factor.
+WEIGHTS_MEMORY_FACTOR = 1.5
+DEFAULT_ESTIMATE = 512 * 2**20
+
+
+class Placement:
+    def __init__(self, settings: Settings, devices: Devices) -> None:
+        self.settings = settings
+        self.devices = devices
+        self.ledger = MemoryLedger(self._budgets())
+
+    def _budgets(self) -> dict[str, int]:
+        budgets = {}
+        for device in self.devices.snapshot():
+            if device.name == "cpu":
+                budgets["cpu"] = self.settings.memory_budget or int(device.total * 0.8)
+            else:
+                budgets[device.name] = int(device.total * self.settings.gpu_memory_fraction)
+        return budgets
+
+    @staticmethod
+    def estimate(config: ModelConfig, folder: str) -> int:
+        """Bytes to reserve before the worker has measured itself."""
+        if config.memory_mb:
+            return config.memory_mb * 2**20
+        if not folder:
+            return DEFAULT_ESTIMATE
+        weights = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
+        return int(weights * WEIGHTS_MEMORY_FACTOR) or DEFAULT_ESTIMATE
+
+    def plan(self, key: str, nbytes: int, evictable: Callable[[str], bool]) -> tuple[str, list[str]]:
+        """The device with the most free budget and the LRU models to evict there so `nbytes` fit;
+        503 RESOURCE_EXHAUSTED (retryable) when no such plan exists."""
+        device = self.ledger.best_device()
+        victims = self.ledger.eviction_plan(device, nbytes, lambda k: k != key and evictable(k))
+        if victims is None:
+            free = self.ledger.devices[device].free
+            raise SIEError("RESOURCE_EXHAUSTED", f"model '{key}' needs about {nbytes / 2**20:.0f} MiB on {device}, "
+                           f"{free / 2**20:.0f} MiB is free and no idle model can be evicted")
+        return device, victims
+
+    def reserve(self, key: str, device: str, nbytes: int) -> None:
+        self.ledger.reserve(key, device, nbytes)
+
+    def settle(self, key: str, pid: int, device: str, reported: int) -> int:
+        """Replace the estimate with what the worker holds (the device's reading, else the worker's own figure)."""
+        measured = self.devices.process_memory(pid, device) or reported
+        self.ledger.settle(key, measured)
+        return measured
+
+    def remeasure(self, loaded: Iterable[tuple[str, int, str]]) -> None:
+        """Raise each loaded model's reservation (key, worker pid, device) to what its worker holds now, if more.
+
+        The figure taken at Ready is not a ceiling: the torch engine's allocator and oneDNN caches grow with the batch
+        shapes traffic brings (all-MiniLM-L6-v2 in bf16: 530 MiB at Ready, 890 under the soak's mix, then flat).
+        Eviction plans and the memory metrics must see the grown figure, or the budget is overrun. Reservations only
+        rise: memory a worker gave back it can take again."""
+        for key, pid, device in loaded:
+            measured, reserved = self.devices.process_memory(pid, device), self.ledger.reserved(key)
+            if measured and reserved is not None and measured > reserved:
+                self.ledger.settle(key, measured)
+
+    def release(self, key: str) -> None:
+        self.ledger.release(key)
+
+    def touch(self, key: str) -> None:
+        self.ledger.touch(key)
