@@ -36,7 +36,7 @@ def api_of(path: str) -> Api:
     """Which envelope errors on this path are rendered in."""
     if path.startswith(_OPENAI_PATHS):
         return Api.OPENAI
-    if path in _INFINITY_PATHS:
+    if path.rstrip("/") in _INFINITY_PATHS:
         return Api.INFINITY
     return Api.NATIVE
 
