@@ -41,7 +41,12 @@ class WorkerProcess:
     def __init__(self, popen: subprocess.Popen[bytes]) -> None:
         self.popen = popen
         self.pid = popen.pid
-        self.sentinel = os.pidfd_open(popen.pid)
+        try:
+            self.sentinel = os.pidfd_open(popen.pid)
+        except OSError:
+            popen.kill()  # unwatchable: never leave it running
+            popen.wait()
+            raise
 
     @property
     def exitcode(self) -> int | None:
@@ -133,8 +138,12 @@ class Supervisor:
 
     async def spawn(self, spec: WorkerSpec, key: str) -> Worker:
         """Start a worker and wait for its `Ready`; raises `LoadError` if it fails, dies or times out first."""
+        try:
+            process = spawn_worker(spec)
+        except OSError as exc:  # EMFILE, ENOMEM, EAGAIN: the system refuses for now; a later try may succeed
+            raise LoadError(LoadErrorClass.STORAGE, f"cannot start a worker for '{key}': {exc}") from None
         handshake = self.client.expect(spec.worker_id)
-        worker = Worker(worker_id=spec.worker_id, key=key, process=spawn_worker(spec), device=spec.device)
+        worker = Worker(worker_id=spec.worker_id, key=key, process=process, device=spec.device)
         self.workers[worker.worker_id] = worker
         asyncio.get_running_loop().add_reader(worker.process.sentinel, self._on_sentinel, worker)
         try:
