@@ -59,7 +59,8 @@ class Settings:
     # failure in a row doubles the wait (up to 16 times this).
     load_retry_cooldown_s: float = 30.0
     # A worker is hung, killed and restarted when a batch makes no progress for 20 times its expected busy time, at
-    # least batch_timeout_floor_s and at most batch_timeout_s (batch_timeout_s while its pace is still unknown).
+    # least batch_timeout_floor_s and at most batch_timeout_s (batch_timeout_s while its pace is still unknown; never
+    # under 3 times the expected time, so a low bound cannot kill healthy workers of a slow model).
     batch_timeout_s: float = 30.0
     batch_timeout_floor_s: float = 10.0
     shutdown_deadline_s: float = 20.0

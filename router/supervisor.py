@@ -2,7 +2,8 @@
 
 Workers start as `python -m sie_worker` with their spec on stdin, so the router imports only the protocol from the
 worker package. A worker is found dead by its process sentinel (a pidfd) and hung by a batch deadline: the deadline
-is many times the worker's fitted busy time for a batch that size, at least a floor, at most `batch_timeout_s`. A
+is many times the worker's fitted busy time for a batch that size, at least a floor, at most `batch_timeout_s`
+(unless a healthy batch that size takes longer than a third of it). A
 hung worker is SIGKILLed and then handled exactly like one that crashed: its calls fail retryably and the exit
 counts against the model's crash budget.
 """
@@ -33,6 +34,9 @@ log = logging.getLogger("sie.supervisor")
 
 # A batch may take this many times the worker's fitted busy time for its size before the worker counts as hung.
 HUNG_FACTOR = 20.0
+# ... and never less than this many times, whatever the cap: a cap below a healthy batch's time would kill healthy
+# workers until the crash budget takes the model down, which is worse than finding a hang late.
+MIN_FACTOR = 3.0
 
 
 class WorkerProcess:
@@ -114,11 +118,11 @@ class Worker:
 
 def batch_deadline(pace: BusyTimeFit, items: int, floor_s: float, cap_s: float) -> float:
     """Seconds a batch of `items` may take: HUNG_FACTOR times its expected busy time, at least `floor_s`, at most
-    `cap_s`; `cap_s` while the worker's pace is still unknown."""
+    `cap_s` unless that is under MIN_FACTOR times the expected time; `cap_s` while the worker's pace is unknown."""
     expected = pace.predict(items)
     if expected is None:
         return cap_s
-    return min(cap_s, max(floor_s, HUNG_FACTOR * expected))
+    return max(MIN_FACTOR * expected, min(cap_s, max(floor_s, HUNG_FACTOR * expected)))
 
 
 class Supervisor:
