@@ -46,6 +46,11 @@ package_backed: true
 tasks: {encode: {dense: {dim: 16}}}
 profiles: {default: {adapter: fake, adapter_options: {loadtime: {dim: 16}}}}
 ---
+sie_id: test/garbage
+package_backed: true
+tasks: {encode: {dense: {dim: 16}}}
+profiles: {default: {adapter: fake, adapter_options: {loadtime: {dim: 16}}}}
+---
 sie_id: test/flaky-load
 package_backed: true
 tasks: {encode: {dense: {dim: 16}}}
@@ -85,7 +90,8 @@ def faulty(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Faulty]:
     folder = tmp_path_factory.mktemp("faulty")
     srv = start(folder, {"SIE_BATCH_TIMEOUT_S": str(BATCH_TIMEOUT_S), "SIE_BATCH_TIMEOUT_FLOOR_S": str(FLOOR_S),
                          "SIE_LOAD_RETRY_COOLDOWN_S": "1",
-                         "SIE_WORKER_FAULT": "bad_frame:test/bad-frame,unknown_code:test/unknown-code"})
+                         "SIE_WORKER_FAULT": ",".join(["bad_frame:test/bad-frame", "unknown_code:test/unknown-code",
+                                                       "garbage:test/garbage"])})
     try:
         yield Faulty(srv, folder / "server.log")
     finally:
@@ -192,6 +198,19 @@ def test_an_undecodable_frame_is_dropped_and_every_model_keeps_serving(faulty: F
     assert "dropping an undecodable frame from worker" in faulty.log.read_text()
     for model in ("test/bad-frame", "test/hang-b"):
         assert encode_waiting(faulty.url, model).status_code == 200
+
+
+def test_a_worker_that_keeps_sending_garbage_is_restarted(faulty: Faulty) -> None:
+    """Its worker sends an undecodable frame before every reply: the third within a minute gets it killed."""
+    assert encode_waiting(faulty.url, "test/garbage").status_code == 200
+    first = worker_pid(faulty.url, "test/garbage")
+    answers = [httpx.post(f"{faulty.url}/v1/encode/test/garbage", json={"items": [{"text": "x"}]}, timeout=60)
+               for _ in range(2)]
+    assert [r.status_code for r in answers] == [200, 503]
+    assert answers[1].json()["detail"]["code"] == "MODEL_LOADING" and "undecodable" in answers[1].text
+    assert encode_waiting(faulty.url, "test/garbage").status_code == 200  # a new worker
+    assert worker_pid(faulty.url, "test/garbage") not in (None, first)
+    assert 'sie_worker_hangs_total{model="test/garbage"} 1.0' in httpx.get(f"{faulty.url}/metrics").text
 
 
 def test_a_code_the_router_does_not_know_is_a_coded_500(faulty: Faulty) -> None:
