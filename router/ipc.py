@@ -101,7 +101,10 @@ class WorkerClient:
             self.progress[worker_id] = now  # an idle worker's clock starts with this batch
         self.in_flight[batch_id] = Call(worker_id, future, deadline_s, now)
         try:
-            await self.send(worker_id, make(batch_id))
+            try:  # the send can wait too (a worker that stopped reading fills its queue): it shares the deadline
+                await asyncio.wait_for(self.send(worker_id, make(batch_id)), deadline_s)
+            except TimeoutError:
+                raise WorkerLost(f"worker {worker_id} took no batch for {deadline_s:.1f}s") from None
             return await future
         finally:
             self.in_flight.pop(batch_id, None)

@@ -227,8 +227,8 @@ class Supervisor:
         """Ask the workers to stop, then SIGTERM and SIGKILL whatever is left at the deadline."""
         for worker in workers:
             worker.stopping = True
-            with contextlib.suppress(WorkerLost):
-                await self.client.send(worker.worker_id, Shutdown())
+            with contextlib.suppress(WorkerLost, TimeoutError):  # a hung worker may not take it: SIGTERM follows
+                await asyncio.wait_for(self.client.send(worker.worker_id, Shutdown()), 1.0)
         await asyncio.to_thread(stop_processes, [w.process for w in workers], max(1.0, deadline_s))
 
     async def close(self) -> None:

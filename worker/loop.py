@@ -189,7 +189,7 @@ def configure_torch_threads(threads: int) -> None:
 
 
 def entry(spec_bytes: bytes) -> None:
-    """Process entry point for the spawn context: environment first, then the heavy imports."""
+    """The process entry (`python -m sie_worker`, spec bytes from stdin): environment first, then heavy imports."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     os.environ.update(spec.env)
     _die_with_parent()
