@@ -144,7 +144,12 @@ class WorkerClient:
     def _on_handshake(self, worker_id: str, frame: memoryview) -> None:
         try:
             message = protocol.decode_for_router(frame)
-        except msgspec.MsgspecError as exc:
+        except msgspec.ValidationError as exc:  # well-formed, not ours (an error class this router does not know)
+            future = self.handshakes.pop(worker_id, None)
+            if future is not None and not future.done():
+                future.set_exception(WorkerLost(f"worker {worker_id} sent a handshake this server cannot read: {exc}"))
+            return
+        except msgspec.DecodeError as exc:
             self._bad_frame(worker_id, exc)
             return
         future = self.handshakes.pop(worker_id, None)

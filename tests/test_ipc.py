@@ -14,7 +14,16 @@ import zmq.asyncio
 from sie_router.ipc import WorkerClient, WorkerLost
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
-from sie_worker.protocol import BatchDone, BatchFailed, EncodeBatch, EncodeResult, InputItem, Ready, Tensor
+from sie_worker.protocol import (
+    BatchDone,
+    BatchFailed,
+    EncodeBatch,
+    EncodeResult,
+    InputItem,
+    LoadFailed,
+    Ready,
+    Tensor,
+)
 
 GARBAGE = b"\xc1 is never valid msgpack"
 
@@ -147,6 +156,19 @@ def test_a_reply_with_a_code_this_router_does_not_know_fails_that_batch_as_inter
         reply = await asyncio.wait_for(call, 10)
         assert isinstance(reply, BatchFailed) and reply.code is ErrorCode.INTERNAL_ERROR
         assert "FROM_THE_FUTURE" in reply.message
+        a.close()
+
+    assert run(scenario) == []
+
+
+def test_a_handshake_this_router_cannot_read_fails_that_load_at_once() -> None:
+    async def scenario(client: WorkerClient, broken: list[tuple[str, str]]) -> None:
+        handshake = client.expect("a")
+        a = FakeWorker(client, "a")
+        await a.recv_from_router.send(protocol.encode(LoadFailed(
+            worker_id="a", code=ErrorCode.MODEL_LOAD_FAILED, error_class="NEWFANGLED", message="m")))  # type: ignore[arg-type]
+        with pytest.raises(WorkerLost, match="cannot read"):
+            await asyncio.wait_for(handshake, 10)
         a.close()
 
     assert run(scenario) == []
