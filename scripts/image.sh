@@ -24,7 +24,6 @@ pip_setting() { "$PY" -m pip config list 2>/dev/null | sed -n "s/^[^.]*\.$1='\(.
 start_dockerd() {
   docker info >/dev/null 2>&1 && return 0
   command -v dockerd >/dev/null || { echo "error: no Docker engine answers and dockerd is not installed" >&2; exit 1; }
-  mkdir -p "$CACHE"
   echo "starting dockerd (log: $CACHE/dockerd.log)"
   nohup dockerd --bridge=none --iptables=false --ip-masq=false --ip6tables=false >"$CACHE/dockerd.log" 2>&1 &
   for _ in $(seq 60); do docker info >/dev/null 2>&1 && return 0; sleep 1; done
@@ -58,6 +57,7 @@ torch_wheel() {
   ls "${dir:-/nonexistent}"/torch-2.13.0+cpu-cp311-*.whl 2>/dev/null | head -1 || true
 }
 
+mkdir -p "$CACHE"
 start_dockerd
 wheel=$(torch_wheel)
 local_mode=${SIE_IMAGE_LOCAL:-$([ -n "$wheel" ] && echo 1 || echo 0)}
