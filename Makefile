@@ -5,7 +5,7 @@ COMPAT := .venv-compat
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install install-test serve test test-gpu test-slow bench soak lint clean
+.PHONY: install install-test serve test test-gpu test-slow bench soak lint image test-container clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/install.sh
@@ -21,6 +21,9 @@ serve:
 test: install-test
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+test-container: install-test
+	SIE_CONTAINER_TESTS=1 $(VENV)/bin/python -m pytest tests/container $(PYTEST_ARGS)
+
 test-slow: install-test
 	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
 
@@ -35,6 +38,9 @@ soak: install-test
 
 lint: install-test
 	$(VENV)/bin/ruff check router worker sdk tests bench
+
+image:
+	bash scripts/image.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(COMPAT) .cache

@@ -32,6 +32,7 @@ def model_info(state: AppState, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "inputs": config.input_kinds,
+        "family": config.family(profile),
         "outputs": served_outputs(config, profile),
         "dims": served_dims(state, config, profile),
         "loaded": slot.state == "loaded",

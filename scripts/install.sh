@@ -33,5 +33,14 @@ if [ ! -x .venv-compat/bin/python ]; then
   fi
   "$py312" -m venv .venv-compat
 fi
+# Grafana's dashboard types and the TypeScript compiler, project-local, for tests/deploy/test_grafana_types.py.
+if [ ! -x .cache/grafana-types/node_modules/.bin/tsc ]; then
+  if command -v npm >/dev/null 2>&1; then
+    npm install --prefix .cache/grafana-types --no-save --no-audit --no-fund --loglevel=error \
+      "@grafana/schema@13.2.3" "typescript@5.9.3" >/dev/null
+  else
+    echo "warning: no npm: the Grafana type check (tests/deploy/test_grafana_types.py) will fail" >&2
+  fi
+fi
 # The real client lives apart: it installs a package named sie_sdk, like ours.
 pip_q .venv-compat/bin/pip install "sie-sdk==0.10.1" "pytest>=8"

@@ -1,5 +1,5 @@
-"""`sie-admin`: list and evict the model workers of one SIE server (`--url`) or of every router pod of a Kubernetes
-deployment (`--namespace/--selector`, through the API server's pod proxy)."""
+"""`sie-admin`: list and evict the model workers, and list the models, of one SIE server (`--url`) or of every router
+pod of a Kubernetes deployment (`--namespace/--selector`, through the API server's pod proxy)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ Fetch = Callable[[str, str], tuple[int, bytes]]
 
 WORKER_COLUMNS = ("MODEL", "STATE", "PID", "DEVICE", "MEMORY", "QUEUE", "SERVED", "LAST-USED", "UPTIME")
 DEVICE_COLUMNS = ("DEVICE", "USED", "TOTAL", "BUDGET", "RESERVED")
+MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "MEMORY")
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi")
 
 
@@ -36,11 +38,13 @@ class Target:
     pod: str | None = None
 
 
-def http_target(url: str, token: str | None, timeout_s: float) -> Target:
+def http_target(url: str, token: str | None, timeout_s: float, api_key: str | None = None) -> Target:
+    """The admin API (`/admin/*`) takes the admin token; every other route takes the API key."""
     base = url.rstrip("/")
-    headers = {"Accept": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
 
     def fetch(method: str, path: str) -> tuple[int, bytes]:
+        secret = token if path.startswith("/admin/") else api_key
+        headers = {"Accept": "application/json", **({"Authorization": f"Bearer {secret}"} if secret else {})}
         try:
             response = httpx.request(method, base + path, headers=headers, timeout=timeout_s)
         except httpx.ConnectError as exc:
@@ -141,6 +145,22 @@ def render_ls(data: dict[str, list[dict[str, Any]]], with_pod: bool) -> str:
     return "\n".join(parts)
 
 
+def model_cells(row: dict[str, Any]) -> list[str]:
+    dims = row.get("dims") or {}
+    return [_text(row.get("name")), _text(row.get("family")), _text(row.get("state")),
+            ",".join(row.get("outputs") or []) or "-", ",".join(f"{k}:{v}" for k, v in dims.items() if v) or "-",
+            _text(row.get("device")), human_bytes(row.get("memory_bytes"))]
+
+
+def render_models(rows: list[dict[str, Any]], with_pod: bool) -> str:
+    if not rows:
+        return "No models."
+    pod = ("POD",) if with_pod else ()
+    cells = [([_text(row.get("pod"))] if with_pod else []) + model_cells(row) for row in rows]
+    errors = [f"{row.get('name')}: last error: {row['last_error']}" for row in rows if row.get("last_error")]
+    return "\n".join([table(pod + MODEL_COLUMNS, cells), *errors])
+
+
 def _each(targets: Sequence[Target], fn: Callable[[Target], None], err: TextIO) -> int:
     """Runs fn on every target; a failing one is reported and makes the exit status 1, the others still run."""
     status = 0
@@ -169,6 +189,38 @@ def workers_ls(targets: Sequence[Target], as_json: bool, out: TextIO, err: TextI
     return status
 
 
+def models_ls(targets: Sequence[Target], as_json: bool, out: TextIO, err: TextIO) -> int:
+    """The models each server serves (its bundle, or its `-m` models), from `/v1/models`: family, state, outputs."""
+    rows: list[dict[str, Any]] = []
+
+    def collect(target: Target) -> None:
+        data = call(target, "GET", "/v1/models")
+        rows.extend(({"pod": target.pod} if target.pod else {}) | row for row in data.get("models") or [])
+
+    status = _each(targets, collect, err)
+    if status and not rows:
+        return status
+    print(json.dumps({"models": rows}, indent=2) if as_json else render_models(rows, any(t.pod for t in targets)),
+          file=out)
+    return status
+
+
+def watch(show: Callable[[TextIO, TextIO], int], interval_s: float, out: TextIO, err: TextIO,
+          sleep: Callable[[float], None] = time.sleep) -> int:
+    """Shows the listing every interval until interrupted (Ctrl-C ends it with status 0). On a terminal each one
+    replaces the last, as `watch` does; otherwise they follow one another under a time stamp, as a log would."""
+    tty = out.isatty()
+    try:
+        while True:
+            print("\x1b[H\x1b[2J" if tty else "", end="", file=out)
+            print(f"Every {interval_s:g}s: {time.strftime('%Y-%m-%d %H:%M:%S')}\n", file=out)
+            show(out, err)
+            out.flush()
+            sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+
+
 def workers_evict(targets: Sequence[Target], model: str, out: TextIO, err: TextIO) -> int:
     def evict(target: Target) -> None:
         data = call(target, "POST", f"/admin/workers/{quote(model, safe='/')}/evict")
@@ -179,32 +231,60 @@ def workers_evict(targets: Sequence[Target], model: str, out: TextIO, err: TextI
     return _each(targets, evict, err)
 
 
+def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options every command takes. They are declared on each command too, with suppressed defaults, so that
+    they go anywhere on the line (`sie-admin workers ls --url U` == `sie-admin --url U workers ls`, as kubectl does)
+    and a command's own parse never resets one given before it."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("--url", default=default(os.environ.get("SIE_URL", "http://127.0.0.1:8080")),
+                        help="SIE server to manage (default $SIE_URL or http://127.0.0.1:8080)")
+    parser.add_argument("--token", default=default(os.environ.get("SIE_ADMIN_TOKEN")),
+                        help="admin token of the server, for /admin/* (default $SIE_ADMIN_TOKEN)")
+    parser.add_argument("--api-key", default=default(os.environ.get("SIE_API_KEY")),
+                        help="API key of the server, for `models ls` (default $SIE_API_KEY)")
+    parser.add_argument("--timeout", type=float, default=default(10.0),
+                        help="seconds to wait for each answer (default 10)")
+    k8s = parser.add_argument_group("Kubernetes", "query every Running router pod through the API server's pod proxy")
+    k8s.add_argument("--namespace", "-n", default=default(None), help="namespace of the SIE deployment")
+    k8s.add_argument("--selector", "-l", default=default(None),
+                     help="label selector of the router pods, e.g. app.kubernetes.io/name=sie")
+    k8s.add_argument("--port", type=int, default=default(8080), help="router port in the pod (default 8080)")
+    k8s.add_argument("--kubeconfig", default=default(None),
+                     help="kubeconfig file (default $KUBECONFIG, ~/.kube/config, or in-cluster)")
+    k8s.add_argument("--context", default=default(None), help="kubeconfig context (default: the current one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sie-admin", description=__doc__.split("\n\n")[0].replace("\n", " "))
-    parser.add_argument("--url", default=os.environ.get("SIE_URL", "http://127.0.0.1:8080"),
-                        help="SIE server to manage (default $SIE_URL or http://127.0.0.1:8080)")
-    parser.add_argument("--token", default=os.environ.get("SIE_ADMIN_TOKEN"),
-                        help="admin token of the server (default $SIE_ADMIN_TOKEN)")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer (default 10)")
-    k8s = parser.add_argument_group("Kubernetes", "query every Running router pod through the API server's pod proxy")
-    k8s.add_argument("--namespace", "-n", help="namespace of the SIE deployment")
-    k8s.add_argument("--selector", "-l", help="label selector of the router pods, e.g. app.kubernetes.io/name=sie")
-    k8s.add_argument("--port", type=int, default=8080, help="router port in the pod (default 8080)")
-    k8s.add_argument("--kubeconfig", help="kubeconfig file (default $KUBECONFIG, ~/.kube/config, or in-cluster)")
-    k8s.add_argument("--context", help="kubeconfig context (default: the current one)")
+    add_global_options(parser, top=True)
     commands = parser.add_subparsers(dest="group", required=True, title="commands", metavar="COMMAND")
-    workers_parser = commands.add_parser("workers", help="list (ls) or evict model workers")
-    workers = workers_parser.add_subparsers(dest="command", required=True)
-    ls = workers.add_parser("ls", help="table of workers: state, memory, queue, requests, idle time, uptime")
+
+    def command(subparsers: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        sub = subparsers.add_parser(name, **kwargs)
+        add_global_options(sub, top=False)
+        return sub
+
+    workers = command(commands, "workers", help="list (ls) or evict model workers").add_subparsers(
+        dest="command", required=True)
+    ls = command(workers, "ls", help="table of workers: state, memory, queue, requests, idle time, uptime")
     ls.add_argument("--json", action="store_true", help="print the same data as JSON")
-    evict = workers.add_parser("evict", help="stop a model's worker and free its memory")
+    ls.add_argument("--watch", "-w", action="store_true", help="show the table again every --interval until Ctrl-C")
+    ls.add_argument("--interval", type=float, default=2.0, help="seconds between tables with --watch (default 2)")
+    evict = command(workers, "evict", help="stop a model's worker and free its memory")
     evict.add_argument("model", metavar="MODEL", help="model name as in /v1/models")
+    models = command(commands, "models", help="list (ls) the models served").add_subparsers(
+        dest="command", required=True)
+    models_list = command(models, "ls", help="table of the models served: family, state, outputs, device, memory")
+    models_list.add_argument("--json", action="store_true", help="print the same data as JSON")
     return parser
 
 
 def targets_from(args: argparse.Namespace, cleanup: ExitStack) -> list[Target]:
     if args.namespace is None and args.selector is None:
-        return [http_target(args.url, args.token, args.timeout)]
+        return [http_target(args.url, args.token, args.timeout, args.api_key)]
     if not (args.namespace and args.selector):
         raise AdminError("--namespace and --selector go together")
     from sie_sdk.admin_k8s import discover
@@ -222,9 +302,16 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
         except AdminError as exc:
             print(f"sie-admin: error: {exc}", file=err)
             return 1
-        if args.command == "ls":
-            return workers_ls(targets, args.json, out, err)
-        return workers_evict(targets, args.model, out, err)
+        if args.group == "models":
+            return models_ls(targets, args.json, out, err)
+        if args.command == "evict":
+            return workers_evict(targets, args.model, out, err)
+        if args.watch:
+            if args.interval <= 0:
+                print("sie-admin: error: --interval must be above 0", file=err)
+                return 2
+            return watch(lambda o, e: workers_ls(targets, args.json, o, e), args.interval, out, err)
+        return workers_ls(targets, args.json, out, err)
 
 
 if __name__ == "__main__":  # `python -m sie_sdk.admin`: run the imported module, whose classes admin_k8s shares

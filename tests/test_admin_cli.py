@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from sie_sdk import admin
 from sie_sdk.admin_k8s import ADMIN_TOKEN_HEADER
+from tests.server import MINILM, Server
 
 MIB = 1 << 20
 TOKEN = "s3cret"
@@ -43,6 +46,13 @@ WORKERS = {
                  "reserved_bytes": 1024 * MIB}],
 }
 KNOWN = {"org/model-a", "model-b", "model-c", "model-d"}
+API_KEY = "k3y"
+MODELS = {"object": "list", "data": [], "models": [
+    {"name": "org/model-a", "family": "dense", "state": "loaded", "outputs": ["dense"], "dims": {"dense": 384},
+     "device": "cpu", "memory_bytes": 421 * MIB, "last_error": None},
+    {"name": "model-c", "family": "sparse", "state": "failed", "outputs": ["sparse"], "dims": {"sparse": 30522},
+     "device": None, "memory_bytes": None, "last_error": "no weights"},
+]}
 
 
 def run(*argv: str) -> tuple[int, str, str]:
@@ -81,7 +91,10 @@ class AdminAPI(BaseHTTPRequestHandler):
         return False
 
     def do_GET(self) -> None:
-        if self.authorized():
+        if self.path == "/v1/models":  # the API key's route, not the admin token's
+            self.seen.append((self.command, self.path, self.headers.get("Authorization")))
+            self.reply(200, MODELS)
+        elif self.authorized():
             self.reply(200, WORKERS) if self.path == "/admin/workers" else self.reply(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
@@ -184,6 +197,66 @@ def test_help_and_the_module_entry_point(api: tuple[str, type[AdminAPI]]) -> Non
     usage = subprocess.run([sys.executable, "-m", "sie_sdk.admin", "workers", "--help"], capture_output=True,
                            text=True, timeout=60).stdout
     assert "ls" in usage and "evict" in usage
+
+
+def test_global_options_go_anywhere_on_the_line(api: tuple[str, type[AdminAPI]]) -> None:
+    url, handler = api
+    handler.token = TOKEN
+    before = run("--url", url, "--token", TOKEN, "workers", "ls", "--json")
+    assert before[0] == 0 and json.loads(before[1]) == WORKERS
+    for argv in (("workers", "ls", "--url", url, "--token", TOKEN, "--json"),
+                 ("workers", "--url", url, "ls", "--json", "--token", TOKEN),
+                 ("--url", url, "workers", "ls", f"--token={TOKEN}", "--json")):
+        assert run(*argv) == before, argv
+    # one given before the command is kept when the command does not repeat it; a later one wins
+    assert run("--url", url, "workers", "evict", "org/model-a", "--token", TOKEN) == (0, "evicted org/model-a\n", "")
+    code, _, err = run("--url", url, "--token", TOKEN, "workers", "ls", "--token", "wrong")
+    assert code == 1 and "401 UNAUTHORIZED" in err
+
+
+def test_models_ls_shows_family_state_and_outputs(api: tuple[str, type[AdminAPI]]) -> None:
+    url, handler = api
+    handler.token = TOKEN
+    code, out, err = run("models", "ls", "--url", url, "--api-key", API_KEY, "--token", TOKEN)
+    assert (code, err) == (0, "")
+    rows = lines_by_first_cell(out)
+    assert rows["MODEL"] == list(admin.MODEL_COLUMNS)
+    assert rows["org/model-a"] == ["org/model-a", "dense", "loaded", "dense", "dense:384", "cpu", "421Mi"]
+    assert rows["model-c"] == ["model-c", "sparse", "failed", "sparse", "sparse:30522", "-", "-"]
+    assert "model-c: last error: no weights" in out
+    # /v1/models takes the API key, never the admin token
+    assert handler.seen[-1] == ("GET", "/v1/models", f"Bearer {API_KEY}")
+    code, out, _ = run("models", "ls", "--json", "--url", url)
+    assert code == 0 and json.loads(out) == {"models": MODELS["models"]}
+
+
+def test_watch_shows_the_table_again_until_interrupted(api: tuple[str, type[AdminAPI]]) -> None:
+    url, handler = api
+    proc = subprocess.Popen([sys.executable, "-m", "sie_sdk.admin", "workers", "ls", "--watch", "--interval", "0.2",
+                             "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for method, path, _ in handler.seen if path == "/admin/workers") < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, "the watch stopped asking"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (0, "")
+    tables = [t for t in out.split("Every 0.2s: ") if t]
+    assert len(tables) >= 3 and all("org/model-a" in t and "loading,pinned" in t for t in tables[:3])
+    assert run("workers", "ls", "--watch", "--interval", "0", "--url", url)[0] == 2
+
+
+def test_models_ls_against_a_real_server(server: Server) -> None:
+    """The session's server: the default and test bundles, MiniLM and test/fake-dense loaded at start."""
+    code, out, err = run("models", "ls", "--url", server.url)
+    assert (code, err) == (0, "")
+    rows = lines_by_first_cell(out)
+    assert rows[MINILM][:5] == [MINILM, "dense", "loaded", "dense", "dense:384"]
+    assert rows["test/fake-dense"][:3] == ["test/fake-dense", "fake", "loaded"]
+    assert rows["naver/splade-v3"][:4] == ["naver/splade-v3", "sparse", "available", "sparse"]
+    assert rows["test/fake-broken"][1] == "fake"
 
 
 @pytest.mark.parametrize(("value", "text"), [(None, "-"), (0, "0"), (1000, "1000"), (1536, "1.5Ki"),

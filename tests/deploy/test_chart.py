@@ -151,11 +151,14 @@ def test_pod_runs_the_server_with_its_contract() -> None:
     assert e["HF_HOME"].startswith("/var/cache/sie")
     assert "SIE_API_KEY" not in e
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-    assert mounts == {"bundle": "/etc/sie/bundle", "pools": "/etc/sie/pools", "cache": "/var/cache/sie"}
+    assert mounts == {"bundle": "/etc/sie/bundle", "pools": "/etc/sie/pools", "cache": "/var/cache/sie",
+                      "tmp": "/tmp"}
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["bundle"]["configMap"]["name"] == "sie-bundle"
     assert volumes["pools"]["configMap"]["name"] == "sie-pools"
-    assert "emptyDir" in volumes["cache"]
+    assert "emptyDir" in volumes["cache"] and "emptyDir" in volumes["tmp"]
+    # a read-only root: everything the server writes goes to the cache volume or /tmp
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {}))
 
 
