@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sie_router import metrics
-from sie_router.devices import Devices
+from sie_router.devices import Devices, budgets
 from sie_router.errors import SIEError
 from sie_router.ipc import Channel, WorkerUnreachable
 from sie_router.ledger import MemoryLedger
@@ -87,7 +87,9 @@ class WorkerPool:
         self.settings = settings
         self.registry = registry
         self.devices = devices
-        self.ledger = MemoryLedger(self._budgets())
+        readings = self.devices.snapshot()  # GPU path (issue 17): budgets by free memory, exclusive-mode GPUs
+        self.ledger = MemoryLedger(budgets(readings, settings.gpu_memory_fraction, settings.memory_budget),
+                                   exclusive={d.name for d in readings if d.exclusive})
         self.channel = Channel()
         self.slots = {cfg.sie_id: Slot(key=cfg.sie_id, config=cfg) for cfg in registry.configs.values()}
         self.workers: dict[str, Worker] = {}
@@ -96,15 +98,6 @@ class WorkerPool:
         self.accepting = True
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[None]] = []
-
-    def _budgets(self) -> dict[str, int]:
-        budgets = {}
-        for device in self.devices.snapshot():
-            if device.name == "cpu":
-                budgets["cpu"] = self.settings.memory_budget or int(device.total * 0.8)
-            else:
-                budgets[device.name] = int(device.total * self.settings.gpu_memory_fraction)
-        return budgets
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._receive_handshakes(), name="sie-handshakes"),
@@ -182,7 +175,8 @@ class WorkerPool:
         worker.last_used = time.monotonic()  # idle time counts from readiness, not from the spawn
         info = worker.info
         assert info is not None
-        measured = self.devices.process_memory(info.pid, worker.device) or info.memory_bytes
+        measured = self.devices.process_memory(info.pid, worker.device, info.memory_bytes,
+                                                info.context_bytes) or info.memory_bytes  # GPU path (issue 17)
         self.ledger.settle(slot.key, measured)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
@@ -209,13 +203,18 @@ class WorkerPool:
             worker = slot.worker
             if slot.state != "loaded" or worker is None or worker.info is None:
                 continue
-            measured, reserved = self.devices.process_memory(worker.info.pid, worker.device), self.ledger.reserved(key)
+            measured = self.devices.process_memory(worker.info.pid, worker.device, worker.info.memory_bytes,
+                                                   worker.info.context_bytes)  # GPU path (issue 17)
+            reserved = self.ledger.reserved(key)
             if measured and reserved is not None and measured > reserved:
                 self.ledger.settle(key, measured)
 
     async def _reserve(self, slot: Slot, nbytes: int, evict: bool) -> str:
         """Pick the device with the most free budget and reserve `nbytes`, evicting LRU idle models if needed."""
         self.remeasure()
+        for reading in self.devices.snapshot():  # GPU path (issue 17): others' use since start shrinks the budget
+            if reading.name != "cpu":
+                self.ledger.observe_free(reading.name, reading.free)
         device = self.ledger.best_device()
         plan = self.ledger.eviction_plan(device, nbytes, lambda k: evict and k != slot.key and self._evictable(k))
         if plan is None:
@@ -261,8 +260,8 @@ class WorkerPool:
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
         profile = cfg.profiles["default"]
-        # One GPU per worker: the child sees only its own, as cuda:0.
-        visible = device.split(":")[1] if device.startswith("cuda:") else ""
+        # One GPU per worker, named by UUID (GPU path, issue 17): the child sees only its own, as cuda:0.
+        visible = self.devices.cuda_visible(device)
         return WorkerSpec(
             worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
             to_worker_endpoint=self.channel.to_worker_endpoint,
@@ -275,6 +274,7 @@ class WorkerPool:
             runtime=profile.adapter_options.runtime,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),
             env={**self.settings.extra_env, "CUDA_VISIBLE_DEVICES": visible},
+            cpu_fallback=self.settings.device == "auto",  # GPU path (issue 17): torch without CUDA runs on the CPU
             max_batch_tokens=profile.max_batch_tokens or 16384)
 
     # -- messages from workers --------------------------------------------------------------------------------------
