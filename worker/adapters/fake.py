@@ -1,9 +1,10 @@
 """Deterministic fake model (worker process), for pool and router tests only; it never imports torch.
 
 Vectors and scores are seeded from a hash of the input. Faults are injected through `loadtime` options:
-`load_delay_s`, `fail_load` (a message), `batch_delay_s`, `oom_on_batch` and `crash_on_batch` (1-based batch
-numbers), `memory_mb` (MiB to hold from load, so memory budgets can be exercised) and `grow_mb_per_batch` (MiB more
-held after every batch, as a working set that grows under traffic).
+`load_delay_s`, `fail_load` (a message), `batch_delay_s`, `oom_on_batch`, `cuda_error_on_batch` (from that batch on,
+as a broken CUDA context does) and `crash_on_batch` (1-based batch numbers), `memory_mb` (MiB to hold from load, so
+memory budgets can be exercised) and `grow_mb_per_batch` (MiB more held after every batch, as a working set that grows
+under traffic).
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from sie_worker.protocol import (
 
 class InjectedOutOfMemory(RuntimeError):
     """Raised on the configured batch, with the message torch uses, so the worker maps it the same way."""
+
+
+class AcceleratorError(RuntimeError):
+    """Named and worded as torch's `torch.AcceleratorError`, which is what an illegal memory access raises."""
 
 
 def fake_vector(text: str, dim: int) -> np.ndarray:
@@ -68,6 +73,8 @@ class FakeAdapter:
             os._exit(3)
         if self.batches == self.options.get("oom_on_batch"):
             raise InjectedOutOfMemory("CUDA out of memory (injected by the fake adapter)")
+        if self.batches >= self.options.get("cuda_error_on_batch", float("inf")):
+            raise AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
         time.sleep(float(self.options.get("batch_delay_s", 0)))
         self._grown.append(b"\x01" * (int(self.options.get("grow_mb_per_batch", 0)) * 1024 * 1024))
         batch = prepared.batch
