@@ -60,7 +60,7 @@ def test_device_auto_moves_a_worker_whose_torch_has_no_cuda_to_the_cpu(caplog: p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_device_cuda_with_a_torch_without_cuda_fails_the_load_saying_how_to_fix_it() -> None:
     placed = spec("cuda:0", cpu_fallback=False)
-    with pytest.raises(RuntimeError, match="has no usable CUDA .*SIE_TORCH=cuda make install"):
+    with pytest.raises(RuntimeError, match=r"has no usable CUDA .*SIE_TORCH=cuda make install"):
         cuda.prepare_device(placed)
     assert placed.device == "cuda:0"
 
