@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +56,6 @@ def memory_bytes(device: torch.device) -> int:
 def release(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -156,6 +153,31 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
         features = {key: [encoded[key][i] for i in indices] for key in encoded}
         buckets.append((indices, dict(tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"))))
     return buckets, counts
+
+
+def warm_up(run: Callable[[dict[str, torch.Tensor]], object], tokenizer: Any, max_length: int,
+            max_batch_tokens: int, device: torch.device, max_items: int = MICRO_BATCH_ITEMS) -> None:
+    """Run the family's forward at the largest micro-batch it will take (max_length tokens, as many rows as the token
+    budget allows), then at a small one, with `run(inputs)` on host tensors; on a GPU, synchronise at the end.
+
+    Done at load, before `Ready`: an out-of-memory or an asynchronous CUDA error shows at start rather than under
+    traffic, and the memory the worker reports is its working set, so the router's ledger accounts what it will hold.
+    """
+    rows = max(1, min(max_items, max_batch_tokens // max(1, max_length)))
+    with torch.inference_mode():
+        for shape in ((rows, max_length), (1, min(PAD_MULTIPLE, max_length))):
+            run(placeholder_inputs(tokenizer, shape))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def placeholder_inputs(tokenizer: Any, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Padding-token ids of `shape` with a full attention mask (and token types where the model takes them)."""
+    ids = torch.full(shape, int(tokenizer.pad_token_id or 0), dtype=torch.long)
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in tokenizer.model_input_names:
+        tensors["token_type_ids"] = torch.zeros_like(ids)
+    return tensors
 
 
 def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, max_batch_tokens: int,
