@@ -4,7 +4,13 @@
 set -euo pipefail
 what=${1:-server}
 PY=${PY:-python3}
-pip_q() { "$@" -q --disable-pip-version-check 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip, quiet. A failed install stops the script with pip's own error; only the noisy "WARNING: Location" lines go.
+pip_q() {
+  local out status=0
+  out=$("$@" -q --disable-pip-version-check 2>&1) || status=$?
+  grep -v "^WARNING: Location" <<<"$out" >&2 || true
+  return "$status"
+}
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
