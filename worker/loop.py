@@ -162,6 +162,16 @@ class Worker:
                              inference_ms=(time.perf_counter() - started) * 1000.0)
         return BatchDone(batch_id=batch_id, result=result, timing=timing)
 
+    def stop_preparing(self, preparer: threading.Thread, deadline_s: float = 2.0) -> bool:
+        """Stop the prepare thread before its batches are served (they fail with this worker's exit); whether it
+        stopped. Batches it has queued are dropped, so that a put blocked on the full queue returns."""
+        self.stopping.set()
+        deadline = time.monotonic() + deadline_s
+        while preparer.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                self.ready_batches.get(timeout=_POLL_MS / 1000)
+        return not preparer.is_alive()
+
     def close(self) -> None:
         self.recv_from_router.close(linger=2000)
         self.send_to_router.close()
@@ -184,7 +194,8 @@ def run(spec: WorkerSpec) -> int:
         # The context is broken: every later batch would fail. The batch's BatchFailed is sent; exit so that the
         # router restarts the worker under its crash budget. os._exit: a broken context can hang CUDA's teardown.
         log.critical("CUDA error, exiting for a restart: %s", worker.fault)
-        worker.close()
+        if worker.stop_preparing(preparer):
+            worker.close()  # every socket closed by its own thread's end: the BatchFailed is flushed (linger)
         os._exit(cuda.EXIT_DEVICE_FAULT)
     adapter.close()
     worker.close()
