@@ -108,6 +108,10 @@ class NvmlDevices:
         if not self.gpus:
             raise NoDevice("NVML found no usable GPU" + ("" if visible is None else
                                                           f" among CUDA_VISIBLE_DEVICES={visible!r}"))
+        for gpu in self.gpus.values():  # so that an operator sees which card each name is
+            r = gpu.reading
+            log.info("%s: %s, %.1f GiB, %.1f GiB free%s", r.name, r.uuid, r.total / 2**30, r.free / 2**30,
+                     ", exclusive-process mode (one worker)" if r.exclusive else "")
 
     def _open(self, index: int) -> list[_Gpu]:
         nvml = self.nvml
