@@ -79,7 +79,7 @@ class ClassifierAdapter:
             limits = [int(self.tokenizer.model_max_length), int(getattr(config, "max_position_embeddings", 512))]
             self.max_length = min(limits)
         # `_logits` runs chunks of up to max_batch_tokens tokens, with no cap on rows.
-        warm_up(self._logits, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device,
+        warm_up(self._logits, self.tokenizer, self.max_length, self.spec, self.device,
                 max_items=self.spec.max_batch_tokens)
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
 

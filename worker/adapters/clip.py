@@ -20,6 +20,7 @@ from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
     Stopwatch,
     compute_dtype,
+    full_warm_up,
     memory_bytes,
     release,
     to_device,
@@ -103,14 +104,14 @@ class ClipAdapter:
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
 
     def _warm_up(self) -> None:
-        """Both towers at their largest batch: the text tower through torch_common.warm_up, the image tower with as many
-        blank images as a micro-batch has items (an out-of-memory shows at load, not under traffic)."""
+        """Both towers: the text tower through torch_common.warm_up, the image tower with as many blank images as a
+        micro-batch has items where full_warm_up says so (on a GPU: an OOM shows at load, not under traffic)."""
         warm_up(lambda t: self._text_vectors(t, self.normalize), self.processor.tokenizer, self.max_length,
-                self.spec.max_batch_tokens, self.device)
+                self.spec, self.device)
         size = self.model.config.vision_config.image_size
         height, width = (size, size) if isinstance(size, int) else size
         with torch.inference_mode():
-            for rows in (MICRO_BATCH_ITEMS, 1):
+            for rows in (MICRO_BATCH_ITEMS, 1) if full_warm_up(self.spec, self.device) else (1,):
                 pixels = torch.zeros((rows, 3, int(height), int(width)))
                 self._image_vectors(pixels, {"images_per_item": [1] * rows, "kinds": ["image"] * rows}, self.normalize)
         if self.device.type == "cuda":

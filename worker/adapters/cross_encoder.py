@@ -74,7 +74,7 @@ class CrossEncoderAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         warm_up(lambda t: scores_from_logits(self.model(**to_device(t, self.device)).logits, self.activation),
-                self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
+                self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={}, capabilities=["score"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

@@ -137,7 +137,8 @@ class DenseAdapter:
             for _, inputs, hidden in self.encoded([(list(range(len(tensors["input_ids"]))), tensors)]):
                 pool(hidden, inputs["attention_mask"].to(hidden.device), self.pooling)
 
-        warm_up(run, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
+        # At the budget on the CPU too: MiniLM-class encoders take it in a second, and RSS then stays flat.
+        warm_up(run, self.tokenizer, self.max_length, self.spec, self.device, on_cpu=True)
 
     def encoded(self, buckets: Buckets) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
         """(item indices, inputs on the device, last hidden state) per bucket. ONNX Runtime runs every bucket at

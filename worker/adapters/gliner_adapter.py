@@ -20,6 +20,7 @@ from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
     Stopwatch,
     compute_dtype,
+    full_warm_up,
     memory_bytes,
     release,
     torch_device,
@@ -55,10 +56,11 @@ class GlinerAdapter:
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=max_length)
 
     def _warm_up(self, words: int) -> None:
-        """GLiNER's own inference on texts of its full length, as many as the token budget holds, then one short one;
-        synchronised on a GPU, so an out-of-memory or a CUDA error shows at load."""
+        """GLiNER's own inference on texts of its full length, as many as the token budget holds (where full_warm_up
+        says so: on a GPU), then one short one; synchronised on a GPU, so an OOM or a CUDA error shows at load."""
         rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // max(1, words)))
-        for texts in ([" ".join(["word"] * words)] * rows, ["word"]):
+        full = [[" ".join(["word"] * words)] * rows] if full_warm_up(self.spec, self.device) else []
+        for texts in [*full, ["word"]]:
             self.model.inference(texts, ["entity"], threshold=0.5, batch_size=len(texts))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -111,7 +111,7 @@ class HybridAdapter:
         # All three heads at the budget: BGE-M3's 8192 tokens are where a GPU runs out of memory, if anywhere.
         warm_up(lambda t: self._forward_bucket(list(range(len(t["input_ids"]))), to_device(t, self.device),
                                                list(OUTPUTS), Outputs.sized(len(t["input_ids"]))),
-                self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
+                self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims=dims, capabilities=list(OUTPUTS), max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

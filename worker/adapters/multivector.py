@@ -237,8 +237,7 @@ class MultivectorAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         warm_up(lambda t: project(self.model(**to_device(t, self.device)).last_hidden_state, projection,
-                                  self.normalize), self.tokenizer, self.max_length, self.spec.max_batch_tokens,
-                self.device)
+                                  self.normalize), self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
                         max_sequence_length=self.max_length)
 

@@ -93,8 +93,7 @@ class NerAdapter:
             self.max_length = min(limits)
         # A router batch runs as one forward: as many rows as the token budget holds.
         warm_up(lambda t: torch.softmax(self.model(**to_device(t, self.device)).logits.float(), dim=-1),
-                self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device,
-                max_items=self.spec.max_batch_tokens)
+                self.tokenizer, self.max_length, self.spec, self.device, max_items=self.spec.max_batch_tokens)
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

@@ -90,7 +90,7 @@ class SparseAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         vocab = int(self.model.config.vocab_size)
-        warm_up(self._term_weights, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
+        warm_up(self._term_weights, self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={"sparse": vocab}, capabilities=["sparse"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:
