@@ -8,7 +8,7 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 .PHONY: install install-test serve test test-gpu test-slow bench soak lint image test-container clean
 
 install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml scripts/install.sh
+$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/torch-build.sh
 	PY=$(PY) bash scripts/install.sh server && touch $@
 
 install-test: $(VENV)/.installed-test

@@ -14,13 +14,13 @@ from loadgen import min_cosine, summarize
 
 
 class Bare:
-    def __init__(self, model_dir: Path, threads: int) -> None:
+    def __init__(self, model_dir: Path, threads: int, device: str = "cpu") -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.model = SentenceTransformer(str(model_dir), device="cpu")
+        self.model = SentenceTransformer(str(model_dir), device=device)
 
     def encode(self, texts: list[str], batch: int) -> np.ndarray:
         return self.model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True,

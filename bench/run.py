@@ -41,6 +41,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=0.0,
                    help="before each measurement wait up to this many seconds for other tenants to go quiet")
     p.add_argument("--start-timeout", type=float, default=240.0, help="seconds a server may take to be ready")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the bare model, our server and Infinity's torch engine run (cuda: Infinity's ONNX "
+                        "engine, CPU-only here, is left out)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
                                                                      "e.g. --server-arg=--max-wait-ms=1")
     a = p.parse_args(argv)
@@ -55,8 +58,8 @@ def header(a: argparse.Namespace) -> dict:
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                          check=False).stdout.strip()
     meta = {"command": shlex.join([sys.executable, *sys.argv]), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "cores": os.cpu_count(), "threads": a.threads, "python": platform.python_version(), "git": rev,
-            "duration_s": a.duration, "repeats": a.repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "cores": os.cpu_count(), "threads": a.threads, "device": a.device, "python": platform.python_version(),
+            "git": rev, "duration_s": a.duration, "repeats": a.repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"# command: {meta['command']}")
     print(f"# load average (1/5/15 min): {meta['loadavg']}  cores: {meta['cores']}  torch threads: {a.threads}  "
           f"git: {rev}  {meta['started']}")
@@ -65,9 +68,9 @@ def header(a: argparse.Namespace) -> dict:
 
 
 def start_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) -> list[targets.Server]:
-    wanted = [targets.ours(a.threads, a.server_arg)]
+    wanted = [targets.ours(a.threads, ["--device", a.device, *a.server_arg])]
     if not a.skip_infinity:
-        for engine in ("torch", "optimum"):
+        for engine in ("torch", "optimum") if a.device == "cpu" else ("torch",):
             name = "infinity-onnx" if engine == "optimum" else "infinity-torch"
             print(f"# {name}: preparing {infinity_env.VENV} (the first time installs it, about 2 minutes)", flush=True)
             ok, why = infinity_env.ensure(engine)
@@ -78,7 +81,7 @@ def start_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict])
             if not ok:
                 rows[name] = {"unavailable": why}
                 continue
-            wanted.append(targets.infinity(engine, folder, a.threads, infinity_env.cli()))
+            wanted.append(targets.infinity(engine, folder, a.threads, infinity_env.cli(), a.device))
     up = []
     for server in wanted:
         t0 = time.perf_counter()
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = make_corpus(a.corpus)
     shapes = loadgen.select(a.shapes, quick=a.quick)
     t0 = time.perf_counter()
-    bare = Bare(model_dir, a.threads)
+    bare = Bare(model_dir, a.threads, a.device)
     ref = bare.reference(corpus)
     sizes = [32] if a.quick else [int(x) for x in a.batch_sizes.split(",")]
     best, sweep = bare.best_batch(corpus, ref, sizes, min(a.duration, 5.0))

@@ -99,11 +99,11 @@ def ours(threads: int, extra: list[str]) -> Server:
     return Server("ours", cmd, port, "/v1/embeddings", "/readyz")
 
 
-def infinity(engine: str, model_dir: Path, threads: int, cli: Path) -> Server:
+def infinity(engine: str, model_dir: Path, threads: int, cli: Path, device: str = "cpu") -> Server:
     """Infinity runs in the model folder with `--model-id .`: optimum-onnx matches the ONNX file name Infinity passes
     (the path it globbed) against bare names, so an absolute model path makes it fail to find model.onnx."""
     port = free_port()
-    cmd = [str(cli), "v2", "--model-id", ".", "--served-model-name", MODEL, "--engine", engine, "--device", "cpu",
+    cmd = [str(cli), "v2", "--model-id", ".", "--served-model-name", MODEL, "--engine", engine, "--device", device,
            "--pooling-method", "mean", "--host", "127.0.0.1", "--port", str(port)]
     env = {"OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
            "HF_HOME": str(ROOT / ".cache" / "bench" / "hf")}

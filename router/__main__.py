@@ -14,6 +14,7 @@ import uvicorn
 
 from sie_router import __version__
 from sie_router.app import build_app
+from sie_router.devices import NoDevice
 from sie_router.registry import build_registry
 from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, DTYPES, Settings, env_defaults, parse_bytes
 
@@ -155,7 +156,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(1)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")
-    app = build_app(settings, registry)
+    try:
+        app = build_app(settings, registry)
+    except NoDevice as exc:  # --device cuda on a host without a usable GPU
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
     _settle_heap()
     uvicorn.run(app, host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_deadline_s),

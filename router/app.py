@@ -135,7 +135,7 @@ async def _preload(state: AppState, names: list[str]) -> None:
 
 
 def build_app(settings: Settings, registry: Registry) -> Starlette:
-    pool = WorkerPool(settings, registry, detect(settings.device))
+    pool = WorkerPool(settings, registry, detect(settings.device, settings.cuda_visible_devices))
     state = AppState(settings=settings, registry=registry, pool=pool, service=Service(settings, pool))
 
     @contextlib.asynccontextmanager

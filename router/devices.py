@@ -1,12 +1,14 @@
 """Device memory readings (router process): NVML for GPUs (`nvidia-ml-py`, imported as `pynvml`), psutil for the host.
 
-`NvmlDevices` takes the NVML module as an argument so tests can replay recorded answers.
+`NvmlDevices` takes the NVML module as an argument so tests can replay recorded answers. Each usable GPU, or each MIG
+slice of a GPU in MIG mode, is one device, named `cuda:<n>` or `cuda:<n>/mig<k>` and pinned to a worker by its UUID.
+Readings never raise after start: an NVML error keeps the device's last good reading and is logged once.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import psutil
@@ -15,45 +17,172 @@ import pynvml
 log = logging.getLogger("sie.devices")
 
 
+class NoDevice(RuntimeError):
+    """`--device cuda` where no GPU can be used: the server cannot start."""
+
+
 @dataclass(frozen=True)
 class DeviceMemory:
-    """One device's memory: `name` is `cuda:<index>` or `cpu`."""
+    """One device's memory: `name` is `cuda:<index>`, `cuda:<index>/mig<slice>` or `cpu`.
+
+    `uuid` is what a worker's CUDA_VISIBLE_DEVICES names it by (`GPU-…` or `MIG-…`); `exclusive` is true for a GPU in
+    exclusive-process compute mode, where a second process cannot create a context."""
 
     name: str
     index: int | None
     total: int
     used: int
+    free: int = 0
+    uuid: str = ""
+    exclusive: bool = False
 
 
 class Devices(Protocol):
     def snapshot(self) -> list[DeviceMemory]: ...
 
-    def process_memory(self, pid: int, device: str) -> int | None: ...
+    def process_memory(self, pid: int, device: str, reported: int = 0, context_bytes: int = 0) -> int | None: ...
+
+    def cuda_visible(self, device: str) -> str: ...
+
+
+def budgets(readings: list[DeviceMemory], gpu_fraction: float, cpu_budget: int) -> dict[str, int]:
+    """Bytes workers may hold per device: on a GPU min(total x fraction, free now), so memory another process
+    already holds is never promised; on the host `cpu_budget`, else 80% of RAM."""
+    found = {}
+    for device in readings:
+        if device.name == "cpu":
+            found["cpu"] = cpu_budget or int(device.total * 0.8)
+        else:
+            found[device.name] = min(int(device.total * gpu_fraction), device.free)
+    return found
+
+
+def visible_filter(value: str | None, gpus: list[tuple[str, int, tuple[str, ...]]]) -> set[str] | None:
+    """The device names the server's own CUDA_VISIBLE_DEVICES allows; None when it is unset (every GPU).
+
+    `gpus` is [(name, NVML index of the GPU, its UUIDs)]: a MIG slice carries its own `MIG-…` UUID and its GPU's.
+    Entries are indices (in PCI bus order, as NVML numbers GPUs: run with CUDA_DEVICE_ORDER=PCI_BUS_ID so that CUDA
+    agrees) or UUIDs and UUID prefixes; as CUDA does, the list ends at the first entry that names no GPU. An empty
+    value hides every GPU."""
+    if value is None:
+        return None
+    allowed: set[str] = set()
+    for entry in (e.strip() for e in value.split(",")):
+        matches = {name for name, index, uuids in gpus
+                   if (entry.isdigit() and index == int(entry)) or
+                   (entry and not entry.isdigit() and any(u.startswith(entry) for u in uuids))}
+        if not matches:
+            if entry:
+                log.warning("CUDA_VISIBLE_DEVICES entry %r names no GPU here; the entries after it are ignored", entry)
+            break
+        allowed |= matches
+    return allowed
+
+
+@dataclass
+class _Gpu:
+    """A device as opened: its NVML handle (a GPU's, or a MIG slice's) and its last good reading."""
+
+    handle: Any
+    reading: DeviceMemory
+    visible_uuid: str  # the UUID the worker's CUDA_VISIBLE_DEVICES gets (a slice's MIG-… uuid)
+    gpu_uuid: str  # the physical GPU's, the same for every slice of it
 
 
 class NvmlDevices:
-    """GPUs as NVML reports them; memory per worker attributed by PID."""
+    """GPUs (or their MIG slices) as NVML reports them; memory per worker attributed by PID."""
 
-    def __init__(self, nvml: Any = pynvml) -> None:
+    def __init__(self, nvml: Any = pynvml, visible: str | None = None) -> None:
         self.nvml = nvml
+        self._logged: set[tuple[str, str]] = set()
         nvml.nvmlInit()
-        self.handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())]
-        if not self.handles:
-            raise RuntimeError("NVML found no GPU")
+        opened: list[_Gpu] = []
+        for index in range(nvml.nvmlDeviceGetCount()):
+            try:
+                opened.extend(self._open(index))
+            except nvml.NVMLError as exc:  # one GPU that cannot be opened must not cost the others
+                log.warning("skipping GPU %d: NVML cannot open it (%s)", index, exc)
+        allowed = visible_filter(visible, [(g.reading.name, g.reading.index or 0, (g.visible_uuid, g.gpu_uuid))
+                                           for g in opened])
+        self.gpus = {g.reading.name: g for g in opened if allowed is None or g.reading.name in allowed}
+        if not self.gpus:
+            raise NoDevice("NVML found no usable GPU" + ("" if visible is None else
+                                                          f" among CUDA_VISIBLE_DEVICES={visible!r}"))
+        for gpu in self.gpus.values():  # so that an operator sees which card each name is
+            r = gpu.reading
+            log.info("%s: %s, %.1f GiB, %.1f GiB free%s", r.name, r.uuid, r.total / 2**30, r.free / 2**30,
+                     ", exclusive-process mode (one worker)" if r.exclusive else "")
+
+    def _open(self, index: int) -> list[_Gpu]:
+        nvml = self.nvml
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        exclusive = self._exclusive(handle)
+        gpu_uuid = str(nvml.nvmlDeviceGetUUID(handle))
+        if self._mig_enabled(handle):
+            slices = []
+            for k in range(nvml.nvmlDeviceGetMaxMigDeviceCount(handle)):
+                try:
+                    mig = nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, k)
+                except nvml.NVMLError_NotFound:  # an empty slot: no GPU instance was created there
+                    continue
+                slices.append(self._read_new(mig, f"cuda:{index}/mig{k}", index, exclusive, gpu_uuid))
+            return slices
+        return [self._read_new(handle, f"cuda:{index}", index, exclusive, gpu_uuid)]
+
+    def _read_new(self, handle: Any, name: str, index: int, exclusive: bool, gpu_uuid: str) -> _Gpu:
+        uuid = str(self.nvml.nvmlDeviceGetUUID(handle))
+        reading = self._reading(handle, DeviceMemory(name, index, 0, 0, uuid=uuid, exclusive=exclusive))
+        return _Gpu(handle, reading, uuid, gpu_uuid)
+
+    def _mig_enabled(self, handle: Any) -> bool:
+        try:
+            current, _pending = self.nvml.nvmlDeviceGetMigMode(handle)
+        except self.nvml.NVMLError:  # NotSupported on GPUs without MIG
+            return False
+        return bool(current == self.nvml.NVML_DEVICE_MIG_ENABLE)
+
+    def _exclusive(self, handle: Any) -> bool:
+        try:
+            return bool(self.nvml.nvmlDeviceGetComputeMode(handle) == self.nvml.NVML_COMPUTEMODE_EXCLUSIVE_PROCESS)
+        except self.nvml.NVMLError:
+            return False
+
+    def _reading(self, handle: Any, last: DeviceMemory) -> DeviceMemory:
+        info = self.nvml.nvmlDeviceGetMemoryInfo(handle)
+        return replace(last, total=int(info.total), used=int(info.used), free=int(info.free))
+
+    def _log_once(self, device: str, exc: BaseException) -> None:
+        key = (device, type(exc).__name__)
+        if key not in self._logged:
+            self._logged.add(key)
+            log.warning("NVML cannot read %s (%s); keeping its last good reading", device, exc)
 
     def snapshot(self) -> list[DeviceMemory]:
-        found = []
-        for index, handle in enumerate(self.handles):
-            info = self.nvml.nvmlDeviceGetMemoryInfo(handle)
-            found.append(DeviceMemory(f"cuda:{index}", index, int(info.total), int(info.used)))
-        return found
+        for name, gpu in self.gpus.items():
+            try:
+                gpu.reading = self._reading(gpu.handle, gpu.reading)
+            except self.nvml.NVMLError as exc:  # GPU lost, NotSupported under vGPU: answer with what we had
+                self._log_once(name, exc)
+        return [gpu.reading for gpu in self.gpus.values()]
 
-    def process_memory(self, pid: int, device: str) -> int | None:
-        handle = self.handles[int(device.split(":")[1])]
-        for process in self.nvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if process.pid == pid and process.usedGpuMemory is not None:
+    def process_memory(self, pid: int, device: str, reported: int = 0, context_bytes: int = 0) -> int | None:
+        """NVML's figure for the process, which includes its CUDA context. Where NVML has none (a container without the
+        host's PID namespace sees other PIDs; newer drivers there report 0 bytes), the worker's own figure plus the
+        context it measured at start; None if it reported nothing either."""
+        gpu = self.gpus.get(device)
+        try:
+            processes = self.nvml.nvmlDeviceGetComputeRunningProcesses(gpu.handle) if gpu else []
+        except self.nvml.NVMLError as exc:  # NoPermission under MIG, a lost GPU
+            self._log_once(device, exc)
+            processes = []
+        for process in processes:
+            if process.pid == pid and process.usedGpuMemory:
                 return int(process.usedGpuMemory)
-        return None
+        return reported + context_bytes if reported else None
+
+    def cuda_visible(self, device: str) -> str:
+        """The worker's CUDA_VISIBLE_DEVICES: the device's UUID, so it sees that GPU, as cuda:0, whatever the order."""
+        return self.gpus[device].visible_uuid
 
 
 class HostMemory:
@@ -61,23 +190,29 @@ class HostMemory:
 
     def snapshot(self) -> list[DeviceMemory]:
         memory = psutil.virtual_memory()
-        return [DeviceMemory("cpu", None, int(memory.total), int(memory.total - memory.available))]
+        return [DeviceMemory("cpu", None, int(memory.total), int(memory.total - memory.available),
+                             free=int(memory.available))]
 
-    def process_memory(self, pid: int, device: str) -> int | None:
+    def process_memory(self, pid: int, device: str, reported: int = 0, context_bytes: int = 0) -> int | None:
         try:
             return int(psutil.Process(pid).memory_info().rss)
         except psutil.Error:
             return None
 
+    def cuda_visible(self, device: str) -> str:
+        return ""  # hides every GPU from a CPU worker
 
-def detect(device: str, nvml: Any = pynvml) -> Devices:
-    """NVML when GPUs are wanted and present; the host otherwise. `--device cuda` without a GPU is an error."""
+
+def detect(device: str, visible: str | None = None, nvml: Any = pynvml) -> Devices:
+    """NVML when GPUs are wanted and usable; the host otherwise. `--device cuda` without a usable GPU raises NoDevice.
+
+    `visible` is the server's own CUDA_VISIBLE_DEVICES: placement keeps to the GPUs it names."""
     if device == "cpu":
         return HostMemory()
     try:
-        return NvmlDevices(nvml)
-    except (nvml.NVMLError, RuntimeError) as exc:
+        return NvmlDevices(nvml, visible)
+    except (nvml.NVMLError, NoDevice) as exc:
         if device == "cuda":
-            raise RuntimeError(f"--device cuda, but NVML is unusable: {exc}") from exc
+            raise NoDevice(f"--device cuda was given, but no GPU can be used here ({exc})") from None
         log.info("no usable GPU (%s); workers run on the CPU", exc)
         return HostMemory()

@@ -12,24 +12,43 @@ from dataclasses import dataclass, field
 
 @dataclass
 class DeviceBudget:
+    """`limit` is the budget set at start; `budget` is that, or less while the device has less room than that."""
+
     name: str
     budget: int
     reserved: dict[str, int] = field(default_factory=dict)
+    exclusive: bool = False  # exclusive-process compute mode: one worker at most
+    limit: int = -1
+
+    def __post_init__(self) -> None:
+        self.limit = self.budget if self.limit < 0 else self.limit
 
     @property
     def free(self) -> int:
         return self.budget - sum(self.reserved.values())
 
+    @property
+    def room(self) -> int:
+        """Free budget for one more model: none on an exclusive-mode GPU that already holds one."""
+        return 0 if self.exclusive and self.reserved else self.free
+
 
 class MemoryLedger:
-    def __init__(self, budgets: dict[str, int]) -> None:
-        self.devices = {name: DeviceBudget(name, budget) for name, budget in budgets.items()}
+    def __init__(self, budgets: dict[str, int], exclusive: set[str] | frozenset[str] = frozenset()) -> None:
+        self.devices = {name: DeviceBudget(name, budget, exclusive=name in exclusive)
+                        for name, budget in budgets.items()}
         self.placement: dict[str, str] = {}
         self.recency: OrderedDict[str, None] = OrderedDict()
 
     def best_device(self) -> str:
-        """The device with the most free budget."""
-        return max(self.devices.values(), key=lambda d: d.free).name
+        """The device with the most room."""
+        return max(self.devices.values(), key=lambda d: d.room).name
+
+    def observe_free(self, device: str, free_now: int) -> None:
+        """Shrink the device's budget to what this server holds there plus what is free on it now, so memory another
+        process took since start is not promised twice; it grows back to the start budget as that memory returns."""
+        budget = self.devices[device]
+        budget.budget = min(budget.limit, sum(budget.reserved.values()) + max(0, free_now))
 
     def reserve(self, key: str, device: str, nbytes: int) -> None:
         self.release(key)
@@ -61,6 +80,9 @@ class MemoryLedger:
     def eviction_plan(self, device: str, needed: int, evictable: Callable[[str], bool]) -> list[str] | None:
         """Least-recently-used evictable models on `device` whose release frees `needed` bytes; None if impossible."""
         budget = self.devices[device]
+        if budget.exclusive and budget.reserved:  # its one worker must go, whatever the sizes
+            others = list(self._lru_on(device))
+            return others if budget.budget >= needed and all(evictable(k) for k in others) else None
         if budget.free >= needed:
             return []
         victims: list[str] = []

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from sie_router.devices import Devices
+from sie_router.devices import Devices, budgets
 from sie_router.errors import SIEError
 from sie_router.ledger import MemoryLedger
 from sie_router.registry import ModelConfig
@@ -25,16 +25,10 @@ class Placement:
     def __init__(self, settings: Settings, devices: Devices) -> None:
         self.settings = settings
         self.devices = devices
-        self.ledger = MemoryLedger(self._budgets())
-
-    def _budgets(self) -> dict[str, int]:
-        budgets = {}
-        for device in self.devices.snapshot():
-            if device.name == "cpu":
-                budgets["cpu"] = self.settings.memory_budget or int(device.total * 0.8)
-            else:
-                budgets[device.name] = int(device.total * self.settings.gpu_memory_fraction)
-        return budgets
+        # GPUs are budgeted by min(total x fraction, free at start); exclusive-process GPUs take one worker.
+        readings = devices.snapshot()
+        self.ledger = MemoryLedger(budgets(readings, settings.gpu_memory_fraction, settings.memory_budget),
+                                   exclusive={d.name for d in readings if d.exclusive})
 
     @staticmethod
     def estimate(config: ModelConfig, folder: str) -> int:
@@ -49,6 +43,9 @@ class Placement:
     def plan(self, key: str, nbytes: int, evictable: Callable[[str], bool]) -> tuple[str, list[str]]:
         """The device with the most free budget and the LRU models to evict there so `nbytes` fit;
         503 RESOURCE_EXHAUSTED (retryable) when no such plan exists."""
+        for reading in self.devices.snapshot():  # what other processes took since start shrinks a GPU's budget
+            if reading.name != "cpu":
+                self.ledger.observe_free(reading.name, reading.free)
         device = self.ledger.best_device()
         victims = self.ledger.eviction_plan(device, nbytes, lambda k: k != key and evictable(k))
         if victims is None:
@@ -60,21 +57,24 @@ class Placement:
     def reserve(self, key: str, device: str, nbytes: int) -> None:
         self.ledger.reserve(key, device, nbytes)
 
-    def settle(self, key: str, pid: int, device: str, reported: int) -> int:
-        """Replace the estimate with what the worker holds (the device's reading, else the worker's own figure)."""
-        measured = self.devices.process_memory(pid, device) or reported
+    def settle(self, key: str, pid: int, device: str, reported: int, context_bytes: int = 0) -> int:
+        """Replace the estimate with what the worker holds: the device's per-process reading, else the worker's own
+        figure plus its measured CUDA context (NVML cannot attribute by PID inside a container without hostPID)."""
+        measured = self.devices.process_memory(pid, device, reported, context_bytes) or reported
         self.ledger.settle(key, measured)
         return measured
 
-    def remeasure(self, loaded: Iterable[tuple[str, int, str]]) -> None:
-        """Raise each loaded model's reservation (key, worker pid, device) to what its worker holds now, if more.
+    def remeasure(self, loaded: Iterable[tuple[str, int, str, int, int]]) -> None:
+        """Raise each loaded model's reservation to what its worker holds now, if more. Each entry is (key, worker
+        pid, device, the worker's own figure at Ready, its CUDA context bytes).
 
         The figure taken at Ready is not a ceiling: the torch engine's allocator and oneDNN caches grow with the batch
         shapes traffic brings (all-MiniLM-L6-v2 in bf16: 530 MiB at Ready, 890 under the soak's mix, then flat).
         Eviction plans and the memory metrics must see the grown figure, or the budget is overrun. Reservations only
         rise: memory a worker gave back it can take again."""
-        for key, pid, device in loaded:
-            measured, reserved = self.devices.process_memory(pid, device), self.ledger.reserved(key)
+        for key, pid, device, reported, context_bytes in loaded:
+            measured = self.devices.process_memory(pid, device, reported, context_bytes)
+            reserved = self.ledger.reserved(key)
             if measured and reserved is not None and measured > reserved:
                 self.ledger.settle(key, measured)
 

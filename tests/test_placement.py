@@ -24,8 +24,11 @@ class FakeHost:
     def snapshot(self) -> list[DeviceMemory]:
         return [DeviceMemory("cpu", None, 10 * 1024 * MiB, 0)]
 
-    def process_memory(self, pid: int, device: str) -> int | None:
+    def process_memory(self, pid: int, device: str, reported: int = 0, context_bytes: int = 0) -> int | None:
         return self.held.get(pid)
+
+    def cuda_visible(self, device: str) -> str:
+        return ""
 
 
 def config(memory_mb: int | None = None) -> ModelConfig:
@@ -60,10 +63,10 @@ def test_reservations_settle_on_the_measured_figure_and_only_ever_rise() -> None
     assert placement.settle("m", 42, "cpu", reported=999 * MiB) == 120 * MiB  # the device's reading wins
     assert placement.settle("m", 7, "cpu", reported=150 * MiB) == 150 * MiB  # no reading: the worker's figure
     host.held[7] = 400 * MiB
-    placement.remeasure([("m", 7, "cpu")])
+    placement.remeasure([("m", 7, "cpu", 150 * MiB, 0)])
     assert placement.ledger.reserved("m") == 400 * MiB
     host.held[7] = 200 * MiB
-    placement.remeasure([("m", 7, "cpu")])
+    placement.remeasure([("m", 7, "cpu", 150 * MiB, 0)])
     assert placement.ledger.reserved("m") == 400 * MiB
     placement.release("m")
     assert placement.ledger.reserved("m") is None and placement.ledger.devices["cpu"].free == 1000 * MiB

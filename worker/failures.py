@@ -15,8 +15,15 @@ def _is_ort_allocation_failure(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("onnxruntime") and "Failed to allocate memory" in str(exc)
 
 
+def _is_cuda_allocation_failure(exc: BaseException) -> bool:
+    # cuBLAS workspaces and kernel launches that cannot allocate raise torch.AcceleratorError("CUDA error: out of
+    # memory"), not OutOfMemoryError; the context survives it, so it is an OOM to split, not a fault to exit on.
+    return type(exc).__name__ == "AcceleratorError" and "CUDA error: out of memory" in str(exc)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, (MemoryError, OutOfMemory)) or _is_ort_allocation_failure(exc):
+    if isinstance(exc, (MemoryError, OutOfMemory)) or _is_ort_allocation_failure(exc) or \
+            _is_cuda_allocation_failure(exc):
         return True
     if "torch" in sys.modules:  # only a torch adapter raises torch's OOM; the fake adapter never pays for the import
         from sie_worker.adapters.torch_common import is_out_of_memory as torch_out_of_memory

@@ -23,7 +23,7 @@ import setproctitle
 import zmq
 
 from sie_sdk.codes import ErrorCode
-from sie_worker import protocol
+from sie_worker import cuda, protocol
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
@@ -68,6 +68,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.stopping = threading.Event()
+        self.fault: BaseException | None = None  # a CUDA error that broke the context: serve no more
         self.ready_batches: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.context = zmq.Context()
         self.recv_from_router = self.context.socket(zmq.DEALER)
@@ -98,6 +99,7 @@ class Worker:
         log.info("loading %s (%s adapter) from %s on %s", self.spec.model, self.spec.adapter,
                  self.spec.weights_dir, self.spec.device)
         try:
+            context_bytes = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else 0
             adapter = build_adapter(self.spec)
             info = adapter.load()
         except Exception as exc:  # any load error is reported, then the process exits
@@ -109,7 +111,8 @@ class Worker:
         log.info("loaded %s in %.2fs (dims %s)", self.spec.model, seconds, info.dims)
         self.send_handshake(Ready(worker_id=self.spec.worker_id, model=self.spec.model, device=self.spec.device,
                         memory_bytes=adapter.memory_bytes(), dims=info.dims, capabilities=info.capabilities,
-                        max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid()))
+                        max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid(),
+                        context_bytes=context_bytes))
         return adapter
 
     def prepare_loop(self, adapter: Adapter) -> None:
@@ -144,19 +147,35 @@ class Worker:
             if item is _STOP:
                 return
             self.send(item.report if isinstance(item, _Failed) else self.run_one(adapter, item))
+            if self.fault is not None:
+                return
 
     def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
         batch_id = prepared.batch.batch_id
         started = time.perf_counter()
         try:
             result = adapter.forward(prepared)
-        except Exception as exc:  # errors inside a batch are data; the worker keeps serving
+        except Exception as exc:  # errors inside a batch are data; the worker keeps serving, unless CUDA broke
             if not isinstance(exc, (BadInput, UnsupportedTask)):
                 log.exception("batch %d failed", batch_id)
+            if cuda.is_device_fault(exc):
+                self.fault = exc
+            elif cuda.is_out_of_memory(exc):
+                cuda.release_cached_memory()
             return BatchFailed(batch_id=batch_id, code=batch_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
         timing = BatchTiming(tokenize_ms=prepared.tokenize_ms,
                              inference_ms=(time.perf_counter() - started) * 1000.0)
         return BatchDone(batch_id=batch_id, result=result, timing=timing)
+
+    def stop_preparing(self, preparer: threading.Thread, deadline_s: float = 2.0) -> bool:
+        """Stop the prepare thread before its batches are served (they fail with this worker's exit); whether it
+        stopped. Batches it has queued are dropped, so that a put blocked on the full queue returns."""
+        self.stopping.set()
+        deadline = time.monotonic() + deadline_s
+        while preparer.is_alive() and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                self.ready_batches.get(timeout=_POLL_MS / 1000)
+        return not preparer.is_alive()
 
     def close(self) -> None:
         self.recv_from_router.close(linger=2000)
@@ -176,6 +195,13 @@ def run(spec: WorkerSpec) -> int:
     preparer = threading.Thread(target=worker.prepare_loop, args=(adapter,), name="sie-prepare", daemon=True)
     preparer.start()
     worker.serve(adapter)
+    if worker.fault is not None:
+        # The context is broken: every later batch would fail. The batch's BatchFailed is sent; exit so that the
+        # router restarts the worker under its crash budget. os._exit: a broken context can hang CUDA's teardown.
+        log.critical("CUDA error, exiting for a restart: %s", worker.fault)
+        if worker.stop_preparing(preparer):
+            worker.close()  # every socket closed by its own thread's end: the BatchFailed is flushed (linger)
+        os._exit(cuda.EXIT_DEVICE_FAULT)
     adapter.close()
     worker.close()
     return 0

@@ -165,6 +165,9 @@ class Ready(Message):
     max_sequence_length: int | None = None
     load_seconds: float = 0.0
     pid: int = 0
+    # Device memory the CUDA context took (free memory before and after CUDA init); 0 on the CPU. NVML's per-process
+    # figure includes it; the router adds it to `memory_bytes` where NVML has no such figure.
+    context_bytes: int = 0
 
 
 class LoadFailed(Message):
@@ -254,3 +257,6 @@ class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     threads: int = 0
     env: dict[str, str] = {}
     max_batch_tokens: int = 16384
+    # `--device auto`: a worker placed on a GPU whose torch has no CUDA runs on the CPU (with a warning) instead of
+    # failing its load.
+    cpu_fallback: bool = False

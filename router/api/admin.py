@@ -21,7 +21,8 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
         "state": slot.state,
         "pid": info.pid if info else (worker.process.pid if worker else None),
         "device": worker.device if worker else pool.ledger.placement.get(slot.key),
-        "memory_bytes": pool.devices.process_memory(info.pid, worker.device) if worker and info else None,
+        "memory_bytes": (pool.devices.process_memory(info.pid, worker.device, info.memory_bytes, info.context_bytes)
+                         if worker and info else None),
         "memory_budget_bytes": pool.ledger.reserved(slot.key),
         "queue_depth": slot.queued,
         "requests_served": worker.items_served if worker else 0,

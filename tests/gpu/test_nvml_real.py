@@ -1,7 +1,9 @@
-"""The real NVML path on a GPU machine (`make test-gpu`): readings, and a CUDA worker attributed by its PID."""
+"""The real NVML path on a GPU machine (`make test-gpu`): readings, a CUDA process attributed by its PID (or, in a
+container without the host's PID namespace, by the device's growth), and the CUDA context a worker measures."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,20 +15,50 @@ from sie_router.devices import NvmlDevices
 
 pytestmark = pytest.mark.gpu
 
+MiB = 2**20
+HOLD = ("import torch, time; x = torch.ones(256 * 2**20, dtype=torch.uint8, device='cuda'); "
+        "print('held', flush=True); time.sleep(30)")
 
-def test_real_nvml_reads_memory_and_attributes_a_process() -> None:
+
+def test_real_nvml_reads_memory_and_attributes_a_process_pinned_by_uuid() -> None:
     devices = NvmlDevices()
     readings = devices.snapshot()
-    assert readings and all(d.total > d.used >= 0 for d in readings)
-    code = "import torch, time; x = torch.empty(256 * 2**20, dtype=torch.uint8, device='cuda'); time.sleep(20)"
-    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
+    assert readings and all(d.total > d.used >= 0 and d.free > 0 and d.uuid.startswith(("GPU-", "MIG-"))
+                            for d in readings)
+    device = readings[0]
+    child = subprocess.Popen([sys.executable, "-c", HOLD], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "CUDA_VISIBLE_DEVICES": devices.cuda_visible(device.name)})
     try:
-        deadline = time.monotonic() + 15
-        used = None
+        assert child.stdout is not None and child.stdout.readline().strip() == "held"
+        deadline, used = time.monotonic() + 15, None
         while used is None and time.monotonic() < deadline:
-            used = devices.process_memory(child.pid, "cuda:0")
+            used = devices.process_memory(child.pid, device.name)
             time.sleep(0.5)
-        assert used is not None and used >= 256 * 2**20
-        print(f"NVML: {readings[0].name} total {readings[0].total / 2**30:.1f} GiB, child holds {used / 2**20:.0f} MiB")
+        grown = next(d for d in devices.snapshot() if d.name == device.name).used - device.used
+        print(f"NVML: {device.name} {device.uuid} total {device.total / 2**30:.1f} GiB; the child holds "
+              f"{'unknown (no per-PID figure here: run with hostPID)' if used is None else f'{used / MiB:.0f} MiB'}; "
+              f"device use grew {grown / MiB:.0f} MiB")
+        if used is not None:
+            assert used >= 256 * MiB  # the tensor plus the CUDA context
+        assert grown >= 256 * MiB  # whichever way, the card itself shows it
+        # Where NVML has no figure, the worker's own figure plus its context stands in; never None, never 0.
+        assert devices.process_memory(child.pid, device.name, reported=256 * MiB, context_bytes=300 * MiB) >= 256 * MiB
     finally:
         child.kill()
+        child.wait()
+
+
+def test_a_worker_measures_its_cuda_context() -> None:
+    devices = NvmlDevices()
+    device = devices.snapshot()[0]
+    uuid = devices.cuda_visible(device.name)
+    code = ("import json; from sie_worker import cuda; from sie_worker.protocol import WorkerSpec; "
+            "spec = WorkerSpec(worker_id='w', model='m', adapter='dense', weights_dir='', to_worker_endpoint='', "
+            f"from_worker_endpoint='', device='cuda:0', env={{'CUDA_VISIBLE_DEVICES': {uuid!r}}}); "
+            "print(json.dumps(cuda.prepare_device(spec)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": uuid})
+    assert done.returncode == 0, done.stderr
+    context = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"CUDA context on {device.name}: {context / MiB:.0f} MiB")
+    assert 100 * MiB < context < 4096 * MiB

@@ -14,7 +14,15 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from sie_sdk.types import Classification
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, to_device, torch_device
+from sie_worker.adapters.torch_common import (
+    Stopwatch,
+    compute_dtype,
+    memory_bytes,
+    release,
+    to_device,
+    torch_device,
+    warm_up,
+)
 from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 DEFAULT_TEMPLATE = "This example is {}."
@@ -70,6 +78,9 @@ class ClassifierAdapter:
         if self.max_length is None:
             limits = [int(self.tokenizer.model_max_length), int(getattr(config, "max_position_embeddings", 512))]
             self.max_length = min(limits)
+        # `_logits` runs chunks of up to max_batch_tokens tokens, with no cap on rows.
+        warm_up(self._logits, self.tokenizer, self.max_length, self.spec, self.device,
+                max_items=self.spec.max_batch_tokens)
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
 
     def _contradiction_index(self) -> int | None:

@@ -16,7 +16,17 @@ from PIL import Image, UnidentifiedImageError
 from transformers import AutoProcessor, CLIPModel
 
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, to_device, torch_device
+from sie_worker.adapters.torch_common import (
+    MICRO_BATCH_ITEMS,
+    Stopwatch,
+    compute_dtype,
+    full_warm_up,
+    memory_bytes,
+    release,
+    to_device,
+    torch_device,
+    warm_up,
+)
 from sie_worker.protocol import EncodeBatch, EncodeResult, InputItem, Tensor, WorkerSpec
 
 MAX_IMAGE_PIXELS = 40_000_000
@@ -56,6 +66,16 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
         raise BadInput(f"image data is not a decodable image: {exc}") from None
 
 
+def pool_images(vectors: torch.Tensor, counts: list[int], normalize: bool) -> list[torch.Tensor]:
+    """One float32 row per item from its images' rows: several images become their mean, renormalised, so every row
+    of a normalised batch is unit length. Float32 first: fp16 squares overflow in the norm of large vectors."""
+    vectors = vectors.float()
+    if normalize:
+        vectors = F.normalize(vectors, p=2, dim=-1)
+    pooled = [group.mean(dim=0) for group in torch.split(vectors, counts)]
+    return [F.normalize(v, p=2, dim=-1) if normalize else v for v in pooled]
+
+
 class ClipAdapter:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -80,7 +100,22 @@ class ClipAdapter:
         if Image.MAX_IMAGE_PIXELS is not None and self.max_pixels > Image.MAX_IMAGE_PIXELS:
             Image.MAX_IMAGE_PIXELS = self.max_pixels
         dim = int(self.model.config.projection_dim)
+        self._warm_up()
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
+
+    def _warm_up(self) -> None:
+        """Both towers: the text tower through torch_common.warm_up, the image tower with as many blank images as a
+        micro-batch has items where full_warm_up says so (on a GPU: an OOM shows at load, not under traffic)."""
+        warm_up(lambda t: self._text_vectors(t, self.normalize), self.processor.tokenizer, self.max_length,
+                self.spec, self.device)
+        size = self.model.config.vision_config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        with torch.inference_mode():
+            for rows in (MICRO_BATCH_ITEMS, 1) if full_warm_up(self.spec, self.device) else (1,):
+                pixels = torch.zeros((rows, 3, int(height), int(width)))
+                self._image_vectors(pixels, {"images_per_item": [1] * rows, "kinds": ["image"] * rows}, self.normalize)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _check_modality(self, i: int, item: InputItem) -> str:
         kind = "image" if item.images else "text" if item.text is not None else ""
@@ -126,7 +161,7 @@ class ClipAdapter:
     def _text_vectors(self, encoded: dict[str, torch.Tensor] | None, normalize: bool) -> list[torch.Tensor]:
         if encoded is None:
             return []
-        vectors = self.model.get_text_features(**to_device(encoded, self.device)).pooler_output
+        vectors = self.model.get_text_features(**to_device(encoded, self.device)).pooler_output.float()
         return list(F.normalize(vectors, p=2, dim=-1) if normalize else vectors)
 
     def _image_vectors(self, pixels: torch.Tensor | None, extra: dict[str, Any], normalize: bool) -> list[torch.Tensor]:
@@ -134,12 +169,8 @@ class ClipAdapter:
             return []
         pixels = to_device({"pixel_values": pixels}, self.device)["pixel_values"].to(self.dtype)
         vectors = self.model.get_image_features(pixel_values=pixels).pooler_output
-        if normalize:
-            vectors = F.normalize(vectors, p=2, dim=-1)
         counts = [n for n, kind in zip(extra["images_per_item"], extra["kinds"], strict=True) if kind == "image"]
-        # Several images in one item become their mean; renormalised, so every row of a normalised batch is unit length.
-        pooled = [group.mean(dim=0) for group in torch.split(vectors, counts)]
-        return [F.normalize(v, p=2, dim=-1) if normalize else v for v in pooled]
+        return pool_images(vectors, counts, normalize)
 
     def memory_bytes(self) -> int:
         return memory_bytes(self.device)

@@ -24,6 +24,7 @@ from sie_worker.adapters.torch_common import (
     to_device,
     tokenize_in_buckets,
     torch_device,
+    warm_up,
 )
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
 
@@ -72,6 +73,8 @@ class CrossEncoderAdapter:
         self.model = model.to(self.device).eval()
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
+        warm_up(lambda t: scores_from_logits(self.model(**to_device(t, self.device)).logits, self.activation),
+                self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={}, capabilities=["score"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

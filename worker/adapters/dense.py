@@ -21,8 +21,6 @@ from transformers import AutoModel, AutoTokenizer
 from sie_worker.adapters import onnx_engine
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.torch_common import (
-    MICRO_BATCH_ITEMS,
-    PAD_MULTIPLE,
     Buckets,
     compute_dtype,
     memory_bytes,
@@ -32,6 +30,7 @@ from sie_worker.adapters.torch_common import (
     split_for_lanes,
     to_device,
     torch_device,
+    warm_up,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
@@ -64,16 +63,18 @@ def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+    """[B, T, H] -> [B, H], always float32: a sum over thousands of fp16 tokens overflows fp16's 65504 (8192 tokens
+    near 9 give inf, then NaN once normalised)."""
     if how == "cls":
-        return hidden[:, 0]
+        return hidden[:, 0].float()
     if how in ("last", "last_token"):
         # Last non-padding token, whichever side the tokenizer pads on.
         positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
         last = (positions * mask).argmax(dim=1)
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last].float()
     if how == "mean":
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
     raise ValueError(f"unknown pooling {how!r}; expected one of {POOLINGS}")
 
 
@@ -128,19 +129,16 @@ class DenseAdapter:
         return self.engine == "onnx" or importlib.util.find_spec("onnxruntime") is not None
 
     def warm_up(self) -> None:
-        """One forward at the largest micro-batch the worker will run, then a small one: a GPU out-of-memory shows
-        at load rather than under traffic, and the worker's memory reaches its working set before `Ready` reports
-        it, so the ledger accounts what the model will really hold (and RSS stays flat under load)."""
+        """The largest micro-batch, then a small one, through whichever engine runs (torch_common.warm_up); RSS then
+        stays flat under load."""
         assert self.max_length is not None
-        rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // self.max_length))
-        for shape in ((rows, self.max_length), (1, PAD_MULTIPLE)):
-            ids = torch.full(shape, int(self.tokenizer.pad_token_id or 0), dtype=torch.long)
-            tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-            if "token_type_ids" in self.tokenizer.model_input_names:
-                tensors["token_type_ids"] = torch.zeros_like(ids)
-            with torch.inference_mode():
-                for _ in self.encoded([(list(range(shape[0])), tensors)]):
-                    pass
+
+        def run(tensors: dict[str, torch.Tensor]) -> None:
+            for _, inputs, hidden in self.encoded([(list(range(len(tensors["input_ids"]))), tensors)]):
+                pool(hidden, inputs["attention_mask"].to(hidden.device), self.pooling)
+
+        # At the budget on the CPU too: MiniLM-class encoders take it in a second, and RSS then stays flat.
+        warm_up(run, self.tokenizer, self.max_length, self.spec, self.device, on_cpu=True)
 
     def encoded(self, buckets: Buckets) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
         """(item indices, inputs on the device, last hidden state) per bucket. ONNX Runtime runs every bucket at
@@ -171,7 +169,7 @@ class DenseAdapter:
         out = np.empty((len(batch.items), self.dim), dtype=np.float32)
         with torch.inference_mode():
             for indices, inputs, hidden in self.encoded(prepared.inputs):
-                vectors = pool(hidden, inputs["attention_mask"], pooling).float()
+                vectors = pool(hidden, inputs["attention_mask"], pooling)
                 if normalize:
                     vectors = F.normalize(vectors, p=2, dim=1)
                 out[indices] = vectors.cpu().numpy()

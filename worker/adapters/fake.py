@@ -3,9 +3,10 @@
 Vectors and scores are seeded from a hash of the input. Faults are injected through `loadtime` options:
 `load_delay_s`, `fail_load` (a message), `fail_loads` with `fail_loads_file` (the first that many loads fail with
 EMFILE, a transient OS error; the file counts loads across worker processes), `batch_delay_s`,
-`batch_delay_per_item_s`, `oom_on_batch` and `crash_on_batch` (1-based batch numbers), `oom_over_items` (a batch of
-more items runs out of memory), `memory_mb` (MiB to hold from load, so memory budgets can be exercised) and
-`grow_mb_per_batch` (MiB more held after every batch, as a working set that grows under traffic).
+`batch_delay_per_item_s`, `oom_on_batch`, `cuda_error_on_batch` (from that batch on, as a broken CUDA context does)
+and `crash_on_batch` (1-based batch numbers), `oom_over_items` (a batch of more items runs out of memory),
+`memory_mb` (MiB to hold from load, so memory budgets can be exercised) and `grow_mb_per_batch` (MiB more held after
+every batch, as a working set that grows under traffic).
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from sie_worker.protocol import (
 
 class InjectedOutOfMemory(OutOfMemory):
     """Raised on the configured batch; the worker maps it as it maps torch's OOM."""
+
+
+class AcceleratorError(RuntimeError):
+    """Named and worded as torch's `torch.AcceleratorError`, which is what an illegal memory access raises."""
 
 
 def fake_vector(text: str, dim: int) -> np.ndarray:
@@ -81,6 +86,8 @@ class FakeAdapter:
         self.batches += 1
         if self.batches == self.options.get("crash_on_batch"):
             os._exit(3)
+        if self.batches >= self.options.get("cuda_error_on_batch", float("inf")):
+            raise AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
         batch = prepared.batch
         size = len(batch.pairs) if isinstance(batch, ScoreBatch) else len(batch.items)
         if self.batches == self.options.get("oom_on_batch") or size > self.options.get("oom_over_items", size):

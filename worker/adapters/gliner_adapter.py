@@ -16,7 +16,15 @@ import torch
 from sie_sdk.types import Entity
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.classifier import option, texts_of
-from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, torch_device
+from sie_worker.adapters.torch_common import (
+    MICRO_BATCH_ITEMS,
+    Stopwatch,
+    compute_dtype,
+    full_warm_up,
+    memory_bytes,
+    release,
+    torch_device,
+)
 from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 with warnings.catch_warnings():
@@ -44,7 +52,18 @@ class GlinerAdapter:
         # A copy for the prepare thread: a fast tokenizer is not safe to share with `inference` on the main thread.
         self.tokenizer = copy.deepcopy(model.data_processor.transformer_tokenizer)
         max_length = self.spec.max_sequence_length or getattr(model.config, "max_len", None)
+        self._warm_up(int(max_length or 384))
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=max_length)
+
+    def _warm_up(self, words: int) -> None:
+        """GLiNER's own inference on texts of its full length, as many as the token budget holds (where full_warm_up
+        says so: on a GPU), then one short one; synchronised on a GPU, so an OOM or a CUDA error shows at load."""
+        rows = max(1, min(MICRO_BATCH_ITEMS, self.spec.max_batch_tokens // max(1, words)))
+        full = [[" ".join(["word"] * words)] * rows] if full_warm_up(self.spec, self.device) else []
+        for texts in [*full, ["word"]]:
+            self.model.inference(texts, ["entity"], threshold=0.5, batch_size=len(texts))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, ExtractBatch):

@@ -25,6 +25,7 @@ from sie_worker.adapters.torch_common import (
     release,
     to_device,
     torch_device,
+    warm_up,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
@@ -107,6 +108,10 @@ class HybridAdapter:
             self.max_length = min(int(self.tokenizer.model_max_length), 8192)
         dims = {"dense": int(self.model.config.hidden_size), "sparse": self.vocab_size,
                 "multivector": self.colbert_dim}
+        # All three heads at the budget: BGE-M3's 8192 tokens are where a GPU runs out of memory, if anywhere.
+        warm_up(lambda t: self._forward_bucket(list(range(len(t["input_ids"]))), to_device(t, self.device),
+                                               list(OUTPUTS), Outputs.sized(len(t["input_ids"]))),
+                self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims=dims, capabilities=list(OUTPUTS), max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

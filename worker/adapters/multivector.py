@@ -12,6 +12,7 @@ a document's punctuation tokens are encoded but their rows dropped (the skiplist
 from __future__ import annotations
 
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from sie_worker.adapters.torch_common import (
     to_device,
     tokenize_in_buckets,
     torch_device,
+    warm_up,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
@@ -42,6 +44,12 @@ def token_rows(vectors: torch.Tensor, keep: torch.Tensor) -> list[np.ndarray]:
     """Each item's kept rows of [B, T, D], as float32 [kept, D] arrays."""
     rows, kept = vectors.float().cpu().numpy(), keep.bool().cpu().numpy()
     return [rows[b][kept[b]] for b in range(rows.shape[0])]
+
+
+def project(hidden: torch.Tensor, projection: Callable[[torch.Tensor], torch.Tensor], normalize: bool) -> torch.Tensor:
+    """Token vectors [B, T, D] through the projection, normalised in float32 (fp16 squares overflow in the norm)."""
+    vectors = projection(hidden).float()
+    return F.normalize(vectors, p=2, dim=-1) if normalize else vectors
 
 
 def join_rows(parts: list[np.ndarray], dim: int) -> tuple[Tensor, list[int]]:
@@ -228,6 +236,8 @@ class MultivectorAdapter:
             raise ValueError(f"token_dim {self.token_dim} is configured but the checkpoint projects to {self.dim}")
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
+        warm_up(lambda t: project(self.model(**to_device(t, self.device)).last_hidden_state, projection,
+                                  self.normalize), self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
                         max_sequence_length=self.max_length)
 
@@ -263,9 +273,7 @@ class MultivectorAdapter:
             for indices, tensors in prepared.inputs:
                 inputs = to_device(tensors, self.device)
                 hidden = self.model(**inputs).last_hidden_state
-                vectors = projection(hidden).float()
-                if self.normalize:
-                    vectors = F.normalize(vectors, p=2, dim=-1)
+                vectors = project(hidden, projection, self.normalize)
                 kept = self._kept(inputs, prepared.batch.is_query)
                 for i, rows in zip(indices, token_rows(vectors, kept), strict=True):
                     parts[i] = rows

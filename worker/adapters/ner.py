@@ -18,7 +18,15 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 from sie_sdk.types import Entity
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.classifier import texts_of
-from sie_worker.adapters.torch_common import Stopwatch, compute_dtype, memory_bytes, release, to_device, torch_device
+from sie_worker.adapters.torch_common import (
+    Stopwatch,
+    compute_dtype,
+    memory_bytes,
+    release,
+    to_device,
+    torch_device,
+    warm_up,
+)
 from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 IGNORED = "O"
@@ -83,6 +91,9 @@ class NerAdapter:
             limits = [int(self.tokenizer.model_max_length),
                       int(getattr(self.model.config, "max_position_embeddings", 512))]
             self.max_length = min(limits)
+        # A router batch runs as one forward: as many rows as the token budget holds.
+        warm_up(lambda t: torch.softmax(self.model(**to_device(t, self.device)).logits.float(), dim=-1),
+                self.tokenizer, self.max_length, self.spec, self.device, max_items=self.spec.max_batch_tokens)
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:

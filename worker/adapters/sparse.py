@@ -21,6 +21,7 @@ from sie_worker.adapters.torch_common import (
     release,
     to_device,
     torch_device,
+    warm_up,
 )
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
@@ -59,12 +60,13 @@ def splade_pooling_config(weights_dir: Path) -> dict[str, Any]:
 
 def splade_pool(logits: torch.Tensor, mask: torch.Tensor, strategy: str = "max",
                 activation: str = "relu") -> torch.Tensor:
-    """[B, T, V] logits -> [B, V] term weights; in place on `logits`, which at vocabulary width dominate memory."""
+    """[B, T, V] logits -> [B, V] float32 term weights; in place on `logits`, which at vocabulary width dominate
+    memory. A sum over the tokens runs in float32 (fp16 loses the small terms of a long text, and can overflow)."""
     weights = logits.mul_(mask.unsqueeze(-1).to(logits.dtype)).relu_().log1p_()
     if activation == "log1p_relu":
         weights = weights.log1p_()
     # Padding rows are 0 after the mask, and every weight is >= 0, so they never win the max.
-    return weights.amax(dim=1) if strategy == "max" else weights.sum(dim=1)
+    return weights.amax(dim=1).float() if strategy == "max" else weights.sum(dim=1, dtype=torch.float32)
 
 
 class SparseAdapter:
@@ -88,6 +90,7 @@ class SparseAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         vocab = int(self.model.config.vocab_size)
+        warm_up(self._term_weights, self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={"sparse": vocab}, capabilities=["sparse"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:
@@ -101,14 +104,17 @@ class SparseAdapter:
         parts: list[SparseRow] = [(np.empty(0, np.int32), np.empty(0, np.float32))] * len(prepared.token_counts)
         with torch.inference_mode():
             for indices, tensors in prepared.inputs:
-                inputs = to_device(tensors, self.device)
-                logits = self.model(**inputs).logits
-                weights = splade_pool(logits, inputs["attention_mask"], self.strategy, self.activation)
+                weights = self._term_weights(tensors)
                 for i, row in zip(indices, sparse_rows(weights), strict=True):
                     parts[i] = row
         sparse_indices, sparse_values, sparse_offsets = join_sparse(parts)
         return EncodeResult(token_counts=prepared.token_counts, sparse_indices=sparse_indices,
                             sparse_values=sparse_values, sparse_offsets=sparse_offsets)
+
+    def _term_weights(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = to_device(tensors, self.device)
+        logits = self.model(**inputs).logits
+        return splade_pool(logits, inputs["attention_mask"], self.strategy, self.activation)
 
     def memory_bytes(self) -> int:
         return memory_bytes(self.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import psutil
 import torch
 
 from sie_worker.adapters.base import Prepared, refuse_over_length
-from sie_worker.protocol import EncodeBatch
+from sie_worker.protocol import EncodeBatch, WorkerSpec
 
 # The most items in one forward pass inside a router batch (`length_buckets` picks how many, up to this).
 MICRO_BATCH_ITEMS = 32
@@ -157,6 +158,43 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
         features = {key: [encoded[key][i] for i in indices] for key in encoded}
         buckets.append((indices, dict(tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"))))
     return buckets, counts
+
+
+def full_warm_up(spec: WorkerSpec, device: torch.device, on_cpu: bool = False) -> bool:
+    """Whether load() runs a forward at the full budget: always on a GPU, where an out-of-memory must show at start;
+    on the CPU only where `on_cpu` (the family's default) or loadtime `warm_up: budget` says so, as the budget forward
+    of a large model takes minutes on a few cores (BGE-M3 at 2 x 8192 tokens) and host memory has no such cliff.
+    Loadtime `warm_up: small` skips it everywhere."""
+    setting = spec.loadtime.get("warm_up")
+    if setting is not None:
+        return str(setting) == "budget"
+    return device.type == "cuda" or on_cpu
+
+
+def warm_up(run: Callable[[dict[str, torch.Tensor]], object], tokenizer: Any, max_length: int, spec: WorkerSpec,
+            device: torch.device, max_items: int = MICRO_BATCH_ITEMS, on_cpu: bool = False) -> None:
+    """Run the family's forward at the largest micro-batch it will take (max_length tokens, as many rows as the token
+    budget allows; see full_warm_up), then at a small one, with `run(inputs)` on host tensors; on a GPU, synchronise.
+
+    Done at load, before `Ready`: an out-of-memory or an asynchronous CUDA error shows at start rather than under
+    traffic, and the memory the worker reports is its working set, so the router's ledger accounts what it will hold.
+    """
+    rows = max(1, min(max_items, spec.max_batch_tokens // max(1, max_length)))
+    shapes = [(rows, max_length)] if full_warm_up(spec, device, on_cpu) else []
+    with torch.inference_mode():
+        for shape in [*shapes, (1, min(PAD_MULTIPLE, max_length))]:
+            run(placeholder_inputs(tokenizer, shape))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def placeholder_inputs(tokenizer: Any, shape: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Padding-token ids of `shape` with a full attention mask (and token types where the model takes them)."""
+    ids = torch.full(shape, int(tokenizer.pad_token_id or 0), dtype=torch.long)
+    tensors = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "token_type_ids" in tokenizer.model_input_names:
+        tensors["token_type_ids"] = torch.zeros_like(ids)
+    return tensors
 
 
 def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, max_batch_tokens: int,
