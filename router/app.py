@@ -15,7 +15,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import WIRE_VERSION, __version__, forward, instrument, openapi
-from sie_router.api import admin, classify, health, infinity, native, openai, rerank
+from sie_router.api import admin, classify, embeddings, health, infinity, native, rerank
 from sie_router.auth import Auth
 from sie_router.devices import detect
 from sie_router.disconnect import ClientGone
@@ -95,9 +95,9 @@ ROUTES = [
     Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
-    Route("/v1/embeddings", openai.embeddings, methods=["POST"], name="openai_embeddings"),
+    Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),
     Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
-    Route("/embeddings", infinity.embeddings, methods=["POST"], name="infinity_embeddings"),
+    Route("/embeddings", embeddings.infinity_embeddings, methods=["POST"], name="infinity_embeddings"),
     Route("/rerank", rerank.infinity_rerank, methods=["POST"]),
     Route("/classify", classify.classify, methods=["POST"]),
     Route("/v1/classify", classify.classify, methods=["POST"]),

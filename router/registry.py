@@ -15,7 +15,6 @@ import yaml
 
 from sie_router.errors import SIEError
 from sie_router.inference import infer_config
-from sie_router.request_labels import note_model
 
 log = logging.getLogger("sie.registry")
 
@@ -167,13 +166,14 @@ class Registry:
             self.served[name] = (cfg, profile)
 
     def lookup(self, name: str) -> tuple[ModelConfig, str]:
+        """The config and profile a served name stands for. Pure: the request's metric label is set by the route
+        (`sie_router.resolve`), never here, so a batcher task calling the pool cannot write into a request's labels."""
         try:
             found = self.served[name]
         except KeyError:
             close = difflib.get_close_matches(name, list(self.served), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise SIEError("MODEL_NOT_FOUND", f"Model '{name}' not found.{hint}", param="model") from None
-        note_model(found[0].sie_id)  # the request's metrics are labelled with the model it resolved to
         return found
 
     def restrict(self, names: list[str]) -> Registry:
