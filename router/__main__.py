@@ -15,7 +15,15 @@ import uvicorn
 from sie_router import __version__
 from sie_router.app import build_app
 from sie_router.registry import build_registry
-from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, DTYPES, Settings, env_defaults, parse_bytes
+from sie_router.settings import (
+    DEFAULT_BUNDLE,
+    DEFAULT_MODEL,
+    DTYPES,
+    Settings,
+    build_settings,
+    env_defaults,
+    parse_bytes,
+)
 
 log = logging.getLogger("sie")
 
@@ -103,7 +111,10 @@ def settings_from(argv: Sequence[str]) -> Settings:
     values.update(given)
     if values.get("dtype", "auto") not in DTYPES:
         parser().error(f"SIE_DTYPE must be one of {', '.join(DTYPES)}, not {values['dtype']!r}")
-    return Settings(**values)  # type: ignore[arg-type]
+    try:
+        return build_settings(values)
+    except ValueError as exc:
+        parser().error(str(exc))
 
 
 def hide_secrets(argv: Sequence[str]) -> list[str]:
