@@ -14,8 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sie_router import WIRE_VERSION, __version__, forward, instrument, openapi
-from sie_router.api import admin, classify, embeddings, health, infinity, native, rerank
+from sie_router import WIRE_VERSION, __version__, codec, forward, instrument, openapi
+from sie_router.api import admin, classify, embeddings, health, infinity, native, rerank, tei
 from sie_router.auth import Auth
 from sie_router.devices import detect
 from sie_router.disconnect import ClientGone
@@ -24,38 +24,48 @@ from sie_router.pool import WorkerPool
 from sie_router.registry import Registry
 from sie_router.service import Service
 from sie_router.settings import Settings
-from sie_router.state import AppState
+from sie_router.state import AppState, app_state
+from sie_router.tei_bodies import is_tei_rerank
 
 log = logging.getLogger("sie.app")
 
 _OPENAI_PATHS = ("/v1/embeddings", "/v1/rerank")
 _INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/v1/classify", "/models", "/health")
+_TEI_PATHS = ("/", "/embed", "/embed_sparse", "/embed_all", "/predict", "/similarity", "/tokenize", "/decode", "/info",
+              "/invocations", "/vertex", "/ping")
 
 
 def api_of(path: str) -> Api:
-    """Which envelope errors on this path are rendered in."""
+    """Which envelope errors on this path are rendered in (`/rerank` in TEI's dialect is marked by its handler)."""
     if path.startswith(_OPENAI_PATHS):
         return Api.OPENAI
     if path in _INFINITY_PATHS:
         return Api.INFINITY
+    if path in _TEI_PATHS or path.startswith("/tei/"):
+        return Api.TEI
     return Api.NATIVE
+
+
+def _api(request: Request) -> Api:
+    marked: Api | None = request.scope.get("sie.api")
+    return marked or api_of(request.url.path)
 
 
 async def _sie_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SIEError)
-    return render_error(exc, api_of(request.url.path))
+    return render_error(exc, _api(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_INPUT")
-    return render_error(SIEError(code, str(exc.detail)), api_of(request.url.path))
+    return render_error(SIEError(code, str(exc.detail)), _api(request))
 
 
 async def _undecodable(request: Request, exc: Exception) -> Response:
     # msgspec raises these, not DecodeError, on a body nested past its depth limit or a string that is not UTF-8.
     problem = "is nested too deeply" if isinstance(exc, RecursionError) else "holds a string that is not UTF-8"
-    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), api_of(request.url.path))
+    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), _api(request))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -65,7 +75,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), api_of(request.url.path))
+    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), _api(request))
 
 
 class VersionHeader:
@@ -89,6 +99,14 @@ class VersionHeader:
         await self.app(scope, receive, send_with_headers)
 
 
+async def shared_rerank(request: Request) -> Response:
+    """`/rerank` speaks two dialects: TEI's body has `texts`, Infinity's `documents`; each is answered in its shape."""
+    body = await codec.read_body(request, app_state(request).settings.max_request_bytes)
+    if is_tei_rerank(body):
+        return await tei.root_rerank(request)
+    return await rerank.infinity_rerank(request)
+
+
 ROUTES = [
     Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
     Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
@@ -98,7 +116,7 @@ ROUTES = [
     Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),
     Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
     Route("/embeddings", embeddings.infinity_embeddings, methods=["POST"], name="infinity_embeddings"),
-    Route("/rerank", rerank.infinity_rerank, methods=["POST"]),
+    Route("/rerank", shared_rerank, methods=["POST"]),
     Route("/classify", classify.classify, methods=["POST"]),
     Route("/v1/classify", classify.classify, methods=["POST"]),
     Route("/models", infinity.models, methods=["GET"]),
@@ -109,6 +127,19 @@ ROUTES = [
     Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+    Route("/embed", tei.root_embed, methods=["POST"], name="tei_embed"),
+    Route("/embed_sparse", tei.root_embed_sparse, methods=["POST"], name="tei_embed_sparse"),
+    Route("/embed_all", tei.root_embed_all, methods=["POST"], name="tei_embed_all"),
+    Route("/predict", tei.root_predict, methods=["POST"], name="tei_predict"),
+    Route("/similarity", tei.root_similarity, methods=["POST"], name="tei_similarity"),
+    Route("/tokenize", tei.root_tokenize, methods=["POST"], name="tei_tokenize"),
+    Route("/decode", tei.root_decode, methods=["POST"], name="tei_decode"),
+    Route("/info", tei.root_info, methods=["GET"], name="tei_info"),
+    Route("/", tei.root_dispatch, methods=["GET", "POST"], name="tei_root"),
+    Route("/invocations", tei.root_dispatch, methods=["POST"], name="tei_invocations"),
+    Route("/vertex", tei.root_vertex, methods=["POST"], name="tei_vertex"),
+    Route("/ping", tei.root_ping, methods=["GET"], name="tei_ping"),
+    Route("/tei/{rest:path}", tei.per_model, methods=["GET", "POST"], name="tei"),
     Route("/docs", openapi.docs, methods=["GET"]),
 ]
 

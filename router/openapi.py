@@ -21,11 +21,20 @@ from sie_router.api.embeddings import EmbeddingsRequest
 from sie_router.api.rerank import RerankRequest
 from sie_router.auth import ADMIN_PREFIX, OPEN_PATHS
 from sie_router.errors import Api
+from sie_router.tei_bodies import (
+    DecodeRequest,
+    EmbedRequest,
+    PredictRequest,
+    SimilarityRequest,
+    TokenizeRequest,
+    VertexRequest,
+)
 from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
 
 REF = "#/components/schemas/{name}"
 _BODIES: tuple[type, ...] = (EncodeRequest, ScoreRequest, ExtractRequest, EmbeddingsRequest, RerankRequest,
-                             ClassifyRequest)
+                             ClassifyRequest, EmbedRequest, PredictRequest, SimilarityRequest, TokenizeRequest,
+                             DecodeRequest, VertexRequest)
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
 _TOKEN_IDS = [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
               {"type": "array", "minItems": 1,
@@ -55,7 +64,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/embeddings"): Op("OpenAI-compatible embeddings", "openai", EmbeddingsRequest, Api.OPENAI),
     ("POST", "/v1/rerank"): Op("Cohere/Jina-style rerank", "openai", RerankRequest, Api.OPENAI),
     ("POST", "/embeddings"): Op("Infinity-compatible embeddings", "infinity", EmbeddingsRequest, Api.INFINITY),
-    ("POST", "/rerank"): Op("Infinity-compatible rerank", "infinity", RerankRequest, Api.INFINITY),
+    ("POST", "/rerank"): Op("Rerank: Infinity's body (`documents`) or TEI's (`texts`), each answered in its shape",
+                            "infinity", RerankRequest, Api.INFINITY),
     ("POST", "/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
     ("POST", "/v1/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
     ("GET", "/models"): Op("Infinity-compatible model list", "infinity", api=Api.INFINITY),
@@ -68,6 +78,27 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/admin/workers"): Op("Workers, their memory and queues, and the device ledger", "admin"),
     ("POST", "/admin/workers/{model}/evict"): Op("Evict a model's worker", "admin"),
     ("GET", "/openapi.json"): Op("This document", "meta"),
+    ("POST", "/embed"): Op("TEI: dense embeddings from the default embedding model", "tei", EmbedRequest, Api.TEI),
+    ("POST", "/embed_sparse"): Op("TEI: SPLADE vectors from the default SPLADE model", "tei", EmbedRequest, Api.TEI),
+    ("POST", "/embed_all"): Op("TEI: per-token embeddings (answered 424: not available)", "tei", EmbedRequest,
+                               Api.TEI),
+    ("POST", "/predict"): Op("TEI: classify texts or score pairs", "tei", PredictRequest, Api.TEI),
+    ("POST", "/similarity"): Op("TEI: cosine of a source sentence against sentences", "tei", SimilarityRequest,
+                                Api.TEI),
+    ("POST", "/tokenize"): Op("TEI: tokens with offsets, from the model's tokenizer", "tei", TokenizeRequest,
+                              Api.TEI),
+    ("POST", "/decode"): Op("TEI: token ids back to text", "tei", DecodeRequest, Api.TEI),
+    ("GET", "/info"): Op("TEI: the default model's `Info`", "tei", api=Api.TEI),
+    ("GET", "/"): Op("TEI: health (200, empty body)", "tei", api=Api.TEI, answer="text/plain"),
+    ("POST", "/"): Op("TEI: the route of the default model's type (rerank and similarity bodies by shape)", "tei",
+                      api=Api.TEI),
+    ("POST", "/invocations"): Op("TEI (SageMaker): as `POST /`", "tei", api=Api.TEI),
+    ("POST", "/vertex"): Op("TEI (Vertex): `{\"instances\": [...]}`, each as `POST /`", "tei", VertexRequest, Api.TEI),
+    ("GET", "/ping"): Op("TEI (SageMaker): health", "tei", api=Api.TEI, answer="text/plain"),
+    ("GET", "/tei/{rest}"): Op("TEI per model: `/tei/{model}/info`, `/health`, `/ping`, or `/tei/{model}` (health)",
+                               "tei", api=Api.TEI),
+    ("POST", "/tei/{rest}"): Op("TEI per model: `/tei/{model}/embed`, `/rerank`, ... or `/tei/{model}` (as `POST /`)",
+                                "tei", api=Api.TEI),
     ("GET", "/docs"): Op("Interactive API documentation", "meta", answer="text/html"),
 }
 
@@ -75,6 +106,7 @@ _ERRORS: dict[Api, tuple[str, tuple[str, ...]]] = {
     Api.NATIVE: ("NativeError", ("400", "401", "404", "413", "500", "502", "503")),
     Api.OPENAI: ("OpenAIError", ("400", "401", "404", "413", "429", "500", "502", "503")),
     Api.INFINITY: ("InfinityError", ("400", "401", "413", "422", "429", "500", "502", "503")),
+    Api.TEI: ("TEIError", ("400", "404", "422", "424", "429", "503")),
 }
 
 _ERROR_SCHEMAS: dict[str, Any] = {
@@ -88,6 +120,10 @@ _ERROR_SCHEMAS: dict[str, Any] = {
     "InfinityError": {"description": "Handler errors are `{\"error\": {..., \"code\": <int>}}`; validation errors are "
                       "422 `{\"detail\": [...]}`; auth errors are 401 `{\"detail\": \"Unauthorized\"}`.",
                       "type": "object"},
+    "TEIError": {"description": "`{\"error\", \"error_type\"}`; a body that does not fit the schema is a "
+                 "plain-text 422, auth errors are 401 with an empty body.", "type": "object",
+                 "required": ["error", "error_type"],
+                 "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}},
 }
 
 

@@ -75,6 +75,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     hf_offline: bool = True
     extra_env: dict[str, str] = {}
+    # TEI routes: the models answering at the root (one per model type; default: the first served model of each
+    # type), and the defaults of TEI's flags of the same names.
+    tei_models: tuple[str, ...] = ()
+    auto_truncate: bool = True
+    max_client_batch_size: int = 32
+    default_prompt_name: str | None = None
+    default_prompt: str | None = None
     # Pools (Helm chart): this server's pool name, and the pool map (model -> pool Service URL) for forwarding.
     pool: str | None = None
     pool_map: Path | None = None
