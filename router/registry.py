@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from sie_router.adapter_options import check_options
 from sie_router.errors import SIEError
 from sie_router.inference import infer_config
 
@@ -133,8 +134,12 @@ def parse_config(raw: dict[str, Any], source: str) -> ModelConfig:
     if not (cfg.hf_id or cfg.weights_path or cfg.package_backed or cfg.package_dir):
         raise ValueError(f"{source}: one of hf_id, weights_path, package_dir or package_backed is required")
     cfg = _resolve_extends(cfg)
-    for name in cfg.profiles:
-        cfg.family(name)  # fails early on an unmapped adapter
+    for name, profile in cfg.profiles.items():
+        family = cfg.family(name)  # fails early on an unmapped adapter
+        try:  # and on options its family does not have
+            check_options(family, profile.adapter_options.loadtime, profile.adapter_options.runtime)
+        except ValueError as exc:
+            raise ValueError(f"{source}: profile {name!r}: {exc}") from None
     return cfg
 
 
