@@ -111,6 +111,8 @@ ROUTES = [
     Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
     Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
     Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
+    Route("/v1/tokenize/{model:path}", native.tokenize, methods=["POST"], name="tokenize"),
+    Route("/v1/decode/{model:path}", native.decode, methods=["POST"], name="decode"),
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
     Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),

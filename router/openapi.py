@@ -22,20 +22,21 @@ from sie_router.api.rerank import RerankRequest
 from sie_router.auth import ADMIN_PREFIX, OPEN_PATHS
 from sie_router.errors import Api
 from sie_router.tei_bodies import (
-    DecodeRequest,
     EmbedRequest,
     PredictRequest,
     SimilarityRequest,
-    TokenizeRequest,
+    TEIDecodeRequest,
+    TEIRerankRequest,
+    TEITokenizeRequest,
     VertexRequest,
 )
-from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
+from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, ScoreRequest, TokenizeRequest
 
 REF = "#/components/schemas/{name}"
 # TEI's bodies are listed under components only: its operations name them in their summaries, not as requestBody.
 _BODIES: tuple[type, ...] = (EncodeRequest, ScoreRequest, ExtractRequest, EmbeddingsRequest, RerankRequest,
-                             ClassifyRequest, EmbedRequest, PredictRequest, SimilarityRequest, TokenizeRequest,
-                             DecodeRequest, VertexRequest)
+                             ClassifyRequest, EmbedRequest, PredictRequest, TEIRerankRequest, SimilarityRequest,
+                             TEITokenizeRequest, TEIDecodeRequest, VertexRequest, TokenizeRequest, DecodeRequest)
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
 _TOKEN_IDS = [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
               {"type": "array", "minItems": 1,
@@ -57,6 +58,10 @@ class Op:
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/encode/{model}"): Op("Encode items: dense, sparse or multivector", "native", EncodeRequest,
                                        msgpack=True),
+    ("POST", "/v1/tokenize/{model}"): Op("The model's own tokens and counts for texts (body: TokenizeRequest)",
+                                         "native"),
+    ("POST", "/v1/decode/{model}"): Op("Token ids back to text with the model's tokenizer (body: DecodeRequest)",
+                                       "native"),
     ("POST", "/v1/score/{model}"): Op("Score items against a query (rerank)", "native", ScoreRequest, msgpack=True),
     ("POST", "/v1/extract/{model}"): Op("Extract entities, labels or structure from items", "native",
                                         ExtractRequest, msgpack=True),
@@ -65,7 +70,8 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/embeddings"): Op("OpenAI-compatible embeddings", "openai", EmbeddingsRequest, Api.OPENAI),
     ("POST", "/v1/rerank"): Op("Cohere/Jina-style rerank", "openai", RerankRequest, Api.OPENAI),
     ("POST", "/embeddings"): Op("Infinity-compatible embeddings", "infinity", EmbeddingsRequest, Api.INFINITY),
-    ("POST", "/rerank"): Op("Rerank: Infinity's body (`documents`) or TEI's (`texts`), each answered in its shape",
+    ("POST", "/rerank"): Op("Rerank: Infinity's body (`documents`) or TEI's (`texts`, TEIRerankRequest), each "
+                            "answered in its shape",
                             "infinity", RerankRequest, Api.INFINITY),
     ("POST", "/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
     ("POST", "/v1/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
@@ -86,9 +92,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/predict"): Op("TEI: classify texts or score pairs (PredictRequest)", "tei", api=Api.TEI),
     ("POST", "/similarity"): Op("TEI: cosine of a source sentence against sentences (SimilarityRequest)", "tei",
                                 api=Api.TEI),
-    ("POST", "/tokenize"): Op("TEI: tokens with offsets, from the model's tokenizer (TokenizeRequest)", "tei",
+    ("POST", "/tokenize"): Op("TEI: tokens with offsets, from the model's tokenizer (TEITokenizeRequest)", "tei",
                               api=Api.TEI),
-    ("POST", "/decode"): Op("TEI: token ids back to text (DecodeRequest)", "tei", api=Api.TEI),
+    ("POST", "/decode"): Op("TEI: token ids back to text (TEIDecodeRequest)", "tei", api=Api.TEI),
     ("GET", "/info"): Op("TEI: the default model's `Info`", "tei", api=Api.TEI),
     ("GET", "/"): Op("TEI: health (200, empty body)", "tei", api=Api.TEI, answer="text/plain"),
     ("POST", "/"): Op("TEI: the route of the default model's type (rerank and similarity bodies by shape)", "tei",

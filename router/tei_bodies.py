@@ -38,7 +38,7 @@ class PredictRequest(msgspec.Struct, kw_only=True):
     raw_scores: bool = False
 
 
-class RerankRequest(msgspec.Struct, kw_only=True):
+class TEIRerankRequest(msgspec.Struct, kw_only=True):
     """`/rerank` (TEI's dialect: `texts`, no `top_n`)."""
 
     query: str
@@ -67,7 +67,7 @@ class SimilarityRequest(msgspec.Struct, kw_only=True):
     parameters: SimilarityParameters | None = None
 
 
-class TokenizeRequest(msgspec.Struct, kw_only=True):
+class TEITokenizeRequest(msgspec.Struct, kw_only=True):
     """`/tokenize`."""
 
     inputs: str | list[str]
@@ -75,7 +75,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
     prompt_name: str | None = None
 
 
-class DecodeRequest(msgspec.Struct, kw_only=True):
+class TEIDecodeRequest(msgspec.Struct, kw_only=True):
     """`/decode`: one id list or a list of them."""
 
     ids: list[Any]
@@ -92,10 +92,6 @@ class _Shape(msgspec.Struct):
     inputs: Any = msgspec.UNSET
     query: Any = msgspec.UNSET
     texts: Any = msgspec.UNSET
-
-
-BODIES: tuple[type, ...] = (EmbedRequest, PredictRequest, RerankRequest, SimilarityRequest, TokenizeRequest,
-                            DecodeRequest, VertexRequest)
 
 
 def schema_error(message: str) -> SIEError:

@@ -15,12 +15,12 @@ from sie_router import codec
 from sie_router.disconnect import guarded
 from sie_router.errors import invalid
 from sie_router.inputs import input_items, merged_options, native_encode, score_key
-from sie_router.jobs import BatchKey, Encoded, ExtractJob, Scored, ScoreJob, freeze
+from sie_router.jobs import BatchKey, Encoded, ExtractJob, Scored, ScoreJob, TokenizeJob, freeze
 from sie_router.models import model_info, served_dims
 from sie_router.postprocess import WIRE_DTYPE_NAMES, quantize
 from sie_router.resolve import resolve
 from sie_router.state import app_state
-from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
+from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, Item, ScoreRequest, TokenizeRequest
 
 MAX_SCORE_ITEMS = 1000
 MAX_LABELS = 1000
@@ -111,6 +111,31 @@ async def extract(request: Request) -> Response:
                         "objects": extracted.objects, "data": extracted.data})
     return codec.negotiated(request, {"model": model, "items": results,
                                       "usage": {"input_tokens": sum(t for _, t in found)}})
+
+
+async def tokenize(request: Request) -> Response:
+    state, model = app_state(request), request.path_params["model"]
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, TokenizeRequest, msgpack=codec.is_msgpack(request))
+    resolved = resolve(state.registry, model)
+    input_items([Item(text=t) for t in req.texts], resolved.config, state.settings, field="texts")  # the limits
+    job = TokenizeJob(resolved, texts=req.texts, add_special_tokens=req.add_special_tokens)
+    result = await guarded(request, state.service.run(job)) if req.texts else None
+    tokens = [[{"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop} for t in row]
+              for row in (result.tokens if result else [])]
+    return codec.negotiated(request, {"model": model, "tokens": tokens, "counts": [len(row) for row in tokens]})
+
+
+async def decode(request: Request) -> Response:
+    state, model = app_state(request), request.path_params["model"]
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    req = codec.decode(body, DecodeRequest, msgpack=codec.is_msgpack(request))
+    resolved = resolve(state.registry, model)
+    if not req.ids or len(req.ids) > state.settings.max_items_per_request:
+        raise invalid(f"`ids` must hold 1 to {state.settings.max_items_per_request} lists", param="ids")
+    result = await guarded(request, state.service.run(TokenizeJob(resolved, ids=req.ids,
+                                                                  skip_special_tokens=req.skip_special_tokens)))
+    return codec.negotiated(request, {"model": model, "texts": list(result.texts)})
 
 
 async def list_models(request: Request) -> Response:

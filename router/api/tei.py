@@ -187,7 +187,7 @@ async def similarity(call: Call, request: Request, body: bytes) -> Any:
 
 
 async def rerank(call: Call, request: Request, body: bytes) -> Any:
-    req = inputs.decode(body, inputs.RerankRequest)
+    req = inputs.decode(body, inputs.TEIRerankRequest)
     if not req.texts:
         raise empty("`texts` cannot be empty")
     inputs.check_batch(len(req.texts), call.state.settings.max_client_batch_size)
@@ -251,7 +251,7 @@ async def _predict_pairs(call: Call, request: Request, model: Resolved, card: Mo
 
 
 async def tokenize(call: Call, request: Request, body: bytes) -> Any:
-    req = inputs.decode(body, inputs.TokenizeRequest)
+    req = inputs.decode(body, inputs.TEITokenizeRequest)
     texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
     if not texts:
         raise empty("`inputs` cannot be empty")
@@ -265,7 +265,7 @@ async def tokenize(call: Call, request: Request, body: bytes) -> Any:
 
 
 async def decode(call: Call, request: Request, body: bytes) -> Any:
-    req = inputs.decode(body, inputs.DecodeRequest)
+    req = inputs.decode(body, inputs.TEIDecodeRequest)
     ids = inputs.id_lists(req.ids, call.state.settings.max_client_batch_size)
     result = await call.run(request, TokenizeJob(call.primary(), ids=ids, skip_special_tokens=req.skip_special_tokens))
     return list(result.texts)

@@ -163,7 +163,8 @@ def test_predict_single_pair_and_batch(tei: FamilyServer) -> None:
     assert [(x["label"], pytest.approx(x["score"], abs=1e-4)) for x in single] == expected
     assert post(tei, "/predict", {"inputs": ["a lovely film"]}).json() == single  # one string is one input
     batch = post(tei, "/predict", {"inputs": [["a lovely film"], ["dull"]]}).json()
-    assert len(batch) == 2 and batch[0] == single
+    assert len(batch) == 2 and [x["label"] for x in batch[0]] == [x["label"] for x in single]
+    assert [x["score"] for x in batch[0]] == pytest.approx([x["score"] for x in single], abs=1e-5)  # padded batch
     pair = post(tei, "/predict", {"inputs": ["query", "document"]}).json()  # a pair: the default reranker
     score = post(tei, f"/tei/{RERANKER}/rerank", {"query": "query", "texts": ["document"]}).json()[0]["score"]
     assert pair == [{"score": pytest.approx(score, abs=1e-6), "label": "LABEL_0"}]
@@ -230,6 +231,24 @@ def test_info_root_dispatch_vertex_and_probes(tei: FamilyServer) -> None:
     for path in ("/", "/ping", f"{PREFIX}/health", f"{PREFIX}/ping", PREFIX):
         answer = httpx.get(f"{tei.url}{path}")
         assert (answer.status_code, answer.content) == (200, b""), path
+
+
+def test_native_tokenize_and_decode_for_every_model(tei: FamilyServer) -> None:
+    import msgspec
+
+    for model in (MINILM, SPLADE, RERANKER, SENTIMENT):
+        found = httpx.post(f"{tei.url}/v1/tokenize/{model}", json={"texts": ["hello world", "a"]},
+                           headers={"accept": "application/json"}).json()
+        teis = post(tei, f"/tei/{model}/tokenize", {"inputs": ["hello world", "a"]}).json()
+        assert found["model"] == model and found["tokens"] == teis and found["counts"] == [len(t) for t in teis]
+        ids = [[t["id"] for t in row] for row in teis]
+        packed = httpx.post(f"{tei.url}/v1/decode/{model}", content=msgspec.msgpack.encode({"ids": ids}),
+                            headers={"content-type": "application/msgpack"})
+        assert msgspec.msgpack.decode(packed.content)["texts"] == post(tei, f"/tei/{model}/decode", {"ids": ids}).json()
+    missing = httpx.post(f"{tei.url}/v1/tokenize/no/such", json={"texts": ["a"]})
+    assert missing.status_code == 404 and missing.json()["detail"]["code"] == "MODEL_NOT_FOUND"
+    bad = httpx.post(f"{tei.url}/v1/decode/{MINILM}", json={"ids": [[10**9]]})
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["detail"]["message"]
 
 
 # -- errors -----------------------------------------------------------------------------------------------------------
