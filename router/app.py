@@ -103,7 +103,7 @@ async def shared_rerank(request: Request) -> Response:
     """`/rerank` speaks two dialects: TEI's body has `texts`, Infinity's `documents`; each is answered in its shape."""
     body = await codec.read_body(request, app_state(request).settings.max_request_bytes)
     if is_tei_rerank(body):
-        return await tei.root_rerank(request)
+        return await tei.answer(request, "rerank")
     return await rerank.infinity_rerank(request)
 
 
@@ -111,8 +111,7 @@ ROUTES = [
     Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
     Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
     Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
-    Route("/v1/tokenize/{model:path}", native.tokenize, methods=["POST"], name="tokenize"),
-    Route("/v1/decode/{model:path}", native.decode, methods=["POST"], name="decode"),
+    Route("/v1/{op:tokens}/{model:path}", native.tokens, methods=["POST"], name="tokens"),
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
     Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),
@@ -129,19 +128,8 @@ ROUTES = [
     Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
-    Route("/embed", tei.root_embed, methods=["POST"], name="tei_embed"),
-    Route("/embed_sparse", tei.root_embed_sparse, methods=["POST"], name="tei_embed_sparse"),
-    Route("/embed_all", tei.root_embed_all, methods=["POST"], name="tei_embed_all"),
-    Route("/predict", tei.root_predict, methods=["POST"], name="tei_predict"),
-    Route("/similarity", tei.root_similarity, methods=["POST"], name="tei_similarity"),
-    Route("/tokenize", tei.root_tokenize, methods=["POST"], name="tei_tokenize"),
-    Route("/decode", tei.root_decode, methods=["POST"], name="tei_decode"),
-    Route("/info", tei.root_info, methods=["GET"], name="tei_info"),
-    Route("/", tei.root_dispatch, methods=["GET", "POST"], name="tei_root"),
-    Route("/invocations", tei.root_dispatch, methods=["POST"], name="tei_invocations"),
-    Route("/vertex", tei.root_vertex, methods=["POST"], name="tei_vertex"),
-    Route("/ping", tei.root_ping, methods=["GET"], name="tei_ping"),
-    Route("/tei/{rest:path}", tei.per_model, methods=["GET", "POST"], name="tei"),
+    Route("/{route:tei_post}", tei.route, methods=["POST"], name="tei"),
+    Route("/{route:tei_get}", tei.route, methods=["GET"], name="tei_get"),
     Route("/docs", openapi.docs, methods=["GET"]),
 ]
 

@@ -58,10 +58,9 @@ class Op:
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/encode/{model}"): Op("Encode items: dense, sparse or multivector", "native", EncodeRequest,
                                        msgpack=True),
-    ("POST", "/v1/tokenize/{model}"): Op("The model's own tokens and counts for texts (body: TokenizeRequest)",
-                                         "native"),
-    ("POST", "/v1/decode/{model}"): Op("Token ids back to text with the model's tokenizer (body: DecodeRequest)",
-                                       "native"),
+    ("POST", "/v1/{op}/{model}"): Op("`/v1/tokenize/{model}`: the model's own tokens and counts for texts "
+                                     "(TokenizeRequest); `/v1/decode/{model}`: token ids back to text "
+                                     "(DecodeRequest)", "native"),
     ("POST", "/v1/score/{model}"): Op("Score items against a query (rerank)", "native", ScoreRequest, msgpack=True),
     ("POST", "/v1/extract/{model}"): Op("Extract entities, labels or structure from items", "native",
                                         ExtractRequest, msgpack=True),
@@ -85,28 +84,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/admin/workers"): Op("Workers, their memory and queues, and the device ledger", "admin"),
     ("POST", "/admin/workers/{model}/evict"): Op("Evict a model's worker", "admin"),
     ("GET", "/openapi.json"): Op("This document", "meta"),
-    ("POST", "/embed"): Op("TEI: dense embeddings from the default embedding model (EmbedRequest)", "tei", api=Api.TEI),
-    ("POST", "/embed_sparse"): Op("TEI: SPLADE vectors from the default SPLADE model (EmbedRequest)", "tei",
-                                  api=Api.TEI),
-    ("POST", "/embed_all"): Op("TEI: per-token embeddings (answered 424: not available)", "tei", api=Api.TEI),
-    ("POST", "/predict"): Op("TEI: classify texts or score pairs (PredictRequest)", "tei", api=Api.TEI),
-    ("POST", "/similarity"): Op("TEI: cosine of a source sentence against sentences (SimilarityRequest)", "tei",
-                                api=Api.TEI),
-    ("POST", "/tokenize"): Op("TEI: tokens with offsets, from the model's tokenizer (TEITokenizeRequest)", "tei",
-                              api=Api.TEI),
-    ("POST", "/decode"): Op("TEI: token ids back to text (TEIDecodeRequest)", "tei", api=Api.TEI),
-    ("GET", "/info"): Op("TEI: the default model's `Info`", "tei", api=Api.TEI),
-    ("GET", "/"): Op("TEI: health (200, empty body)", "tei", api=Api.TEI, answer="text/plain"),
-    ("POST", "/"): Op("TEI: the route of the default model's type (rerank and similarity bodies by shape)", "tei",
-                      api=Api.TEI),
-    ("POST", "/invocations"): Op("TEI (SageMaker): as `POST /`", "tei", api=Api.TEI),
-    ("POST", "/vertex"): Op("TEI (Vertex): `{\"instances\": [...]}`, each as `POST /` (VertexRequest)", "tei",
-                            api=Api.TEI),
-    ("GET", "/ping"): Op("TEI (SageMaker): health", "tei", api=Api.TEI, answer="text/plain"),
-    ("GET", "/tei/{rest}"): Op("TEI per model: `/tei/{model}/info`, `/health`, `/ping`, or `/tei/{model}` (health)",
-                               "tei", api=Api.TEI),
-    ("POST", "/tei/{rest}"): Op("TEI per model: `/tei/{model}/embed`, `/rerank`, ... or `/tei/{model}` (as `POST /`)",
-                                "tei", api=Api.TEI),
+    ("POST", "/{route}"): Op("TEI at the root, by the default model of each type: `/embed` (EmbedRequest), "
+                             "`/embed_sparse`, `/embed_all` (424), `/predict` (PredictRequest), `/similarity` "
+                             "(SimilarityRequest), `/tokenize` (TEITokenizeRequest), `/decode` (TEIDecodeRequest), "
+                             "`/vertex` (VertexRequest), `/` and `/invocations` (the default model's route); and each "
+                             "under `/tei/{model}/`, answered by that model", "tei", api=Api.TEI),
+    ("GET", "/{route}"): Op("TEI: `/info` (the default model's), `/` and `/ping` (health, empty body); and "
+                            "`/tei/{model}/info`, `/health`, `/ping`", "tei", api=Api.TEI),
     ("GET", "/docs"): Op("Interactive API documentation", "meta", answer="text/html"),
 }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -23,6 +24,13 @@ from sie_router.state import app_state
 from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, Item, ScoreRequest, TokenizeRequest
 
 MAX_SCORE_ITEMS = 1000
+
+
+class _TokenOps(StringConvertor):
+    regex = "tokenize|decode"
+
+
+register_url_convertor("tokens", _TokenOps())
 MAX_LABELS = 1000
 
 
@@ -136,6 +144,11 @@ async def decode(request: Request) -> Response:
     result = await guarded(request, state.service.run(TokenizeJob(resolved, ids=req.ids,
                                                                   skip_special_tokens=req.skip_special_tokens)))
     return codec.negotiated(request, {"model": model, "texts": list(result.texts)})
+
+
+async def tokens(request: Request) -> Response:
+    """`/v1/tokenize/{model}` and `/v1/decode/{model}` (one route: `op` is the first path segment)."""
+    return await (tokenize(request) if request.path_params["op"] == "tokenize" else decode(request))
 
 
 async def list_models(request: Request) -> Response:

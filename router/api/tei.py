@@ -9,6 +9,7 @@ TEI's response shape; `answer` renders it, and errors render in TEI's `{"error",
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -16,6 +17,7 @@ from typing import Any
 
 import msgspec
 import numpy as np
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -366,11 +368,11 @@ def split_path(registry: Registry, rest: str) -> tuple[str, str] | None:
     return None
 
 
-async def per_model(request: Request) -> Response:
+async def per_model(request: Request, rest: str) -> Response:
     """Every TEI route under `/tei/{model}/`, answered by that model."""
     request.scope["sie.api"] = Api.TEI
     state = app_state(request)
-    found = split_path(state.registry, request.path_params["rest"])
+    found = split_path(state.registry, rest)
     if found is None:
         raise SIEError("MODEL_NOT_FOUND", f"no served model or TEI route at {request.url.path}; served models: "
                        f"{list(state.registry.served)}")
@@ -381,50 +383,32 @@ async def per_model(request: Request) -> Response:
     return await answer(request, route, resolve(state.registry, name))
 
 
-async def root_embed(request: Request) -> Response:
-    return await answer(request, "embed")
+class _Names(Convertor[str]):
+    """A path segment that is one of a fixed set of route names ("" included: the root itself)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.regex = "|".join(n if n == PER_MODEL else re.escape(n) for n in names)
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
-async def root_embed_sparse(request: Request) -> Response:
-    return await answer(request, "embed_sparse")
+# TEI's routes are two Starlette routes, one per method: the root names plus `tei/{model}/...`. The route list
+# (and the OpenAPI document made from it) stays short, and the handler is the same for every name anyway.
+POST_NAMES = ("", "embed", "embed_sparse", "embed_all", "predict", "similarity", "tokenize", "decode", "invocations",
+              "vertex")
+GET_NAMES = ("", "info", "ping")
+PER_MODEL = "tei/.+"
+register_url_convertor("tei_post", _Names((*POST_NAMES, PER_MODEL)))
+register_url_convertor("tei_get", _Names((*GET_NAMES, PER_MODEL)))
 
 
-async def root_embed_all(request: Request) -> Response:
-    return await answer(request, "embed_all")
-
-
-async def root_predict(request: Request) -> Response:
-    return await answer(request, "predict")
-
-
-async def root_rerank(request: Request) -> Response:
-    return await answer(request, "rerank")
-
-
-async def root_similarity(request: Request) -> Response:
-    return await answer(request, "similarity")
-
-
-async def root_tokenize(request: Request) -> Response:
-    return await answer(request, "tokenize")
-
-
-async def root_decode(request: Request) -> Response:
-    return await answer(request, "decode")
-
-
-async def root_info(request: Request) -> Response:
-    return await answer(request, "info")
-
-
-async def root_dispatch(request: Request) -> Response:
-    """TEI's `POST /` and `/invocations`, and `GET /` (health)."""
-    return await answer(request, "")
-
-
-async def root_vertex(request: Request) -> Response:
-    return await answer(request, "vertex")
-
-
-async def root_ping(request: Request) -> Response:
-    return await answer(request, "ping")
+async def route(request: Request) -> Response:
+    """TEI at the root (`POST /embed`, `GET /info`, `POST /`, ...: the default models) or per model (`/tei/...`)."""
+    name: str = request.path_params["route"]
+    if name.startswith("tei/"):
+        return await per_model(request, name[len("tei/"):])
+    return await answer(request, name)
