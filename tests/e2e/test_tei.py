@@ -292,6 +292,28 @@ def test_schema_errors_are_plain_text_like_axums(tei: FamilyServer) -> None:
     assert (wrong_method.status_code, wrong_method.content) == (405, b"")
 
 
+HOSTILE = [("/embed", {"inputs": None}), ("/embed", {"inputs": {"a": 1}}), ("/embed", {"inputs": 5}),
+           ("/embed", {"inputs": [[10**12]]}), ("/embed", {"inputs": [[-1]]}), ("/embed", {"inputs": [["a"]]}),
+           ("/embed", {"inputs": "a", "dimensions": -1}), ("/embed", {"inputs": "a", "truncation_direction": "up"}),
+           ("/embed", {"inputs": "a", "normalize": "yes"}), ("/embed_sparse", {"inputs": [True]}),
+           ("/predict", {"inputs": []}), ("/predict", {"inputs": [[]]}), ("/predict", {"inputs": [["a", 1]]}),
+           ("/rerank", {"query": 1, "texts": ["a"]}), ("/rerank", {"query": "", "texts": ["a"]}),
+           ("/similarity", {"inputs": {"source_sentence": "a"}}), ("/similarity", {"inputs": None}),
+           ("/tokenize", {"inputs": []}), ("/tokenize", {"inputs": [1]}), ("/decode", {"ids": [[1], [-2]]}),
+           ("/decode", {"ids": [[10**9]]}), ("/decode", {"ids": "abc"}), ("/vertex", {"instances": [1, None, "a"]}),
+           ("/vertex", {"instances": []}), ("/", {"inputs": {"source_sentence": 3}}), ("/", [1, 2]),
+           (f"/tei/{SPLADE}/embed", {"inputs": "a", "normalize": False})]
+
+
+@pytest.mark.parametrize(("path", "body"), HOSTILE)
+def test_hostile_bodies_get_a_4xx_or_an_answer_never_a_5xx(tei: FamilyServer, path: str, body: Any) -> None:
+    answer = post(tei, path, body)
+    assert answer.status_code < 500, answer.text
+    if answer.status_code >= 400:
+        assert answer.headers.get("x-sie-error-code"), answer.text
+    assert httpx.get(f"{tei.url}/readyz").status_code == 200
+
+
 def test_our_limits_map_to_teis_types() -> None:
     for code, status, error_type in (("QUEUE_FULL", 429, "Overloaded"), ("INPUT_TOO_LONG", 422, "Validation"),
                                      ("MODEL_NOT_SUPPORTED", 424, "Backend"), ("INFERENCE_ERROR", 424, "Backend"),
