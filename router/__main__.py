@@ -16,7 +16,15 @@ from sie_router import __version__
 from sie_router.app import build_app
 from sie_router.devices import NoDevice
 from sie_router.registry import build_registry
-from sie_router.settings import DEFAULT_BUNDLE, DEFAULT_MODEL, DTYPES, Settings, env_defaults, parse_bytes
+from sie_router.settings import (
+    DEFAULT_BUNDLE,
+    DEFAULT_MODEL,
+    DTYPES,
+    Settings,
+    build_settings,
+    env_defaults,
+    parse_bytes,
+)
 
 log = logging.getLogger("sie")
 
@@ -82,7 +90,61 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "
                                              "key (prefer SIE_ADMIN_TOKEN)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_tei_flags(serve)
     return p
+
+
+def _flag_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected true or false, not {text!r}")
+    return text.lower() in ("true", "1")
+
+
+# TEI flags we cannot honour, and why: a migrating user learns at start, not from odd answers later.
+TEI_UNSUPPORTED = {
+    "--pooling": "pooling comes from the model's 1_Pooling config or its SIE model config (adapter_options)",
+    "--revision": "pin a revision in the model's SIE config (hf_revision)",
+    "--max-batch-tokens": "the token budget is per model: max_batch_tokens in its SIE config",
+    "--tokenization-workers": "each worker tokenizes on its own prepare thread",
+    "--dense-path": "dense layers are read from the model's modules.json",
+    "--hf-token": "set HF_TOKEN in the environment", "--hf-api-token": "set HF_TOKEN in the environment",
+    "--huggingface-hub-cache": "set HF_HUB_CACHE in the environment",
+    "--prometheus-port": "metrics are served at /metrics on the main port",
+    "--json-output": "logs are plain text", "--otlp-endpoint": "no OpenTelemetry export",
+    "--otlp-service-name": "no OpenTelemetry export", "--cors-allow-origin": "no CORS layer; put a proxy in front",
+    "--uds-path": "listen on a TCP port (--host, --port)",
+}
+
+
+class _Unsupported(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option: str | None = None) -> None:
+        parser.error(f"{option} is a text-embeddings-inference flag that SIE does not support: "
+                     f"{TEI_UNSUPPORTED[str(option)]}")
+
+
+def add_tei_flags(serve: argparse.ArgumentParser) -> None:
+    """The flags a migrating TEI user passes (`--model-id` is `-m`; `--api-key`, `--port`, `--dtype` are shared)."""
+    tei = serve.add_argument_group("text-embeddings-inference flags")
+    tei.add_argument("--tei-model", dest="tei_models", action="append", default=[], metavar="MODEL",
+                     help="answer TEI's root routes (/embed, /rerank, /predict, ...) with this model for its type "
+                          "(repeatable; default: the first served model of each type)")
+    tei.add_argument("--auto-truncate", nargs="?", const=True, type=_flag_bool, metavar="BOOL",
+                     help="truncate over-long inputs when a TEI request does not say (default true)")
+    tei.add_argument("--max-client-batch-size", type=int, metavar="N", help="inputs per TEI request (default 32)")
+    tei.add_argument("--payload-limit", dest="max_request_bytes", type=int, metavar="BYTES",
+                     help="largest request body (TEI's name for SIE_MAX_REQUEST_BYTES)")
+    prompts = tei.add_mutually_exclusive_group()
+    prompts.add_argument("--default-prompt-name", metavar="NAME",
+                         help="prompt from the model's sentence-transformers config put before every TEI text input")
+    prompts.add_argument("--default-prompt", metavar="TEXT", help="text put before every TEI text input")
+    tei.add_argument("--hostname", dest="host", help="TEI's name for --host")
+    tei.add_argument("--max-concurrent-requests", dest="max_queue_items", type=int, metavar="N",
+                     help="TEI's name for the per-model queue bound; past it TEI routes answer 429 Overloaded")
+    tei.add_argument("--max-batch-requests", dest="max_batch_items", type=int, metavar="N",
+                     help="TEI's name for --max-batch-items")
+    for flag in TEI_UNSUPPORTED:
+        tei.add_argument(flag, action=_Unsupported, nargs="?", help=argparse.SUPPRESS)
 
 
 def settings_from(argv: Sequence[str]) -> Settings:
@@ -101,13 +163,19 @@ def settings_from(argv: Sequence[str]) -> Settings:
         given["engine"] = "onnx"
     if "models" in given:
         given["models"] = tuple(given["models"])
-    for name in ("preload", "pinned"):
+    for name in ("preload", "pinned", "tei_models"):
         if name in given:
             given[name] = tuple(given[name])
     values.update(given)
     if values.get("dtype", "auto") not in DTYPES:
         parser().error(f"SIE_DTYPE must be one of {', '.join(DTYPES)}, not {values['dtype']!r}")
-    return Settings(**values)  # type: ignore[arg-type]
+    if values.get("default_prompt") and values.get("default_prompt_name"):
+        parser().error("--default-prompt and --default-prompt-name (SIE_DEFAULT_PROMPT, SIE_DEFAULT_PROMPT_NAME) "
+                       "cannot both be set")
+    try:
+        return build_settings(values)
+    except ValueError as exc:
+        parser().error(str(exc))
 
 
 def hide_secrets(argv: Sequence[str]) -> list[str]:

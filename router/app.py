@@ -14,8 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sie_router import WIRE_VERSION, __version__, forward, instrument, openapi
-from sie_router.api import admin, classify, health, infinity, native, openai, rerank
+from sie_router import WIRE_VERSION, __version__, codec, forward, instrument, openapi
+from sie_router.api import admin, classify, embeddings, health, infinity, native, rerank, tei
 from sie_router.auth import Auth
 from sie_router.devices import detect
 from sie_router.disconnect import ClientGone
@@ -24,38 +24,48 @@ from sie_router.pool import WorkerPool
 from sie_router.registry import Registry
 from sie_router.service import Service
 from sie_router.settings import Settings
-from sie_router.state import AppState
+from sie_router.state import AppState, app_state
+from sie_router.tei_bodies import is_tei_rerank
 
 log = logging.getLogger("sie.app")
 
 _OPENAI_PATHS = ("/v1/embeddings", "/v1/rerank")
 _INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/v1/classify", "/models", "/health")
+_TEI_PATHS = ("/", "/embed", "/embed_sparse", "/embed_all", "/predict", "/similarity", "/tokenize", "/decode", "/info",
+              "/invocations", "/vertex", "/ping")
 
 
 def api_of(path: str) -> Api:
-    """Which envelope errors on this path are rendered in."""
+    """Which envelope errors on this path are rendered in (`/rerank` in TEI's dialect is marked by its handler)."""
     if path.startswith(_OPENAI_PATHS):
         return Api.OPENAI
     if path.rstrip("/") in _INFINITY_PATHS:
         return Api.INFINITY
+    if path in _TEI_PATHS or path.startswith("/tei/"):
+        return Api.TEI
     return Api.NATIVE
+
+
+def _api(request: Request) -> Api:
+    marked: Api | None = request.scope.get("sie.api")
+    return marked or api_of(request.url.path)
 
 
 async def _sie_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SIEError)
-    return render_error(exc, api_of(request.url.path))
+    return render_error(exc, _api(request))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_INPUT")
-    return render_error(SIEError(code, str(exc.detail)), api_of(request.url.path))
+    return render_error(SIEError(code, str(exc.detail)), _api(request))
 
 
 async def _undecodable(request: Request, exc: Exception) -> Response:
     # msgspec raises these, not DecodeError, on a body nested past its depth limit or a string that is not UTF-8.
     problem = "is nested too deeply" if isinstance(exc, RecursionError) else "holds a string that is not UTF-8"
-    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), api_of(request.url.path))
+    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), _api(request))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -65,7 +75,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), api_of(request.url.path))
+    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), _api(request))
 
 
 class VersionHeader:
@@ -89,16 +99,25 @@ class VersionHeader:
         await self.app(scope, receive, send_with_headers)
 
 
+async def shared_rerank(request: Request) -> Response:
+    """`/rerank` speaks two dialects: TEI's body has `texts`, Infinity's `documents`; each is answered in its shape."""
+    body = await codec.read_body(request, app_state(request).settings.max_request_bytes)
+    if is_tei_rerank(body):
+        return await tei.answer(request, "rerank")
+    return await rerank.infinity_rerank(request)
+
+
 ROUTES = [
     Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
     Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
     Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
+    Route("/v1/{op:tokens}/{model:path}", native.tokens, methods=["POST"], name="tokens"),
     Route("/v1/models", native.list_models, methods=["GET"]),
     Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
-    Route("/v1/embeddings", openai.embeddings, methods=["POST"], name="openai_embeddings"),
+    Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),
     Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
-    Route("/embeddings", infinity.embeddings, methods=["POST"], name="infinity_embeddings"),
-    Route("/rerank", rerank.infinity_rerank, methods=["POST"]),
+    Route("/embeddings", embeddings.infinity_embeddings, methods=["POST"], name="infinity_embeddings"),
+    Route("/rerank", shared_rerank, methods=["POST"]),
     Route("/classify", classify.classify, methods=["POST"]),
     Route("/v1/classify", classify.classify, methods=["POST"]),
     Route("/models", infinity.models, methods=["GET"]),
@@ -109,6 +128,8 @@ ROUTES = [
     Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
     Route("/readyz", health.readyz, methods=["GET"]),
     Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
+    Route("/{route:tei_post}", tei.route, methods=["POST"], name="tei"),
+    Route("/{route:tei_get}", tei.route, methods=["GET"], name="tei_get"),
     Route("/docs", openapi.docs, methods=["GET"]),
 ]
 

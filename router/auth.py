@@ -15,7 +15,9 @@ from sie_router.errors import Api, SIEError, render_error
 from sie_router.settings import Settings
 
 # Probes, metrics and the API description stay reachable without a key, as in Infinity and TEI.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics", "/openapi.json", "/docs"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics", "/openapi.json", "/docs", "/ping"})
+# TEI's probes under a per-model prefix (`/tei/{model}/health`), open like its root ones.
+OPEN_SUFFIXES = ("/health", "/ping")
 ADMIN_PREFIX = "/admin/"
 
 
@@ -44,7 +46,7 @@ class Auth:
 
     def check(self, path: str, token: bytes | None) -> SIEError | None:
         """The error to answer with, or None when the request may go on."""
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or (path.startswith("/tei/") and path.endswith(OPEN_SUFFIXES)):
             return None
         if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
             return self.check_admin(token)
@@ -79,11 +81,12 @@ class Auth:
             # so sie-admin sends the admin token in its own header there.
             token = _header(scope, b"x-sie-admin-token") or token
         error = self.check(path, token)
-        if error is None:
+        if error is None or (path == "/" and scope["method"] == "GET"):  # TEI's `GET /` is a health probe
             await self.app(scope, receive, send)
             return
-        response = render_error(error, self.api_of(path))
-        if response.status_code == 401:
+        api = self.api_of(path)
+        response = render_error(error, api)
+        if response.status_code == 401 and api is not Api.TEI:  # TEI answers a bare 401
             response.headers.setdefault("WWW-Authenticate", "Bearer")
         await response(scope, receive, send)
 

@@ -83,8 +83,9 @@ class Batcher:
         self._slots = asyncio.Semaphore(self.limits.in_flight)
         self._task = asyncio.create_task(self._loop(), name=f"sie-batcher:{self.name}")
 
-    async def submit(self, key: Any, items: list[Any], costs: list[int]) -> list[Any]:
-        """Queue the items (split into entries of at most `max_items`) and return their outputs in order."""
+    async def submit(self, key: Any, items: list[Any], costs: list[int]) -> Any:
+        """Queue the items (split into entries of at most `max_items`) and return their outputs in order: a list,
+        or the batch outputs' own type when it has `join` (slices of one array, never row by row)."""
         if len(items) > self.limits.max_queue_items:
             raise SIEError("INVALID_INPUT", f"{len(items)} items is more than this model's queue can ever hold "
                            f"({self.limits.max_queue_items}); split the request", param="items")
@@ -107,6 +108,8 @@ class Batcher:
                     entry.future.exception()  # mark sibling failures as seen
                 entry.future.cancel()  # still queued ones are skipped, never sent
             raise
+        if not isinstance(parts[0], list):  # array outputs (`sie_router.jobs`) put themselves back in order
+            return type(parts[0]).join(parts, order)  # type: ignore[no-any-return]
         outputs: list[Any] = [None] * len(items)
         for position, output in zip(order, (out for part in parts for out in part), strict=True):
             outputs[position] = output
@@ -236,7 +239,8 @@ class Batcher:
                 entry.future.set_exception(exc)
 
     def _observe(self, batch: list[Entry]) -> None:
-        kind = str(batch[0].key[0]) if isinstance(batch[0].key, tuple) else "batch"
+        key = batch[0].key
+        kind = str(getattr(key, "op", key[0] if isinstance(key, tuple) else "batch"))
         now = time.perf_counter()
         queue_seconds = metrics.REQUEST_DURATION.labels(self.name, kind, "queue")
         for entry in batch:

@@ -18,7 +18,11 @@ _MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) anything over `limit` bytes before reading it all."""
+    """The request body, refusing (413) anything over `limit` bytes before reading it all; kept on the request, so a
+    route that dispatches by body (`/rerank`) and the handler it picks can both read it."""
+    cached: bytes | None = getattr(request, "_body", None)
+    if cached is not None:
+        return cached
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise SIEError("REQUEST_TOO_LARGE", f"request body of {declared} bytes is over the {limit}-byte limit")
@@ -29,7 +33,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         if size > limit:
             raise SIEError("REQUEST_TOO_LARGE", f"request body is over the {limit}-byte limit")
         chunks.append(chunk)
-    return b"".join(chunks)
+    request._body = b"".join(chunks)
+    return request._body
 
 
 def is_msgpack(request: Request) -> bool:

@@ -1,7 +1,8 @@
 """The one error table (router process): every failure is an `SIEError` with a code; one renderer per API.
 
 Handlers raise; `render_error` turns the error into the envelope of the API the request came through:
-native `{"detail": {...}}`, OpenAI `{"error": {...}}`, or Infinity's `{"error": {..., "code": <int>}}`.
+native `{"detail": {...}}`, OpenAI `{"error": {...}}`, Infinity's `{"error": {..., "code": <int>}}`, or TEI's
+`{"error", "error_type"}`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Api(Enum):
     NATIVE = "native"
     OPENAI = "openai"
     INFINITY = "infinity"
+    TEI = "tei"
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,41 @@ def _json(body: Any, status: int, headers: dict[str, str]) -> Response:
     return Response(msgspec.json.encode(body), status_code=status, headers=headers, media_type="application/json")
 
 
+# TEI 1.9.3's error type and status for each of our codes (its `ErrorType`); unlisted 5xx codes are `Backend` 424,
+# as TEI answers an inference failure. `error_type` in an error's extras (TEI's `Empty`, 400) overrides the table.
+TEI_TYPES: dict[str, tuple[str, int]] = {
+    "INVALID_INPUT": ("Validation", 422), "INPUT_TOO_LONG": ("Validation", 422),
+    "INVALID_DIMENSIONS": ("Validation", 422), "INVALID_TOKEN_IDS": ("Validation", 422),
+    "INVALID_MEDIA": ("Validation", 422), "MODEL_NOT_SUPPORTED": ("Backend", 424),
+    "QUEUE_FULL": ("Overloaded", 429), "RESOURCE_EXHAUSTED": ("Overloaded", 429),
+    "MODEL_NOT_FOUND": ("NotFound", 404), "MODEL_LOADING": ("Unhealthy", 503), "SHUTTING_DOWN": ("Unhealthy", 503),
+    "POOL_UNAVAILABLE": ("Unhealthy", 503),
+}
+# Answered as TEI's axum layers do: no envelope, an empty or plain-text body.
+TEI_BARE = {"UNAUTHORIZED": b"", "NOT_FOUND": b"", "METHOD_NOT_ALLOWED": b"",
+            "REQUEST_TOO_LARGE": b"Failed to buffer the request body: length limit exceeded"}
+
+
+def _render_tei(error: SIEError, headers: dict[str, str]) -> Response:
+    if error.code in TEI_BARE:
+        return Response(TEI_BARE[error.code], status_code=error.entry.status, headers=headers, media_type="text/plain")
+    plain = error.extra.get("plain_status")
+    if plain:  # a body that does not fit the schema: axum's plain-text rejection
+        return Response(error.message.encode(), status_code=int(plain), headers=headers, media_type="text/plain")
+    error_type, status = TEI_TYPES.get(error.code, ("Backend", 424))
+    if "error_type" in error.extra:
+        error_type, status = error.extra["error_type"], int(error.extra["status"])
+    return _json({"error": error.message, "error_type": error_type}, status, headers)
+
+
 def render_error(error: SIEError, api: Api) -> Response:
     entry = error.entry
     code = entry.native_code or error.code
     headers: dict[str, str] = {"X-SIE-Error-Code": code}
     if entry.retry_after is not None:
         headers["Retry-After"] = f"{entry.retry_after:g}"
+    if api is Api.TEI:
+        return _render_tei(error, headers)
     if api is Api.NATIVE:
         detail: dict[str, Any] = {"code": code, "message": error.message, **error.extra}
         if error.param:

@@ -1,17 +1,28 @@
-"""Validating request items and planning encode calls against a model config (router process)."""
+"""Decoding request inputs into jobs (router process): item checks, option merging, templates, encode jobs.
+
+Shared by every API module, so that no route module imports another.
+"""
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from sie_router.errors import SIEError, invalid
+from sie_router.jobs import BatchKey, EncodeJob, Resolved, freeze
 from sie_router.registry import ModelConfig
-from sie_router.service import ROUTER_OPTIONS, EncodePlan
 from sie_router.settings import Settings
-from sie_sdk.types import OUTPUT_DTYPES, EncodeParams, Item
+from sie_router.token_ids import decode_token_ids
+from sie_sdk.types import OUTPUT_DTYPES, EncodeParams, ImageInput, Item
 from sie_worker.protocol import InputItem
 
-# Defaults of the matching `Settings` fields, for callers that do not pass their own.
+# Options the router consumes itself; everything else in the merged options goes to the worker.
+ROUTER_OPTIONS = frozenset({"is_query", "profile", "output_types", "output_dtype", "instruction", "query_template",
+                            "doc_template", "default_instruction"})
+MAX_INPUTS = 2048
 
 
 def input_items(items: list[Item], config: ModelConfig, limits: Settings, *, allow_images: bool = True,
@@ -63,23 +74,51 @@ def check_option_types(options: dict[str, Any]) -> None:
             raise invalid(f"option {name!r} has the wrong type: {type(value).__name__}", param=f"options.{name}")
 
 
-def merged_options(config: ModelConfig, profile: str,
-                   options: dict[str, Any] | None) -> tuple[ModelConfig, dict[str, Any]]:
+def merged_options(model: Resolved, options: dict[str, Any] | None) -> dict[str, Any]:
     """Profile runtime options under the request's (request wins, shallow); `options.profile` picks the profile."""
     options = dict(options or {})
     check_option_types(options)
-    chosen = options.get("profile") or profile
-    if chosen not in config.profiles:
-        raise invalid(f"unknown profile {chosen!r} for model '{config.sie_id}'; known: {sorted(config.profiles)}",
+    chosen = options.get("profile") or model.profile
+    if chosen not in model.config.profiles:
+        raise invalid(f"unknown profile {chosen!r} for model '{model.key}'; known: {sorted(model.config.profiles)}",
                       param="options.profile")
-    return config, {**config.profiles[chosen].adapter_options.runtime, **options}
+    return {**model.config.profiles[chosen].adapter_options.runtime, **options}
 
 
-def plan_encode(config: ModelConfig, profile: str, params: EncodeParams | None) -> tuple[EncodePlan, str]:
-    """The encode plan and the output dtype for a native request."""
+def worker_options(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k not in ROUTER_OPTIONS}
+
+
+def score_key(model: Resolved, options: dict[str, Any] | None) -> BatchKey:
+    """The batch key of a score call: the profile's runtime options under the request's."""
+    merged = merged_options(model, options)
+    return BatchKey("score", options=freeze({k: v for k, v in merged.items() if k not in ("profile", "instruction")}))
+
+
+def apply_template(text: str, runtime: dict[str, Any], is_query: bool, instruction: str | None) -> str:
+    template = runtime.get("query_template" if is_query else "doc_template")
+    if not template:
+        return text
+    instruction = instruction or runtime.get("default_instruction") or ""
+    return str(template).replace("{instruction}", instruction).replace("{text}", text)
+
+
+def encode_job(model: Resolved, items: Sequence[InputItem], output_types: Sequence[str], *, runtime: dict[str, Any],
+               options: dict[str, Any], is_query: bool = False, instruction: str | None = None,
+               wait_s: float | None = None) -> EncodeJob:
+    """An encode job: texts templated by the profile's `runtime`, `options` for the worker frozen into the key."""
+    templated = [InputItem(text=None if i.text is None else apply_template(i.text, runtime, is_query, instruction),
+                           images=i.images) for i in items]
+    key = BatchKey("encode", tuple(sorted(output_types)), is_query, options=freeze(options))
+    return EncodeJob(model, templated, key, wait_s)
+
+
+def native_encode(model: Resolved, items: list[InputItem], params: EncodeParams | None) -> tuple[EncodeJob, str]:
+    """The encode job and the output dtype for a native request."""
     params = params or EncodeParams()
-    _, options = merged_options(config, profile, params.options)
+    options = merged_options(model, params.options)
     output_types = list(options.get("output_types") or params.output_types or ["dense"])
+    config = model.config
     offered = set(config.dims) | {k for k in config.outputs if k in ("dense", "sparse", "multivector")}
     unsupported = [t for t in output_types if t not in offered]
     if unsupported or not output_types:
@@ -89,7 +128,51 @@ def plan_encode(config: ModelConfig, profile: str, params: EncodeParams | None) 
     if output_dtype not in OUTPUT_DTYPES:
         raise invalid(f"output_dtype must be one of {list(OUTPUT_DTYPES)}, not {output_dtype!r}",
                       param="params.output_dtype")
-    plan = EncodePlan(output_types=output_types, is_query=bool(options.get("is_query", False)),
-                      instruction=params.instruction or options.get("instruction"),
-                      worker_options={k: v for k, v in options.items() if k not in ROUTER_OPTIONS}, runtime=options)
-    return plan, str(output_dtype)
+    job = encode_job(model, items, output_types, runtime=options, options=worker_options(options),
+                     is_query=bool(options.get("is_query", False)),
+                     instruction=params.instruction or options.get("instruction"))
+    return job, str(output_dtype)
+
+
+def parse_texts(raw: Any, *, allow_token_ids: bool) -> list[str]:
+    """OpenAI/Infinity `input` as texts: a string, a list of strings, or token-id arrays decoded from cl100k_base."""
+    if raw is msgspec.UNSET:
+        raise invalid("`input` is required", param="input")
+    if isinstance(raw, str):
+        return [raw]
+    if not isinstance(raw, list) or not raw:
+        raise invalid("`input` must be a string, a non-empty list of strings, or token-id arrays", param="input")
+    if len(raw) > MAX_INPUTS:
+        raise invalid(f"`input` holds {len(raw)} entries; at most {MAX_INPUTS}", param="input")
+    if all(isinstance(x, str) for x in raw):
+        return list(raw)
+    if allow_token_ids and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        return [decode_token_ids(raw)]
+    if allow_token_ids and all(isinstance(x, list) and x and all(isinstance(i, int) for i in x) for x in raw):
+        return [decode_token_ids(x) for x in raw]
+    raise invalid("`input` must be a string, a list of strings, or token-id arrays", param="input")
+
+
+def image_items(texts: list[str]) -> list[Item]:
+    """Infinity's image input: `data:image/...;base64,` URIs (remote URLs are refused: an SSRF risk)."""
+    items = []
+    for i, uri in enumerate(texts):
+        head, _, payload = uri.partition(",")
+        if not (head.startswith("data:image/") and head.endswith(";base64")):
+            raise SIEError("INVALID_MEDIA", f"input[{i}] must be a data:image/...;base64 URI; remote image URLs are "
+                           "disabled on this server", param="input")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except ValueError:
+            raise SIEError("INVALID_MEDIA", f"input[{i}] is not valid base64", param="input") from None
+        items.append(Item(images=[ImageInput(data=data, format=head[len("data:image/"):-len(";base64")])]))
+    return items
+
+
+def check_dimensions(dimensions: int | None, native: int) -> int:
+    if dimensions is None or dimensions == 0:
+        return native
+    if not 1 <= dimensions <= native:
+        raise SIEError("INVALID_DIMENSIONS", f"dimensions must be between 1 and {native}, not {dimensions}",
+                       param="dimensions")
+    return dimensions

@@ -21,11 +21,22 @@ from sie_router.api.embeddings import EmbeddingsRequest
 from sie_router.api.rerank import RerankRequest
 from sie_router.auth import ADMIN_PREFIX, OPEN_PATHS
 from sie_router.errors import Api
-from sie_sdk.types import EncodeRequest, ExtractRequest, ScoreRequest
+from sie_router.tei_bodies import (
+    EmbedRequest,
+    PredictRequest,
+    SimilarityRequest,
+    TEIDecodeRequest,
+    TEIRerankRequest,
+    TEITokenizeRequest,
+    VertexRequest,
+)
+from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, ScoreRequest, TokenizeRequest
 
 REF = "#/components/schemas/{name}"
+# TEI's bodies are listed under components only: its operations name them in their summaries, not as requestBody.
 _BODIES: tuple[type, ...] = (EncodeRequest, ScoreRequest, ExtractRequest, EmbeddingsRequest, RerankRequest,
-                             ClassifyRequest)
+                             ClassifyRequest, EmbedRequest, PredictRequest, TEIRerankRequest, SimilarityRequest,
+                             TEITokenizeRequest, TEIDecodeRequest, VertexRequest, TokenizeRequest, DecodeRequest)
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
 _TOKEN_IDS = [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}},
               {"type": "array", "minItems": 1,
@@ -47,6 +58,9 @@ class Op:
 OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/encode/{model}"): Op("Encode items: dense, sparse or multivector", "native", EncodeRequest,
                                        msgpack=True),
+    ("POST", "/v1/{op}/{model}"): Op("`/v1/tokenize/{model}`: the model's own tokens and counts for texts "
+                                     "(TokenizeRequest); `/v1/decode/{model}`: token ids back to text "
+                                     "(DecodeRequest)", "native"),
     ("POST", "/v1/score/{model}"): Op("Score items against a query (rerank)", "native", ScoreRequest, msgpack=True),
     ("POST", "/v1/extract/{model}"): Op("Extract entities, labels or structure from items", "native",
                                         ExtractRequest, msgpack=True),
@@ -55,7 +69,9 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("POST", "/v1/embeddings"): Op("OpenAI-compatible embeddings", "openai", EmbeddingsRequest, Api.OPENAI),
     ("POST", "/v1/rerank"): Op("Cohere/Jina-style rerank", "openai", RerankRequest, Api.OPENAI),
     ("POST", "/embeddings"): Op("Infinity-compatible embeddings", "infinity", EmbeddingsRequest, Api.INFINITY),
-    ("POST", "/rerank"): Op("Infinity-compatible rerank", "infinity", RerankRequest, Api.INFINITY),
+    ("POST", "/rerank"): Op("Rerank: Infinity's body (`documents`) or TEI's (`texts`, TEIRerankRequest), each "
+                            "answered in its shape",
+                            "infinity", RerankRequest, Api.INFINITY),
     ("POST", "/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
     ("POST", "/v1/classify"): Op("Infinity-compatible classification", "infinity", ClassifyRequest, Api.INFINITY),
     ("GET", "/models"): Op("Infinity-compatible model list", "infinity", api=Api.INFINITY),
@@ -68,6 +84,13 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("GET", "/admin/workers"): Op("Workers, their memory and queues, and the device ledger", "admin"),
     ("POST", "/admin/workers/{model}/evict"): Op("Evict a model's worker", "admin"),
     ("GET", "/openapi.json"): Op("This document", "meta"),
+    ("POST", "/{route}"): Op("TEI at the root, by the default model of each type: `/embed` (EmbedRequest), "
+                             "`/embed_sparse`, `/embed_all` (424), `/predict` (PredictRequest), `/similarity` "
+                             "(SimilarityRequest), `/tokenize` (TEITokenizeRequest), `/decode` (TEIDecodeRequest), "
+                             "`/vertex` (VertexRequest), `/` and `/invocations` (the default model's route); and each "
+                             "under `/tei/{model}/`, answered by that model", "tei", api=Api.TEI),
+    ("GET", "/{route}"): Op("TEI: `/info` (the default model's), `/` and `/ping` (health, empty body); and "
+                            "`/tei/{model}/info`, `/health`, `/ping`", "tei", api=Api.TEI),
     ("GET", "/docs"): Op("Interactive API documentation", "meta", answer="text/html"),
 }
 
@@ -75,6 +98,7 @@ _ERRORS: dict[Api, tuple[str, tuple[str, ...]]] = {
     Api.NATIVE: ("NativeError", ("400", "401", "404", "413", "500", "502", "503")),
     Api.OPENAI: ("OpenAIError", ("400", "401", "404", "413", "429", "500", "502", "503")),
     Api.INFINITY: ("InfinityError", ("400", "401", "413", "422", "429", "500", "502", "503")),
+    Api.TEI: ("TEIError", ("400", "404", "422", "424", "429", "503")),
 }
 
 _ERROR_SCHEMAS: dict[str, Any] = {
@@ -88,6 +112,10 @@ _ERROR_SCHEMAS: dict[str, Any] = {
     "InfinityError": {"description": "Handler errors are `{\"error\": {..., \"code\": <int>}}`; validation errors are "
                       "422 `{\"detail\": [...]}`; auth errors are 401 `{\"detail\": \"Unauthorized\"}`.",
                       "type": "object"},
+    "TEIError": {"description": "`{\"error\", \"error_type\"}`; a body that does not fit the schema is a "
+                 "plain-text 422, auth errors are 401 with an empty body.", "type": "object",
+                 "required": ["error", "error_type"],
+                 "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}}},
 }
 
 

@@ -13,9 +13,9 @@ from typing import Any
 import msgspec
 import yaml
 
+from sie_router.adapter_options import check_options
 from sie_router.errors import SIEError
 from sie_router.inference import infer_config
-from sie_router.request_labels import note_model
 
 log = logging.getLogger("sie.registry")
 
@@ -134,8 +134,12 @@ def parse_config(raw: dict[str, Any], source: str) -> ModelConfig:
     if not (cfg.hf_id or cfg.weights_path or cfg.package_backed or cfg.package_dir):
         raise ValueError(f"{source}: one of hf_id, weights_path, package_dir or package_backed is required")
     cfg = _resolve_extends(cfg)
-    for name in cfg.profiles:
-        cfg.family(name)  # fails early on an unmapped adapter
+    for name, profile in cfg.profiles.items():
+        family = cfg.family(name)  # fails early on an unmapped adapter
+        try:  # and on options its family does not have
+            check_options(family, profile.adapter_options.loadtime, profile.adapter_options.runtime)
+        except ValueError as exc:
+            raise ValueError(f"{source}: profile {name!r}: {exc}") from None
     return cfg
 
 
@@ -167,13 +171,14 @@ class Registry:
             self.served[name] = (cfg, profile)
 
     def lookup(self, name: str) -> tuple[ModelConfig, str]:
+        """The config and profile a served name stands for. Pure: the request's metric label is set by the route
+        (`sie_router.resolve`), never here, so a batcher task calling the pool cannot write into a request's labels."""
         try:
             found = self.served[name]
         except KeyError:
             close = difflib.get_close_matches(name, list(self.served), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise SIEError("MODEL_NOT_FOUND", f"Model '{name}' not found.{hint}", param="model") from None
-        note_model(found[0].sie_id)  # the request's metrics are labelled with the model it resolved to
         return found
 
     def restrict(self, names: list[str]) -> Registry:

@@ -1,19 +1,25 @@
-"""Server settings (router process): one frozen object, built once from the CLI and `SIE_*` variables."""
+"""Server settings (router process): one frozen msgspec Struct, built once from the CLI and the environment.
+
+Convention: a field `foo_bar` is read from `SIE_FOO_BAR` and from the flag `--foo-bar` (added in `__main__.py`);
+`msgspec.convert` turns the strings into the field's type (a tuple field splits on `;`, `bundle_dirs` on the path
+separator; `SIZE_FIELDS` also take `2GiB`). Adding a setting is one line here, plus its flag. Flags win over the
+environment; `ENV_ALIASES` keeps the older variable names working.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import msgspec
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass(frozen=True)
-class Settings:
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything the server reads from its environment; no other module reads `os.environ`."""
 
     models: tuple[str, ...] = ()
@@ -74,12 +80,18 @@ class Settings:
     # Crash budget: this many unexpected worker exits within the window make the model fail until the cooldown.
     crash_budget: int = 3
     crash_window_s: float = 600.0
-    api_key: str | None = field(default=None, repr=False)
-    admin_token: str | None = field(default=None, repr=False)
-    token_ids: str = "cl100k_base"
+    api_key: str | None = None  # secret: kept out of repr
+    admin_token: str | None = None  # secret: kept out of repr
     log_level: str = "info"
     hf_offline: bool = True
-    extra_env: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = {}
+    # TEI routes: the models answering at the root (one per model type; default: the first served model of each
+    # type), and the defaults of TEI's flags of the same names.
+    tei_models: tuple[str, ...] = ()
+    auto_truncate: bool = True
+    max_client_batch_size: int = 32
+    default_prompt_name: str | None = None
+    default_prompt: str | None = None
     # Pools (Helm chart): this server's pool name, and the pool map (model -> pool Service URL) for forwarding.
     pool: str | None = None
     pool_map: Path | None = None
@@ -89,6 +101,22 @@ class Settings:
         """With no `-m`, the whole bundle is served lazily."""
         return not self.models
 
+    def __repr__(self) -> str:
+        shown = {f: getattr(self, f) for f in self.__struct_fields__ if f not in SECRETS}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+SECRETS = frozenset({"api_key", "admin_token"})
+# Older variable names, still read when the field's own `SIE_<FIELD>` is unset.
+ENV_ALIASES = {
+    "max_queue_items": "SIE_MAX_CONCURRENT_REQUESTS",
+    "max_total_queue_items": "SIE_MAX_TOTAL_QUEUED",
+    "max_request_bytes": "SIE_MAX_REQUEST_BODY_BYTES",
+    "max_item_bytes": "SIE_MAX_ITEM_TEXT_BYTES",
+}
+SIZE_FIELDS = frozenset({"memory_budget", "max_image_bytes"})
+# Set from other sources than `SIE_<FIELD>` (below), never from their own variable.
+DERIVED = frozenset({"extra_env", "hf_offline", "cuda_visible_devices"})
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -103,50 +131,48 @@ def parse_bytes(text: str) -> int:
     return int(float(number) * _UNITS[unit])
 
 
-def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
-    """Settings overrides from `SIE_*` variables (the CLI parser uses them as defaults)."""
+def _from_text(field: msgspec.structs.FieldInfo, text: str) -> Any:
+    if field.name in SIZE_FIELDS:
+        return parse_bytes(text)
+    if field.name == "bundle_dirs":
+        return [p for p in text.split(os.pathsep) if p]
+    if isinstance(field.default, tuple):
+        return [v for v in text.split(";") if v]
+    return text
+
+
+def env_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Raw settings from `SIE_<FIELD>` variables (and their aliases); the CLI's values go over them."""
     env = os.environ if environ is None else environ
-    found: dict[str, object] = {}
-    simple: dict[str, tuple[str, Callable[[str], object]]] = {
-        "SIE_HOST": ("host", str), "SIE_PORT": ("port", int), "SIE_DEVICE": ("device", str),
-        "SIE_ENGINE": ("engine", str), "SIE_BUNDLE": ("bundle", str), "SIE_WORKER_THREADS": ("worker_threads", int),
-        "SIE_ONNX_LANES": ("onnx_lanes", int), "SIE_DTYPE": ("dtype", str),
-        "SIE_MAX_BATCH_ITEMS": ("max_batch_items", int), "SIE_MAX_WAIT_MS": ("max_wait_ms", float),
-        "SIE_MAX_CONCURRENT_REQUESTS": ("max_queue_items", int),
-        "SIE_MAX_TOTAL_QUEUED": ("max_total_queue_items", int),
-        "SIE_MAX_REQUEST_BODY_BYTES": ("max_request_bytes", int),
-        "SIE_MAX_ITEM_TEXT_BYTES": ("max_item_bytes", int), "SIE_LOAD_WAIT_S": ("load_wait_s", float),
-        "SIE_REQUEST_TIMEOUT_S": ("request_timeout_s", float),
-        "SIE_MAX_ITEMS_PER_REQUEST": ("max_items_per_request", int),
-        "SIE_MAX_IMAGE_BYTES": ("max_image_bytes", parse_bytes), "SIE_MAX_IMAGE_PIXELS": ("max_image_pixels", int),
-        "SIE_API_KEY": ("api_key", str), "SIE_ADMIN_TOKEN": ("admin_token", str),
-        "SIE_LOG_LEVEL": ("log_level", str), "SIE_TOKEN_IDS": ("token_ids", str),
-        "SIE_MEMORY_BUDGET": ("memory_budget", parse_bytes), "SIE_GPU_MEMORY_FRACTION": ("gpu_memory_fraction", float),
-        "SIE_IDLE_TTL_S": ("idle_ttl_s", float), "SIE_SHUTDOWN_DEADLINE_S": ("shutdown_deadline_s", float),
-        "SIE_LOAD_RETRY_COOLDOWN_S": ("load_retry_cooldown_s", float),
-        "SIE_BATCH_TIMEOUT_S": ("batch_timeout_s", float),
-        "SIE_BATCH_TIMEOUT_FLOOR_S": ("batch_timeout_floor_s", float),
-    }
-    for name, (attr, kind) in simple.items():
-        if env.get(name):
-            found[attr] = kind(env[name])
-    if env.get("SIE_PINNED"):
-        found["pinned"] = tuple(m for m in env["SIE_PINNED"].split(";") if m)
-    if env.get("SIE_MODELS"):
-        found["models"] = tuple(m for m in env["SIE_MODELS"].split(";") if m)
-    if env.get("SIE_POOL"):
-        found["pool"] = env["SIE_POOL"]
-    if env.get("SIE_POOL_MAP"):
-        found["pool_map"] = Path(env["SIE_POOL_MAP"])
-    if env.get("SIE_BUNDLE_DIRS"):
-        found["bundle_dirs"] = tuple(Path(p) for p in env["SIE_BUNDLE_DIRS"].split(os.pathsep) if p)
+    found: dict[str, Any] = {}
+    for field in msgspec.structs.fields(Settings):
+        if field.name in DERIVED:
+            continue
+        text = env.get(f"SIE_{field.name.upper()}") or env.get(ENV_ALIASES.get(field.name, ""))
+        if text:
+            found[field.name] = _from_text(field, text)
     found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
     found["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")  # set but empty hides every GPU
     # Workers inherit the process environment; these are the ones we pass on explicitly.
-    extra_env = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
-    # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
-    for name, attr in (("SIE_MAX_IMAGE_PIXELS", "max_image_pixels"), ("SIE_MAX_IMAGE_BYTES", "max_image_bytes")):
-        if attr in found:
-            extra_env[name] = str(found[attr])
-    found["extra_env"] = extra_env
+    found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
     return found
+
+
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Path:
+        return Path(value)
+    raise NotImplementedError(f"no conversion to {kind}")
+
+
+def build_settings(values: dict[str, Any]) -> Settings:
+    """Settings from raw values (strings from the environment, typed values from flags); ValueError names the field."""
+    try:
+        settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ValueError(f"invalid setting: {exc}") from None
+    # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
+    image_env = {f"SIE_{name.upper()}": str(values[name]) for name in ("max_image_pixels", "max_image_bytes")
+                 if name in values}
+    if not image_env:
+        return settings
+    return msgspec.structs.replace(settings, extra_env={**settings.extra_env, **image_env})

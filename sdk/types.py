@@ -76,6 +76,20 @@ class ExtractRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
     params: ExtractParams | None = None
 
 
+class TokenizeRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`/v1/tokenize/{model}`: the model's own tokens for each text (exact counts for chunkers)."""
+
+    texts: list[str]
+    add_special_tokens: bool = True
+
+
+class DecodeRequest(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """`/v1/decode/{model}`: token ids back to text with the model's tokenizer."""
+
+    ids: list[list[int]]
+    skip_special_tokens: bool = True
+
+
 class Entity(msgspec.Struct, kw_only=True):
     """A span found in an item's text; `text[start:end] == entity.text`."""
 

@@ -23,11 +23,21 @@ import setproctitle
 import zmq
 
 from sie_sdk.codes import ErrorCode
-from sie_worker import cuda, protocol
+from sie_worker import cuda, protocol, tokens
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
-from sie_worker.protocol import BatchDone, BatchFailed, BatchTiming, LoadFailed, Ready, Shutdown, WorkerSpec
+from sie_worker.protocol import (
+    BatchDone,
+    BatchFailed,
+    BatchTiming,
+    DecodeBatch,
+    LoadFailed,
+    Ready,
+    Shutdown,
+    TokenizeBatch,
+    WorkerSpec,
+)
 
 log = logging.getLogger("sie.worker")
 _POLL_MS = 100
@@ -43,7 +53,14 @@ class _Failed:
     """A batch that failed before its forward pass; the main thread reports it in order."""
 
     def __init__(self, batch_id: int, code: ErrorCode, message: str) -> None:
-        self.report = BatchFailed(batch_id=batch_id, code=code, message=message)
+        self.report: BatchFailed | BatchDone = BatchFailed(batch_id=batch_id, code=code, message=message)
+
+
+class _Answered(_Failed):
+    """A tokenize or decode request answered on the prepare thread; the main thread sends it in order."""
+
+    def __init__(self, batch: TokenizeBatch | DecodeBatch, adapter: Adapter) -> None:
+        self.report = BatchDone(batch_id=batch.batch_id, result=tokens.answer(adapter, batch))
 
 
 _STOP = object()
@@ -131,7 +148,8 @@ class Worker:
             if isinstance(message, Shutdown):
                 break
             try:
-                item: Any = adapter.prepare(message)
+                item: Any = (_Answered(message, adapter) if isinstance(message, TokenizeBatch | DecodeBatch)
+                             else adapter.prepare(message))
             except Exception as exc:
                 item = _Failed(message.batch_id, batch_failure_code(exc), f"{type(exc).__name__}: {exc}")
             self.ready_batches.put(item)

@@ -1,6 +1,7 @@
 """Every message that crosses ZeroMQ between the router and a worker. Imported by both processes.
 
-Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `Shutdown`).
+Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `TokenizeBatch`, `DecodeBatch`,
+`Shutdown`).
 Worker to router: facts (`Ready`, `LoadFailed`, `BatchDone`, `BatchFailed`).
 This module imports only msgspec, numpy, the standard library and `sie_sdk.types`; arrays cross as `Tensor`, never
 pickle.
@@ -118,6 +119,24 @@ class ExtractResult(Result):
     token_counts: list[int]
 
 
+class Token(msgspec.Struct, array_like=True, gc=False):
+    """One token of a tokenized text: id, its text, whether it is special, character offsets (None for specials)."""
+
+    id: int
+    text: str
+    special: bool
+    start: int | None
+    stop: int | None
+
+
+class TokenizeResult(Result):
+    """Tokens per text for a `TokenizeBatch`, or decoded strings per id list for a `DecodeBatch`."""
+
+    token_counts: list[int]
+    tokens: list[list[Token]] = []
+    texts: list[str] = []
+
+
 class Message(msgspec.Struct, tag=True, array_like=True, omit_defaults=True, kw_only=True):
     """Base of every ZeroMQ message; the tag selects the type on decode."""
 
@@ -147,6 +166,22 @@ class ExtractBatch(Message, gc=False):
     items: list[InputItem]
     labels: list[str] = []
     options: dict[str, Any] = {}
+
+
+class TokenizeBatch(Message):
+    """Tokenize each text with the model's tokenizer (no forward pass)."""
+
+    batch_id: int
+    texts: list[str]
+    add_special_tokens: bool = True
+
+
+class DecodeBatch(Message):
+    """Decode each id list back to text with the model's tokenizer."""
+
+    batch_id: int
+    ids: list[list[int]]
+    skip_special_tokens: bool = True
 
 
 class Shutdown(Message):
@@ -183,7 +218,7 @@ class BatchDone(Message, gc=False):
     """The batch succeeded."""
 
     batch_id: int
-    result: EncodeResult | ScoreResult | ExtractResult
+    result: EncodeResult | ScoreResult | ExtractResult | TokenizeResult
     timing: BatchTiming = msgspec.field(default_factory=BatchTiming)
 
 
@@ -195,10 +230,10 @@ class BatchFailed(Message):
     message: str
 
 
-RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | Shutdown
+RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | TokenizeBatch | DecodeBatch | Shutdown
 WorkerToRouter = Ready | LoadFailed | BatchDone | BatchFailed
-ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, Shutdown,
-                                           Ready, LoadFailed, BatchDone, BatchFailed)
+ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, TokenizeBatch, DecodeBatch,
+                                           Shutdown, Ready, LoadFailed, BatchDone, BatchFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(RouterToWorker)

@@ -10,6 +10,7 @@ from starlette.responses import Response
 
 from sie_router import codec
 from sie_router.pool import Slot, WorkerPool
+from sie_router.resolve import resolve
 from sie_router.state import app_state
 
 
@@ -47,6 +48,6 @@ async def list_workers(request: Request) -> Response:
 async def evict(request: Request) -> Response:
     state = app_state(request)
     name = request.path_params["model"]
-    config, _ = state.registry.lookup(name)
-    evicted = await state.pool.evict(config.sie_id, reason="admin")
-    return codec.json_response({"model": config.sie_id, "evicted": evicted})
+    model = resolve(state.registry, name)
+    evicted = await state.pool.evict(model.key, reason="admin")
+    return codec.json_response({"model": model.key, "evicted": evicted})

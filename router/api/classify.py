@@ -10,10 +10,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router import codec
-from sie_router.api.embeddings import parse_inputs, served_model
 from sie_router.disconnect import guarded
 from sie_router.errors import Api, SIEError
-from sie_router.inputs import input_items
+from sie_router.inputs import input_items, parse_texts
+from sie_router.jobs import BatchKey, ExtractJob, freeze
+from sie_router.resolve import served_model
 from sie_router.state import app_state
 from sie_sdk.types import Item
 
@@ -30,18 +31,18 @@ async def classify(request: Request) -> Response:
     state = app_state(request)
     body = await codec.read_body(request, state.settings.max_request_bytes)
     req = codec.decode(body, ClassifyRequest, msgpack=False)
-    texts = [t.strip() for t in parse_inputs(req.input, allow_token_ids=False)]
-    model = served_model(state, req.model, Api.INFINITY)
-    config, profile = state.registry.lookup(model)
-    if config.tasks.get("extract") is None or config.family(profile) != "classifier":
-        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model}` does not support `classify`.",
-                       param="model")
-    items = input_items([Item(text=t) for t in texts], config, state.settings, field="input")
+    texts = [t.strip() for t in parse_texts(req.input, allow_token_ids=False)]
+    model = served_model(state.registry, req.model, Api.INFINITY)
+    if model.config.tasks.get("extract") is None or model.family != "classifier":
+        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model.name}` does not support "
+                       "`classify`.", param="model")
+    items = input_items([Item(text=t) for t in texts], model.config, state.settings, field="input")
     # Infinity runs the text-classification pipeline: an NLI head scores its own labels, never zero-shot.
-    options = {**config.profiles[profile].adapter_options.runtime, "raw_scores": req.raw_scores, "zero_shot": False}
-    found = await guarded(request, state.service.extract(model, items, [], options, wait_s=state.settings.load_wait_s))
+    options = {**model.runtime, "raw_scores": req.raw_scores, "zero_shot": False}
+    job = ExtractJob(model, items, BatchKey("extract", options=freeze(options)), wait_s=state.settings.load_wait_s)
+    found = await guarded(request, state.service.run(job))
     data = [[{"score": c.score, "label": c.label} for c in extracted.classifications] for extracted, _ in found]
     chars = sum(len(t) for t in texts)
-    return codec.json_response({"object": "classify", "data": data, "model": model,
+    return codec.json_response({"object": "classify", "data": data, "model": model.name,
                                 "usage": {"prompt_tokens": chars, "total_tokens": chars},
                                 "id": f"infinity-{uuid.uuid4()}", "created": int(time.time())})

@@ -1,4 +1,6 @@
-"""Infinity-compatible root routes (router process): `/embeddings`, `/models`, `/health`, in Infinity's shapes."""
+"""Infinity-compatible root routes (router process): `/models`, `/health`, in Infinity's shapes.
+
+`/embeddings`, `/rerank` and `/classify` live with their OpenAI twins in `embeddings`, `rerank` and `classify`."""
 
 from __future__ import annotations
 
@@ -8,14 +10,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router import codec
-from sie_router.api.embeddings import embed
-from sie_router.errors import Api
 from sie_router.models import served_outputs
 from sie_router.state import app_state
-
-
-async def embeddings(request: Request) -> Response:
-    return await embed(request, Api.INFINITY)
 
 
 def _capabilities(outputs: list[str], inputs: list[str], family: str) -> list[str]:

@@ -14,11 +14,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router import codec
-from sie_router.api.embeddings import served_model
-from sie_router.api.native import score_options
 from sie_router.disconnect import guarded
 from sie_router.errors import Api, SIEError, invalid
+from sie_router.inputs import score_key
+from sie_router.jobs import Scored, ScoreJob
 from sie_router.models import served_outputs
+from sie_router.resolve import served_model
 from sie_router.state import app_state
 
 MAX_DOCUMENTS = 1000
@@ -61,22 +62,20 @@ async def rerank(request: Request, api: Api) -> Response:
         raise invalid("`query` is empty", param="query")
     if req.top_n is not None and req.top_n <= 0:
         raise invalid("`top_n` must be positive", param="top_n")
-    model = served_model(state, req.model, api)
-    config, profile = state.registry.lookup(model)
-    if config.tasks.get("score") is None:
+    model = served_model(state.registry, req.model, api)
+    if model.config.tasks.get("score") is None:
         prefix = "ModelNotDeployedError: " if api is Api.INFINITY else ""  # Infinity's capability error
-        raise SIEError("MODEL_NOT_SUPPORTED", f"{prefix}model=`{model}` does not support `rerank`; it offers "
-                       f"{served_outputs(config, profile)}", param="model")
-    options = score_options(config, profile, req.options)
-    scored = await guarded(request, state.service.score(model, query, documents, options,
-                                                        wait_s=state.settings.load_wait_s))
-    value = 1 if req.raw_scores else 0
-    order = sorted(range(len(scored)), key=lambda i: -scored[i][value])[:req.top_n]
-    results = [{"relevance_score": scored[i][value], "index": i, "document": _document(documents[i], req, api)}
+        raise SIEError("MODEL_NOT_SUPPORTED", f"{prefix}model=`{model.name}` does not support `rerank`; it offers "
+                       f"{served_outputs(model.config, model.profile)}", param="model")
+    job = ScoreJob(model, query, documents, score_key(model, req.options), wait_s=state.settings.load_wait_s)
+    scored: Scored = await guarded(request, state.service.run(job))
+    values = scored.raw if req.raw_scores else scored.scores
+    order = sorted(range(len(scored)), key=lambda i: -values[i])[:req.top_n]
+    results = [{"relevance_score": float(values[i]), "index": i, "document": _document(documents[i], req, api)}
                for i in order]
-    tokens = sum(t for _, _, t in scored) if api is Api.OPENAI else sum(len(query + d) for d in documents)
+    tokens = int(scored.tokens.sum()) if api is Api.OPENAI else sum(len(query + d) for d in documents)
     prefix = "rerank" if api is Api.OPENAI else "infinity"
-    return codec.json_response({"object": "rerank", "results": results, "model": model,
+    return codec.json_response({"object": "rerank", "results": results, "model": model.name,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
                                 "id": f"{prefix}-{uuid.uuid4()}", "created": int(time.time())})
 

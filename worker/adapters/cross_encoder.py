@@ -85,7 +85,8 @@ class CrossEncoderAdapter:
         docs = [doc for _, doc in batch.pairs]
         buckets, counts = tokenize_in_buckets(self.tokenizer, queries, self.max_length, pairs=docs,
                                               max_batch_tokens=self.spec.max_batch_tokens, device=self.device,
-                                              truncate=batch.options.get("truncate", True) is not False)
+                                              truncate=batch.options.get("truncate", True) is not False,
+                                              truncation_side=str(batch.options.get("truncation_direction", "right")))
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 
     def forward(self, prepared: Prepared) -> ScoreResult:

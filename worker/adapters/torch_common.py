@@ -143,13 +143,19 @@ def call_overhead_tokens(device: torch.device) -> int:
 
 
 def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None, *, max_batch_tokens: int,
-                        device: torch.device, truncate: bool = True,
-                        pairs: list[str] | None = None) -> tuple[Buckets, list[int]]:
+                        device: torch.device, truncate: bool = True, pairs: list[str] | None = None,
+                        truncation_side: str = "right") -> tuple[Buckets, list[int]]:
     """Tokenise without padding, then pad each bucket of similar lengths on its own: (buckets, tokens per item).
 
-    With `truncate` off, a text over `max_length` fails the batch instead of being cut.
+    With `truncate` off, a text over `max_length` fails the batch instead of being cut; `truncation_side` "left"
+    keeps a text's end (TEI's `truncation_direction`). The tokenizer belongs to the prepare thread, so setting its
+    side for one call is safe.
     """
-    encoded = tokenizer(texts, pairs, truncation=truncate, max_length=max_length if truncate else None)
+    side, tokenizer.truncation_side = tokenizer.truncation_side, truncation_side
+    try:
+        encoded = tokenizer(texts, pairs, truncation=truncate, max_length=max_length if truncate else None)
+    finally:
+        tokenizer.truncation_side = side
     counts = [len(ids) for ids in encoded["input_ids"]]
     if not truncate:
         refuse_over_length(counts, max_length)
@@ -203,5 +209,6 @@ def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, ma
     clock = Stopwatch()
     texts = [item.text or "" for item in batch.items]
     buckets, counts = tokenize_in_buckets(tokenizer, texts, max_length, max_batch_tokens=max_batch_tokens,
-                                          device=device, truncate=batch.options.get("truncate", True) is not False)
+                                          device=device, truncate=batch.options.get("truncate", True) is not False,
+                                          truncation_side=str(batch.options.get("truncation_direction", "right")))
     return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
