@@ -31,6 +31,7 @@ def model_info(state: AppState, name: str) -> dict[str, Any]:
     info = worker.info if worker else None
     return {
         "name": name,
+        "family": config.family(profile),  # the adapter family, from the bundle or inferred from the files
         "inputs": config.input_kinds,
         "outputs": served_outputs(config, profile),
         "dims": served_dims(state, config, profile),

@@ -240,7 +240,8 @@ class WorkerPool:
                               await asyncio.to_thread(resolve_weights, query, offline=self.settings.hf_offline))
         except WeightsNotFound as exc:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
-            raise SIEError("MODEL_LOAD_FAILED", str(exc), error_class="NOT_FOUND", permanent=True) from None
+            raise SIEError("MODEL_LOAD_FAILED", str(exc), error_class="NOT_FOUND",
+                           permanent=not exc.transient) from None
         device = await self._reserve(slot, self.estimate(cfg, str(folder)), evict)
         spec = self._spec(cfg, str(folder), device)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",

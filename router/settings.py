@@ -68,7 +68,13 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     token_ids: str = "cl100k_base"
     log_level: str = "info"
-    hf_offline: bool = True
+    # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
+    hf_offline: bool = False
+    # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
+    served_names: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    # Infinity's --url-prefix: its compatibility routes are also served under this prefix (e.g. /v1).
+    url_prefix: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     # Pools (Helm chart): this server's pool name, and the pool map (model -> pool Service URL) for forwarding.
     pool: str | None = None
@@ -127,7 +133,9 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, object]:
         found["pool_map"] = Path(env["SIE_POOL_MAP"])
     if env.get("SIE_BUNDLE_DIRS"):
         found["bundle_dirs"] = tuple(Path(p) for p in env["SIE_BUNDLE_DIRS"].split(os.pathsep) if p)
-    found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
+    found["hf_offline"] = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # as huggingface_hub
+    if env.get("SIE_URL_PREFIX"):
+        found["url_prefix"] = env["SIE_URL_PREFIX"]
     # Workers inherit the process environment; these are the ones we pass on explicitly.
     extra_env = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
     # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
