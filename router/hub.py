@@ -94,7 +94,8 @@ def download(repo: str, revision: str | None) -> Path:
         log.info("downloading %s from %s", repo, endpoint())
         monitor.start()
         try:
-            folder = Path(snapshot_download(repo, revision=revision, etag_timeout=ETAG_TIMEOUT_S))
+            folder = Path(snapshot_download(repo, revision=revision, etag_timeout=ETAG_TIMEOUT_S,
+                                            endpoint=endpoint()))
         except (OSError, ValueError, httpx.HTTPError) as exc:
             raise HubError(f"download of {repo!r} from {endpoint()} failed: {type(exc).__name__}: {exc}",
                            transient=True) from None

@@ -46,11 +46,13 @@ def _temporary_log() -> Path:
 class Server:
     """`python -m sie_router serve ...` in a subprocess; `url` once /readyz says ok."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None,
+    def __init__(self, args: Sequence[str], env: dict[str, str | None] | None = None, log: Path | None = None,
                  port: int | None = None) -> None:
         self.args = list(args)
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        # Offline unless the test says otherwise: the server's own default is to download. A None value unsets.
+        merged = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
+                  **(env or {})}
+        self.env = {name: value for name, value in merged.items() if value is not None}
         # Without a log of its own, the server writes to a temporary one: a failed start says why, and a lost
         # port is recognisable. It is removed after a clean stop.
         self.own_log = log is None

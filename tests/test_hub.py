@@ -1,0 +1,93 @@
+"""Hub downloads (router/hub.py, through router/weights.py) from tests/hub.py, by the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from sie_router import hub as downloads
+from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from tests import tiny_models as tiny
+from tests.hub import LoopbackHub
+from tests.server import free_port
+
+FAST_FAILURE_S = 10.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny.build_colbert_pylate(tmp_path_factory.mktemp("hub") / "pylate")
+
+
+@pytest.fixture
+def hub(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
+    """The loopback hub as huggingface_hub's endpoint, an empty cache, and the network allowed."""
+    with LoopbackHub({"org/pylate": checkpoint}) as running:
+        monkeypatch.setattr(constants, "ENDPOINT", running.url)  # as HF_ENDPOINT sets both at import
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            running.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        yield running
+
+
+def files(folder: Path) -> int:
+    return sum(path.is_file() for path in folder.rglob("*"))
+
+
+def file_gets(hub: LoopbackHub) -> list[str]:
+    return [path for method, path in hub.requests if method == "GET" and "/resolve/" in path]
+
+
+def test_a_hub_id_downloads_once_then_resolves_from_the_cache(hub: LoopbackHub, checkpoint: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="sie.hub"):
+        folder, origin = resolve_weights(WeightsQuery(model_id="org/pylate"), offline=False)
+    assert origin == f"hub download from {hub.url}"
+    for name in ("config.json", "model.safetensors", "1_Dense/model.safetensors", "modules.json"):
+        assert (folder / name).read_bytes() == (checkpoint / name).read_bytes()
+    assert any(f"downloaded org/pylate: {files(checkpoint)} file(s)" in r.message for r in caplog.records)
+    gets = len(file_gets(hub))
+    assert resolve_weights(WeightsQuery(model_id="org/pylate"), offline=True) == (folder, "Hugging Face cache")
+    assert len(file_gets(hub)) == gets
+
+
+def test_concurrent_loads_of_one_cold_model_download_it_once(hub: LoopbackHub, checkpoint: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        folders = set(pool.map(lambda _: downloads.download("org/pylate", None), range(4)))
+    assert len(folders) == 1
+    gets = file_gets(hub)
+    assert len(gets) == len(set(gets)) == files(checkpoint)  # every file fetched, none twice
+
+
+def test_offline_never_asks_the_hub(hub: LoopbackHub) -> None:
+    with pytest.raises(WeightsNotFound, match="offline"):
+        resolve_weights(WeightsQuery(model_id="org/pylate"), offline=True)
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize("where", ["unknown repo", "closed port"])
+def test_a_model_the_hub_cannot_give_fails_fast_naming_model_endpoint_and_places(
+        hub: LoopbackHub, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    if where == "closed port":
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    started = time.monotonic()
+    with pytest.raises(WeightsNotFound) as caught:
+        resolve_weights(WeightsQuery(model_id="org/missing"), offline=False)
+    assert time.monotonic() - started < FAST_FAILURE_S
+    message, failure = str(caught.value), caught.value
+    assert "'org/missing'" in message and constants.ENDPOINT in message and not failure.transient
+    for place in ("local folder", "Hugging Face cache", "installed packages", "hub download"):
+        assert place in message
+
+
+def test_a_path_is_never_sent_to_the_hub(hub: LoopbackHub) -> None:
+    with pytest.raises(WeightsNotFound, match="not a hub repo id"):
+        resolve_weights(WeightsQuery(model_id="../../no/such/folder"), offline=False)
+    assert hub.requests == []
