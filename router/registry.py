@@ -19,7 +19,13 @@ from sie_router.request_labels import note_model
 
 log = logging.getLogger("sie.registry")
 
-BUNDLES_ROOT = Path(__file__).resolve().parent.parent / "bundles"
+def _bundles_root() -> Path:
+    """`sie_router/bundles` in an installed wheel (package data), else `bundles/` of the checkout."""
+    shipped = Path(__file__).resolve().parent / "bundles"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parent.parent / "bundles"
+
+
+BUNDLES_ROOT = _bundles_root()
 
 # Keys of upstream SIE configs that we accept and ignore (logged once), so users can bring their files.
 IGNORED_KEYS = frozenset({"adaptive_batching", "routing", "pool", "description", "license", "tags", "revision",

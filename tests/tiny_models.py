@@ -70,9 +70,9 @@ def xlmr_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=MAX_POSITIONS - 2)
 
 
-def bert_config(vocab_size: int, **extra: Any) -> BertConfig:
+def bert_config(vocab_size: int, positions: int = MAX_POSITIONS, **extra: Any) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=MAX_POSITIONS, **extra)
+                      intermediate_size=64, max_position_embeddings=positions, **extra)
 
 
 def _save(model: Any, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
@@ -156,11 +156,11 @@ def build_cross_encoder(folder: Path) -> Path:
     return _save(model, tokenizer, folder)
 
 
-def build_dense_st(folder: Path) -> Path:
+def build_dense_st(folder: Path, positions: int = MAX_POSITIONS) -> Path:
     """A sentence-transformers dense model: `BertModel`, CLS pooling in `1_Pooling`, then `Normalize`."""
     torch.manual_seed(0)
     tokenizer = bert_tokenizer()
-    _save(BertModel(bert_config(len(tokenizer))).eval(), tokenizer, folder)
+    _save(BertModel(bert_config(len(tokenizer), positions)).eval(), tokenizer, folder)
     _write_json(folder / "modules.json", [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
