@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -116,7 +117,7 @@ ROUTES = [
 ]
 
 
-STARTUP_LOAD_ATTEMPTS = 3  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
+STARTUP_LOAD_ATTEMPTS = 2  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
 
 
 async def _preload(state: AppState, names: list[str]) -> None:
@@ -126,7 +127,7 @@ async def _preload(state: AppState, names: list[str]) -> None:
     evicts. An `-m` model must load: a permanent failure, or a transient one that outlasts its retries, stops the
     server (`sie-server serve` then exits non-zero with the reason), and readiness never comes before it loads.
     """
-    required = set(state.settings.models)
+    required = set(state.registry.named)
 
     async def load(name: str) -> None:
         for attempt in range(1, STARTUP_LOAD_ATTEMPTS + 1):
@@ -154,6 +155,15 @@ async def _preload(state: AppState, names: list[str]) -> None:
         log.info("ready: serving %d model(s)", len(state.registry.served))
 
 
+async def _settle(loads: list[asyncio.Task[Any]]) -> None:
+    """Collect the loads that shutdown cut short, so their expected failure is not logged as a stray traceback."""
+    if loads:
+        await asyncio.wait(loads, timeout=5.0)
+    for task in loads:
+        if task.done() and not task.cancelled():
+            task.exception()
+
+
 def _stop_for(state: AppState, reason: str) -> None:
     """Shut the server down; `main` then exits non-zero with `reason`."""
     if state.startup_failure is None:
@@ -172,15 +182,17 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
         instrument.declare_models(list(registry.configs))
-        names = list(dict.fromkeys([*settings.models, *settings.preload]))
+        names = list(dict.fromkeys([*registry.named, *settings.preload]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
             yield
         finally:
             state.ready = False
             preload.cancel()
+            loads = [slot.loading for slot in pool.slots.values() if slot.loading is not None]
             await state.service.close()
             await pool.shutdown()
+            await _settle(loads)
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={SIEError: _sie_error, HTTPException: _http_error, ClientGone: _client_gone,

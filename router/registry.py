@@ -157,9 +157,10 @@ def load_bundle(directory: Path) -> list[ModelConfig]:
 class Registry:
     """Served model ids -> (config, profile name)."""
 
-    def __init__(self, configs: list[ModelConfig]) -> None:
+    def __init__(self, configs: list[ModelConfig], named: tuple[str, ...] = ()) -> None:
         self.configs: dict[str, ModelConfig] = {}
         self.served: dict[str, tuple[ModelConfig, str]] = {}
+        self.named = named  # the served names of the -m models, in order: the server is ready once they have loaded
         for cfg in configs:
             self.add(cfg)
 
@@ -205,6 +206,7 @@ def build_registry(bundle: str, bundle_dirs: tuple[Path, ...], models: tuple[str
                          f"than models ({len(models)})")
     by_hub_id = {c.hf_id: c for c in registry.configs.values() if c.hf_id}
     chosen: list[ModelConfig] = []
+    named: list[str] = []
     for i, model in enumerate(models):
         adapter = adapters[i] if i < len(adapters) and adapters[i] != "auto" else None
         base = model.split(":")[0] if model not in registry.configs and ":" in model else model
@@ -212,7 +214,9 @@ def build_registry(bundle: str, bundle_dirs: tuple[Path, ...], models: tuple[str
         if cfg is None or adapter:
             cfg = infer_config(model, offline=offline, adapter=adapter)
         chosen.append(served_as(cfg, served_names[i]) if i < len(served_names) else cfg)
-    return Registry(list({c.sie_id: c for c in chosen}.values()))
+        profile = model.split(":")[1] if base != model and cfg is registry.configs.get(base) else None
+        named.append(chosen[-1].sie_id + (f":{profile}" if profile else ""))
+    return Registry(list({c.sie_id: c for c in chosen}.values()), named=tuple(named))
 
 
 # -- served names (`--served-model-name`) --------------------------------------------------------------------------
