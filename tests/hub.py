@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,8 +32,9 @@ def _sha(data: bytes) -> str:
 class LoopbackHub:
     """`with LoopbackHub(repos) as hub:` serves on `hub.url` until the block ends."""
 
-    def __init__(self, repos: dict[str, Path]) -> None:
+    def __init__(self, repos: dict[str, Path], file_delay_s: float = 0.0) -> None:
         self.repos = repos
+        self.file_delay_s = file_delay_s  # a slow link: each file body waits this long
         self.commits = {repo: _sha(repo.encode()) for repo in repos}
         self.requests: list[tuple[str, str]] = []
         hub = self
@@ -83,6 +85,8 @@ class LoopbackHub:
             target = self.repos[repo] / file
             if file and target.is_file():
                 data = target.read_bytes()
+                if body and self.file_delay_s:
+                    time.sleep(self.file_delay_s)
                 return self._send(request, 200, data, body, {
                     "ETag": f'"{_sha(data)}"', "X-Repo-Commit": self.commits[repo],
                     "Content-Type": "application/octet-stream"})

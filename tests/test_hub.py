@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -29,12 +30,16 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def hub(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackHub]:
     """The loopback hub as huggingface_hub's endpoint, an empty cache, and the network allowed."""
     with LoopbackHub({"org/pylate": checkpoint}) as running:
-        monkeypatch.setattr(constants, "ENDPOINT", running.url)  # as HF_ENDPOINT sets both at import
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            running.url + "/{repo_id}/resolve/{revision}/{filename}")
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        use(running, tmp_path / "cache", monkeypatch)
         yield running
+
+
+def use(hub: LoopbackHub, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE=0 set when huggingface_hub is imported."""
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def files(folder: Path) -> int:
@@ -56,6 +61,22 @@ def test_a_hub_id_downloads_once_then_resolves_from_the_cache(hub: LoopbackHub, 
     gets = len(file_gets(hub))
     assert resolve_weights(WeightsQuery(model_id="org/pylate"), offline=True) == (folder, "Hugging Face cache")
     assert len(file_gets(hub)) == gets
+
+
+def test_a_slow_download_logs_files_and_bytes_every_few_seconds(checkpoint: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(downloads, "PROGRESS_EVERY_S", 0.2)
+    with LoopbackHub({"org/pylate": checkpoint}, file_delay_s=1.0) as slow:
+        use(slow, tmp_path / "cache", monkeypatch)
+        with caplog.at_level(logging.INFO, logger="sie.hub"):
+            downloads.download("org/pylate", None)
+    progress = [r for r in caplog.records if r.message.startswith("downloading org/pylate: ")]
+    assert len(progress) >= 2 and all(" MB after " in r.message for r in progress)
+    gaps = [b.created - a.created for a, b in itertools.pairwise(progress)]
+    assert min(gaps) >= 0.15  # at most one line per period
+    (done,) = [r.message for r in caplog.records if r.message.startswith("downloaded org/pylate")]
+    assert f"{files(checkpoint)} file(s)" in done and " in " in done
 
 
 def test_concurrent_loads_of_one_cold_model_download_it_once(hub: LoopbackHub, checkpoint: Path) -> None:
