@@ -34,6 +34,7 @@ class LoopbackHub:
 
     def __init__(self, repos: dict[str, Path], file_delay_s: float = 0.0) -> None:
         self.repos = repos
+        self.outage: int | None = None  # set to a status (503) and every request gets it, as an overloaded hub
         self.file_delay_s = file_delay_s  # a slow link: each file body waits this long
         self.commits = {repo: _sha(repo.encode()) for repo in repos}
         self.requests: list[tuple[str, str]] = []
@@ -71,6 +72,8 @@ class LoopbackHub:
     def _answer(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = unquote(urlsplit(request.path).path).lstrip("/")
         self.requests.append((request.command, path))
+        if self.outage is not None:
+            return self._send(request, self.outage, b"Service unavailable", body, {})
         api = path.startswith("api/models/")
         repo, rest = self._repo_and_rest(path.removeprefix("api/models/") if api else path)
         if repo is None:

@@ -112,3 +112,27 @@ def test_a_path_is_never_sent_to_the_hub(hub: LoopbackHub) -> None:
     with pytest.raises(WeightsNotFound, match="not a hub repo id"):
         resolve_weights(WeightsQuery(model_id="../../no/such/folder"), offline=False)
     assert hub.requests == []
+
+
+def test_an_overloaded_hub_is_a_transient_failure_and_startup_retries_it(hub: LoopbackHub,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from sie_router import __main__ as cli
+
+    hub.outage = 503
+    with pytest.raises(WeightsNotFound) as caught:
+        resolve_weights(WeightsQuery(model_id="org/pylate"), offline=False)
+    assert caught.value.transient and "HTTP 503" in str(caught.value)
+    # Startup tries again (after a backoff) while the hub is down, and starts once it is back.
+    waits: list[float] = []
+
+    def back_after_two(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 2:
+            hub.outage = None
+
+    monkeypatch.setattr(cli.time, "sleep", back_after_two)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    settings = cli.settings_from(["-m", "org/pylate", "--bundle", "test"])
+    registry = cli.startup_registry(settings)
+    assert registry.named == ("org/pylate",) and registry.configs["org/pylate"].family() == "multivector"
+    assert waits == [2, 4]
