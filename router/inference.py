@@ -24,6 +24,7 @@ log = logging.getLogger("sie.inference")
 FAMILIES = ("dense", "sparse", "multivector", "hybrid", "cross_encoder", "classifier", "ner", "gliner", "clip")
 # sentence-transformers modules the dense adapter runs; any other module changes the output, so it is not dense.
 DENSE_MODULES = ("Transformer", "Pooling", "Normalize")
+SPARSE_MODULES = ("MLMTransformer", "SpladePooling")
 HOW_TO_NAME = ("name the adapter with `--adapter FAMILY` after this `-m`, or in a bundle YAML (`profiles: {default: "
                "{adapter: FAMILY}}`); families: " + ", ".join(FAMILIES))
 
@@ -105,6 +106,9 @@ def _family(folder: Path) -> tuple[str, str]:
     if any("pylate" in str(m.get("type", "")) for m in modules):
         return "multivector", "PyLate ColBERT modules in modules.json"
     if _module(modules, "SpladePooling", "MLMTransformer"):
+        unknown = [str(m.get("type")) for m in modules if not str(m.get("type", "")).endswith(SPARSE_MODULES)]
+        if unknown:  # e.g. an inference-free SPLADE's Router and static embeddings: not the MLM formula
+            raise CannotInfer(f"found sentence-transformers sparse modules the sparse adapter does not run: {unknown}")
         return "sparse", "sentence-transformers SparseEncoder modules (SpladePooling) in modules.json"
     if any(a.endswith("ForSequenceClassification") for a in architectures):
         labels = [str(v).lower() for v in (config.get("id2label") or {}).values()]

@@ -76,6 +76,8 @@ UNKNOWN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "half a BGE-M3": (lambda f: _without(tiny.build_bge_m3(f), "sparse_linear.pt"), "colbert_linear.pt"),
     "a Dense module after pooling": (lambda f: _modules_with(tiny.build_dense_st(f),
                                                               "sentence_transformers.models.Dense"), "Dense"),
+    "an inference-free SPLADE": (lambda f: _modules_with(tiny.build_sparse_st(f),
+                                                          "sentence_transformers.models.Router"), "Router"),
     "a decoder": (lambda f: _architecture(_without(tiny.build_dense_st(f), "modules.json"), "LlamaForCausalLM"),
                   "LlamaForCausalLM"),
     "no config.json": (lambda f: _without(tiny.build_mlm(f), "config.json"), "config.json"),
