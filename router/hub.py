@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from huggingface_hub import constants, snapshot_download
@@ -47,7 +48,7 @@ def _repo_lock(repo: str) -> threading.Lock:
 
 def probe(repo: str, revision: str | None) -> None:
     """Raise `HubError` unless the hub answers the model-info API for `repo` at `revision`."""
-    url = f"{endpoint()}/api/models/{repo}/revision/{revision or 'main'}"
+    url = f"{endpoint()}/api/models/{repo}/revision/{quote(revision or 'main', safe='')}"
     try:
         response = httpx.get(url, headers=build_hf_headers(), timeout=PROBE_TIMEOUT_S, follow_redirects=True)
     except httpx.HTTPError as exc:
