@@ -27,7 +27,7 @@ from tests.extract_server import ENTITY_LABELS, LABELS, clip_image, clip_referen
 from tests.extract_server import TEXTS as EXTRACT_TEXTS
 from tests.hub import LoopbackHub
 from tests.retrieval_server import BGE_M3_COLBERT_DIM, vocab_size
-from tests.server import FamilyServer, Server
+from tests.server import FamilyServer, Server, make_bundle
 
 ATOL = 1e-5
 DOCS = ["paris is the capital and largest city of france", "berlin is in germany", *TEXTS[1:6]]
@@ -294,3 +294,33 @@ def test_files_of_no_known_family_stop_the_server_and_say_how_to_name_it(tmp_pat
     assert code == 1 and "Traceback" not in log
     reason = next(line for line in log.splitlines() if "cannot start" in line)
     assert "colbert_linear.pt" in reason and "--adapter" in reason
+
+
+def test_other_models_keep_serving_while_a_bundle_model_downloads(folders: dict[str, Path], tmp_path: Path) -> None:
+    """A bundle model is downloaded on its first request, in a thread: the fake model answers all the while."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = make_bundle(tmp_path / "bundle", "fake.yaml")
+    (bundle / "slow.yaml").write_text("sie_id: test/slow-download\nhf_id: org/dense\n"
+                                      "tasks: {encode: {dense: {dim: 32}}}\nprofiles: {default: {adapter: dense}}\n")
+    with LoopbackHub({"org/dense": folders["org/dense"]}, file_delay_s=3.0) as slow_hub:
+        srv = Server(["--bundle", str(bundle), "--preload", "test/fake-dense"],
+                     env=online_env(slow_hub, tmp_path / "hf-home"), log=tmp_path / "log")
+        try:
+            url = srv.wait_ready(timeout=180).url
+            with ThreadPoolExecutor(2) as pool:
+                # Two requests for the cold model while it downloads: one download between them.
+                cold = [pool.submit(httpx.post, f"{url}/v1/embeddings",
+                                    json={"model": "test/slow-download", "input": "x"}, timeout=120)
+                        for _ in range(2)]
+                answered_meanwhile = 0
+                while not all(f.done() for f in cold):
+                    fake = httpx.post(f"{url}/v1/embeddings", json={"model": "test/fake-dense", "input": "x"})
+                    answered_meanwhile += fake.status_code == 200
+                    time.sleep(0.2)
+            assert [f.result().status_code for f in cold] == [200, 200]
+            assert answered_meanwhile >= 3  # the router kept answering through a download of 3 s or more
+            gets = [path for method, path in slow_hub.requests if method == "GET" and "/resolve/" in path]
+            assert len(gets) == len(set(gets))
+        finally:
+            srv.stop()
