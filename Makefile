@@ -2,7 +2,6 @@
 PY ?= python3
 VENV := .venv
 COMPAT := .venv-compat
-export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
 .PHONY: install install-test serve test test-gpu test-slow bench soak lint image test-container clean

@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 import setproctitle
@@ -15,7 +16,7 @@ import uvicorn
 from sie_router import __version__
 from sie_router.app import build_app
 from sie_router.devices import NoDevice
-from sie_router.registry import build_registry
+from sie_router.registry import Registry, build_registry
 from sie_router.settings import (
     DEFAULT_BUNDLE,
     DEFAULT_MODEL,
@@ -25,6 +26,7 @@ from sie_router.settings import (
     env_defaults,
     parse_bytes,
 )
+from sie_router.weights import WeightsNotFound
 
 log = logging.getLogger("sie")
 
@@ -35,7 +37,9 @@ EPILOG = f"""examples:
   sie-server serve --model-id BAAI/bge-small-en-v1.5   (Infinity's flag works too)
 
 Models are found offline first: a local folder, the Hugging Face cache, a package that ships the weights,
-then a hub download only when HF_HUB_OFFLINE=0. Every flag also reads an SIE_* variable (see README)."""
+then a hub download (HF_ENDPOINT, HF_TOKEN and HF_HOME apply) unless --offline or HF_HUB_OFFLINE=1.
+A model outside the bundle gets its adapter family from its files; --adapter names it when they do not say.
+Every flag also reads an SIE_* variable (see README)."""
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,6 +53,18 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("-m", "--model", "--model-id", dest="models", action="append", default=[], metavar="MODEL",
                        help="serve this model and load it at start (repeatable): a bundle id, a hub id or a local "
                             "folder. Without -m, the whole bundle is served and loaded on first use")
+    serve.add_argument("--served-model-name", dest="served_names", action="append", default=[], metavar="NAME",
+                       help="the name the i-th -m model answers under on every API (repeatable, paired with -m in "
+                            "order), as Infinity, TEI and vLLM offer")
+    serve.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="FAMILY",
+                       help="the adapter family of the i-th -m model when its files do not say it (repeatable, "
+                            "paired with -m in order; 'auto' infers): dense, sparse, multivector, hybrid, "
+                            "cross_encoder, classifier, ner, gliner or clip")
+    serve.add_argument("--offline", dest="hf_offline", action="store_const", const=True,
+                       help="never download: models come from folders, the Hugging Face cache and packages only "
+                            "(as HF_HUB_OFFLINE=1)")
+    serve.add_argument("--url-prefix", help="also serve the Infinity routes under this prefix, e.g. /v1 "
+                                            "(Infinity's --url-prefix)")
     serve.add_argument("--preload", action="append", default=[], metavar="MODEL",
                        help="load this bundle model at start (repeatable)")
     serve.add_argument("--bundle", help=f"bundle name under bundles/, or a folder of model YAML files "
@@ -163,10 +179,15 @@ def settings_from(argv: Sequence[str]) -> Settings:
         given["engine"] = "onnx"
     if "models" in given:
         given["models"] = tuple(given["models"])
-    for name in ("preload", "pinned", "tei_models"):
+    for name in ("preload", "pinned", "tei_models", "served_names", "adapters"):
         if name in given:
             given[name] = tuple(given[name])
     values.update(given)
+    if given.get("hf_offline"):
+        values["extra_env"] = {**values.get("extra_env", {}), "HF_HUB_OFFLINE": "1"}  # type: ignore[dict-item]
+    prefix = str(values.get("url_prefix") or "")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        parser().error(f"--url-prefix must start with '/' and not end with '/', not {prefix!r}")
     if values.get("dtype", "auto") not in DTYPES:
         parser().error(f"SIE_DTYPE must be one of {', '.join(DTYPES)}, not {values['dtype']!r}")
     if values.get("default_prompt") and values.get("default_prompt_name"):
@@ -217,11 +238,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        registry = build_registry(settings.bundle, settings.bundle_dirs, settings.models, offline=settings.hf_offline)
-    except (ValueError, OSError) as exc:
-        log.error("cannot start: %s", exc)
-        sys.exit(1)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # hub downloads log their progress themselves (router/hub.py)
+    registry = startup_registry(settings)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")
     try:
@@ -230,9 +248,42 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.error("cannot start: %s", exc)
         sys.exit(1)
     _settle_heap()
-    uvicorn.run(app, host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_deadline_s),
-                http="httptools", loop="uvloop", access_log=False)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_deadline_s), http="httptools", loop="uvloop",
+        access_log=False))
+    app.state.sie.stop_server = lambda: setattr(server, "should_exit", True)
+    server.run()
+    failure = app.state.sie.startup_failure
+    if failure:
+        log.error("cannot start: %s", failure)
+        sys.exit(1)
+    if not server.started:  # the port could not be bound, or the lifespan failed (as uvicorn.run exits)
+        sys.exit(3)
+
+
+STARTUP_RETRIES = 3  # transient hub failures (overloaded, down mid-download) while inferring an -m model's config
+
+
+def startup_registry(settings: Settings) -> Registry:
+    """The registry, the configs of `-m` models outside the bundle inferred from their files (downloaded if need be).
+
+    A permanent failure (not found, unknown family, bad config) exits non-zero with one paragraph and no traceback;
+    a transient one is retried with backoff."""
+    for attempt in range(STARTUP_RETRIES + 1):
+        try:
+            return build_registry(settings.bundle, settings.bundle_dirs, settings.models, offline=settings.hf_offline,
+                                  served_names=settings.served_names, adapters=settings.adapters)
+        except WeightsNotFound as exc:
+            if not exc.transient or attempt == STARTUP_RETRIES:
+                log.error("cannot start: %s", exc)
+                sys.exit(1)
+            log.warning("%s; retrying in %ds", exc, 2 ** (attempt + 1))
+            time.sleep(2 ** (attempt + 1))
+        except (ValueError, OSError) as exc:
+            log.error("cannot start: %s", exc)
+            sys.exit(1)
+    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":

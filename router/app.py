@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,7 +23,8 @@ from sie_router.auth import Auth
 from sie_router.devices import detect
 from sie_router.disconnect import ClientGone
 from sie_router.errors import Api, SIEError, render_error
-from sie_router.pool import WorkerPool
+from sie_router.pool import LOAD_RETRY_COOLDOWN_S, WorkerPool
+from sie_router.prefix import UrlPrefix
 from sie_router.registry import Registry
 from sie_router.service import Service
 from sie_router.settings import Settings
@@ -134,25 +138,61 @@ ROUTES = [
 ]
 
 
+STARTUP_LOAD_ATTEMPTS = 2  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
+
+
 async def _preload(state: AppState, names: list[str]) -> None:
     """Load the models named at startup, in parallel; readiness waits for them, as Infinity's late-opening port does.
 
-    A model that does not fit beside the ones already reserved is left to load lazily: preloading never evicts.
+    A `--preload` model that does not fit beside the ones already reserved is left to load lazily: preloading never
+    evicts. An `-m` model must load: a permanent failure, or a transient one that outlasts its retries, stops the
+    server (`sie-server serve` then exits non-zero with the reason), and readiness never comes before it loads.
     """
+    required = set(state.registry.named)
 
     async def load(name: str) -> None:
-        try:
-            await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
-        except SIEError as exc:
-            if exc.code == "RESOURCE_EXHAUSTED":
-                log.warning("%s does not fit in the memory budget beside the other models; it will load lazily on "
-                            "its first request (%s)", name, exc.message)
-            else:
-                log.error("preloading %s failed: %s", name, exc.message)
+        for attempt in range(1, STARTUP_LOAD_ATTEMPTS + 1):
+            try:
+                await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
+                return
+            except SIEError as exc:
+                if name not in required:
+                    if exc.code == "RESOURCE_EXHAUSTED":
+                        log.warning("%s does not fit in the memory budget beside the other models; it will load "
+                                    "lazily on its first request (%s)", name, exc.message)
+                    else:
+                        log.error("preloading %s failed: %s", name, exc.message)
+                    return
+                if exc.extra.get("permanent", True) or attempt == STARTUP_LOAD_ATTEMPTS:
+                    _stop_for(state, f"model {name!r} could not load: {exc.message}")
+                    return
+                log.warning("loading %s failed (attempt %d of %d, retrying in %gs): %s", name, attempt,
+                            STARTUP_LOAD_ATTEMPTS, LOAD_RETRY_COOLDOWN_S, exc.message)
+                await asyncio.sleep(LOAD_RETRY_COOLDOWN_S)
 
     await asyncio.gather(*(load(name) for name in names))
-    state.ready = True
-    log.info("ready: serving %d model(s)", len(state.registry.served))
+    if state.startup_failure is None:
+        state.ready = True
+        log.info("ready: serving %d model(s)", len(state.registry.served))
+
+
+async def _settle(loads: list[asyncio.Task[Any]]) -> None:
+    """Collect the loads that shutdown cut short, so their expected failure is not logged as a stray traceback."""
+    if loads:
+        await asyncio.wait(loads, timeout=5.0)
+    for task in loads:
+        if task.done() and not task.cancelled():
+            task.exception()
+
+
+def _stop_for(state: AppState, reason: str) -> None:
+    """Shut the server down; `main` then exits non-zero with `reason`."""
+    if state.startup_failure is None:
+        state.startup_failure = reason
+        if state.stop_server is not None:
+            state.stop_server()
+        else:  # not run by `main` (an embedding host): stop as SIGTERM would
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def build_app(settings: Settings, registry: Registry) -> Starlette:
@@ -163,15 +203,17 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
         instrument.declare_models(list(registry.configs))
-        names = list(dict.fromkeys([*settings.models, *settings.preload]))
+        names = list(dict.fromkeys([*registry.named, *settings.preload]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
             yield
         finally:
             state.ready = False
             preload.cancel()
+            loads = [slot.loading for slot in pool.slots.values() if slot.loading is not None]
             await state.service.close()
             await pool.shutdown()
+            await _settle(loads)
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={SIEError: _sie_error, HTTPException: _http_error, ClientGone: _client_gone,
@@ -187,5 +229,7 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     app.add_middleware(forward.Forward, settings=settings, registry=registry, routes=ROUTES, api_of=api_of)
     app.add_middleware(Auth, settings=settings, api_of=api_of)
     app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
-    app.add_middleware(instrument.Instrument, routes=ROUTES)  # outermost: counts and times every answer
+    app.add_middleware(instrument.Instrument, routes=ROUTES)  # counts and times every answer
+    if settings.url_prefix:  # outermost: the rest sees the Infinity route the prefixed path stands for
+        app.add_middleware(UrlPrefix, prefix=settings.url_prefix)
     return app

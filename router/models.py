@@ -31,8 +31,8 @@ def model_info(state: AppState, name: str) -> dict[str, Any]:
     info = worker.info if worker else None
     return {
         "name": name,
+        "family": config.family(profile),  # the adapter family, from the bundle or inferred from the files
         "inputs": config.input_kinds,
-        "family": config.family(profile),
         "outputs": served_outputs(config, profile),
         "dims": served_dims(state, config, profile),
         "loaded": slot.state == "loaded",

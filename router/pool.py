@@ -198,7 +198,7 @@ class WorkerPool:
                               await asyncio.to_thread(resolve_weights, query, offline=self.settings.hf_offline))
         except WeightsNotFound as exc:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
-            raise LoadError(LoadErrorClass.NOT_FOUND, str(exc)) from None
+            raise LoadError(LoadErrorClass.NETWORK if exc.transient else LoadErrorClass.NOT_FOUND, str(exc)) from None
         device = await self._reserve(slot, self.placement.estimate(cfg, str(folder)), evict)
         spec = self._spec(cfg, str(folder), device)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",

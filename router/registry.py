@@ -19,7 +19,13 @@ from sie_router.inference import infer_config
 
 log = logging.getLogger("sie.registry")
 
-BUNDLES_ROOT = Path(__file__).resolve().parent.parent / "bundles"
+def _bundles_root() -> Path:
+    """`sie_router/bundles` in an installed wheel (package data), else `bundles/` of the checkout."""
+    shipped = Path(__file__).resolve().parent / "bundles"
+    return shipped if shipped.is_dir() else Path(__file__).resolve().parent.parent / "bundles"
+
+
+BUNDLES_ROOT = _bundles_root()
 
 # Keys of upstream SIE configs that we accept and ignore (logged once), so users can bring their files.
 IGNORED_KEYS = frozenset({"adaptive_batching", "routing", "pool", "description", "license", "tags", "revision",
@@ -155,9 +161,10 @@ def load_bundle(directory: Path) -> list[ModelConfig]:
 class Registry:
     """Served model ids -> (config, profile name)."""
 
-    def __init__(self, configs: list[ModelConfig]) -> None:
+    def __init__(self, configs: list[ModelConfig], named: tuple[str, ...] = ()) -> None:
         self.configs: dict[str, ModelConfig] = {}
         self.served: dict[str, tuple[ModelConfig, str]] = {}
+        self.named = named  # the served names of the -m models, in order: the server is ready once they have loaded
         for cfg in configs:
             self.add(cfg)
 
@@ -186,8 +193,11 @@ class Registry:
         return Registry([self.configs[n] for n in names])
 
 
-def build_registry(bundle: str, bundle_dirs: tuple[Path, ...], models: tuple[str, ...], *, offline: bool) -> Registry:
-    """The bundle's models, restricted to `models` when given; a model outside the bundle is inferred from its files."""
+def build_registry(bundle: str, bundle_dirs: tuple[Path, ...], models: tuple[str, ...], *, offline: bool,
+                   served_names: tuple[str, ...] = (), adapters: tuple[str, ...] = ()) -> Registry:
+    """The bundle's models, restricted to `models` when given; a model outside the bundle is inferred from its files.
+
+    `served_names` and `adapters` pair with `models` in order (`--served-model-name`, `--adapter`)."""
     directory = next((d / bundle for d in (*bundle_dirs, BUNDLES_ROOT) if (d / bundle).is_dir()), None)
     if directory is None and Path(bundle).is_dir():
         directory = Path(bundle)
@@ -196,8 +206,28 @@ def build_registry(bundle: str, bundle_dirs: tuple[Path, ...], models: tuple[str
     registry = Registry(load_bundle(directory))
     if not models:
         return registry
+    if len(served_names) > len(models) or len(adapters) > len(models):
+        raise ValueError("each --served-model-name and --adapter pairs with one -m, in order; there are more of them "
+                         f"than models ({len(models)})")
+    by_hub_id = {c.hf_id: c for c in registry.configs.values() if c.hf_id}
     chosen: list[ModelConfig] = []
-    for model in models:
+    named: list[str] = []
+    for i, model in enumerate(models):
+        adapter = adapters[i] if i < len(adapters) and adapters[i] != "auto" else None
         base = model.split(":")[0] if model not in registry.configs and ":" in model else model
-        chosen.append(registry.configs[base] if base in registry.configs else infer_config(model, offline=offline))
-    return Registry(list({c.sie_id: c for c in chosen}.values()))
+        cfg = registry.configs.get(base) or by_hub_id.get(base)  # a bundle model, by its SIE id or its hub id
+        if cfg is None or adapter:
+            cfg = infer_config(model, offline=offline, adapter=adapter)
+        chosen.append(served_as(cfg, served_names[i]) if i < len(served_names) else cfg)
+        profile = model.split(":")[1] if base != model and cfg is registry.configs.get(base) else None
+        named.append(chosen[-1].sie_id + (f":{profile}" if profile else ""))
+    return Registry(list({c.sie_id: c for c in chosen}.values()), named=tuple(named))
+
+
+# -- served names (`--served-model-name`) --------------------------------------------------------------------------
+
+
+def served_as(cfg: ModelConfig, name: str) -> ModelConfig:
+    """`cfg` answering under `name` on every API; its weights are still found by the id it was configured with."""
+    hub_id = cfg.hf_id or (None if cfg.weights_path or cfg.package_dir else cfg.sie_id)
+    return msgspec.structs.replace(cfg, sie_id=name, hf_id=hub_id, source=f"{cfg.source} (served as {name!r})")

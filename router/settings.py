@@ -83,7 +83,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str | None = None  # secret: kept out of repr
     admin_token: str | None = None  # secret: kept out of repr
     log_level: str = "info"
-    hf_offline: bool = True
+    # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
+    hf_offline: bool = False
+    # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
+    served_names: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ()
+    # Infinity's --url-prefix: its compatibility routes are also served under this prefix (e.g. /v1).
+    url_prefix: str = ""
     extra_env: dict[str, str] = {}
     # TEI routes: the models answering at the root (one per model type; default: the first served model of each
     # type), and the defaults of TEI's flags of the same names.
@@ -151,7 +157,7 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
         text = env.get(f"SIE_{field.name.upper()}") or env.get(ENV_ALIASES.get(field.name, ""))
         if text:
             found[field.name] = _from_text(field, text)
-    found["hf_offline"] = env.get("HF_HUB_OFFLINE", "1") not in ("0", "false", "")
+    found["hf_offline"] = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # as huggingface_hub
     found["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")  # set but empty hides every GPU
     # Workers inherit the process environment; these are the ones we pass on explicitly.
     found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -19,6 +20,8 @@ class AppState:
     pool: WorkerPool
     service: Service
     ready: bool = False
+    startup_failure: str | None = None  # why an -m model could not load; the server is stopping
+    stop_server: Callable[[], None] | None = None  # set by `main`: ends uvicorn's loop, so main can exit non-zero
 
 
 def app_state(request: Request) -> AppState:

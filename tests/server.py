@@ -46,11 +46,15 @@ def _temporary_log() -> Path:
 class Server:
     """`python -m sie_router serve ...` in a subprocess; `url` once /readyz says ok."""
 
-    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, log: Path | None = None,
-                 port: int | None = None) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str | None] | None = None, log: Path | None = None,
+                 port: int | None = None, command: Sequence[str] = (sys.executable, "-m", "sie_router"),
+                 cwd: Path = ROOT) -> None:
         self.args = list(args)
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.command, self.cwd = list(command), cwd  # another install (tests/test_wheel.py) runs from elsewhere
+        # Offline unless the test says otherwise: the server's own default is to download. A None value unsets.
+        merged = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
+                  **(env or {})}
+        self.env = {name: value for name, value in merged.items() if value is not None}
         # Without a log of its own, the server writes to a temporary one: a failed start says why, and a lost
         # port is recognisable. It is removed after a clean stop.
         self.own_log = log is None
@@ -65,9 +69,9 @@ class Server:
         self.url = f"http://127.0.0.1:{port}"
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([sys.executable, "-m", "sie_router", "serve", "--port", str(port),
+        self.process = subprocess.Popen([*self.command, "serve", "--port", str(port),
                                          *self.args], env=self.env, stdout=self._out, stderr=subprocess.STDOUT,
-                                        cwd=ROOT)
+                                        cwd=self.cwd)
 
     def _lost_its_port(self) -> bool:
         """Whether the server exited because another process took its port between `free_port` and the bind.

@@ -47,3 +47,25 @@ def test_dtype_comes_from_the_flag_or_the_environment_and_is_checked(monkeypatch
     with pytest.raises(SystemExit):
         settings_from([])
     assert "SIE_DTYPE must be one of auto, float32, bfloat16, float16, not 'int4'" in capsys.readouterr().err
+
+
+def test_online_unless_told_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert settings_from([]).hf_offline is False  # the server downloads what it is asked to serve, as Infinity does
+    offline = settings_from(["--offline"])
+    assert offline.hf_offline is True and offline.extra_env["HF_HUB_OFFLINE"] == "1"  # workers never download
+    for value, expected in (("1", True), ("ON", True), ("0", False), ("", False)):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        assert settings_from([]).hf_offline is expected
+
+
+def test_served_names_and_adapters_pair_with_models_and_the_prefix_is_checked(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    settings = settings_from(["-m", "a/b", "--served-model-name", "b", "-m", "./c", "--adapter", "auto",
+                              "--adapter", "colbert", "--url-prefix", "/v1"])
+    assert settings.models == ("a/b", "./c") and settings.served_names == ("b",)
+    assert settings.adapters == ("auto", "colbert") and settings.url_prefix == "/v1"
+    for bad in ("v1", "/v1/"):
+        with pytest.raises(SystemExit):
+            settings_from(["--url-prefix", bad])
+        assert "--url-prefix must start with '/'" in capsys.readouterr().err

@@ -72,3 +72,22 @@ def test_missing_weights_name_every_place_tried(tmp_path: Path, monkeypatch: pyt
     message = str(caught.value)
     for place in ("local folder", "Hugging Face cache", "installed packages", "hub download"):
         assert place in message
+
+
+def test_a_served_name_replaces_the_id_and_keeps_the_weights(tmp_path: Path) -> None:
+    registry = build_registry("default", (), (MINILM, "BAAI/bge-m3:sparse"), offline=True,
+                              served_names=("mini",))
+    assert set(registry.served) >= {"mini", "BAAI/bge-m3", "BAAI/bge-m3:sparse"} and MINILM not in registry.served
+    assert registry.named == ("mini", "BAAI/bge-m3:sparse")
+    config, _ = registry.lookup("mini")
+    assert config.hf_id == MINILM and config.family() == "dense"  # found by its hub id, served as "mini"
+    with pytest.raises(ValueError, match="pairs with one -m"):
+        build_registry("default", (), (MINILM,), offline=True, served_names=("a", "b"))
+
+
+def test_a_bundle_entry_is_found_by_its_hub_id_not_inferred(tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "m.yaml").write_text("sie_id: my/model\nhf_id: upstream/model\ntasks: {encode: {dense: {dim: 4}}}"
+                                           "\nprofiles: {default: {adapter: dense}}\n")
+    registry = build_registry(str(tmp_path / "b"), (), ("upstream/model",), offline=True)
+    assert list(registry.served) == ["my/model"] and registry.named == ("my/model",)

@@ -70,9 +70,9 @@ def xlmr_tokenizer() -> PreTrainedTokenizerFast:
                                    model_max_length=MAX_POSITIONS - 2)
 
 
-def bert_config(vocab_size: int, **extra: Any) -> BertConfig:
+def bert_config(vocab_size: int, positions: int = MAX_POSITIONS, **extra: Any) -> BertConfig:
     return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=MAX_POSITIONS, **extra)
+                      intermediate_size=64, max_position_embeddings=positions, **extra)
 
 
 def _save(model: Any, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
@@ -154,3 +154,33 @@ def build_cross_encoder(folder: Path) -> Path:
     tokenizer = bert_tokenizer()
     model = BertForSequenceClassification(bert_config(len(tokenizer), num_labels=1)).eval()
     return _save(model, tokenizer, folder)
+
+
+def build_dense_st(folder: Path, positions: int = MAX_POSITIONS) -> Path:
+    """A sentence-transformers dense model: `BertModel`, CLS pooling in `1_Pooling`, then `Normalize`."""
+    torch.manual_seed(0)
+    tokenizer = bert_tokenizer()
+    _save(BertModel(bert_config(len(tokenizer), positions)).eval(), tokenizer, folder)
+    _write_json(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}])
+    _write_json(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": 32, "pooling_mode_cls_token": True,
+                                                       "pooling_mode_mean_tokens": False})
+    (folder / "2_Normalize").mkdir()
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": 64, "do_lower_case": False})
+    return folder
+
+
+def build_sparse_st(folder: Path) -> Path:
+    """A sentence-transformers `SparseEncoder` SPLADE: `BertForMaskedLM` as `MLMTransformer`, then `SpladePooling`."""
+    build_mlm(folder)
+    _write_json(folder / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.sparse_encoder.models.MLMTransformer"},
+        {"idx": 1, "name": "1", "path": "1_SpladePooling",
+         "type": "sentence_transformers.sparse_encoder.models.SpladePooling"}])
+    vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
+    _write_json(folder / "1_SpladePooling" / "config.json", {"pooling_strategy": "max", "activation_function": "relu",
+                                                             "word_embedding_dimension": vocab})
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": False})
+    return folder
