@@ -25,6 +25,8 @@ class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     output_types: list[Literal["dense", "sparse", "multivector"]] | None = None
     output_dtype: str | None = None
     truncate: bool | None = None
+    # GPU loads warm up at the full token budget; on the CPU only dense does, the others run one small forward.
+    warm_up: Literal["budget", "small"] | None = None
 
 
 class DenseOptions(Common):
@@ -94,6 +96,11 @@ class FakeOptions(Common):
     memory_mb: int | None = None
     crash_on_batch: int | None = None
     oom_on_batch: int | None = None
+    oom_over_items: int | None = None
+    cuda_error_on_batch: int | None = None
+    fail_loads: int | None = None
+    fail_loads_file: str | None = None
+    batch_delay_per_item_s: float | None = None
     grow_mb_per_batch: int | None = None
 
 

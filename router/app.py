@@ -22,8 +22,8 @@ from sie_router.api import admin, classify, embeddings, health, infinity, native
 from sie_router.auth import Auth
 from sie_router.devices import detect
 from sie_router.disconnect import ClientGone
-from sie_router.errors import Api, SIEError, render_error
-from sie_router.pool import LOAD_RETRY_COOLDOWN_S, WorkerPool
+from sie_router.errors import Api, LoadError, SIEError, render_error
+from sie_router.pool import WorkerPool
 from sie_router.prefix import UrlPrefix
 from sie_router.registry import Registry
 from sie_router.service import Service
@@ -166,9 +166,12 @@ async def _preload(state: AppState, names: list[str]) -> None:
                 if exc.extra.get("permanent", True) or attempt == STARTUP_LOAD_ATTEMPTS:
                     _stop_for(state, f"model {name!r} could not load: {exc.message}")
                     return
+                # The pool answers the same failure until its cooldown ends; the next attempt comes just after it.
+                wait_s = (state.pool.cooldown(exc) if isinstance(exc, LoadError)
+                          else state.settings.load_retry_cooldown_s)
                 log.warning("loading %s failed (attempt %d of %d, retrying in %gs): %s", name, attempt,
-                            STARTUP_LOAD_ATTEMPTS, LOAD_RETRY_COOLDOWN_S, exc.message)
-                await asyncio.sleep(LOAD_RETRY_COOLDOWN_S)
+                            STARTUP_LOAD_ATTEMPTS, wait_s, exc.message)
+                await asyncio.sleep(wait_s)
 
     await asyncio.gather(*(load(name) for name in names))
     if state.startup_failure is None:

@@ -85,7 +85,7 @@ class Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
         self.stopping = threading.Event()
-        self.fault: BaseException | None = None  # a CUDA error that broke the context: serve no more
+        self.device_fault: BaseException | None = None  # a CUDA error that broke the context: serve no more
         self.ready_batches: queue.Queue[Any] = queue.Queue(maxsize=2)
         self.context = zmq.Context()
         self.recv_from_router = self.context.socket(zmq.DEALER)
@@ -95,15 +95,15 @@ class Worker:
         self.send_to_router.setsockopt(zmq.LINGER, 2000)
         self.send_to_router.connect(spec.from_worker_endpoint)
         self.identity = spec.worker_id.encode()
-        self.fault = _injected_fault(spec.model)
+        self.injected_fault = _injected_fault(spec.model)
         self.replies = 0
 
     def send(self, message: protocol.Message) -> None:
         """Send a reply, after our id: the router's PULL socket cannot tell who sent a frame otherwise."""
         self.replies += 1
-        if self.fault == "garbage" or (self.fault == "bad_frame" and self.replies == 1):
+        if self.injected_fault == "garbage" or (self.injected_fault == "bad_frame" and self.replies == 1):
             self.send_to_router.send_multipart([self.identity, UNDECODABLE])
-        if self.fault == "unknown_code" and self.replies == 1 and isinstance(message, (BatchDone, BatchFailed)):
+        if self.injected_fault == "unknown_code" and self.replies == 1 and isinstance(message, (BatchDone, BatchFailed)):
             message = BatchFailed(batch_id=message.batch_id, code="NO_SUCH_CODE", message="injected")  # type: ignore[arg-type]
         self.send_to_router.send_multipart([self.identity, protocol.encode(message)], copy=False)
 
@@ -165,7 +165,7 @@ class Worker:
             if item is _STOP:
                 return
             self.send(item.report if isinstance(item, _Failed) else self.run_one(adapter, item))
-            if self.fault is not None:
+            if self.device_fault is not None:
                 return
 
     def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
@@ -177,7 +177,7 @@ class Worker:
             if not isinstance(exc, (BadInput, UnsupportedTask)):
                 log.exception("batch %d failed", batch_id)
             if cuda.is_device_fault(exc):
-                self.fault = exc
+                self.device_fault = exc
             elif cuda.is_out_of_memory(exc):
                 cuda.release_cached_memory()
             return BatchFailed(batch_id=batch_id, code=batch_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
@@ -213,10 +213,10 @@ def run(spec: WorkerSpec) -> int:
     preparer = threading.Thread(target=worker.prepare_loop, args=(adapter,), name="sie-prepare", daemon=True)
     preparer.start()
     worker.serve(adapter)
-    if worker.fault is not None:
+    if worker.device_fault is not None:
         # The context is broken: every later batch would fail. The batch's BatchFailed is sent; exit so that the
         # router restarts the worker under its crash budget. os._exit: a broken context can hang CUDA's teardown.
-        log.critical("CUDA error, exiting for a restart: %s", worker.fault)
+        log.critical("CUDA error, exiting for a restart: %s", worker.device_fault)
         if worker.stop_preparing(preparer):
             worker.close()  # every socket closed by its own thread's end: the BatchFailed is flushed (linger)
         os._exit(cuda.EXIT_DEVICE_FAULT)
