@@ -4,9 +4,13 @@
 set -euo pipefail
 what=${1:-server}
 PY=${PY:-python3}
-# Quiet pip, one harmless warning filtered out. Only grep's "nothing left" is forgiven: under pipefail a failed install
-# stops the script with pip's own error and exit status.
-pip_q() { "$@" -q --disable-pip-version-check 2>&1 | { grep -v "^WARNING: Location" || true; }; }
+# pip, quiet. A failed install stops the script with pip's own error; only the noisy "WARNING: Location" lines go.
+pip_q() {
+  local out status=0
+  out=$("$@" -q --disable-pip-version-check 2>&1) || status=$?
+  grep -v "^WARNING: Location" <<<"$out" >&2 || true
+  return "$status"
+}
 
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv

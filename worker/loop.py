@@ -103,7 +103,8 @@ class Worker:
         self.replies += 1
         if self.injected_fault == "garbage" or (self.injected_fault == "bad_frame" and self.replies == 1):
             self.send_to_router.send_multipart([self.identity, UNDECODABLE])
-        if self.injected_fault == "unknown_code" and self.replies == 1 and isinstance(message, (BatchDone, BatchFailed)):
+        answer = isinstance(message, (BatchDone, BatchFailed))
+        if self.injected_fault == "unknown_code" and self.replies == 1 and answer:
             message = BatchFailed(batch_id=message.batch_id, code="NO_SUCH_CODE", message="injected")  # type: ignore[arg-type]
         self.send_to_router.send_multipart([self.identity, protocol.encode(message)], copy=False)
 
