@@ -28,7 +28,16 @@ from sie_router.errors import LoadError
 from sie_router.ipc import Reply, WorkerClient, WorkerLost
 from sie_router.pacing import BusyTimeFit
 from sie_router.settings import Settings
-from sie_worker.protocol import BatchDone, LoadErrorClass, LoadFailed, Message, Ready, Shutdown, WorkerSpec
+from sie_worker.protocol import (
+    BatchDone,
+    LoadErrorClass,
+    LoadFailed,
+    Message,
+    Ready,
+    Shutdown,
+    TokenizeResult,
+    WorkerSpec,
+)
 
 log = logging.getLogger("sie.supervisor")
 
@@ -174,7 +183,9 @@ class Supervisor:
                                   self.settings.batch_timeout_s)
         worker.last_used = time.monotonic()
         reply = await self.client.call(worker.worker_id, make, deadline)
-        if isinstance(reply, BatchDone):  # the worker's own timing: a queue in front of it never skews the pace
+        # The worker's own timing teaches the pace (a queue in front of it never skews it); a tokenize or decode
+        # answer has no forward pass, and its zero timing would pull every later deadline down to the floor.
+        if isinstance(reply, BatchDone) and not isinstance(reply.result, TokenizeResult):
             worker.pace.add(items, (reply.timing.inference_ms + reply.timing.postprocess_ms) / 1000.0)
         return reply
 

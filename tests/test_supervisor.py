@@ -22,7 +22,16 @@ from sie_router.ipc import WorkerLost
 from sie_router.pacing import BusyTimeFit
 from sie_router.settings import Settings
 from sie_router.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
-from sie_worker.protocol import BatchDone, EncodeBatch, InputItem, LoadErrorClass, WorkerSpec
+from sie_worker.protocol import (
+    BatchDone,
+    BatchTiming,
+    EncodeBatch,
+    EncodeResult,
+    InputItem,
+    LoadErrorClass,
+    TokenizeResult,
+    WorkerSpec,
+)
 
 SETTINGS = Settings(batch_timeout_s=2.0, batch_timeout_floor_s=1.0, crash_budget=1, load_timeout_s=60)
 
@@ -135,3 +144,25 @@ def test_the_deadline_scales_with_the_batch_within_floor_and_cap() -> None:
     assert batch_deadline(pace, 5000, 10, 30) == 30  # ~5 s expected: the operator's bound wins over 20x
     slow = pace.predict(20_000)
     assert slow is not None and batch_deadline(pace, 20_000, 10, 30) == pytest.approx(MIN_FACTOR * slow)  # ~60 s
+
+
+def test_only_forward_passes_teach_a_worker_its_pace_never_a_tokenize_answer() -> None:
+    """A tokenize or decode answer carries a zero timing; learnt as a batch it would pull every deadline to the floor
+    and get healthy long batches killed as hung."""
+    replies = [BatchDone(batch_id=1, result=TokenizeResult(token_counts=[3] * 50, texts=["x"] * 50)),
+               BatchDone(batch_id=2, result=EncodeResult(token_counts=[3] * 50),
+                         timing=BatchTiming(inference_ms=400.0))]
+
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        async def answer(worker_id: str, make: Any, deadline_s: float) -> BatchDone:
+            return replies.pop(0)
+
+        supervisor.client.call = answer  # type: ignore[method-assign]
+        worker = Worker(worker_id="w", key="test/fake", process=None, device="cpu")  # type: ignore[arg-type]
+        await supervisor.call(worker, encode, 50)
+        assert worker.pace.predict(50) is None  # the tokenize answer taught nothing
+        await supervisor.call(worker, encode, 50)
+        predicted = worker.pace.predict(50)
+        assert predicted is not None and predicted == pytest.approx(0.4, rel=0.05)
+
+    run(scenario)
