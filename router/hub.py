@@ -32,9 +32,10 @@ _locks_guard = threading.Lock()
 class HubError(Exception):
     """A download that failed; `transient` when trying again later may succeed (hub overloaded or down)."""
 
-    def __init__(self, message: str, *, transient: bool) -> None:
+    def __init__(self, message: str, *, transient: bool, unreachable: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.unreachable = unreachable  # no answer at all: a network blip as much as an air gap
 
 
 def endpoint() -> str:
@@ -52,7 +53,8 @@ def probe(repo: str, revision: str | None) -> None:
     try:
         response = httpx.get(url, headers=build_hf_headers(), timeout=PROBE_TIMEOUT_S, follow_redirects=True)
     except httpx.HTTPError as exc:
-        raise HubError(f"hub {endpoint()} unreachable ({type(exc).__name__}: {exc})", transient=False) from None
+        raise HubError(f"hub {endpoint()} unreachable ({type(exc).__name__}: {exc})", transient=False,
+                       unreachable=True) from None
     if response.status_code in (401, 403, 404):
         raise HubError(f"hub {endpoint()} has no repo {repo!r} at revision {revision or 'main'!r} that this token "
                        f"may read (HTTP {response.status_code})", transient=False)

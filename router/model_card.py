@@ -61,10 +61,7 @@ def read_card(folder: Path) -> ModelCard:
 
 @lru_cache(maxsize=256)
 def _card_of(query: WeightsQuery) -> ModelCard:
-    try:
-        folder, _ = resolve_weights(query, offline=True)
-    except WeightsNotFound:
-        return ModelCard()
+    folder, _ = resolve_weights(query, offline=True)  # WeightsNotFound is raised, so never cached
     return read_card(folder)
 
 
@@ -72,5 +69,9 @@ def model_card(config: ModelConfig) -> ModelCard:
     """The model's card (cached; blocking file reads the first time, so call it from a thread)."""
     if config.package_backed:
         return ModelCard()
-    return _card_of(WeightsQuery(model_id=config.sie_id, hf_id=config.hf_id, weights_path=config.weights_path,
-                                 package_dir=config.package_dir, revision=config.hf_revision))
+    query = WeightsQuery(model_id=config.sie_id, hf_id=config.hf_id, weights_path=config.weights_path,
+                         package_dir=config.package_dir, revision=config.hf_revision)
+    try:
+        return _card_of(query)
+    except WeightsNotFound:  # not downloaded yet: an empty card now, the real one once the weights are there
+        return ModelCard()

@@ -27,11 +27,14 @@ PACKAGED: dict[str, str] = {
 
 class WeightsNotFound(Exception):
     """No place had the weights; the message lists each place tried and why it failed. `transient` when the hub
-    failed in a way that trying again later may fix (overloaded, down mid-download)."""
+    failed in a way that trying again later may fix (overloaded, down mid-download); `unreachable` when the hub did
+    not answer at all. Startup fails fast on an unreachable hub (an air-gapped host should hear it in seconds); a
+    model loaded later retries it after a cooldown, since a network blip must not fail the model for good."""
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,7 @@ def resolve_weights(query: WeightsQuery, *, offline: bool) -> tuple[Path, str]:
         tried.append(f"package folder {package!r}: package not installed")
     else:
         tried.append("installed packages: none ships this model")
-    transient = False
+    transient = unreachable = False
     if offline:
         tried.append("hub download: skipped, the server is offline (HF_HUB_OFFLINE=1 or --offline)")
     elif not _looks_like_repo_id(hub_id):
@@ -83,8 +86,9 @@ def resolve_weights(query: WeightsQuery, *, offline: bool) -> tuple[Path, str]:
             return hub.download(hub_id, query.revision), f"hub download from {hub.endpoint()}"
         except hub.HubError as exc:
             tried.append(f"hub download: {exc}")
-            transient = exc.transient
-    raise WeightsNotFound(f"weights for {query.model_id!r} not found; tried " + "; ".join(tried), transient=transient)
+            transient, unreachable = exc.transient, exc.unreachable
+    raise WeightsNotFound(f"weights for {query.model_id!r} not found; tried " + "; ".join(tried), transient=transient,
+                          unreachable=unreachable)
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -104,6 +104,8 @@ def test_a_model_the_hub_cannot_give_fails_fast_naming_model_endpoint_and_places
     assert time.monotonic() - started < FAST_FAILURE_S
     message, failure = str(caught.value), caught.value
     assert "'org/missing'" in message and constants.ENDPOINT in message and not failure.transient
+    # Only a hub that did not answer at all is worth asking again later (the pool's NETWORK class, with a cooldown).
+    assert failure.unreachable is (where == "closed port")
     for place in ("local folder", "Hugging Face cache", "installed packages", "hub download"):
         assert place in message
 
@@ -136,3 +138,16 @@ def test_an_overloaded_hub_is_a_transient_failure_and_startup_retries_it(hub: Lo
     registry = cli.startup_registry(settings)
     assert registry.named == ("org/pylate",) and registry.configs["org/pylate"].family() == "multivector"
     assert waits == [2, 4]
+
+
+def test_a_model_card_is_read_once_its_weights_exist_not_cached_empty_before(tmp_path: Path) -> None:
+    from sie_router.model_card import model_card
+    from sie_router.registry import ModelConfig, Profile
+
+    folder = tmp_path / "not-yet-downloaded"
+    config = ModelConfig(sie_id="org/late-card", weights_path=str(folder),
+                         profiles={"default": Profile(adapter="classifier")})
+    assert model_card(config).id2label == {}
+    folder.mkdir()
+    (folder / "config.json").write_text('{"id2label": {"0": "negative", "1": "positive"}}')
+    assert model_card(config).id2label == {"0": "negative", "1": "positive"}
