@@ -78,6 +78,13 @@ class Placement:
             if measured and reserved is not None and measured > reserved:
                 self.ledger.settle(key, measured)
 
+    def move(self, key: str, device: str) -> None:
+        """The worker runs elsewhere than it was placed (a GPU placement that fell back to the CPU): its reservation
+        follows it, so the GPU's budget is not charged for host memory."""
+        nbytes = self.ledger.reserved(key)
+        if nbytes is not None and device in self.ledger.devices:
+            self.ledger.reserve(key, device, nbytes)
+
     def release(self, key: str) -> None:
         self.ledger.release(key)
 

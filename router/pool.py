@@ -163,6 +163,9 @@ class WorkerPool:
         slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
         info = worker.info
         assert info is not None
+        if info.device != worker.device:  # --device auto, and the worker's torch had no CUDA: it runs on the CPU
+            self.placement.move(slot.key, info.device)
+            worker.device = info.device
         measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
@@ -198,7 +201,8 @@ class WorkerPool:
                               await asyncio.to_thread(resolve_weights, query, offline=self.settings.hf_offline))
         except WeightsNotFound as exc:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
-            raise LoadError(LoadErrorClass.NETWORK if exc.transient else LoadErrorClass.NOT_FOUND, str(exc)) from None
+            retry = exc.transient or exc.unreachable
+            raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
         device = await self._reserve(slot, self.placement.estimate(cfg, str(folder)), evict)
         spec = self._spec(cfg, str(folder), device)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",

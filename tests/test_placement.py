@@ -70,3 +70,16 @@ def test_reservations_settle_on_the_measured_figure_and_only_ever_rise() -> None
     assert placement.ledger.reserved("m") == 400 * MiB
     placement.release("m")
     assert placement.ledger.reserved("m") is None and placement.ledger.devices["cpu"].free == 1000 * MiB
+
+
+def test_a_reservation_follows_a_worker_that_fell_back_to_another_device() -> None:
+    class HostWithGpu(FakeHost):
+        def snapshot(self) -> list[DeviceMemory]:
+            return [*super().snapshot(), DeviceMemory("cuda:0", 0, 80 * 1024 * MiB, 0)]
+
+    placement = Placement(Settings(memory_budget=1000 * MiB), HostWithGpu())
+    placement.reserve("m", "cuda:0", 300 * MiB)
+    placement.move("m", "cpu")
+    assert placement.ledger.placement["m"] == "cpu"
+    assert placement.ledger.devices["cpu"].free == 700 * MiB
+    assert "m" not in placement.ledger.devices["cuda:0"].reserved

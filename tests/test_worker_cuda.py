@@ -11,7 +11,8 @@ from sie_worker import cuda
 from sie_worker.adapters.fake import AcceleratorError as FakeAcceleratorError
 from sie_worker.adapters.fake import InjectedOutOfMemory
 from sie_worker.failures import batch_failure_code as _failure_code
-from sie_worker.protocol import WorkerSpec
+from sie_worker.failures import load_error_class
+from sie_worker.protocol import LoadErrorClass, WorkerSpec
 
 
 @pytest.mark.parametrize("exc", [
@@ -60,9 +61,10 @@ def test_device_auto_moves_a_worker_whose_torch_has_no_cuda_to_the_cpu(caplog: p
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_device_cuda_with_a_torch_without_cuda_fails_the_load_saying_how_to_fix_it() -> None:
     placed = spec("cuda:0", cpu_fallback=False)
-    with pytest.raises(RuntimeError, match=r"has no usable CUDA .*SIE_TORCH=cuda make install"):
+    with pytest.raises(cuda.TorchWithoutCuda, match=r"has no usable CUDA .*SIE_TORCH=cuda make install") as caught:
         cuda.prepare_device(placed)
     assert placed.device == "cuda:0"
+    assert load_error_class(caught.value) is LoadErrorClass.DEPENDENCY  # permanent: a retry cannot install torch
 
 
 def test_a_cpu_worker_never_touches_cuda() -> None:

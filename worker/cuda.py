@@ -21,6 +21,10 @@ EXIT_DEVICE_FAULT = 4
 _FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_", "device-side assert")
 
 
+class TorchWithoutCuda(ImportError):
+    """A CPU build of torch on a GPU placement: a missing dependency (permanent), not an engine fault to retry."""
+
+
 def _type_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
@@ -52,7 +56,7 @@ def prepare_device(spec: WorkerSpec) -> int:
 
     if not torch.cuda.is_available():
         if not spec.cpu_fallback:
-            raise RuntimeError(f"this worker was placed on {spec.device}, but its torch {torch.__version__} has no "
+            raise TorchWithoutCuda(f"this worker was placed on {spec.device}, but its torch {torch.__version__} has no "
                                "usable CUDA (a CPU build? reinstall with SIE_TORCH=cuda make install)")
         log.warning("torch %s has no usable CUDA here; %s runs on the CPU instead of %s (--device auto)",
                     torch.__version__, spec.model, spec.device)
