@@ -45,7 +45,7 @@ def api_of(path: str) -> Api:
         return Api.OPENAI
     if path.rstrip("/") in _INFINITY_PATHS:
         return Api.INFINITY
-    if path in _TEI_PATHS or path.startswith("/tei/"):
+    if path in _TEI_PATHS or path.rstrip("/") in _TEI_PATHS or path.startswith("/tei/"):
         return Api.TEI
     return Api.NATIVE
 
@@ -151,11 +151,14 @@ async def _preload(state: AppState, names: list[str]) -> None:
     required = set(state.registry.named)
 
     async def load(name: str) -> None:
-        for attempt in range(1, STARTUP_LOAD_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             try:
                 await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
                 return
             except SIEError as exc:
+                if exc.code == "MODEL_LOADING" and name in required:
+                    continue  # a long download, still going: the load's own steps bound it, not this wait
                 if name not in required:
                     if exc.code == "RESOURCE_EXHAUSTED":
                         log.warning("%s does not fit in the memory budget beside the other models; it will load "
@@ -172,6 +175,7 @@ async def _preload(state: AppState, names: list[str]) -> None:
                 log.warning("loading %s failed (attempt %d of %d, retrying in %gs): %s", name, attempt,
                             STARTUP_LOAD_ATTEMPTS, wait_s, exc.message)
                 await asyncio.sleep(wait_s)
+                attempt += 1
 
     await asyncio.gather(*(load(name) for name in names))
     if state.startup_failure is None:

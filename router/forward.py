@@ -24,7 +24,7 @@ log = logging.getLogger("sie.forward")
 # costs at most one hop and never loops.
 FORWARDED_BY = b"x-sie-forwarded-by"
 # The model is in the path for these (`/v1/encode/{model}`), in the body's `model` field for BODY_PATHS.
-PATH_PREFIXES = ("/v1/encode/", "/v1/score/", "/v1/extract/", "/v1/models/")
+PATH_PREFIXES = ("/v1/encode/", "/v1/score/", "/v1/extract/", "/v1/models/", "/v1/tokenize/", "/v1/decode/")
 BODY_PATHS = frozenset({"/v1/embeddings", "/v1/rerank", "/embeddings", "/rerank", "/classify", "/v1/classify"})
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade"})

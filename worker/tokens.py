@@ -1,6 +1,6 @@
 """`TokenizeBatch` and `DecodeBatch` (worker process): the model's own tokenizer, no forward pass.
 
-Answered on the prepare thread, so a chunker's token count never waits behind a forward pass.
+Answered on the prepare thread, beside the next batch's tokenising, and sent in order after the forward pass in hand.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ def _tokens(tokenizer: Any, text: str, add_special_tokens: bool) -> list[Token]:
 def answer(adapter: Any, batch: TokenizeBatch | DecodeBatch) -> TokenizeResult:
     tokenizer = tokenizer_of(adapter)
     if isinstance(batch, TokenizeBatch):
+        if getattr(tokenizer, "is_fast", None) is False:  # offsets need the Rust tokenizer; a slow one raises on them
+            raise BadInput("this model's tokenizer is a slow (Python) one, which cannot give token offsets")
         tokens = [_tokens(tokenizer, text, batch.add_special_tokens) for text in batch.texts]
         return TokenizeResult(token_counts=[len(t) for t in tokens], tokens=tokens)
     vocab = len(tokenizer)

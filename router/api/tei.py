@@ -103,7 +103,8 @@ async def _texts(call: Call, request: Request, model: Resolved, raw: list[str | 
     ids = [x for x in raw if isinstance(x, list)]
     if not ids:
         return [x for x in raw if isinstance(x, str)]
-    decoded = await call.run(request, TokenizeJob(model, ids=ids, skip_special_tokens=True))
+    job = TokenizeJob(model, ids=ids, skip_special_tokens=True, wait_s=call.state.settings.load_wait_s)
+    decoded = await call.run(request, job)
     texts = iter(decoded.texts)
     return [x if isinstance(x, str) else next(texts) for x in raw]
 
@@ -260,7 +261,8 @@ async def tokenize(call: Call, request: Request, body: bytes) -> Any:
     inputs.check_batch(len(texts), call.state.settings.max_client_batch_size)
     model = call.primary()
     prompt = inputs.prompt(await call.card(model), req.prompt_name, call.state.settings)
-    job = TokenizeJob(model, texts=[prompt + t for t in texts], add_special_tokens=req.add_special_tokens)
+    job = TokenizeJob(model, texts=[prompt + t for t in texts], add_special_tokens=req.add_special_tokens,
+                      wait_s=call.state.settings.load_wait_s)
     result = await call.run(request, job)
     return [[{"id": t.id, "text": t.text, "special": t.special, "start": t.start, "stop": t.stop} for t in tokens]
             for tokens in result.tokens]
@@ -269,7 +271,9 @@ async def tokenize(call: Call, request: Request, body: bytes) -> Any:
 async def decode(call: Call, request: Request, body: bytes) -> Any:
     req = inputs.decode(body, inputs.TEIDecodeRequest)
     ids = inputs.id_lists(req.ids, call.state.settings.max_client_batch_size)
-    result = await call.run(request, TokenizeJob(call.primary(), ids=ids, skip_special_tokens=req.skip_special_tokens))
+    job = TokenizeJob(call.primary(), ids=ids, skip_special_tokens=req.skip_special_tokens,
+                      wait_s=call.state.settings.load_wait_s)
+    result = await call.run(request, job)
     return list(result.texts)
 
 
