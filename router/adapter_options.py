@@ -35,6 +35,7 @@ class DenseOptions(Common):
     engine: Literal["torch", "onnx", "auto"] | None = None
     onnx_lanes: int | None = None
     onnx_cache_dir: str | None = None
+    onnx_arena: bool | None = None  # ORT's CPU memory arena; off by default (it keeps the longest batch's memory)
 
 
 class SparseOptions(Common):

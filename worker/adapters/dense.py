@@ -105,7 +105,8 @@ class DenseAdapter:
         if self.wants_onnx(dtype):
             self.onnx = onnx_engine.export_or_load(self.model, self.tokenizer, self.weights_dir,
                                                    self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads,
-                                                   int(self.spec.loadtime.get("onnx_lanes") or 0))
+                                                   int(self.spec.loadtime.get("onnx_lanes") or 0),
+                                                   arena=bool(self.spec.loadtime.get("onnx_arena")))
         if self.onnx is not None:
             self.model = None  # the session holds its own copy of the weights
             # ORT's thread pool owns the cores now; torch only pools. With more than one thread torch's OpenMP

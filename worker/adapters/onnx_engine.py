@@ -6,6 +6,7 @@ None so that the adapter keeps its torch path.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import inspect
 import logging
@@ -34,6 +35,21 @@ _EXPORT_TEXTS = ["a short sentence", "another, somewhat longer sentence used to 
 _VERIFY_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog near the river bank, twice.",
                  "Embedding servers batch sentences of very different lengths together."]
 MIN_COSINE = 0.999
+# Padded tokens of one batch above which the heap's free pages go back to the OS. With ORT's arena off, a 64 x 256
+# batch leaves glibc holding ~600 MiB it will not return by itself; malloc_trim costs ~1 ms, a small batch's forward
+# a few ms, so only batches at least this large pay for it (bench/onnx_memory.py).
+TRIM_ABOVE_TOKENS = 4096
+
+
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, or None on a libc without it (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
 
 
 @dataclass
@@ -54,7 +70,14 @@ class OnnxEncoder:
     _executor: ThreadPoolExecutor | None = field(default=None, repr=False)
 
     def run_all(self, buckets: list[dict[str, torch.Tensor]]) -> list[np.ndarray]:
-        """last_hidden_state for each padded bucket, in order; longest first across the lanes."""
+        """last_hidden_state for each padded bucket, in order; longest first across the lanes. After a large batch
+        the heap is trimmed, so one long batch does not leave the worker holding its high-water mark."""
+        hidden = self._run_buckets(buckets)
+        if _MALLOC_TRIM is not None and sum(b["input_ids"].numel() for b in buckets) > TRIM_ABOVE_TOKENS:
+            _MALLOC_TRIM(0)
+        return hidden
+
+    def _run_buckets(self, buckets: list[dict[str, torch.Tensor]]) -> list[np.ndarray]:
         if self.lanes == 1 or len(buckets) == 1:
             return [self.run(tensors) for tensors in buckets]
         if self._executor is None:
@@ -143,10 +166,13 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path) 
         model.eval()  # the exporter restores the training flag of the wrapper onto its children
 
 
-def open_session(path: Path, threads_per_call: int) -> Any:
+def open_session(path: Path, threads_per_call: int, arena: bool = False) -> Any:
+    """A CPU session. ORT's CPU arena is off by default: it keeps the high-water mark of the longest batch (a 64 x 256
+    batch of MiniLM: 1.19 GiB RSS) and costs no throughput when off (bench/onnx_memory.py)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads_per_call
     options.inter_op_num_threads = 1
@@ -167,10 +193,11 @@ def verify(model: torch.nn.Module, tokenizer: Any, encoder: OnnxEncoder) -> floa
 
 
 def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Path, cache_dir: str | Path | None,
-                   threads: int = 0, lanes: int = 0) -> OnnxEncoder | None:
+                   threads: int = 0, lanes: int = 0, arena: bool = False) -> OnnxEncoder | None:
     """An ORT session equivalent to `model` (float32, CPU), exported on first use; None, with a warning, on failure.
 
-    `lanes` calls run side by side on `threads` threads in all (0: one thread per call)."""
+    `lanes` calls run side by side on `threads` threads in all (0: one thread per call); `arena` turns ORT's CPU
+    memory arena back on."""
     threads = threads or torch.get_num_threads()
     lanes = max(1, min(lanes or threads, threads))
     try:
@@ -192,7 +219,7 @@ def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Pa
         session = None
         if path.is_file():
             try:
-                session = open_session(path, threads // lanes)
+                session = open_session(path, threads // lanes, arena)
             except Exception as exc:  # a torn or stale file: export it again
                 log.warning("cached onnx graph %s does not open (%s); exporting it again", path, exc)
         if session is None:
@@ -208,7 +235,7 @@ def export_or_load(model: torch.nn.Module, tokenizer: Any, weights_dir: str | Pa
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             export_s = time.perf_counter() - started
-            session = open_session(path, threads // lanes)
+            session = open_session(path, threads // lanes, arena)
         encoder = OnnxEncoder(session=session, path=path, input_names=names, export_s=export_s, lanes=lanes)
         cosine = verify(model, tokenizer, encoder)
         if cosine < MIN_COSINE:
