@@ -7,6 +7,7 @@ model does not fit.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from sie_router.ledger import MemoryLedger
 from sie_router.registry import ModelConfig
 from sie_router.settings import Settings
 
-# Estimate for a model whose config gives none: its weight files times this factor.
+# Estimate for a model whose config gives none: a per-process base, plus its weight files times this factor (the
+# weights and a working set of half their size).
 WEIGHTS_MEMORY_FACTOR = 1.5
-DEFAULT_ESTIMATE = 512 * 2**20
+# The base before any worker on a device has measured itself. On the CPU, a dense worker process that has imported
+# its libraries (sie_worker, torch, transformers, onnxruntime) holds 405 MiB RSS before any weights (measured, issue
+# 14). On a GPU, the CUDA context and the caching allocator's first blocks: not measured here, so generous.
+DEFAULT_BASE = {"cpu": 400 * 2**20}
+DEFAULT_GPU_BASE = 768 * 2**20
+# Measured memory may pass the budget by this fraction when nothing can be evicted; beyond it the load fails.
+OVERRUN_TOLERANCE = 0.05
 
 
 class Placement:
@@ -29,16 +37,47 @@ class Placement:
         readings = devices.snapshot()
         self.ledger = MemoryLedger(budgets(readings, settings.gpu_memory_fraction, settings.memory_budget),
                                    exclusive={d.name for d in readings if d.exclusive})
+        self.weights: dict[str, int] = {}  # model key -> bytes of its weight files, for learning the base
+        self.bases: dict[str, dict[str, int]] = {}  # device -> model key -> what its worker holds beyond its weights
 
-    @staticmethod
-    def estimate(config: ModelConfig, folder: str) -> int:
-        """Bytes to reserve before the worker has measured itself."""
+    def estimate(self, key: str, config: ModelConfig, folder: str) -> int:
+        """Bytes to reserve before the worker has measured itself: the config's figure, else the per-process base
+        of the device with the most room plus the weights and their working set."""
         if config.memory_mb:
             return config.memory_mb * 2**20
-        if not folder:
-            return DEFAULT_ESTIMATE
-        weights = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.suffix in (".safetensors", ".bin", ".pt"))
-        return int(weights * WEIGHTS_MEMORY_FACTOR) or DEFAULT_ESTIMATE
+        weights = sum(p.stat().st_size for p in Path(folder).rglob("*")
+                      if p.suffix in (".safetensors", ".bin", ".pt")) if folder else 0
+        self.weights[key] = weights
+        return self.base(self.ledger.best_device()) + int(weights * WEIGHTS_MEMORY_FACTOR)
+
+    def base(self, device: str) -> int:
+        """What a worker on `device` holds beyond its weights and working set: the median over the workers measured
+        there (one odd model neither hides nor inflates it), else a default."""
+        learned = self.bases.get(device)
+        if learned:
+            return int(statistics.median(learned.values()))
+        return DEFAULT_BASE.get(device, DEFAULT_GPU_BASE)
+
+    def overrun(self, device: str) -> int:
+        """Bytes by which the reservations on `device` (measured figures once workers are ready) pass its budget."""
+        return max(0, -self.ledger.devices[device].free)
+
+    def fit(self, key: str, device: str, evictable: Callable[[str], bool]) -> list[str]:
+        """After `key`'s worker measured itself: the LRU models to evict so `device` is back within budget; none
+        when it is, or when nothing can be evicted and the overrun is within the tolerance. 503 RESOURCE_EXHAUSTED
+        when nothing can be evicted and the overrun is beyond it."""
+        over = self.overrun(device)
+        if not over:
+            return []
+        victims = self.ledger.eviction_plan(device, 0, lambda k: k != key and evictable(k))
+        if victims is not None:
+            return victims
+        budget = self.ledger.devices[device].budget
+        if over <= budget * OVERRUN_TOLERANCE:
+            return []
+        held = (self.ledger.reserved(key) or 0) / 2**20
+        raise SIEError("RESOURCE_EXHAUSTED", f"model '{key}' holds {held:.0f} MiB on {device}, {over / 2**20:.0f} MiB "
+                       f"over its budget of {budget / 2**20:.0f} MiB, and no idle model can be evicted")
 
     def plan(self, key: str, nbytes: int, evictable: Callable[[str], bool]) -> tuple[str, list[str]]:
         """The device with the most free budget and the LRU models to evict there so `nbytes` fit;
@@ -62,6 +101,8 @@ class Placement:
         figure plus its measured CUDA context (NVML cannot attribute by PID inside a container without hostPID)."""
         measured = self.devices.process_memory(pid, device, reported, context_bytes) or reported
         self.ledger.settle(key, measured)
+        if key in self.weights:  # a model whose estimate came from its weights teaches the device's base
+            self.bases.setdefault(device, {})[key] = max(0, measured - int(self.weights[key] * WEIGHTS_MEMORY_FACTOR))
         return measured
 
     def remeasure(self, loaded: Iterable[tuple[str, int, str, int, int]]) -> None:
@@ -86,7 +127,7 @@ class Placement:
             self.ledger.reserve(key, device, nbytes)
 
     def release(self, key: str) -> None:
-        self.ledger.release(key)
+        self.ledger.release(key)  # its base sample stays: it still tells what a worker there costs
 
     def touch(self, key: str) -> None:
         self.ledger.touch(key)

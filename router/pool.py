@@ -167,11 +167,24 @@ class WorkerPool:
             self.placement.move(slot.key, info.device)
             worker.device = info.device
         measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
+        await self._fit(slot, worker.device, evict)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
         log.info("model %s ready on %s in %.1fs (pid %d, %.0f MiB)", slot.key, worker.device,
                  time.monotonic() - slot.load_started, info.pid, measured / 2**20)
         return worker
+
+    async def _fit(self, slot: Slot, device: str, evict: bool) -> None:
+        """The estimate was low: evict LRU idle models until the measured figures fit the budget again, or, when
+        none can go and the overrun is beyond the tolerance, stop this worker and fail the load (retryable)."""
+        try:
+            victims = self.placement.fit(slot.key, device, lambda k: evict and self._evictable(k))
+        except SIEError:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+            await self.evict(slot.key, reason="memory")
+            raise
+        for victim in victims:
+            await self.evict(victim, reason="memory")
 
     def remeasure(self) -> None:
         """Raise each loaded model's reservation to what its worker holds now (see `Placement.remeasure`)."""
@@ -203,7 +216,7 @@ class WorkerPool:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
             retry = exc.transient or exc.unreachable
             raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
-        device = await self._reserve(slot, self.placement.estimate(cfg, str(folder)), evict)
+        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
         spec = self._spec(cfg, str(folder), device)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)

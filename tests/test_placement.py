@@ -8,7 +8,7 @@ import pytest
 
 from sie_router.devices import DeviceMemory
 from sie_router.errors import SIEError
-from sie_router.placement import DEFAULT_ESTIMATE, WEIGHTS_MEMORY_FACTOR, Placement
+from sie_router.placement import DEFAULT_BASE, WEIGHTS_MEMORY_FACTOR, Placement
 from sie_router.registry import ModelConfig, Profile
 from sie_router.settings import Settings
 
@@ -35,12 +35,66 @@ def config(memory_mb: int | None = None) -> ModelConfig:
     return ModelConfig(sie_id="m", profiles={"default": Profile(adapter="fake")}, memory_mb=memory_mb)
 
 
-def test_the_estimate_comes_from_the_config_then_the_weight_files_then_a_default(tmp_path: Path) -> None:
-    assert Placement.estimate(config(memory_mb=300), "") == 300 * MiB
-    assert Placement.estimate(config(), "") == DEFAULT_ESTIMATE
+def test_the_estimate_is_the_configs_figure_else_a_process_base_plus_the_weights_and_a_working_set(
+        tmp_path: Path) -> None:
+    placement = Placement(Settings(memory_budget=1000 * MiB), FakeHost())
+    assert placement.estimate("m", config(memory_mb=300), "") == 300 * MiB
+    assert placement.estimate("m", config(), "") == DEFAULT_BASE["cpu"]  # no weights (package-backed): the base
     (tmp_path / "model.safetensors").write_bytes(b"\0" * MiB)
     (tmp_path / "README.md").write_bytes(b"\0" * MiB)  # not weights
-    assert Placement.estimate(config(), str(tmp_path)) == int(MiB * WEIGHTS_MEMORY_FACTOR)
+    assert placement.estimate("m", config(), str(tmp_path)) == DEFAULT_BASE["cpu"] + int(MiB * WEIGHTS_MEMORY_FACTOR)
+
+
+def test_the_process_base_is_learned_from_the_workers_measured_on_the_device(tmp_path: Path) -> None:
+    """Three tiny models under a budget of 2.5 workers (the issue's case): once the first measured itself, the third
+    model's estimate no longer fits beside the other two, so the plan evicts one before it spawns."""
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=1353 * MiB), host)
+    assert placement.estimate("a", config(), "") == DEFAULT_BASE["cpu"]
+    for pid, key in enumerate(("a", "b")):
+        nbytes = placement.estimate(key, config(), "")
+        assert placement.plan(key, nbytes, lambda k: True) == ("cpu", [])
+        placement.reserve(key, "cpu", nbytes)
+        host.held[pid] = 545 * MiB  # what a tiny model's worker held, measured
+        placement.settle(key, pid, "cpu", reported=0)
+    assert placement.estimate("c", config(), "") == 545 * MiB  # learned from a and b
+    assert placement.plan("c", 545 * MiB, lambda k: True) == ("cpu", ["a"])
+
+
+def test_the_median_base_ignores_one_odd_worker_and_outlives_its_eviction() -> None:
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=10_000 * MiB), host)
+    for pid, (key, held) in enumerate((("a", 100), ("b", 120), ("huge", 3000))):
+        placement.estimate(key, config(), "")
+        placement.reserve(key, "cpu", 1)
+        host.held[pid] = held * MiB
+        placement.settle(key, pid, "cpu", reported=0)
+    assert placement.base("cpu") == 120 * MiB
+    placement.release("a")
+    assert placement.base("cpu") == 120 * MiB, "an evicted worker's measurement still says what a worker costs"
+    assert placement.base("cuda:0") > DEFAULT_BASE["cpu"], "a GPU with no worker yet: the generous default"
+
+
+def test_after_ready_an_overrun_evicts_lru_idle_models_or_fails_beyond_the_tolerance() -> None:
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=1000 * MiB), host)
+    for pid, key in enumerate(("old", "busy")):
+        placement.reserve(key, "cpu", 300 * MiB)
+        host.held[pid] = 300 * MiB
+        placement.settle(key, pid, "cpu", reported=0)
+    placement.reserve("new", "cpu", 400 * MiB)
+    assert placement.fit("new", "cpu", lambda k: True) == []  # within budget
+    host.held[9] = 600 * MiB
+    placement.settle("new", 9, "cpu", reported=0)  # 1200 MiB measured against 1000
+    assert placement.overrun("cpu") == 200 * MiB
+    assert placement.fit("new", "cpu", lambda k: k != "busy") == ["old"]  # never the new model, never a busy one
+    with pytest.raises(SIEError) as refused:
+        placement.fit("new", "cpu", lambda k: False)
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and "over its budget" in refused.value.message
+    host.held[9] = 420 * MiB  # 20 MiB over: within the 5 % tolerance, kept when nothing can go
+    placement.settle("new", 9, "cpu", reported=0)
+    assert placement.fit("new", "cpu", lambda k: False) == []
+    assert placement.fit("new", "cpu", lambda k: True) == ["old"], "evictable models still go to fit the budget"
 
 
 def test_a_plan_evicts_least_recently_used_evictable_models_and_never_the_model_itself() -> None:

@@ -155,3 +155,42 @@ def test_kill_9_fails_only_that_models_requests_and_it_recovers(tmp_path: Path) 
         assert workers(srv)[MINILM]["pid"] != victim_pid
     finally:
         srv.stop()
+
+
+LEAN_AND_HEAVY = """\
+# No memory_mb: the router estimates each from a per-process base it learns, then evicts if the measure says more.
+sie_id: test/lean-a
+package_backed: true
+tasks: {encode: {dense: {dim: 16}}}
+profiles: {default: {adapter: fake, max_batch_tokens: 16384, adapter_options: {loadtime: {dim: 16, memory_mb: 100}}}}
+---
+sie_id: test/lean-b
+package_backed: true
+tasks: {encode: {dense: {dim: 16}}}
+profiles: {default: {adapter: fake, max_batch_tokens: 16384, adapter_options: {loadtime: {dim: 16, memory_mb: 100}}}}
+---
+sie_id: test/heavy
+package_backed: true
+tasks: {encode: {dense: {dim: 16}}}
+profiles: {default: {adapter: fake, max_batch_tokens: 16384, adapter_options: {loadtime: {dim: 16, memory_mb: 600}}}}
+"""
+
+
+def test_a_worker_that_measures_more_than_its_estimate_evicts_lru_models_right_after_ready(tmp_path: Path) -> None:
+    """Two lean workers teach the router a small base, so the heavy model's estimate fits beside them; once it
+    measures itself (~650 MiB) the device is over its 700 MiB budget, and both idle lean models go at once."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "lean.yaml").write_text(LEAN_AND_HEAVY)
+    srv = Server(["--bundle", str(bundle), "--memory-budget", "700MiB"], log=tmp_path / "log").wait_ready()
+    try:
+        encode(srv, "test/lean-a")
+        encode(srv, "test/lean-b")
+        assert loaded(srv) == {"test/lean-a", "test/lean-b"}
+        encode(srv, "test/heavy")
+        assert loaded(srv) == {"test/heavy"}
+        assert workers(srv)["test/heavy"]["memory_bytes"] > 600 * 2**20
+        devices = httpx.get(f"{srv.url}/admin/workers").json()["devices"]
+        assert devices[0]["reserved_bytes"] <= devices[0]["budget_bytes"] * 1.05
+    finally:
+        srv.stop()
