@@ -39,15 +39,19 @@ class Placement:
                                    exclusive={d.name for d in readings if d.exclusive})
         self.weights: dict[str, int] = {}  # model key -> bytes of its weight files, for learning the base
         self.bases: dict[str, dict[str, int]] = {}  # device -> model key -> what its worker holds beyond its weights
+        self.measured: dict[str, int] = {}  # model key -> what its last worker held at Ready
 
     def estimate(self, key: str, config: ModelConfig, folder: str) -> int:
-        """Bytes to reserve before the worker has measured itself: the config's figure, else the per-process base
-        of the device with the most room plus the weights and their working set."""
+        """Bytes to reserve before the worker has measured itself: the config's figure, else what the model's last
+        worker measured, else the per-process base of the device with the most room plus the weights and their
+        working set."""
         if config.memory_mb:
             return config.memory_mb * 2**20
         weights = sum(p.stat().st_size for p in Path(folder).rglob("*")
                       if p.suffix in (".safetensors", ".bin", ".pt")) if folder else 0
         self.weights[key] = weights
+        if key in self.measured:
+            return self.measured[key]
         return self.base(self.ledger.best_device()) + int(weights * WEIGHTS_MEMORY_FACTOR)
 
     def base(self, device: str) -> int:
@@ -75,6 +79,8 @@ class Placement:
         budget = self.ledger.devices[device].budget
         if over <= budget * OVERRUN_TOLERANCE:
             return []
+        for learned in self.bases.values():  # a worker too big to keep must not make every other estimate too big
+            learned.pop(key, None)
         held = (self.ledger.reserved(key) or 0) / 2**20
         raise SIEError("RESOURCE_EXHAUSTED", f"model '{key}' holds {held:.0f} MiB on {device}, {over / 2**20:.0f} MiB "
                        f"over its budget of {budget / 2**20:.0f} MiB, and no idle model can be evicted")
@@ -101,6 +107,7 @@ class Placement:
         figure plus its measured CUDA context (NVML cannot attribute by PID inside a container without hostPID)."""
         measured = self.devices.process_memory(pid, device, reported, context_bytes) or reported
         self.ledger.settle(key, measured)
+        self.measured[key] = measured
         if key in self.weights:  # a model whose estimate came from its weights teaches the device's base
             self.bases.setdefault(device, {})[key] = max(0, measured - int(self.weights[key] * WEIGHTS_MEMORY_FACTOR))
         return measured

@@ -73,6 +73,8 @@ def test_the_median_base_ignores_one_odd_worker_and_outlives_its_eviction() -> N
     placement.release("a")
     assert placement.base("cpu") == 120 * MiB, "an evicted worker's measurement still says what a worker costs"
     assert placement.base("cuda:0") > DEFAULT_BASE["cpu"], "a GPU with no worker yet: the generous default"
+    assert placement.estimate("huge", config(), "") == 3000 * MiB, "a model measured before: its own figure"
+    assert placement.estimate("huge", config(memory_mb=50), "") == 50 * MiB, "the config's figure still wins"
 
 
 def test_after_ready_an_overrun_evicts_lru_idle_models_or_fails_beyond_the_tolerance() -> None:
@@ -88,9 +90,13 @@ def test_after_ready_an_overrun_evicts_lru_idle_models_or_fails_beyond_the_toler
     placement.settle("new", 9, "cpu", reported=0)  # 1200 MiB measured against 1000
     assert placement.overrun("cpu") == 200 * MiB
     assert placement.fit("new", "cpu", lambda k: k != "busy") == ["old"]  # never the new model, never a busy one
+    placement.estimate("new", config(), "")  # its estimate came from the base: its measure teaches the base
+    placement.settle("new", 9, "cpu", reported=0)
+    assert placement.base("cpu") == 600 * MiB
     with pytest.raises(SIEError) as refused:
         placement.fit("new", "cpu", lambda k: False)
     assert refused.value.code == "RESOURCE_EXHAUSTED" and "over its budget" in refused.value.message
+    assert placement.base("cpu") == DEFAULT_BASE["cpu"], "a worker refused as too big does not teach the base"
     host.held[9] = 420 * MiB  # 20 MiB over: within the 5 % tolerance, kept when nothing can go
     placement.settle("new", 9, "cpu", reported=0)
     assert placement.fit("new", "cpu", lambda k: False) == []

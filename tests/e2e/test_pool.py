@@ -176,13 +176,18 @@ profiles: {default: {adapter: fake, max_batch_tokens: 16384, adapter_options: {l
 """
 
 
-def test_a_worker_that_measures_more_than_its_estimate_evicts_lru_models_right_after_ready(tmp_path: Path) -> None:
-    """Two lean workers teach the router a small base, so the heavy model's estimate fits beside them; once it
-    measures itself (~650 MiB) the device is over its 700 MiB budget, and both idle lean models go at once."""
+def lean_bundle(tmp_path: Path) -> Path:
     bundle = tmp_path / "b"
     bundle.mkdir()
     (bundle / "lean.yaml").write_text(LEAN_AND_HEAVY)
-    srv = Server(["--bundle", str(bundle), "--memory-budget", "700MiB"], log=tmp_path / "log").wait_ready()
+    return bundle
+
+
+def test_a_worker_that_measures_more_than_its_estimate_evicts_lru_models_right_after_ready(tmp_path: Path) -> None:
+    """Two lean workers teach the router a small base, so the heavy model's estimate fits beside them; once it
+    measures itself (~650 MiB) the device is over its 700 MiB budget, and both idle lean models go at once."""
+    srv = Server(["--bundle", str(lean_bundle(tmp_path)), "--memory-budget", "700MiB"],
+                 log=tmp_path / "log").wait_ready()
     try:
         encode(srv, "test/lean-a")
         encode(srv, "test/lean-b")
@@ -192,5 +197,27 @@ def test_a_worker_that_measures_more_than_its_estimate_evicts_lru_models_right_a
         assert workers(srv)["test/heavy"]["memory_bytes"] > 600 * 2**20
         devices = httpx.get(f"{srv.url}/admin/workers").json()["devices"]
         assert devices[0]["reserved_bytes"] <= devices[0]["budget_bytes"] * 1.05
+    finally:
+        srv.stop()
+
+
+def test_a_worker_over_the_budget_with_nothing_to_evict_fails_its_load_and_the_next_try_fails_before_spawn(
+        tmp_path: Path) -> None:
+    """The heavy model's default estimate (400 MiB) fits a 400 MiB budget; its measure (~650 MiB) does not, and no
+    other model can go: its worker is stopped and the load answers a retryable 503. Its measure is remembered, so the
+    next try is refused without a spawn, and a lean model still loads (the refused worker taught no base)."""
+    srv = Server(["--bundle", str(lean_bundle(tmp_path)), "--memory-budget", "400MiB"],
+                 log=tmp_path / "log").wait_ready()
+    body = {"model": "test/heavy", "input": "x"}
+    try:
+        # The OpenAI route waits out a load (--load-wait-s), so it sees how the load ended.
+        response = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=120)
+        assert response.status_code == 503 and "retry-after" in response.headers
+        assert "over its budget" in response.json()["error"]["message"]
+        assert loaded(srv) == set()
+        again = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=120)
+        assert again.status_code == 503 and "needs about" in again.json()["error"]["message"]
+        encode(srv, "test/lean-a")
+        assert loaded(srv) == {"test/lean-a"}
     finally:
         srv.stop()
