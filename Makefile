@@ -4,7 +4,7 @@ VENV := .venv
 COMPAT := .venv-compat
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install install-test serve test test-gpu test-slow bench soak lint image test-container clean
+.PHONY: install install-test serve test test-gpu test-slow bench bench-density soak lint image test-container clean
 
 install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml scripts/install.sh scripts/torch-build.sh
@@ -31,6 +31,9 @@ test-gpu: install-test
 
 bench: install-test
 	$(VENV)/bin/python bench/run.py $(ARGS)
+
+bench-density: install-test
+	$(VENV)/bin/python bench/density.py $(ARGS)
 
 soak: install-test
 	$(VENV)/bin/python bench/soak.py $(ARGS)
