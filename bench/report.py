@@ -87,3 +87,43 @@ def cpu_lines(rows: dict[str, dict], shapes: list[str]) -> str:
     foreign = max((v["foreign_cores"] for got in folded.values() for v in got.values()), default=0.0)
     lines.append(f"most cores used by other tenants during any measurement: {foreign:.2f}")
     return "\n".join(lines)
+
+
+def _verdict(value: float | None, target: float | None) -> str:
+    if target is None:
+        return ""
+    if value is None:
+        return "n/a"
+    return "PASS" if value <= target else "FAIL"
+
+
+def memory_table(memory: dict[str, dict], targets_mib: dict[str, float]) -> str:
+    """Each server's process tree (the server and every descendant) after the last load shape."""
+    head = f"{'server':<16} {'tree PSS MiB':>12} {'tree RSS MiB':>12} {'processes':>9}  {'target PSS':>10}"
+    lines = [head, "-" * len(head)]
+    for name, m in memory.items():
+        if m.get("error"):
+            lines.append(f"{name:<16} {m['error']}")
+            continue
+        target = targets_mib.get(name)
+        lines.append(f"{name:<16} {m['pss_mib']:12.0f} {m['rss_mib']:12.0f} {m['processes']:9d}  "
+                     + (f"{'<= ' + format(target, '.0f'):>10} {_verdict(m['pss_mib'], target)}" if target else ""))
+    return "\n".join(lines)
+
+
+def startup_table(timings: list[dict]) -> str:
+    """Seconds to the first embedding: median, min and max over the starts (or reloads) that answered."""
+    head = f"{'server':<16} {'what':<32} {'runs':>4} {'median s':>8} {'min s':>6} {'max s':>6}  {'target':>8}"
+    lines = [head, "-" * len(head)]
+    for t in timings:
+        got = t["seconds"]
+        line = f"{t['server']:<16} {t['what']:<32} {len(got):>4} "
+        line += (f"{t['median_s']:8.2f} {min(got):6.2f} {max(got):6.2f}" if got else f"{'-':>8} {'-':>6} {'-':>6}")
+        if t["target_s"] is not None:
+            line += f"  {'<= ' + format(t['target_s'], 'g') + ' s':>8} {_verdict(t['median_s'], t['target_s'])}"
+        if t["errors"]:
+            line += f"  {len(t['errors'])} failed: {t['errors'][0][:120]}"
+        if t["note"]:
+            line += f"  ({t['note']})"
+        lines.append(line)
+    return "\n".join(lines)

@@ -1,6 +1,7 @@
 """`make bench`: bare model vs our server vs Infinity (torch and ONNX engines), one run, one machine, loopback only.
 
-Prints sentences/s for each load shape, p50/p99 at concurrency 1, ratios, and the worst cosine against the bare model.
+Prints sentences/s for each load shape, p50/p99 at concurrency 1, ratios, and the worst cosine against the bare model;
+then each server's process tree PSS after the last shape, our model's reload after an eviction, and cold starts.
 """
 
 from __future__ import annotations
@@ -13,8 +14,13 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import psutil
+
+import coldstart
 import cpustat
 import infinity_env
 import loadgen
@@ -22,8 +28,13 @@ import report
 import targets
 from bare import Bare
 from corpus import corpus_digest, make_corpus
+from memory import MIB, settled_tree
 
 ROOT = Path(__file__).resolve().parent.parent
+# Issue 14's targets for our server, printed beside the figures (a miss does not change the exit code).
+PSS_TARGET_MIB = 450.0
+COLD_START_TARGET_S = 3.0
+RELOAD_TARGET_S = 1.5
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -46,9 +57,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "engine, CPU-only here, is left out)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
                                                                      "e.g. --server-arg=--max-wait-ms=1")
+    p.add_argument("--skip-cold-start", action="store_true",
+                   help="leave out the cold start phase (--quick runs only ours with a warm engine cache)")
+    p.add_argument("--starts", type=int, help="fresh starts per warm-cache cold start figure, and reloads after an "
+                                              "eviction; the median is shown (default 3; --quick 1)")
     a = p.parse_args(argv)
     a.duration = min(60.0, a.duration or (3.0 if a.quick else 10.0))
     a.repeats = a.repeats or (1 if a.quick else 3)
+    a.starts = a.starts or (1 if a.quick else 3)
     a.corpus = a.corpus or (512 if a.quick else 2048)
     a.skip_infinity = a.skip_infinity or a.quick
     return a
@@ -67,8 +83,10 @@ def header(a: argparse.Namespace) -> dict:
     return meta
 
 
-def start_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) -> list[targets.Server]:
-    wanted = [targets.ours(a.threads, ["--device", a.device, *a.server_arg])]
+def plan_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) -> list[Callable[[], targets.Server]]:
+    """A maker for each server under test (a fresh Server on a fresh port per call); rows notes the ones that can't."""
+    wanted: list[Callable[[], targets.Server]] = [partial(targets.ours, a.threads,
+                                                          ["--device", a.device, *a.server_arg])]
     if not a.skip_infinity:
         for engine in ("torch", "optimum") if a.device == "cpu" else ("torch",):
             name = "infinity-onnx" if engine == "optimum" else "infinity-torch"
@@ -81,9 +99,14 @@ def start_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict])
             if not ok:
                 rows[name] = {"unavailable": why}
                 continue
-            wanted.append(targets.infinity(engine, folder, a.threads, infinity_env.cli(), a.device))
+            wanted.append(partial(targets.infinity, engine, folder, a.threads, infinity_env.cli(), a.device))
+    return wanted
+
+
+def start_servers(a: argparse.Namespace, plans: list[Callable[[], targets.Server]],
+                  rows: dict[str, dict]) -> list[targets.Server]:
     up = []
-    for server in wanted:
+    for server in (make() for make in plans):
         t0 = time.perf_counter()
         ok, why = server.start(a.start_timeout)
         rows[server.name] = {"runs": {}} if ok else {"unavailable": why}
@@ -124,6 +147,30 @@ def measure(a: argparse.Namespace, bare: Bare, best: int, ref, corpus: list[str]
                 progress(server.name, shape.name, rep, r)
 
 
+def tree_after(server: targets.Server) -> dict:
+    """The server's process tree (it and every descendant) once its PSS stops moving, at most 10 s."""
+    try:
+        assert server.proc is not None
+        tree = settled_tree(psutil.Process(server.proc.pid), 10.0)
+    except psutil.Error as exc:
+        return {"error": f"cannot read its memory: {exc}"}
+    return {"pid": tree.pid, "pss_mib": tree.pss / MIB, "rss_mib": tree.rss / MIB, "processes": tree.processes}
+
+
+def cold_start_phase(a: argparse.Namespace, plans: list[Callable[[], targets.Server]]) -> list[coldstart.Timing]:
+    """Our server with its engine cache warm (the throughput phase's start of the same command filled it), then cold;
+    then each Infinity engine with its caches as they are. --quick: ours warm only."""
+    print(f"# cold starts: process start to the first embedding, each server alone, median of {a.starts}", flush=True)
+    ours, *others = plans
+    timings = [coldstart.cold_starts(ours, "cold start, engine cache warm", a.starts, a.start_timeout,
+                                     COLD_START_TARGET_S)]
+    if not a.quick:
+        timings.append(coldstart.cold_cache_start(ours, a.start_timeout))
+        timings += [coldstart.cold_starts(make, "cold start, caches as they are", a.starts, a.start_timeout)
+                    for make in others]
+    return timings
+
+
 def progress(name: str, shape: str, rep: int, r: dict) -> None:
     extra = f" server {r['server_cores']:.2f} cores" if "server_cores" in r else ""
     errors = f" ERRORS {r['errors']}: {r['first_errors'][:1]}" if r["errors"] else ""
@@ -152,25 +199,42 @@ def main(argv: list[str] | None = None) -> int:
           f"{time.perf_counter() - t0:.0f} s; best batch {best} (sentences/s by batch: {tried})", flush=True)
     rows: dict[str, dict] = {"bare": {"runs": {}}}
     servers: list[targets.Server] = []
+    memory: dict[str, dict] = {}
+    timings: list[coldstart.Timing] = []
+    plans = plan_servers(a, model_dir, rows)
     try:
-        servers = start_servers(a, model_dir, rows)
+        servers = start_servers(a, plans, rows)
         measure(a, bare, best, ref, corpus, servers, rows, shapes)
+        memory = {server.name: tree_after(server) for server in servers}
+        print(f"# reload after an eviction: our model evicted through the admin API, median of {a.starts}", flush=True)
+        timings.append(coldstart.reloads(servers[0], a.starts, a.start_timeout, RELOAD_TARGET_S))
     finally:
         for server in servers:
             server.stop()
+    if not a.skip_cold_start:
+        timings = cold_start_phase(a, plans) + timings
     names = [s.name for s in shapes]
     text, failures = report.table(rows, names)
     print(f"\n# sentences/s (median of {a.repeats}); bare: c1 at batch 1, the other shapes at its best batch ({best});"
           " p50/p99 at concurrency 1")
     print(text)
     print(report.cpu_lines(rows, names))
+    print("\n# server process tree after the last load shape (PSS counts shared pages once; RSS once per process)")
+    print(report.memory_table(memory, {"ours": PSS_TARGET_MIB}))
+    rows_timed = [t.row() for t in timings]
+    print("\n# seconds to the first embedding: cold start = process start to the first answer; reload = from an "
+          "admin eviction")
+    print(report.startup_table(rows_timed))
     for server in servers:
         if "Optimization failed" in server.log.read_text(errors="replace"):
             print(f"# note: {server.name} could not optimise its ONNX graph and serves the plain model.onnx "
                   f"(see {server.log})")
     print(f"# load average at the end: {[round(x, 2) for x in os.getloadavg()]}")
     if a.json:
-        out = {"meta": {**meta, "best_batch": best, "sweep": sweep}, "rows": rows, "summary": report.summary(rows)}
+        out = {"meta": {**meta, "best_batch": best, "sweep": sweep}, "rows": rows, "summary": report.summary(rows),
+               "memory": {name: {**m, "target_pss_mib": PSS_TARGET_MIB if name == "ours" else None}
+                          for name, m in memory.items()},
+               "startup": rows_timed}
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(out, indent=1))
     errors = sum(r["errors"] for run in rows.get("ours", {}).get("runs", {}).values() for r in run)

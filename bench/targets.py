@@ -48,6 +48,7 @@ class Server:
     cwd: Path = ROOT
     proc: subprocess.Popen | None = None
     model: str = MODEL
+    log_tag: str = ""  # told apart in the log's name, so that a later start keeps an earlier one's log
 
     @property
     def url(self) -> str:
@@ -55,16 +56,23 @@ class Server:
 
     @property
     def log(self) -> Path:
-        return LOGS / f"{self.name}.log"
+        return LOGS / f"{self.name}{self.log_tag}.log"
 
-    def start(self, timeout_s: float) -> tuple[bool, str]:
-        """Start and wait until ready; on failure the process is stopped and the reason returned."""
+    def launch(self) -> float:
+        """Start the process without waiting; returns time.monotonic() just before it was spawned."""
         LOGS.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "DO_NOT_TRACK": "1",
                **self.env}
         with self.log.open("w") as out:
+            t0 = time.monotonic()
             self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.cwd,
                                          start_new_session=True)
+        return t0
+
+    def start(self, timeout_s: float) -> tuple[bool, str]:
+        """Start and wait until ready; on failure the process is stopped and the reason returned."""
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
