@@ -73,18 +73,19 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default auto: a GPU "
                                                                           "when NVML finds one, else the CPU)")
-    serve.add_argument("--engine", choices=["torch", "onnx", "auto", "optimum"],
-                       help="dense encoders' engine on CPU: torch, onnx (ONNX Runtime, exported and cached at load; "
-                            "Infinity's 'optimum' means the same) or auto (onnx when onnxruntime is installed); "
-                            "GPUs always run torch (default auto)")
+    serve.add_argument("--engine", choices=["torch", "onnx", "openvino", "auto", "optimum"],
+                       help="dense encoders' engine on CPU: auto (a worker without torch serving the graph exported "
+                            "and cached at first load, under OpenVINO in bf16 where the CPU has it natively, else ONNX "
+                            "Runtime), openvino, onnx (ONNX Runtime in float32; Infinity's 'optimum' means the same) "
+                            "or torch; GPUs always run torch (default auto)")
     serve.add_argument("--dtype", choices=DTYPES,
                        help="compute precision for every model, over each model config's own (default auto: the "
-                            "config's, else float32); bfloat16 runs torch, fast on CPUs with native bf16 "
-                            "(AVX512-BF16, AMX); float16 is for GPUs")
+                            "config's, else float32; dense encoders under OpenVINO take bf16 where the CPU has it, "
+                            "checked at load); float16 is for GPUs")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--onnx-lanes", type=int, metavar="N",
-                       help="ONNX Runtime: forward calls run side by side, worker threads / N threads each (default: "
-                            "one thread each, best under load; 1 gives a lone request every thread, best latency)")
+                       help="lean dense workers: forward calls side by side (ONNX Runtime calls of worker threads / N "
+                            "threads each, default one thread each; OpenVINO streams, default 1)")
     serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
     serve.add_argument("--max-wait-ms", type=float,
                        help="while the worker is busy, how long a batch waits to fill until the worker's pace is "

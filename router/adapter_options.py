@@ -32,10 +32,11 @@ class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class DenseOptions(Common):
     pooling: Literal["mean", "cls", "last", "last_token", "none"] | None = None
     normalize: bool | None = None
-    engine: Literal["torch", "onnx", "auto"] | None = None
-    onnx_lanes: int | None = None
-    onnx_cache_dir: str | None = None
+    engine: Literal["torch", "onnx", "openvino", "auto"] | None = None
+    onnx_lanes: int | None = None  # calls side by side: ORT calls, or OpenVINO streams
+    onnx_cache_dir: str | None = None  # where exported graphs are cached (default ~/.cache/sie/graphs)
     onnx_arena: bool | None = None  # ORT's CPU memory arena; off by default (it keeps the longest batch's memory)
+    micro_batch_tokens: int | None = None  # most padded tokens in one forward call of a lean worker (default 1024)
 
 
 class SparseOptions(Common):

@@ -30,17 +30,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     device: str = "auto"
     worker_threads: int = 0
-    # Dense encoders' engine on CPU (torch, onnx or auto); a model config's own `engine` loadtime option wins.
-    # auto: ONNX Runtime on CPU (faster than torch at every load shape of make bench), torch on GPUs and whenever
-    # the export fails.
+    # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` loadtime option wins.
+    # auto: a worker without torch serving the exported graph under OpenVINO (bf16 where the CPU has it natively),
+    # else ONNX Runtime; torch on GPUs and whenever the export or its check fails (worker/adapters/dense_lean.py).
     engine: str = "auto"
-    # ONNX Runtime forward calls run side by side, one thread each (0: as many as worker threads). 1 gives a lone
-    # request every thread: lower latency at concurrency 1, less throughput under load (bench/README.md, "lanes").
+    # Forward calls side by side (0: the runtime's default: ONNX Runtime one call per worker thread, OpenVINO one
+    # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
+    # throughput under load (bench/README.md, "lanes").
     onnx_lanes: int = 0
     # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else float32).
-    # bfloat16 runs torch (ONNX Runtime is float32 only); on a CPU with native bf16 (AVX512-BF16, AMX) it beats the
-    # float32 ONNX engine on big requests and trails it on many small ones, at sentence cosine >= 0.9998 for
-    # all-MiniLM-L6-v2 (bench/README.md). float16 is for GPUs; CPU workers run it as float32.
+    # On the CPU, dense encoders under OpenVINO already run bfloat16 where the CPU has it natively, checked against
+    # float32 at load; float32 here forces float32 there. bfloat16 runs the other families' torch in bf16. float16 is
+    # for GPUs; CPU workers run it as float32.
     dtype: str = "auto"
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64

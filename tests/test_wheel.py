@@ -74,7 +74,9 @@ def test_a_wheel_run_elsewhere_serves_a_bundle_model_by_its_hub_id(served: Serve
     response = httpx.post(f"{served.url}/v1/embeddings", json={"model": BUNDLED, "input": texts}, timeout=60)
     assert response.status_code == 200, response.text
     got = np.array([row["embedding"] for row in response.json()["data"]])
-    np.testing.assert_allclose(got, SentenceTransformer(str(checkpoint), device="cpu").encode(texts), atol=1e-5)
+    want = SentenceTransformer(str(checkpoint), device="cpu").encode(texts)
+    # Served under OpenVINO, in bf16 where the CPU has it: the migration contract, not float32's last digits.
+    assert ((got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)).min() >= 0.999
     log = served.log_path.read_text()
     assert f"downloaded {BUNDLED}" in log
     assert "adapter, because of" not in log  # the bundle's config, not inference

@@ -119,6 +119,8 @@ class Worker:
         try:
             context_bytes = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else 0
             adapter = build_adapter(self.spec)
+            if "torch" in sys.modules:  # a torch adapter: its threads before its first op; a lean one never maps it
+                configure_torch_threads(self.spec.threads)
             info = adapter.load()
         except Exception as exc:  # any load error is reported, then the process exits
             log.exception("loading %s failed", self.spec.model)
@@ -240,6 +242,4 @@ def entry(spec_bytes: bytes) -> None:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
     setproctitle.setproctitle(f"sie-worker:{spec.model}@{spec.device}")
-    if spec.adapter != "fake":
-        configure_torch_threads(spec.threads)
     sys.exit(run(spec))

@@ -114,7 +114,10 @@ def check_dense(srv: FamilyServer, model: str, folder: Path) -> None:
 
     want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
     got = np.stack([item["dense"]["values"] for item in encode(srv, model, TEXTS)])
-    np.testing.assert_allclose(got, want, atol=ATOL)
+    # A dense encoder on the CPU runs under OpenVINO in bf16 where the CPU has it: the migration contract, not
+    # float32's last digits.
+    cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosines.min() >= 0.999 and np.abs(got - want).max() < 5e-3
 
 
 def check_sparse(srv: FamilyServer, model: str, folder: Path) -> None:

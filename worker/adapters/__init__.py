@@ -24,6 +24,14 @@ FAMILIES: dict[str, str] = {
 
 
 def build_adapter(spec: WorkerSpec) -> Adapter:
+    """The adapter for the spec's family, not loaded yet. A dense encoder on CPU is served without torch from an
+    exported graph where it can be (`dense_lean.build` exports it first, in a helper process); torch otherwise."""
+    if spec.adapter == "dense":
+        from sie_worker.adapters import dense_lean
+
+        lean = dense_lean.build(spec)
+        if lean is not None:
+            return lean
     try:
         target = FAMILIES[spec.adapter]
     except KeyError:

@@ -1,13 +1,13 @@
 """Dense embeddings (worker process): transformers encoder, pooling (mean, CLS, last) and L2 normalisation.
 
 Pooling and normalisation default to what the checkpoint's sentence-transformers files say (`modules.json`,
-`1_Pooling/config.json`, `sentence_bert_config.json`); model-config options override them. On CPU the encoder can run
-under ONNX Runtime (loadtime option `engine`: torch, onnx or auto); pooling stays in torch either way.
+`1_Pooling/config.json`, `sentence_bert_config.json`); model-config options override them. This is the torch engine:
+GPUs, `engine: torch`, and any checkpoint that cannot be served from an exported graph. On CPU the other engines serve
+dense encoders without torch (`dense_lean.py`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,16 +18,14 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from sie_worker.adapters import onnx_engine
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.st_config import sentence_transformers_defaults
 from sie_worker.adapters.torch_common import (
     Buckets,
     compute_dtype,
     memory_bytes,
     prepare_texts,
-    read_json,
     release,
-    split_for_lanes,
     to_device,
     torch_device,
     warm_up,
@@ -35,31 +33,8 @@ from sie_worker.adapters.torch_common import (
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 POOLINGS = ("mean", "cls", "last", "last_token", "none")
-ENGINES = ("torch", "onnx", "auto")
 
 log = logging.getLogger("sie.worker")
-
-
-def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
-    """Pooling, normalisation and max length as the checkpoint's sentence-transformers config declares them."""
-    found: dict[str, Any] = {}
-    modules = read_json(weights_dir / "modules.json")
-    for module in modules if isinstance(modules, list) else []:
-        kind = str(module.get("type", ""))
-        if kind.endswith("Normalize"):
-            found["normalize"] = True
-        if kind.endswith("Pooling"):
-            pooling = read_json(weights_dir / module.get("path", "1_Pooling") / "config.json") or {}
-            if pooling.get("pooling_mode_cls_token"):
-                found["pooling"] = "cls"
-            elif pooling.get("pooling_mode_lasttoken"):
-                found["pooling"] = "last"
-            elif pooling.get("pooling_mode_mean_tokens"):
-                found["pooling"] = "mean"
-    max_len = (read_json(weights_dir / "sentence_bert_config.json") or {}).get("max_seq_length")
-    if max_len:
-        found["max_sequence_length"] = int(max_len)
-    return found
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
@@ -89,10 +64,6 @@ class DenseAdapter:
         self.pooling = str(pooling or defaults.get("pooling", "mean"))
         normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
         self.normalize = bool(defaults.get("normalize", False) if normalize is None else normalize)
-        self.engine = str(spec.loadtime.get("engine") or "torch")
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; expected one of {ENGINES}")
-        self.onnx: onnx_engine.OnnxEncoder | None = None
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
@@ -102,36 +73,12 @@ class DenseAdapter:
         if self.max_length is None:
             self.max_length = min(int(self.tokenizer.model_max_length), 512)
         self.dim = dim = int(self.model.config.hidden_size)
-        if self.wants_onnx(dtype):
-            self.onnx = onnx_engine.export_or_load(self.model, self.tokenizer, self.weights_dir,
-                                                   self.spec.loadtime.get("onnx_cache_dir"), self.spec.threads,
-                                                   int(self.spec.loadtime.get("onnx_lanes") or 0),
-                                                   arena=bool(self.spec.loadtime.get("onnx_arena")))
-        if self.onnx is not None:
-            self.model = None  # the session holds its own copy of the weights
-            # ORT's thread pool owns the cores now; torch only pools. With more than one thread torch's OpenMP
-            # workers spin after each pooling op and take a core from ORT's next forward: 30% of the throughput
-            # (bench/README.md, "torch threads beside ONNX Runtime").
-            torch.set_num_threads(1)
-            log.info("engine: %s", self.onnx.describe())
-        else:
-            log.info("engine: torch (%s)", self.device.type)
+        log.info("engine: torch (%s)", self.device.type)
         self.warm_up()
         return LoadInfo(dims={"dense": dim}, capabilities=["dense"], max_sequence_length=self.max_length)
 
-    def wants_onnx(self, dtype: torch.dtype) -> bool:
-        """ONNX Runtime runs float32 on CPU only: `onnx` asks for it, `auto` takes it when onnxruntime is installed."""
-        if self.engine == "torch":
-            return False
-        if self.device.type != "cpu" or dtype is not torch.float32:
-            if self.engine == "onnx":
-                log.warning("engine onnx runs float32 on CPU only; using torch on %s in %s", self.device, dtype)
-            return False
-        return self.engine == "onnx" or importlib.util.find_spec("onnxruntime") is not None
-
     def warm_up(self) -> None:
-        """The largest micro-batch, then a small one, through whichever engine runs (torch_common.warm_up); RSS then
-        stays flat under load."""
+        """The largest micro-batch, then a small one (torch_common.warm_up); RSS then stays flat under load."""
         assert self.max_length is not None
 
         def run(tensors: dict[str, torch.Tensor]) -> None:
@@ -142,14 +89,8 @@ class DenseAdapter:
         warm_up(run, self.tokenizer, self.max_length, self.spec, self.device, on_cpu=True)
 
     def encoded(self, buckets: Buckets) -> Iterator[tuple[list[int], dict[str, torch.Tensor], torch.Tensor]]:
-        """(item indices, inputs on the device, last hidden state) per bucket. ONNX Runtime runs every bucket at
-        once, side by side on its lanes; torch runs them one at a time, so a GPU holds one bucket's activations."""
-        if self.onnx is not None:
-            buckets = split_for_lanes(buckets, self.onnx.lanes)
-            hidden = self.onnx.run_all([tensors for _, tensors in buckets])
-            for (indices, tensors), states in zip(buckets, hidden, strict=True):
-                yield indices, tensors, torch.from_numpy(states)
-            return
+        """(item indices, inputs on the device, last hidden state) per bucket, one at a time, so that a GPU holds one
+        bucket's activations."""
         for indices, tensors in buckets:
             inputs = to_device(tensors, self.device)
             yield indices, inputs, self.model(**inputs).last_hidden_state
@@ -181,7 +122,4 @@ class DenseAdapter:
 
     def close(self) -> None:
         self.model = None
-        if self.onnx is not None:
-            self.onnx.close()
-        self.onnx = None
         release(self.device)

@@ -1,0 +1,258 @@
+"""Lean dense workers: the exported graph under OpenVINO and ONNX Runtime against sentence-transformers (packaged
+MiniLM), the graph cache and its export helper process, the fallbacks to torch, and the memory a long batch leaves."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from sie_worker import tokens
+from sie_worker.adapters import dense_lean, graph_cache, graph_runtime
+from sie_worker.adapters.base import BadInput, InputTooLong
+from sie_worker.adapters.dense import DenseAdapter
+from sie_worker.adapters.dense_lean import LeanDenseAdapter
+from sie_worker.adapters.text_tokenizer import TextTokenizer
+from sie_worker.protocol import DecodeBatch, EncodeBatch, InputItem, TokenizeBatch, WorkerSpec
+from tests.adapters.conftest import MakeAdapter, encode
+from tests.sentences import SENTENCES
+
+pytest.importorskip("openvino")
+pytest.importorskip("onnxruntime")
+
+# Varied lengths and scripts, more than two micro-batches, so bucketing and padding are exercised.
+TEXTS = ["berlin", "what is the capital of france?", "Ünïcödé, emoji 🙂 and 数字 123", "a " * 300,
+         *SENTENCES[:36]]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def cache(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A graph cache holding MiniLM's export, made once by the real helper process."""
+    root = tmp_path_factory.mktemp("graphs")
+    assert graph_cache.ensure_graph(minilm_dir, root) is not None
+    return root
+
+
+def lean(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path, engine: str = "auto", **fields: Any) -> Any:
+    loadtime = {"engine": engine, "onnx_cache_dir": str(cache), **fields.pop("loadtime", {})}
+    return make_adapter("dense", minilm_dir, threads=2, loadtime=loadtime, **fields)
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnx"])
+def test_each_runtime_matches_sentence_transformers(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path,
+                                                    reference_model: Any, engine: str) -> None:
+    adapter = lean(make_adapter, minilm_dir, cache, engine)
+    assert isinstance(adapter, LeanDenseAdapter)
+    assert adapter.lanes.runtime.describe().startswith({"openvino": "openvino", "onnx": "onnxruntime"}[engine])
+    got = encode(adapter, TEXTS, ["dense"]).dense.numpy()
+    expected = reference_model.encode(TEXTS, convert_to_numpy=True)
+    assert cosines(got, expected).min() >= 0.9995  # measured: 0.99997 in OpenVINO's bf16, 1.0 in ORT's float32
+    if engine == "onnx":
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_the_first_load_exports_in_a_helper_and_later_loads_reuse_the_cache(
+        make_adapter: MakeAdapter, minilm_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folders = list(cache.iterdir())
+    assert len(folders) == 1
+    names = {p.name for p in folders[0].iterdir()}
+    assert {*graph_cache.FILES, "openvino.xml", "openvino.bin"} <= names
+
+    def no_helper(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cached graph should have been reused")
+
+    monkeypatch.setattr(subprocess, "run", no_helper)
+    adapter = lean(make_adapter, minilm_dir, cache)
+    assert isinstance(adapter, LeanDenseAdapter) and adapter.graph.folder == folders[0]
+
+
+def test_a_lean_worker_never_imports_torch_or_transformers(minilm_dir: Path, cache: Path) -> None:
+    """In a fresh interpreter, as `python -m sie_worker` runs it: build, load and encode through the lean path."""
+    script = f"""
+import sys
+from sie_worker.adapters import build_adapter
+from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+spec = WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir={str(minilm_dir)!r}, threads=2,
+                  to_worker_endpoint="inproc://a", from_worker_endpoint="inproc://b",
+                  loadtime={{"engine": "auto", "onnx_cache_dir": {str(cache)!r}}})
+adapter = build_adapter(spec)
+adapter.load()
+adapter.forward(adapter.prepare(EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=["dense"])))
+print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m in sys.modules))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "LeanDenseAdapter []"
+
+
+def test_a_checkpoint_the_helper_cannot_export_is_served_by_torch(make_adapter: MakeAdapter, tmp_path: Path,
+                                                                  minilm_dir: Path, reference_model: Any,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A real helper run that fails (weights it cannot load): no graph, a warning, and the torch adapter."""
+    broken = tmp_path / "broken"
+    shutil.copytree(minilm_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="sie.worker.graph"):
+        assert graph_cache.ensure_graph(broken, tmp_path / "graphs") is None
+    assert any("serving it with torch" in r.getMessage() for r in caplog.records)
+    assert not any((tmp_path / "graphs").iterdir()), "a failed export leaves nothing behind"
+    (broken / "model.safetensors").write_bytes(b"still broken")  # so that build_adapter's helper fails too
+    with pytest.raises(Exception):  # noqa: B017  the torch adapter fails on these weights as it should
+        lean(make_adapter, broken, tmp_path / "graphs")
+    shutil.copy(minilm_dir / "model.safetensors", broken / "model.safetensors")
+    adapter = lean(make_adapter, broken, tmp_path / "graphs", engine="torch")
+    assert isinstance(adapter, DenseAdapter)
+    got = encode(adapter, TEXTS[:6], ["dense"]).dense.numpy()
+    assert cosines(got, reference_model.encode(TEXTS[:6], convert_to_numpy=True)).min() >= 0.999
+
+
+def test_the_helper_refuses_a_graph_that_disagrees_with_torch(minilm_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from sie_worker import export_graph
+
+    monkeypatch.setattr(export_graph, "masked_min_cosine", lambda *args: 0.5)
+    assert export_graph.main([str(minilm_dir), str(tmp_path / "graph")]) == graph_cache.NOT_EXPORTABLE
+    assert not (tmp_path / "graph").exists() and not list(tmp_path.iterdir()), "the staging folder is removed"
+
+
+def test_no_graph_means_the_torch_adapter(make_adapter: MakeAdapter, minilm_dir: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(graph_cache, "ensure_graph", lambda *args: None)
+    assert isinstance(lean(make_adapter, minilm_dir, tmp_path), DenseAdapter)
+
+
+def test_a_runtime_that_disagrees_on_the_probe_falls_back(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """OpenVINO's bf16 under the bar: reopened in float32; float32 under it too: the torch adapter."""
+    real = graph_runtime.probe_cosine
+
+    def bf16_off(runtime: Any, graph: Any) -> float:
+        return 0.99 if getattr(runtime, "precision", "") == "bf16" else real(runtime, graph)
+
+    monkeypatch.setattr(graph_runtime, "probe_cosine", bf16_off)
+    with caplog.at_level(logging.WARNING, logger="sie.worker.graph"):
+        adapter = lean(make_adapter, minilm_dir, cache)
+    assert isinstance(adapter, LeanDenseAdapter) and "f32" in adapter.lanes.runtime.describe()
+    assert any("using float32" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(graph_runtime, "probe_cosine", lambda *args: 0.5)
+    assert isinstance(lean(make_adapter, minilm_dir, cache), DenseAdapter)
+
+
+def test_which_runtime_a_spec_gets(minilm_dir: Path) -> None:
+    def spec(**fields: Any) -> WorkerSpec:
+        return WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir=str(minilm_dir),
+                          to_worker_endpoint="a", from_worker_endpoint="b", **fields)
+
+    assert dense_lean.runtime_for(spec(loadtime={"engine": "auto"})) == "openvino"
+    assert dense_lean.runtime_for(spec(loadtime={"engine": "onnx"})) == "onnxruntime"
+    assert dense_lean.runtime_for(spec(loadtime={"engine": "onnx"}, compute_precision="bfloat16")) is None
+    assert dense_lean.runtime_for(spec(loadtime={"engine": "auto"}, device="cuda:0")) is None
+    assert dense_lean.runtime_for(spec(loadtime={"engine": "torch"})) is None
+    assert dense_lean.runtime_for(spec()) is None, "an adapter built without an engine runs torch"
+    with pytest.raises(ValueError, match="unknown engine"):
+        dense_lean.runtime_for(spec(loadtime={"engine": "tensorrt"}))
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnx"])
+def test_lanes_run_buckets_side_by_side_and_agree_with_one_lane(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                                cache: Path, engine: str) -> None:
+    lanes = lean(make_adapter, minilm_dir, cache, engine, loadtime={"onnx_lanes": 2})
+    single = lean(make_adapter, minilm_dir, cache, engine, loadtime={"onnx_lanes": 1})
+    assert (lanes.lanes.runtime.lanes, single.lanes.runtime.lanes) == (2, 1)
+    callers: set[int] = set()
+    run = lanes.lanes.runtime.run
+
+    def recording(feed: dict[str, np.ndarray]) -> np.ndarray:
+        callers.add(threading.get_ident())
+        return run(feed)
+
+    lanes.lanes.runtime.run = recording
+    got = encode(lanes, TEXTS, ["dense"]).dense.numpy()
+    assert len(callers) == 2, "the buckets of one batch ran on both lanes"
+    assert cosines(got, encode(single, TEXTS, ["dense"]).dense.numpy()).min() > 0.99999
+    callers.clear()
+    encode(lanes, ["one lone sentence"], ["dense"])
+    assert len(callers) == 1
+
+
+def test_an_unwritable_cache_exports_into_a_temporary_folder(make_adapter: MakeAdapter, minilm_dir: Path,
+                                                             tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    adapter = lean(make_adapter, minilm_dir, blocker / "graphs")
+    assert isinstance(adapter, LeanDenseAdapter) and adapter.graph.temporary
+    assert not adapter.graph.folder.exists(), "the temporary export is removed once the runtime holds it"
+    assert encode(adapter, ["hello"], ["dense"]).dense.numpy().shape == (1, 384)
+
+
+def test_options_truncation_and_bad_input(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path,
+                                          reference_model: Any) -> None:
+    adapter = lean(make_adapter, minilm_dir, cache, "onnx")
+    raw = encode(adapter, TEXTS[:4], ["dense"], options={"normalize": False, "pooling": "cls"}).dense.numpy()
+    hidden = reference_model[0].auto_model(**reference_model.tokenize(TEXTS[:4])).last_hidden_state
+    np.testing.assert_allclose(raw, hidden[:, 0].detach().numpy(), atol=1e-4)
+    long_text = " ".join(f"w{i}" for i in range(400))
+    with pytest.raises(InputTooLong, match="over this model's maximum of 256"):
+        encode(adapter, [long_text], ["dense"], options={"truncate": False})
+    with pytest.raises(BadInput, match=r"options\.pooling"):
+        encode(adapter, ["x"], ["dense"], options={"pooling": "max"})
+    torch_adapter = make_adapter("dense", minilm_dir, threads=2)  # transformers' own truncation, left side
+    assert isinstance(torch_adapter, DenseAdapter)
+    left = {"truncation_direction": "left"}
+    got = encode(adapter, [long_text], ["dense"], options=left).dense.numpy()
+    assert cosines(got, encode(torch_adapter, [long_text], ["dense"], options=left).dense.numpy()).min() > 0.99999
+    assert cosines(got, encode(adapter, [long_text], ["dense"]).dense.numpy()).min() < 0.99, "the other end was kept"
+
+
+def test_micro_batches_are_capped_by_tokens_and_a_long_batch_leaves_no_high_water_mark(
+        make_adapter: MakeAdapter, minilm_dir: Path, cache: Path) -> None:
+    """A runtime keeps the working memory of the largest call it ran; calls are capped at 1024 padded tokens and
+    the worker warms up at the cap, so a 64 x 256 batch adds nothing to what it held at Ready."""
+    psutil = pytest.importorskip("psutil")
+    adapter = lean(make_adapter, minilm_dir, cache, max_sequence_length=256)
+    before = psutil.Process().memory_info().rss
+    batch = [f"word{i} " * 300 for i in range(64)]
+    prepared = adapter.prepare(EncodeBatch(batch_id=1, items=[InputItem(text=t) for t in batch],
+                                           output_types=["dense"]))
+    assert max(feed["input_ids"].size for _, feed in prepared.inputs) <= dense_lean.MICRO_BATCH_TOKENS
+    result = adapter.forward(prepared)
+    assert max(result.token_counts) == 256, "the batch really was 64 x 256 tokens"
+    grown = psutil.Process().memory_info().rss - before
+    assert grown < 64 * 2**20, f"the process kept {grown / 2**20:.0f} MiB after one long batch"
+
+
+def test_the_lean_tokenizer_tokenizes_and_decodes_as_transformers(minilm_dir: Path, cache: Path) -> None:
+    """TEI's /tokenize and /decode on a lean worker give what they give on a torch one."""
+    graph = graph_cache.ensure_graph(minilm_dir, cache)
+    assert graph is not None
+
+    class Holder:
+        def __init__(self, tokenizer: Any) -> None:
+            self.tokenizer = tokenizer
+
+    hf = Holder(AutoTokenizer.from_pretrained(minilm_dir))
+    mine = Holder(TextTokenizer(graph.tokenizer_path, graph.clean_up_tokenization_spaces))
+    texts = ["Hello, world! Ünïcödé 数字 🙂 don't", "a " * 600]
+    for add_special_tokens in (True, False):
+        batch = TokenizeBatch(batch_id=1, texts=texts, add_special_tokens=add_special_tokens)
+        assert tokens.answer(mine, batch) == tokens.answer(hf, batch)
+    ids = hf.tokenizer("Hello, world! don't stop")["input_ids"]
+    for skip in (True, False):
+        batch = DecodeBatch(batch_id=1, ids=[ids], skip_special_tokens=skip)
+        assert tokens.answer(mine, batch) == tokens.answer(hf, batch)
+    with pytest.raises(BadInput, match="outside the vocabulary"):
+        tokens.answer(mine, DecodeBatch(batch_id=1, ids=[[10**6]], skip_special_tokens=True))

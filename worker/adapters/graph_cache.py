@@ -1,0 +1,174 @@
+"""Exported encoder graphs on disk (worker process, free of torch): where they live, what a complete one holds, and
+how a lean worker gets one it lacks.
+
+A cached graph is a folder named by a key over the checkpoint's files and the exporter's versions. It holds
+everything a worker needs to serve the encoder without torch or transformers: the ONNX graph, the same graph in
+OpenVINO's format, the fast tokenizer as one `tokenizer.json`, `graph.json` (input names, sizes, special ids), and
+`probe.npz`, torch's float32 hidden states for a few probe texts, which every runtime is checked against when it
+loads. The export itself runs in a short-lived
+helper process (`python -m sie_worker.export_graph`) so that the worker that serves never maps torch's libraries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sie_worker.adapters.batching import read_json
+
+log = logging.getLogger("sie.worker.graph")
+
+# Bumped whenever the folder's contents change meaning, so that an older cache is exported again, not misread.
+GRAPH_FORMAT = 2
+OPSET = 17
+# Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
+KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
+EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
+FILES = ("model.onnx", "tokenizer.json", "graph.json", "probe.npz")
+# OpenVINO's own format of the same graph (float16 weights), written where the exporter had OpenVINO.
+OPENVINO_IR = "openvino.xml"
+# The lowest cosine, over every real token of the probe batch, that a runtime may have against torch in float32.
+MIN_COSINE = 0.999
+# The helper exits with this when the model cannot be served from a graph (a slow tokenizer, a disagreeing export).
+NOT_EXPORTABLE = 3
+EXPORT_TIMEOUT_S = 1800.0
+
+
+@dataclass(frozen=True)
+class Graph:
+    """A complete cached graph and what its `graph.json` says."""
+
+    folder: Path
+    input_names: list[str]
+    hidden_size: int
+    pad_token_id: int
+    model_max_length: int
+    clean_up_tokenization_spaces: bool
+    export_cosine: float
+    temporary: bool = False  # in a temporary folder (the cache was not writable): remove it once the runtime opened
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / "model.onnx"
+
+    @property
+    def openvino_path(self) -> Path:
+        """OpenVINO's format of the graph where the exporter wrote it, else the ONNX file."""
+        ir = self.folder / OPENVINO_IR
+        return ir if ir.is_file() and ir.with_suffix(".bin").is_file() else self.model_path
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.folder / "tokenizer.json"
+
+    def probe(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The probe batch's inputs and torch's float32 last hidden state for them."""
+        with np.load(self.folder / "probe.npz") as data:
+            return {name: data[name] for name in self.input_names}, data["hidden"]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "sie" / "graphs"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def cache_key(weights_dir: Path) -> str:
+    """A digest of the checkpoint's defining files and the exporter's versions (read from package metadata: the
+    serving worker never imports the exporter)."""
+    digest = hashlib.blake2b(digest_size=16)
+    versions = " ".join(f"{name}={_version(name)}" for name in EXPORTER_PACKAGES)
+    digest.update(f"format{GRAPH_FORMAT} opset{OPSET} {versions}".encode())
+    for path in sorted(weights_dir.iterdir()):
+        if path.is_file() and path.suffix in KEY_SUFFIXES:
+            digest.update(path.name.encode())
+            with path.open("rb") as f:
+                digest.update(hashlib.file_digest(f, "blake2b").digest())
+    return digest.hexdigest()
+
+
+def writable_dir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            return True
+    except OSError:
+        return False
+
+
+def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
+    """The graph in `folder`, or None unless every file is there and `graph.json` is of this format."""
+    meta = read_json(folder / "graph.json")
+    if not isinstance(meta, dict) or meta.get("format") != GRAPH_FORMAT:
+        return None
+    if not all((folder / name).is_file() for name in FILES):
+        return None
+    try:
+        return Graph(folder=folder, input_names=list(meta["input_names"]), hidden_size=int(meta["hidden_size"]),
+                     pad_token_id=int(meta["pad_token_id"]), model_max_length=int(meta["model_max_length"]),
+                     clean_up_tokenization_spaces=bool(meta["clean_up_tokenization_spaces"]),
+                     export_cosine=float(meta["export_cosine"]), temporary=temporary)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def graph_meta(input_names: list[str], hidden_size: int, pad_token_id: int, model_max_length: int,
+               clean_up_tokenization_spaces: bool, export_cosine: float) -> dict[str, Any]:
+    return {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
+            "pad_token_id": pad_token_id, "model_max_length": model_max_length,
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine}
+
+
+def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+    """The lowest cosine between two [B, T, H] hidden states over the tokens where `mask` is set; -1 on a shape
+    mismatch."""
+    if expected.shape != got.shape:
+        return -1.0
+    keep = mask.astype(bool)
+    a, b = expected[keep].astype(np.float64), got[keep].astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(((a * b).sum(axis=1) / np.maximum(norms, 1e-12)).min())
+
+
+def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | None:
+    """The checkpoint's cached graph, exported first by the helper process when missing; None when it cannot be had
+    (the caller serves the model with torch instead)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    temporary = not writable_dir(root)
+    if temporary:
+        root = Path(tempfile.mkdtemp(prefix="sie-graph-"))
+        log.warning("graph cache %s is not writable; exporting into %s for this load only", cache_dir or
+                    default_cache_dir(), root)
+    folder = root / cache_key(weights_dir)
+    graph = read_graph(folder, temporary)
+    if graph is not None:
+        return graph
+    log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
+    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder)]
+    try:
+        # The helper's log goes to our stderr, the server's log.
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=EXPORT_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        log.warning("the graph export of %s took over %.0fs; serving it with torch", weights_dir, EXPORT_TIMEOUT_S)
+        return None
+    if done.returncode != 0:
+        how = "cannot be served from a graph" if done.returncode == NOT_EXPORTABLE else "export failed"
+        log.warning("%s: %s (helper exit %s); serving it with torch", weights_dir, how, done.returncode)
+        return None
+    return read_graph(folder, temporary)

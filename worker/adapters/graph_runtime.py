@@ -1,0 +1,160 @@
+"""Runtimes that serve a cached encoder graph on CPU without torch (worker process): OpenVINO and ONNX Runtime.
+
+Both take padded numpy buckets and return last hidden states, running up to `lanes` buckets side by side (one
+OpenVINO stream or one ORT call per lane). Each is checked when it opens against torch's float32 hidden states for
+the cache's probe batch. OpenVINO computes in bfloat16 where the CPU has it natively (AVX512-BF16, AMX) unless told
+float32; when bf16 falls under the bar on the probe, it is reopened in float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+
+from sie_worker.adapters.graph_cache import MIN_COSINE, Graph, masked_min_cosine
+
+log = logging.getLogger("sie.worker.graph")
+
+RUNTIMES = ("openvino", "onnxruntime")
+# Padded tokens of one call above which the heap's free pages go back to the OS: a long batch otherwise leaves glibc
+# holding hundreds of MiB it will not return by itself. malloc_trim costs ~1 ms, a small batch's forward a few ms,
+# so only calls at least this large pay for it (bench/onnx_memory.py).
+TRIM_ABOVE_TOKENS = 4096
+
+Feed = dict[str, np.ndarray]
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None on a libc without it (musl, macOS)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+class GraphRejected(Exception):
+    """The runtime's output disagrees with torch on the probe batch."""
+
+
+class Runtime(Protocol):
+    lanes: int
+
+    def run(self, feed: Feed) -> np.ndarray: ...
+
+    def describe(self) -> str: ...
+
+
+class Lanes:
+    """Runs buckets on a runtime's lanes, longest first, and trims the heap after a large call."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.executor = ThreadPoolExecutor(runtime.lanes, thread_name_prefix="sie-lane") if runtime.lanes > 1 else None
+
+    def run_all(self, feeds: list[Feed]) -> list[np.ndarray]:
+        if self.executor is None or len(feeds) == 1:
+            hidden = [self.runtime.run(feed) for feed in feeds]
+        else:
+            order = sorted(range(len(feeds)), key=lambda i: -feeds[i]["input_ids"].size)
+            done = dict(zip(order, self.executor.map(self.runtime.run, [feeds[i] for i in order]), strict=True))
+            hidden = [done[i] for i in range(len(feeds))]
+        if _MALLOC_TRIM is not None and sum(feed["input_ids"].size for feed in feeds) > TRIM_ABOVE_TOKENS:
+            _MALLOC_TRIM(0)
+        return hidden
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+
+class OpenVinoRuntime:
+    """One compiled model with a stream per lane; `precision` "auto" lets OpenVINO pick (bf16 where native)."""
+
+    def __init__(self, graph: Graph, threads: int, lanes: int, precision: str) -> None:
+        import openvino as ov
+
+        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": lanes,
+                                  "PERFORMANCE_HINT": "LATENCY" if lanes == 1 else "THROUGHPUT"}
+        if precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = {"float32": "f32", "bfloat16": "bf16"}[precision]
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(graph.openvino_path), "CPU", config)
+        self.lanes = lanes
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+        # An infer request is not thread-safe: each call takes a free one.
+        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(lanes):
+            self.requests.put(self.compiled.create_infer_request())
+
+    def run(self, feed: Feed) -> np.ndarray:
+        request = self.requests.get()
+        try:
+            request.infer(feed)
+            return np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its output buffer
+        finally:
+            self.requests.put(request)
+
+    def describe(self) -> str:
+        return f"openvino ({self.precision}, {self.lanes} stream(s))"
+
+
+class OrtRuntime:
+    """One ONNX Runtime session, float32; `lanes` calls side by side on threads // lanes threads each. ORT's CPU
+    arena is off: it keeps the longest batch's high-water mark (64 x 256 tokens of MiniLM: 1.19 GiB RSS) and costs no
+    throughput when off (bench/onnx_memory.py)."""
+
+    def __init__(self, graph: Graph, threads: int, lanes: int, arena: bool = False) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = arena
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = max(1, threads // lanes)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(str(graph.model_path), options, providers=["CPUExecutionProvider"])
+        self.lanes = lanes
+
+    def run(self, feed: Feed) -> np.ndarray:
+        return np.asarray(self.session.run(None, feed)[0])
+
+    def describe(self) -> str:
+        return f"onnxruntime (float32, {self.lanes} lane(s))"
+
+
+def probe_cosine(runtime: Runtime, graph: Graph) -> float:
+    feed, expected = graph.probe()
+    return masked_min_cosine(expected, runtime.run(feed), feed["attention_mask"])
+
+
+def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision: str = "auto",
+                 arena: bool = False) -> Runtime:
+    """`kind` (openvino or onnxruntime) over the graph, checked on the probe batch; GraphRejected if it disagrees."""
+    runtime: Runtime
+    if kind == "openvino":
+        runtime = OpenVinoRuntime(graph, threads, lanes, precision)
+        cosine = probe_cosine(runtime, graph)
+        if cosine < MIN_COSINE and precision == "auto" and runtime.precision != "f32":
+            log.warning("openvino in %s is under the bar on the probe (lowest cosine %.6f < %s); using float32",
+                        runtime.precision, cosine, MIN_COSINE)
+            runtime = OpenVinoRuntime(graph, threads, lanes, "float32")
+            cosine = probe_cosine(runtime, graph)
+    elif kind == "onnxruntime":
+        runtime = OrtRuntime(graph, threads, lanes, arena)
+        cosine = probe_cosine(runtime, graph)
+    else:
+        raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")
+    if cosine < MIN_COSINE:
+        raise GraphRejected(f"{runtime.describe()} disagrees with torch on the probe batch (lowest cosine "
+                            f"{cosine:.6f} < {MIN_COSINE})")
+    log.info("graph runtime: %s, lowest probe cosine against torch float32 %.6f", runtime.describe(), cosine)
+    return runtime

@@ -1,0 +1,170 @@
+"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER` (a short-lived helper process): export a dense encoder to
+an ONNX graph that a lean worker serves without torch.
+
+It loads the checkpoint with transformers in float32, traces it (opset 17, dynamic batch and sequence), checks the
+graph under ONNX Runtime against torch on probe texts of unlike lengths and padding, and writes the folder that
+`graph_cache.read_graph` reads, atomically: a concurrent helper for the same weights sees all of it or none. Exit 0 on
+success, `NOT_EXPORTABLE` when the model cannot be served from a graph (the worker then serves it with torch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from sie_worker.adapters.graph_cache import (
+    MIN_COSINE,
+    NOT_EXPORTABLE,
+    OPENVINO_IR,
+    OPSET,
+    graph_meta,
+    masked_min_cosine,
+)
+
+log = logging.getLogger("sie.worker.export")
+
+INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+EXPORT_TEXTS = ["a short sentence", "another, somewhat longer sentence used to trace the export"]
+# Lengths and padding unlike the export's, so a shape or mask baked into the trace shows up in the check.
+PROBE_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog near the river bank, twice.",
+               "Embedding servers batch sentences of very different lengths together.",
+               "Ünïcödé, emoji 🙂 and 数字 123"]
+
+
+class NotExportable(Exception):
+    """The checkpoint cannot be served from a graph; the message says why."""
+
+
+class _LastHidden(torch.nn.Module):
+    """The encoder as a positional function of its inputs returning last_hidden_state, which the tracer needs."""
+
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.model(**dict(zip(self.names, args, strict=True))).last_hidden_state
+
+
+def input_names(model: torch.nn.Module, tokenizer: Any) -> list[str]:
+    accepted = inspect.signature(model.forward).parameters
+    produced = set(getattr(tokenizer, "model_input_names", INPUTS))
+    names = ["input_ids", "attention_mask"]
+    if "token_type_ids" in accepted and "token_type_ids" in produced:
+        names.append("token_type_ids")
+    return names
+
+
+def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path) -> None:
+    """Trace the encoder to `out`, leaving the model in eval mode."""
+    sample = tokenizer(EXPORT_TEXTS, padding=True, return_tensors="pt")
+    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
+    wrapper = _LastHidden(model, names).eval()
+    try:
+        # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what
+        # decides whether the graph is right.
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(wrapper, tuple(sample[name] for name in names), str(out), input_names=names,
+                              output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET,
+                              dynamo=False)
+    finally:
+        model.eval()  # the exporter restores the training flag of the wrapper onto its children
+
+
+def onnx_hidden(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, feed)[0])
+
+
+def save_openvino_ir(onnx_path: Path, out: Path) -> None:
+    """The graph in OpenVINO's own format too, weights stored in float16, where OpenVINO is installed. A worker that
+    compiles it holds ~105 MiB for MiniLM against ~210 MiB from the ONNX file, whose float32 constants OpenVINO keeps
+    (bench/README.md, "lean workers"); float16 weights cost nothing measurable on the probe's cosine."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return
+    ov.save_model(ov.Core().read_model(onnx_path), out, compress_to_fp16=True)
+
+
+def check_tokenizer(tokenizer: Any) -> Any:
+    """The fast tokenizer's Rust backend, after checking it tokenises the probe texts exactly as transformers does."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if not getattr(tokenizer, "is_fast", False) or backend is None:
+        raise NotExportable("its tokenizer is a slow (Python) one, with no tokenizer.json")
+    backend.no_padding()
+    backend.no_truncation()
+    expected = tokenizer(PROBE_TEXTS)["input_ids"]
+    if [encoding.ids for encoding in backend.encode_batch(PROBE_TEXTS)] != expected:
+        raise NotExportable("its Rust tokenizer alone does not tokenise as transformers does")
+    return backend
+
+
+def export_folder(weights_dir: Path, folder: Path) -> float:
+    """Write the complete graph folder for `weights_dir` at `folder`; the graph's lowest cosine against torch."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a bar per load in the server's log says nothing
+    tokenizer = AutoTokenizer.from_pretrained(weights_dir, local_files_only=True)
+    backend = check_tokenizer(tokenizer)
+    model = AutoModel.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32).eval()
+    names = input_names(model, tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+    try:
+        export(model, tokenizer, names, staging / "model.onnx")
+        probe = tokenizer(PROBE_TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
+        feed = {name: np.asarray(probe[name], dtype=np.int64) for name in names}
+        with torch.inference_mode():
+            hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.float().numpy()
+        cosine = masked_min_cosine(hidden, onnx_hidden(staging / "model.onnx", feed), feed["attention_mask"])
+        if cosine < MIN_COSINE:
+            raise NotExportable(f"the graph disagrees with torch (lowest cosine {cosine:.6f} < {MIN_COSINE})")
+        save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
+        backend.save(str(staging / "tokenizer.json"))
+        np.savez(staging / "probe.npz", hidden=hidden, **feed)
+        meta = graph_meta(names, int(model.config.hidden_size), int(tokenizer.pad_token_id or 0),
+                          int(min(tokenizer.model_max_length, 1 << 20)),
+                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine)
+        (staging / "graph.json").write_text(json.dumps(meta, indent=1))
+        try:
+            staging.rename(folder)  # atomic; fails when a concurrent helper got there first, whose folder serves
+        except OSError:
+            if not (folder / "graph.json").is_file():
+                raise
+        return cosine
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s sie-export %(message)s")
+    weights_dir, folder = Path(argv[0]), Path(argv[1])
+    started = time.perf_counter()
+    try:
+        cosine = export_folder(weights_dir, folder)
+    except NotExportable as exc:
+        log.warning("%s cannot be served from a graph: %s", weights_dir, exc)
+        return NOT_EXPORTABLE
+    log.info("exported %s in %.1fs (lowest cosine against torch %.6f) to %s", weights_dir,
+             time.perf_counter() - started, cosine, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
