@@ -20,9 +20,10 @@ from sie_router.settings import Settings
 # Estimate for a model whose config gives none: a per-process base, plus its weight files times this factor (the
 # weights and a working set of half their size).
 WEIGHTS_MEMORY_FACTOR = 1.5
-# The base before any worker on a device has measured itself. On the CPU, a dense worker process that has imported
-# its libraries (sie_worker, torch, transformers, onnxruntime) holds 405 MiB RSS before any weights (measured, issue
-# 14). On a GPU, the CUDA context and the caching allocator's first blocks: not measured here, so generous.
+# The base before any worker on a device has measured itself. On the CPU, a torch worker process that has imported
+# its libraries (sie_worker, torch, transformers) holds 405 MiB RSS before any weights (measured, issue 14); a lean
+# dense worker (OpenVINO, no torch) about 60 MiB, learned from its first worker. On a GPU, the CUDA context and the
+# caching allocator's first blocks: not measured here, so generous.
 DEFAULT_BASE = {"cpu": 400 * 2**20}
 DEFAULT_GPU_BASE = 768 * 2**20
 # Measured memory may pass the budget by this fraction when nothing can be evicted; beyond it the load fails.
@@ -40,6 +41,8 @@ class Placement:
         self.weights: dict[str, int] = {}  # model key -> bytes of its weight files, for learning the base
         self.bases: dict[str, dict[str, int]] = {}  # device -> model key -> what its worker holds beyond its weights
         self.measured: dict[str, int] = {}  # model key -> what its last worker held at Ready
+        # model key -> adapter family: on the CPU a dense worker runs without torch and costs a fraction of the others
+        self.families: dict[str, str] = {}
 
     def estimate(self, key: str, config: ModelConfig, folder: str) -> int:
         """Bytes to reserve before the worker has measured itself: the config's figure, else what the model's last
@@ -50,16 +53,19 @@ class Placement:
         weights = sum(p.stat().st_size for p in Path(folder).rglob("*")
                       if p.suffix in (".safetensors", ".bin", ".pt")) if folder else 0
         self.weights[key] = weights
+        self.families[key] = config.family()
         if key in self.measured:
             return self.measured[key]
-        return self.base(self.ledger.best_device()) + int(weights * WEIGHTS_MEMORY_FACTOR)
+        return self.base(self.ledger.best_device(), config.family()) + int(weights * WEIGHTS_MEMORY_FACTOR)
 
-    def base(self, device: str) -> int:
-        """What a worker on `device` holds beyond its weights and working set: the median over the workers measured
-        there (one odd model neither hides nor inflates it), else a default."""
-        learned = self.bases.get(device)
-        if learned:
-            return int(statistics.median(learned.values()))
+    def base(self, device: str, family: str | None = None) -> int:
+        """What a worker on `device` holds beyond its weights and working set: the median over the workers of the same
+        family measured there, else over all workers measured there (one odd model neither hides nor inflates it),
+        else a default."""
+        learned = self.bases.get(device) or {}
+        same = [base for key, base in learned.items() if self.families.get(key) == family]
+        if same or learned:
+            return int(statistics.median(same or learned.values()))
         return DEFAULT_BASE.get(device, DEFAULT_GPU_BASE)
 
     def overrun(self, device: str) -> int:

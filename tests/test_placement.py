@@ -31,8 +31,8 @@ class FakeHost:
         return ""
 
 
-def config(memory_mb: int | None = None) -> ModelConfig:
-    return ModelConfig(sie_id="m", profiles={"default": Profile(adapter="fake")}, memory_mb=memory_mb)
+def config(memory_mb: int | None = None, family: str = "fake") -> ModelConfig:
+    return ModelConfig(sie_id="m", profiles={"default": Profile(adapter=family)}, memory_mb=memory_mb)
 
 
 def test_the_estimate_is_the_configs_figure_else_a_process_base_plus_the_weights_and_a_working_set(
@@ -75,6 +75,21 @@ def test_the_median_base_ignores_one_odd_worker_and_outlives_its_eviction() -> N
     assert placement.base("cuda:0") > DEFAULT_BASE["cpu"], "a GPU with no worker yet: the generous default"
     assert placement.estimate("huge", config(), "") == 3000 * MiB, "a model measured before: its own figure"
     assert placement.estimate("huge", config(memory_mb=50), "") == 50 * MiB, "the config's figure still wins"
+
+
+def test_the_base_is_learned_per_family_so_lean_dense_workers_do_not_shrink_torch_estimates() -> None:
+    """On the CPU a dense worker runs without torch (~60 MiB of libraries) while a sparse one imports torch (~400):
+    each family's estimate comes from its own kind of worker once one has measured itself, else from any."""
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=10_000 * MiB), host)
+    for pid, (key, family, held) in enumerate((("d1", "dense", 70), ("d2", "dense", 90), ("s1", "sparse", 480))):
+        placement.estimate(key, config(family=family), "")
+        placement.reserve(key, "cpu", 1)
+        host.held[pid] = held * MiB
+        placement.settle(key, pid, "cpu", reported=0)
+    assert placement.estimate("d3", config(family="dense"), "") == 80 * MiB
+    assert placement.estimate("s2", config(family="sparse"), "") == 480 * MiB
+    assert placement.estimate("c1", config(family="cross_encoder"), "") == 90 * MiB, "no such worker yet: all of them"
 
 
 def test_after_ready_an_overrun_evicts_lru_idle_models_or_fails_beyond_the_tolerance() -> None:
