@@ -5,8 +5,6 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-import bpe_openai
-
 from sie_router.errors import SIEError
 
 _HINT = ("ids must be cl100k_base token ids; LangChain users can instead set check_embedding_ctx_length=False "
@@ -15,6 +13,10 @@ _HINT = ("ids must be cl100k_base token ids; LangChain users can instead set che
 
 @lru_cache(maxsize=2)
 def _encoding(name: str) -> Any:
+    # Imported on the first token-id request: importing bpe_openai reads its vocabularies, ~60 MiB the router would
+    # otherwise hold for a route most deployments never see.
+    import bpe_openai
+
     return bpe_openai.get_encoding(name)
 
 
