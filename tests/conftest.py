@@ -12,7 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.helm_child import HELM
 from tests.server import MINILM, Server, make_bundle
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _helm_child() -> Iterator[None]:
+    """Ends the Helm child process (tests/deploy/helm_child.py) that chart tests started, if any."""
+    yield
+    HELM.close()
 
 
 @pytest.fixture(scope="session")
