@@ -39,22 +39,23 @@ class Stopwatch:
         return (time.perf_counter() - self._start) * 1000.0
 
 
-def padded(length: int) -> int:
-    return -(-length // PAD_MULTIPLE) * PAD_MULTIPLE
+def padded(length: int, multiple: int = PAD_MULTIPLE) -> int:
+    return -(-length // multiple) * multiple
 
 
 def length_buckets(lengths: list[int], max_items: int, max_tokens: int,
-                   call_overhead_tokens: int = CPU_CALL_OVERHEAD_TOKENS) -> list[list[int]]:
+                   call_overhead_tokens: int = CPU_CALL_OVERHEAD_TOKENS,
+                   pad_multiple: int = PAD_MULTIPLE) -> list[list[int]]:
     """Item indices sorted by length and cut into the micro-batches that cost the least compute to run.
 
     A micro-batch costs a fixed overhead per forward call plus its padded tokens (rows x longest, rounded up to
-    PAD_MULTIPLE). Sorting first makes the best cut a contiguous run of the sorted order, so a dynamic programme over
+    `pad_multiple`). Sorting first makes the best cut a contiguous run of the sorted order, so a dynamic programme over
     cut points finds it exactly in O(n * max_items). Cheap calls (CPU) give many small buckets of near-equal length;
     expensive ones (GPU) give few full buckets. Against fixed buckets of 16 this is worth 15-25% on CPU at 16-64
     items per batch (bench/README.md, "micro-batches").
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    sizes = [padded(max(1, lengths[i])) for i in order]
+    sizes = [padded(max(1, lengths[i]), pad_multiple) for i in order]
     best = [0] + [0] * len(order)  # best[end]: least cost of the first `end` sorted items
     cut = [0] * (len(order) + 1)  # cut[end]: where the last bucket of that best split starts
     for end in range(1, len(order) + 1):
