@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sie_router import metrics
-from sie_router.devices import Devices
+from sie_router.devices import Devices, gpu_worker_env
 from sie_router.errors import LoadError, SIEError
 from sie_router.ipc import WorkerLost
 from sie_router.ledger import MemoryLedger
@@ -238,7 +238,8 @@ class WorkerPool:
                       "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
             runtime=profile.adapter_options.runtime,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),
-            env={**self.settings.extra_env, "CUDA_VISIBLE_DEVICES": visible},
+            env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
+                 "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
             max_batch_tokens=profile.max_batch_tokens or 16384)
 
