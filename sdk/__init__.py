@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from sie_sdk.client import SIEClient
+from typing import TYPE_CHECKING, Any
+
 from sie_sdk.codes import ErrorCode
 from sie_sdk.errors import (
     InputTooLongError,
@@ -29,3 +30,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from sie_sdk.client import SIEClient
+
+
+def __getattr__(name: str) -> Any:
+    # The client (and httpx, 0.33 s and ~15 MiB to import) loads on first use: the router and every worker import
+    # sie_sdk.codes, which imports this package first.
+    if name == "SIEClient":
+        from sie_sdk.client import SIEClient
+
+        return SIEClient
+    raise AttributeError(f"module 'sie_sdk' has no attribute {name!r}")
