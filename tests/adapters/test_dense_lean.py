@@ -66,8 +66,8 @@ def test_each_runtime_matches_sentence_transformers(make_adapter: MakeAdapter, m
 
 def test_the_first_load_exports_in_a_helper_and_later_loads_reuse_the_cache(
         make_adapter: MakeAdapter, minilm_dir: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folders = list(cache.iterdir())
-    assert len(folders) == 1
+    folders = [p for p in cache.iterdir() if p.name != "index"]
+    assert len(folders) == 1 and len(list((cache / "index").iterdir())) == 1
     names = {p.name for p in folders[0].iterdir()}
     assert {*graph_cache.FILES, "openvino.xml", "openvino.bin"} <= names
 
@@ -77,6 +77,22 @@ def test_the_first_load_exports_in_a_helper_and_later_loads_reuse_the_cache(
     monkeypatch.setattr(subprocess, "run", no_helper)
     adapter = lean(make_adapter, minilm_dir, cache)
     assert isinstance(adapter, LeanDenseAdapter) and adapter.graph.folder == folders[0]
+
+
+def test_the_key_is_remembered_by_fingerprint_and_rehashed_when_a_file_changes(
+        minilm_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tmp_path / "weights"
+    shutil.copytree(minilm_dir, weights)
+    root = tmp_path / "graphs"
+    key = graph_cache.indexed_key(weights, root)
+    assert key == graph_cache.cache_key(weights) and (root / "index" / graph_cache.fingerprint(weights)).is_file()
+    hashed: list[Path] = []
+    real = graph_cache.cache_key
+    monkeypatch.setattr(graph_cache, "cache_key", lambda path: hashed.append(path) or real(path))
+    assert graph_cache.indexed_key(weights, root) == key and hashed == [], "the second load hashes nothing"
+    config = weights / "config.json"
+    config.write_text(config.read_text().replace("}", ', "note": "changed"}', 1))
+    assert graph_cache.indexed_key(weights, root) != key and hashed == [weights]
 
 
 def test_a_lean_worker_never_imports_torch_or_transformers(minilm_dir: Path, cache: Path) -> None:
@@ -91,7 +107,7 @@ spec = WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir={str(mi
 adapter = build_adapter(spec)
 adapter.load()
 adapter.forward(adapter.prepare(EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=["dense"])))
-print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m in sys.modules))
+print(type(adapter).__name__, sorted(m for m in ("torch", "transformers", "httpx") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -108,7 +124,7 @@ def test_a_checkpoint_the_helper_cannot_export_is_served_by_torch(make_adapter: 
     with caplog.at_level(logging.WARNING, logger="sie.worker.graph"):
         assert graph_cache.ensure_graph(broken, tmp_path / "graphs") is None
     assert any("serving it with torch" in r.getMessage() for r in caplog.records)
-    assert not any((tmp_path / "graphs").iterdir()), "a failed export leaves nothing behind"
+    assert [p.name for p in (tmp_path / "graphs").iterdir()] == ["index"], "a failed export leaves no graph behind"
     (broken / "model.safetensors").write_bytes(b"still broken")  # so that build_adapter's helper fails too
     with pytest.raises(Exception):  # noqa: B017  the torch adapter fails on these weights as it should
         lean(make_adapter, broken, tmp_path / "graphs")
