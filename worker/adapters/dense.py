@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.st_config import sentence_transformers_defaults
+from sie_worker.adapters.st_config import dense_settings
 from sie_worker.adapters.torch_common import (
     Buckets,
     compute_dtype,
@@ -58,12 +58,8 @@ class DenseAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        defaults = sentence_transformers_defaults(self.weights_dir)
-        self.max_length = spec.max_sequence_length or defaults.get("max_sequence_length")
-        pooling = spec.loadtime.get("pooling") or spec.runtime.get("pooling")
-        self.pooling = str(pooling or defaults.get("pooling", "mean"))
-        normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
-        self.normalize = bool(defaults.get("normalize", False) if normalize is None else normalize)
+        settings = dense_settings(spec)
+        self.max_length, self.pooling, self.normalize = settings.max_length, settings.pooling, settings.normalize
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)

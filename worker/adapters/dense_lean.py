@@ -33,7 +33,7 @@ from sie_worker.adapters.batching import (
     padded,
     split_for_lanes,
 )
-from sie_worker.adapters.st_config import sentence_transformers_defaults
+from sie_worker.adapters.st_config import dense_settings
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
@@ -104,14 +104,9 @@ def normalized(vectors: np.ndarray) -> np.ndarray:
 class LeanDenseAdapter:
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str) -> None:
         self.spec, self.graph, self.runtime_kind = spec, graph, runtime
-        weights_dir = Path(spec.weights_dir)
-        defaults = sentence_transformers_defaults(weights_dir)
-        self.max_length = int(spec.max_sequence_length or defaults.get("max_sequence_length")
-                              or min(graph.model_max_length, 512))
-        pooling = spec.loadtime.get("pooling") or spec.runtime.get("pooling")
-        self.pooling = str(pooling or defaults.get("pooling", "mean"))
-        normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
-        self.normalize = bool(defaults.get("normalize", False) if normalize is None else normalize)
+        settings = dense_settings(spec)
+        self.max_length = int(settings.max_length or min(graph.model_max_length, 512))
+        self.pooling, self.normalize = settings.pooling, settings.normalize
         self.dim = graph.hidden_size
         self.max_tokens = min(spec.max_batch_tokens, int(spec.loadtime.get("micro_batch_tokens") or
                                                          MICRO_BATCH_TOKENS))
