@@ -18,7 +18,7 @@ serve:
 	bash scripts/serve.sh $(ARGS)
 
 test: install-test
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	bash scripts/test.sh $(PYTEST_ARGS)
 
 test-container: install-test
 	SIE_CONTAINER_TESTS=1 $(VENV)/bin/python -m pytest tests/container $(PYTEST_ARGS)

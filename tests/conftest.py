@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests/__init__.py cleared the caller's mode variables
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 from collections.abc import Iterator
@@ -12,8 +12,21 @@ from pathlib import Path
 
 import pytest
 
+from tests import precision
 from tests.deploy.helm_child import HELM
 from tests.server import MINILM, Server, make_bundle
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    mode = precision.mode()  # a bad SIE_TEST_PRECISION stops the run here, naming the values
+    if mode == "bfloat16" and not precision.has_native_bf16():
+        raise pytest.UsageError("SIE_TEST_PRECISION=bfloat16 needs a CPU with native bf16 (AVX512-BF16 or AMX); "
+                                "this one has neither, so the engines compute float32: run the default mode")
+
+
+def pytest_report_header() -> str:
+    return (f"precision mode: {precision.mode()} (servers run --dtype {precision.server_dtype()}; CPU native bf16: "
+            f"{'yes' if precision.has_native_bf16() else 'no'})")
 
 
 @pytest.fixture(scope="session", autouse=True)

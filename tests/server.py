@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 import psutil
 
+from tests import precision
+
 ROOT = Path(__file__).resolve().parent.parent
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -52,8 +54,9 @@ class Server:
         self.args = list(args)
         self.command, self.cwd = list(command), cwd  # another install (tests/test_wheel.py) runs from elsewhere
         # Offline unless the test says otherwise: the server's own default is to download. A None value unsets.
+        # The precision is the suite's mode (tests/precision.py); a test's own `--dtype` flag goes over it.
         merged = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1",
-                  **(env or {})}
+                  "SIE_DTYPE": precision.server_dtype(), **(env or {})}
         self.env = {name: value for name, value in merged.items() if value is not None}
         # Without a log of its own, the server writes to a temporary one: a failed start says why, and a lost
         # port is recognisable. It is removed after a clean stop.

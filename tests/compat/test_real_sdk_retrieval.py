@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sentence_transformers import CrossEncoder
 
-from tests import references
+from tests import precision, references
 from tests.compat.conftest import RunScenario
 from tests.retrieval_server import BGE_M3, BGE_M3_COLBERT_DIM, COLBERT, RERANKER, SPLADE, RetrievalServer, vocab_size
 from tests.tiny_models import COLBERT_DIM
@@ -23,7 +23,7 @@ CALLS = [{"model": SPLADE, "output_types": ["sparse"]},
          {"model": COLBERT, "output_types": ["multivector"], "is_query": True},
          {"model": COLBERT, "output_types": ["multivector"]},
          {"model": BGE_M3, "output_types": ["dense", "sparse", "multivector"]}]
-ATOL = 1e-5
+ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
 
 
 @pytest.fixture(scope="module")

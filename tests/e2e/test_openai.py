@@ -9,14 +9,9 @@ import numpy as np
 import openai
 import pytest
 
+from tests import precision
 from tests.sentences import SENTENCES
 from tests.server import MINILM, Server
-
-
-def _cosines(got: np.ndarray, want: np.ndarray) -> np.ndarray:
-    got = got / np.linalg.norm(got, axis=1, keepdims=True)
-    want = want / np.linalg.norm(want, axis=1, keepdims=True)
-    return np.sum(got * want, axis=1)
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +19,7 @@ def reference(reference_model) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.asarray(reference_model.encode(SENTENCES, normalize_embeddings=True))
 
 
+@pytest.mark.numeric
 @pytest.mark.parametrize("base", ["/v1", ""])
 @pytest.mark.parametrize("encoding_format", [openai.NOT_GIVEN, "float"])
 def test_openai_sdk_matches_sentence_transformers(server: Server, reference: np.ndarray, base: str,
@@ -33,14 +29,15 @@ def test_openai_sdk_matches_sentence_transformers(server: Server, reference: np.
     got = np.array([d.embedding for d in response.data], dtype=np.float32)
     assert got.shape == (64, 384)
     assert [d.index for d in response.data] == list(range(64))
-    assert _cosines(got, reference).min() >= 0.999
+    precision.assert_vectors_close(got, reference)
 
 
+@pytest.mark.numeric
 def test_explicit_base64_is_little_endian_float32(server: Server, reference: np.ndarray) -> None:
     body = httpx.post(f"{server.url}/v1/embeddings", json={"model": MINILM, "input": SENTENCES[:2],
                                                             "encoding_format": "base64"}).json()
     vectors = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]])
-    assert _cosines(vectors, reference[:2]).min() >= 0.999
+    precision.assert_vectors_close(vectors, reference[:2])
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 4
 
 

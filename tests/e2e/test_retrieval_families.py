@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 
 from sie_sdk import SIEClient
 from sie_sdk.wire import decode_msgpack
-from tests import references
+from tests import precision, references
 from tests.retrieval_server import (
     BGE_M3,
     BGE_M3_COLBERT_DIM,
@@ -36,7 +36,7 @@ from tests.sentences import SENTENCES
 from tests.tiny_models import COLBERT_DIM
 
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
-ATOL = 1e-5
+ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
 ALL = ["dense", "sparse", "multivector"]
 # More than one micro-batch (16 items) of mixed lengths, so the worker's length bucketing and reordering take part.
 TEXTS = ["what is the capital of france", *SENTENCES[:20], "berlin"]
