@@ -15,8 +15,9 @@ import uvicorn
 
 from sie_router import __version__
 from sie_router.app import build_app
-from sie_router.devices import NoDevice
-from sie_router.registry import Registry, build_registry
+from sie_router.models.registry import Registry, build_registry
+from sie_router.models.weights import WeightsNotFound
+from sie_router.pool.devices import NoDevice
 from sie_router.settings import (
     DEFAULT_BUNDLE,
     DEFAULT_MODEL,
@@ -26,7 +27,6 @@ from sie_router.settings import (
     env_defaults,
     parse_bytes,
 )
-from sie_router.weights import WeightsNotFound
 
 log = logging.getLogger("sie")
 
@@ -239,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # hub downloads log their progress themselves (router/hub.py)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # hub downloads log their progress themselves (router/models/hub.py)
     registry = startup_registry(settings)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")

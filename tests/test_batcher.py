@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
-from sie_router.pacing import BatchReport, BusyTimeFit, Pacer
+from sie_router.pool.batcher import Batcher, BatchLimits
+from sie_router.pool.pacing import BatchReport, BusyTimeFit, Pacer
 
 
 class Recorder:

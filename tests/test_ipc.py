@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from sie_router.ipc import WorkerClient, WorkerLost
+from sie_router.pool.ipc import WorkerClient, WorkerLost
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
 from sie_worker.protocol import (

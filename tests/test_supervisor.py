@@ -18,10 +18,10 @@ import psutil
 import pytest
 
 from sie_router.errors import LoadError
-from sie_router.ipc import WorkerLost
-from sie_router.pacing import BusyTimeFit
+from sie_router.pool.ipc import WorkerLost
+from sie_router.pool.pacing import BusyTimeFit
+from sie_router.pool.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
 from sie_router.settings import Settings
-from sie_router.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
 from sie_worker.protocol import (
     BatchDone,
     BatchTiming,
@@ -74,7 +74,7 @@ async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_the_router_imports_only_the_protocol_from_the_worker_package() -> None:
-    code = ("import sys, sie_router.app, sie_router.supervisor; "
+    code = ("import sys, sie_router.app, sie_router.pool.supervisor; "
             "print(sorted(m for m in sys.modules if m.startswith('sie_worker')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['sie_worker', 'sie_worker.protocol']"

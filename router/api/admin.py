@@ -8,10 +8,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.pool import Slot, WorkerPool
-from sie_router.resolve import resolve
-from sie_router.state import app_state
+from sie_router.api.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.resolve import resolve
+from sie_router.pool.pool import Slot, WorkerPool
 
 
 def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:

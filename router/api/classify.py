@@ -9,13 +9,13 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError
-from sie_router.inputs import input_items, parse_texts
-from sie_router.jobs import BatchKey, ExtractJob, freeze
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import input_items, parse_texts
+from sie_router.pipeline.jobs import BatchKey, ExtractJob, freeze
+from sie_router.pipeline.resolve import served_model
 from sie_sdk.types import Item
 
 

@@ -15,15 +15,15 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError, invalid
-from sie_router.inputs import check_dimensions, encode_job, image_items, input_items, parse_texts
-from sie_router.jobs import Encoded, EncodeJob, Resolved
-from sie_router.models import served_outputs
-from sie_router.postprocess import cut_dimensions
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import check_dimensions, encode_job, image_items, input_items, parse_texts
+from sie_router.pipeline.jobs import Encoded, EncodeJob, Resolved
+from sie_router.pipeline.postprocess import cut_dimensions
+from sie_router.pipeline.resolve import served_model
 from sie_sdk.types import Item
 
 # Infinity's modalities and the capability each needs (its 400 names the capability).

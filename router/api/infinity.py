@@ -9,9 +9,9 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.models import served_outputs
-from sie_router.state import app_state
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
+from sie_router.pipeline import codec
 
 
 def _capabilities(outputs: list[str], inputs: list[str], family: str) -> list[str]:

@@ -13,14 +13,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError, invalid
-from sie_router.inputs import score_key
-from sie_router.jobs import Scored, ScoreJob
-from sie_router.models import served_outputs
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import score_key
+from sie_router.pipeline.jobs import Scored, ScoreJob
+from sie_router.pipeline.resolve import served_model
 
 MAX_DOCUMENTS = 1000
 

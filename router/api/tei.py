@@ -21,18 +21,18 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router import tei_bodies as inputs
-from sie_router.disconnect import guarded
+from sie_router.api import tei_bodies as inputs
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_dims, served_outputs
+from sie_router.api.state import AppState, app_state
+from sie_router.api.tei_bodies import backend, empty, validation
 from sie_router.errors import Api, SIEError
-from sie_router.inputs import encode_job, input_items, score_key
-from sie_router.jobs import BatchKey, Encoded, ExtractJob, Resolved, Scored, ScoreJob, TokenizeJob, freeze
-from sie_router.model_card import ModelCard, model_card
-from sie_router.models import served_dims, served_outputs
-from sie_router.registry import Registry
-from sie_router.resolve import resolve
-from sie_router.state import AppState, app_state
-from sie_router.tei_bodies import backend, empty, validation
+from sie_router.models.model_card import ModelCard, model_card
+from sie_router.models.registry import Registry
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import encode_job, input_items, score_key
+from sie_router.pipeline.jobs import BatchKey, Encoded, ExtractJob, Resolved, Scored, ScoreJob, TokenizeJob, freeze
+from sie_router.pipeline.resolve import resolve
 from sie_sdk.types import Item
 
 TEI_VERSION = "1.9.3"

@@ -215,7 +215,7 @@ def _sample(server: Server, name: str, **labels: str) -> float:
 
 
 def test_the_map_is_read_in_the_format_the_chart_renders(tmp_path: Path) -> None:
-    from sie_router.forward import load_pool_map
+    from sie_router.middleware.forward import load_pool_map
     from tests.deploy.test_chart import CASES, one, render
 
     rendered = one(render(CASES["two-pools"], name="prod", namespace="ml"), "ConfigMap", "prod-sie-pools")

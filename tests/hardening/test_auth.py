@@ -10,8 +10,8 @@ import openai
 import psutil
 import pytest
 
-from sie_router.auth import Auth
 from sie_router.errors import Api
+from sie_router.middleware.auth import Auth
 from sie_router.settings import Settings
 from sie_sdk import SIEClient
 from sie_sdk.types import Item

@@ -11,8 +11,8 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from sie_router.api.state import app_state
 from sie_router.errors import SIEError
-from sie_router.state import app_state
 
 T = TypeVar("T")
 

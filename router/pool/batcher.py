@@ -27,7 +27,7 @@ from typing import Any
 
 from sie_router import metrics
 from sie_router.errors import SIEError
-from sie_router.pacing import BatchReport, Pacer
+from sie_router.pool.pacing import BatchReport, Pacer
 
 log = logging.getLogger("sie.batcher")
 
@@ -108,7 +108,7 @@ class Batcher:
                     entry.future.exception()  # mark sibling failures as seen
                 entry.future.cancel()  # still queued ones are skipped, never sent
             raise
-        if not isinstance(parts[0], list):  # array outputs (`sie_router.jobs`) put themselves back in order
+        if not isinstance(parts[0], list):  # array outputs (`sie_router.pipeline.jobs`) put themselves back in order
             return type(parts[0]).join(parts, order)  # type: ignore[no-any-return]
         outputs: list[Any] = [None] * len(items)
         for position, output in zip(order, (out for part in parts for out in part), strict=True):
@@ -274,7 +274,7 @@ def itertools_islice(queue: deque[Entry], n: int) -> list[Entry]:
 
 
 def _concat(first: Any, second: Any) -> Any:
-    """Two halves' outputs as one: a list, or array outputs (`sie_router.jobs`) joined in their given order."""
+    """Two halves' outputs as one: a list, or array outputs (`sie_router.pipeline.jobs`) joined in their given order."""
     if isinstance(first, list):
         return first + second
     return type(first).join([first, second], list(range(len(first) + len(second))))

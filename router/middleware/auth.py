@@ -11,14 +11,9 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from sie_router.api.routes import ADMIN_PREFIX, OPEN_PATHS, OPEN_SUFFIXES
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.settings import Settings
-
-# Probes, metrics and the API description stay reachable without a key, as in Infinity and TEI.
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics", "/openapi.json", "/docs", "/ping"})
-# TEI's probes under a per-model prefix (`/tei/{model}/health`), open like its root ones.
-OPEN_SUFFIXES = ("/health", "/ping")
-ADMIN_PREFIX = "/admin/"
 
 
 def bearer_token(scope: Scope) -> bytes | None:

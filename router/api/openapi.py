@@ -19,9 +19,7 @@ from sie_router import __version__
 from sie_router.api.classify import ClassifyRequest
 from sie_router.api.embeddings import EmbeddingsRequest
 from sie_router.api.rerank import RerankRequest
-from sie_router.auth import ADMIN_PREFIX, OPEN_PATHS
-from sie_router.errors import Api
-from sie_router.tei_bodies import (
+from sie_router.api.tei_bodies import (
     EmbedRequest,
     PredictRequest,
     SimilarityRequest,
@@ -30,6 +28,7 @@ from sie_router.tei_bodies import (
     TEITokenizeRequest,
     VertexRequest,
 )
+from sie_router.errors import Api
 from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, ScoreRequest, TokenizeRequest
 
 REF = "#/components/schemas/{name}"
@@ -159,7 +158,8 @@ def _operation(method: str, path: str, op: Op, secured: bool) -> dict[str, Any]:
     return out
 
 
-def document(routes: Sequence[BaseRoute], *, api_key: bool, admin_token: bool) -> dict[str, Any]:
+def document(routes: Sequence[BaseRoute], *, api_key: bool, admin_token: bool, open_paths: frozenset[str],
+             admin_prefix: str) -> dict[str, Any]:
     """The OpenAPI 3.1 document for these routes (3.1, so msgspec's JSON Schema is used as it is)."""
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
@@ -169,8 +169,8 @@ def document(routes: Sequence[BaseRoute], *, api_key: bool, admin_token: bool) -
         for method in sorted((route.methods or set()) - {"HEAD"}):
             op = OPERATIONS.get((method, path)) or Op((route.endpoint.__doc__ or route.name).strip().split("\n")[0],
                                                      "other")
-            admin = path.startswith(ADMIN_PREFIX)
-            secured = (admin_token or api_key) if admin else api_key and path not in OPEN_PATHS
+            admin = path.startswith(admin_prefix)
+            secured = (admin_token or api_key) if admin else api_key and path not in open_paths
             paths.setdefault(path, {})[method.lower()] = _operation(method, path, op, bool(secured))
     return {
         "openapi": "3.1.0",
@@ -206,5 +206,7 @@ async def docs(request: Request) -> Response:
     return HTMLResponse(_DOCS)
 
 
-def encoded(routes: Sequence[BaseRoute], *, api_key: bool, admin_token: bool) -> bytes:
-    return msgspec.json.encode(document(routes, api_key=api_key, admin_token=admin_token))
+def encoded(routes: Sequence[BaseRoute], *, api_key: bool, admin_token: bool, open_paths: frozenset[str],
+            admin_prefix: str) -> bytes:
+    return msgspec.json.encode(document(routes, api_key=api_key, admin_token=admin_token, open_paths=open_paths,
+                                        admin_prefix=admin_prefix))

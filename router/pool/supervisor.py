@@ -25,8 +25,8 @@ import msgspec
 
 from sie_router import metrics
 from sie_router.errors import LoadError
-from sie_router.ipc import Reply, WorkerClient, WorkerLost
-from sie_router.pacing import BusyTimeFit
+from sie_router.pool.ipc import Reply, WorkerClient, WorkerLost
+from sie_router.pool.pacing import BusyTimeFit
 from sie_router.settings import Settings
 from sie_worker.protocol import (
     BatchDone,

@@ -11,10 +11,10 @@ import statistics
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from sie_router.devices import Devices, budgets
 from sie_router.errors import SIEError
-from sie_router.ledger import MemoryLedger
-from sie_router.registry import ModelConfig
+from sie_router.models.config import ModelConfig
+from sie_router.pool.devices import Devices, budgets
+from sie_router.pool.ledger import MemoryLedger
 from sie_router.settings import Settings
 
 # Estimate for a model whose config gives none: a per-process base, plus its weight files times this factor (the

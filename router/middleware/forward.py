@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import request_labels
 from sie_router.errors import Api, SIEError, render_error
-from sie_router.registry import Registry
+from sie_router.models.registry import Registry
 from sie_router.settings import Settings
 
 log = logging.getLogger("sie.forward")

@@ -1,7 +1,8 @@
 """From jobs to worker batches and back (router process).
 
-Every route decodes its request into a job (`sie_router.jobs`) and calls `Service.run`; the service queues the job's
-items on its model's batcher under the job's `BatchKey`, and each batch's outputs come back as array slices.
+Every route decodes its request into a job (`sie_router.pipeline.jobs`) and calls `Service.run`; the service queues
+the job's items on its model's batcher under the job's `BatchKey`, and each batch's outputs come back as array
+slices.
 """
 
 from __future__ import annotations
@@ -12,12 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
-from sie_router.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, Job, Scored, ScoreJob, TokenizeJob, thaw
-from sie_router.pacing import BatchReport
-from sie_router.pool import WorkerPool
-from sie_router.registry import ModelConfig
+from sie_router.models.config import ModelConfig
+from sie_router.pool.batcher import Batcher, BatchLimits
+from sie_router.pipeline.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, Job, Scored, ScoreJob, TokenizeJob, thaw
+from sie_router.pool.pacing import BatchReport
+from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
 from sie_worker.protocol import (
     BatchDone,

@@ -6,8 +6,8 @@ Called from route handlers only, in the request's own context, which is where th
 from __future__ import annotations
 
 from sie_router.errors import Api, SIEError
-from sie_router.jobs import Resolved
-from sie_router.registry import Registry
+from sie_router.models.registry import Registry
+from sie_router.pipeline.jobs import Resolved
 from sie_router.request_labels import note_model
 
 

@@ -11,7 +11,7 @@ import msgspec
 import numpy as np
 
 from sie_router.errors import SIEError
-from sie_router.model_card import ModelCard
+from sie_router.models.model_card import ModelCard
 from sie_router.settings import Settings
 
 T = TypeVar("T")

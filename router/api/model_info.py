@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sie_router.registry import ModelConfig
-from sie_router.state import AppState
+from sie_router.api.state import AppState
+from sie_router.models.config import ModelConfig
 
 
 def served_outputs(config: ModelConfig, profile: str) -> list[str]:

@@ -19,19 +19,20 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from sie_router import metrics
-from sie_router.devices import Devices, gpu_worker_env
 from sie_router.errors import LoadError, SIEError
-from sie_router.ipc import WorkerLost
-from sie_router.ledger import MemoryLedger
-from sie_router.placement import Placement
-from sie_router.registry import ModelConfig, Registry
+from sie_router.models.config import ModelConfig
+from sie_router.models.registry import Registry
+from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.pool.devices import Devices, gpu_worker_env
+from sie_router.pool.ipc import WorkerLost
+from sie_router.pool.ledger import MemoryLedger
+from sie_router.pool.placement import Placement
+from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
-from sie_router.supervisor import Supervisor, Worker
-from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
 from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
 
 if TYPE_CHECKING:
-    from sie_router.batcher import Batcher
+    from sie_router.pool.batcher import Batcher
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 

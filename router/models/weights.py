@@ -1,7 +1,7 @@
 """Finding a model's weights on disk, offline first (router process).
 
 Order: a local folder; the Hugging Face cache; a folder shipped inside an installed Python package; a hub download
-(router/hub.py) unless the server runs offline (`HF_HUB_OFFLINE=1` or `--offline`). Failure names the model, the hub
+(router/models/hub.py) unless the server runs offline (`HF_HUB_OFFLINE=1` or `--offline`). Failure names the model, the hub
 endpoint and every place that was tried.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from sie_router import hub
+from sie_router.models import hub
 
 log = logging.getLogger("sie.weights")
 

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from sie_router.pool import WorkerPool
-from sie_router.registry import Registry
-from sie_router.service import Service
+from sie_router.models.registry import Registry
+from sie_router.pipeline.service import Service
+from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
 
 

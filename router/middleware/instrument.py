@@ -1,4 +1,4 @@
-"""Request metrics (router process): an ASGI middleware that counts and times every request, and the `/metrics` route.
+"""Request metrics (router process): an ASGI middleware that counts and times every request.
 
 Handlers never touch metrics: the model a request is for is noted in a context variable when its name is resolved
 (`request_labels.note_model`), and the middleware reads it once the response has started.
@@ -9,13 +9,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import metrics, request_labels
-from sie_router.state import app_state
 
 
 class Instrument:
@@ -57,38 +54,3 @@ class Instrument:
         else:
             metrics.REQUESTS.labels(model, route.name, str(status)).inc()
             metrics.REQUEST_DURATION.labels(model, route.name, "total").observe(elapsed)
-
-
-def refresh_gauges(request: Request) -> None:
-    """Gauges read at scrape time: device memory, models loaded, memory per model."""
-    pool = app_state(request).pool
-    pool.remeasure()
-    for device in pool.devices.snapshot():
-        metrics.DEVICE_MEMORY_USED.labels(device.name).set(device.used)
-        metrics.DEVICE_MEMORY_TOTAL.labels(device.name).set(device.total)
-    loaded: dict[str, int] = dict.fromkeys(pool.ledger.devices, 0)
-    for key, slot in pool.slots.items():
-        device = slot.worker.device if slot.worker else None
-        if device is not None and slot.state == "loaded":
-            loaded[device] = loaded.get(device, 0) + 1
-            metrics.MODEL_MEMORY.labels(key, device).set(pool.ledger.reserved(key) or 0)
-    for device, count in loaded.items():
-        metrics.MODELS_LOADED.labels(device).set(count)
-
-
-async def serve_metrics(request: Request) -> Response:
-    refresh_gauges(request)
-    body, content_type = metrics.render()
-    return Response(body, media_type=content_type)
-
-
-def declare_models(models: list[str]) -> None:
-    """Create every per-model series at zero, so dashboards and the autoscaler see 0 rather than no data."""
-    for model in models:
-        metrics.QUEUE_DEPTH.labels(model).set(0)
-        metrics.WORKER_RESTARTS.labels(model)
-        metrics.WORKER_HANGS.labels(model)
-        for result in metrics.LOAD_RESULTS:
-            metrics.MODEL_LOADS.labels(model, result)
-        for reason in metrics.EVICTION_REASONS:
-            metrics.EVICTIONS.labels(model, reason)

@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from sie_router.registry import ModelConfig
+from sie_router.models.config import ModelConfig
 from sie_worker.protocol import EncodeResult, InputItem, ScoreResult
 
 Frozen = tuple[tuple[str, Any], ...]  # a `FrozenDict` of options

@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
-from sie_router.weights import WeightsQuery, resolve_weights
-
-if TYPE_CHECKING:
-    from sie_router.registry import ModelConfig
+from sie_router.models.config import ADAPTER_PATH_FAMILIES, ModelConfig, Profile
+from sie_router.models.weights import WeightsQuery, resolve_weights
 
 log = logging.getLogger("sie.inference")
 
@@ -136,7 +134,6 @@ def _family(folder: Path) -> tuple[str, str]:
 
 def infer_config(model: str, *, offline: bool, adapter: str | None = None) -> ModelConfig:
     """A config for a folder or hub id outside the bundle, found offline first; `adapter` overrides the inference."""
-    from sie_router.registry import ADAPTER_PATH_FAMILIES, ModelConfig, Profile
 
     folder, origin = resolve_weights(WeightsQuery(model_id=model), offline=offline)
     if adapter:

@@ -12,10 +12,10 @@ from typing import Any
 import msgspec
 
 from sie_router.errors import SIEError, invalid
-from sie_router.jobs import BatchKey, EncodeJob, Resolved, freeze
-from sie_router.registry import ModelConfig
+from sie_router.models.config import ModelConfig
+from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, freeze
+from sie_router.pipeline.token_ids import decode_token_ids
 from sie_router.settings import Settings
-from sie_router.token_ids import decode_token_ids
 from sie_sdk.types import OUTPUT_DTYPES, EncodeParams, ImageInput, Item
 from sie_worker.protocol import InputItem
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from sie_router.registry import ModelConfig
-from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.models.config import ModelConfig
+from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
 
 log = logging.getLogger("sie.model_card")
 
