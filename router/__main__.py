@@ -239,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # hub downloads log their progress themselves (router/models/hub.py)
+    # hub downloads log their progress themselves (router/models/hub.py)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     registry = startup_registry(settings)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")

@@ -31,6 +31,7 @@ from sie_router.pipeline.service import Service
 from sie_router.pool.devices import detect
 from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 log = logging.getLogger("sie.app")
 
@@ -46,14 +47,14 @@ async def _sie_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_INPUT")
+    code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.INVALID_INPUT)
     return render_error(SIEError(code, str(exc.detail)), _api(request))
 
 
 async def _undecodable(request: Request, exc: Exception) -> Response:
     # msgspec raises these, not DecodeError, on a body nested past its depth limit or a string that is not UTF-8.
     problem = "is nested too deeply" if isinstance(exc, RecursionError) else "holds a string that is not UTF-8"
-    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), _api(request))
+    return render_error(SIEError(ErrorCode.INVALID_INPUT, f"the request body {problem}"), _api(request))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -63,7 +64,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), _api(request))
+    return render_error(SIEError(ErrorCode.INTERNAL_ERROR, "internal server error"), _api(request))
 
 
 STARTUP_LOAD_ATTEMPTS = 2  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
@@ -85,10 +86,10 @@ async def _preload(state: AppState, names: list[str]) -> None:
                 await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
                 return
             except SIEError as exc:
-                if exc.code == "MODEL_LOADING" and name in required:
+                if exc.code == ErrorCode.MODEL_LOADING and name in required:
                     continue  # a long download, still going: the load's own steps bound it, not this wait
                 if name not in required:
-                    if exc.code == "RESOURCE_EXHAUSTED":
+                    if exc.code == ErrorCode.RESOURCE_EXHAUSTED:
                         log.warning("%s does not fit in the memory budget beside the other models; it will load "
                                     "lazily on its first request (%s)", name, exc.message)
                     else:

@@ -1,4 +1,5 @@
-"""Hub downloads (router/models/hub.py, through router/models/weights.py) from tests/hub.py, by the real huggingface_hub client."""
+"""Hub downloads (router/models/hub.py, through router/models/weights.py) from tests/hub.py, by the real
+huggingface_hub client."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Family inference from a checkpoint's files (router/models/inference.py), on tiny checkpoints in their real layouts."""
+"""Family inference from a checkpoint's files (router/models/inference.py), on tiny checkpoints in their real
+layouts."""
 
 from __future__ import annotations
 

@@ -10,8 +10,8 @@ import pytest
 from sie_router import request_labels
 from sie_router.models.config import ModelConfig, Profile
 from sie_router.models.registry import Registry
-from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pipeline.jobs import BatchKey, Encoded, Ragged, Scored, freeze, thaw
+from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pool.pacing import BatchReport
 
 

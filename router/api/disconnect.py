@@ -13,6 +13,7 @@ from starlette.requests import Request
 
 from sie_router.api.state import app_state
 from sie_router.errors import SIEError
+from sie_sdk.codes import ErrorCode
 
 T = TypeVar("T")
 
@@ -44,4 +45,4 @@ async def guarded(request: Request, work: Awaitable[T]) -> T:
     task.cancel()
     if watcher in done:
         raise ClientGone()
-    raise SIEError("DEADLINE_EXCEEDED", f"the request did not finish within {deadline_s:g}s")
+    raise SIEError(ErrorCode.DEADLINE_EXCEEDED, f"the request did not finish within {deadline_s:g}s")

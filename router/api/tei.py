@@ -33,6 +33,7 @@ from sie_router.pipeline import codec
 from sie_router.pipeline.inputs import encode_job, input_items, score_key
 from sie_router.pipeline.jobs import BatchKey, Encoded, ExtractJob, Resolved, Scored, ScoreJob, TokenizeJob, freeze
 from sie_router.pipeline.resolve import resolve
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Item
 
 TEI_VERSION = "1.9.3"
@@ -349,7 +350,8 @@ async def answer(request: Request, route: str, fixed: Resolved | None = None) ->
 
 async def _body(request: Request, state: AppState) -> bytes:
     if "json" not in request.headers.get("content-type", ""):
-        raise SIEError("INVALID_INPUT", "Expected request with `Content-Type: application/json`", plain_status=415)
+        raise SIEError(ErrorCode.INVALID_INPUT,
+                       "Expected request with `Content-Type: application/json`", plain_status=415)
     return await codec.read_body(request, state.settings.max_request_bytes)
 
 
@@ -378,12 +380,12 @@ async def per_model(request: Request, rest: str) -> Response:
     state = app_state(request)
     found = split_path(state.registry, rest)
     if found is None:
-        raise SIEError("MODEL_NOT_FOUND", f"no served model or TEI route at {request.url.path}; served models: "
+        raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"no served model or TEI route at {request.url.path}; served models: "
                        f"{list(state.registry.served)}")
     name, route = found
     reads = route in PROBES or route == "info" or (route == "" and request.method == "GET")
     if reads != (request.method == "GET"):
-        raise SIEError("METHOD_NOT_ALLOWED", "method not allowed")
+        raise SIEError(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed")
     return await answer(request, route, resolve(state.registry, name))
 
 

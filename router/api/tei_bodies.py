@@ -13,6 +13,7 @@ import numpy as np
 from sie_router.errors import SIEError
 from sie_router.models.model_card import ModelCard
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 T = TypeVar("T")
 DIRECTIONS = {"right": "right", "Right": "right", "left": "left", "Left": "left"}
@@ -95,20 +96,20 @@ class _Shape(msgspec.Struct):
 
 
 def schema_error(message: str) -> SIEError:
-    return SIEError("INVALID_INPUT", f"Failed to deserialize the JSON body into the target type: {message}",
+    return SIEError(ErrorCode.INVALID_INPUT, f"Failed to deserialize the JSON body into the target type: {message}",
                     plain_status=422)
 
 
 def empty(message: str) -> SIEError:
-    return SIEError("INVALID_INPUT", f"Input validation error: {message}", error_type="Empty", status=400)
+    return SIEError(ErrorCode.INVALID_INPUT, f"Input validation error: {message}", error_type="Empty", status=400)
 
 
 def validation(message: str) -> SIEError:
-    return SIEError("INVALID_INPUT", f"Input validation error: {message}")
+    return SIEError(ErrorCode.INVALID_INPUT, f"Input validation error: {message}")
 
 
 def backend(message: str) -> SIEError:
-    return SIEError("MODEL_NOT_SUPPORTED", f"Backend error: {message}")
+    return SIEError(ErrorCode.MODEL_NOT_SUPPORTED, f"Backend error: {message}")
 
 
 def decode(body: bytes, kind: type[T]) -> T:
@@ -117,7 +118,8 @@ def decode(body: bytes, kind: type[T]) -> T:
     except msgspec.ValidationError as exc:
         raise schema_error(str(exc)) from None
     except msgspec.DecodeError as exc:
-        raise SIEError("INVALID_INPUT", f"Failed to parse the request body as JSON: {exc}", plain_status=400) from None
+        raise SIEError(ErrorCode.INVALID_INPUT,
+                       f"Failed to parse the request body as JSON: {exc}", plain_status=400) from None
 
 
 def shape_of(body: bytes) -> str | None:

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from sie_router.api.routes import ADMIN_PREFIX, OPEN_PATHS, OPEN_SUFFIXES
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 
 def bearer_token(scope: Scope) -> bytes | None:
@@ -47,23 +48,24 @@ class Auth:
             return self.check_admin(token)
         if self.api_key is None or _matches(token, self.api_key):
             return None
-        return SIEError("UNAUTHORIZED", "a valid API key is required: send 'Authorization: Bearer <key>'"
+        return SIEError(ErrorCode.UNAUTHORIZED, "a valid API key is required: send 'Authorization: Bearer <key>'"
                         if token is None else "the API key is not valid")
 
     def check_admin(self, token: bytes | None) -> SIEError | None:
         if self.admin_token is None:
             if self.api_key is None:
                 return None  # no secrets configured: the server is meant for a trusted host (it binds 127.0.0.1)
-            return SIEError("FORBIDDEN", "the admin API is closed: the server has an API key but no admin token "
+            return SIEError(ErrorCode.FORBIDDEN,
+                            "the admin API is closed: the server has an API key but no admin token "
                             "(set SIE_ADMIN_TOKEN or --admin-token)")
         if _matches(token, self.admin_token):
             return None
         if token is None:
-            return SIEError("UNAUTHORIZED", "the admin API needs the admin token: send 'Authorization: Bearer "
+            return SIEError(ErrorCode.UNAUTHORIZED, "the admin API needs the admin token: send 'Authorization: Bearer "
                             "<admin token>'")
         if _matches(token, self.api_key):
-            return SIEError("FORBIDDEN", "the API key does not open the admin API; use the admin token")
-        return SIEError("UNAUTHORIZED", "the admin token is not valid")
+            return SIEError(ErrorCode.FORBIDDEN, "the API key does not open the admin API; use the admin token")
+        return SIEError(ErrorCode.UNAUTHORIZED, "the admin token is not valid")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (self.api_key is None and self.admin_token is None):

@@ -17,6 +17,7 @@ from sie_router import request_labels
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.models.registry import Registry
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 log = logging.getLogger("sie.forward")
 
@@ -191,7 +192,7 @@ class Forward:
             if isinstance(exc.__cause__ or exc.__context__, _Disconnected):
                 return
             log.warning("the pool at %s, which serves %s, is not answering: %r", url, model, exc)
-            error = SIEError("POOL_UNAVAILABLE", f"the pool serving '{model}' is not answering yet (it may be "
+            error = SIEError(ErrorCode.POOL_UNAVAILABLE, f"the pool serving '{model}' is not answering yet (it may be "
                              f"starting); retry shortly")
             await render_error(error, self.api_of(scope["path"]))(scope, receive, send)
             return

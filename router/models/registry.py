@@ -13,6 +13,7 @@ import msgspec
 from sie_router.errors import SIEError
 from sie_router.models.config import ModelConfig, load_bundle
 from sie_router.models.inference import infer_config
+from sie_sdk.codes import ErrorCode
 
 
 def _bundles_root() -> Path:
@@ -52,7 +53,7 @@ class Registry:
         except KeyError:
             close = difflib.get_close_matches(name, list(self.served), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise SIEError("MODEL_NOT_FOUND", f"Model '{name}' not found.{hint}", param="model") from None
+            raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"Model '{name}' not found.{hint}", param="model") from None
         return found
 
     def restrict(self, names: list[str]) -> Registry:

@@ -1,8 +1,8 @@
 """Finding a model's weights on disk, offline first (router process).
 
 Order: a local folder; the Hugging Face cache; a folder shipped inside an installed Python package; a hub download
-(router/models/hub.py) unless the server runs offline (`HF_HUB_OFFLINE=1` or `--offline`). Failure names the model, the hub
-endpoint and every place that was tried.
+(router/models/hub.py) unless the server runs offline (`HF_HUB_OFFLINE=1` or `--offline`). Failure names the model,
+the hub endpoint and every place that was tried.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from sie_router.errors import SIEError
+from sie_sdk.codes import ErrorCode
 from sie_sdk.wire import encode_json, encode_msgpack
 
 T = TypeVar("T")
@@ -25,13 +26,13 @@ async def read_body(request: Request, limit: int) -> bytes:
         return cached
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise SIEError("REQUEST_TOO_LARGE", f"request body of {declared} bytes is over the {limit}-byte limit")
+        raise SIEError(ErrorCode.REQUEST_TOO_LARGE, f"request body of {declared} bytes is over the {limit}-byte limit")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise SIEError("REQUEST_TOO_LARGE", f"request body is over the {limit}-byte limit")
+            raise SIEError(ErrorCode.REQUEST_TOO_LARGE, f"request body is over the {limit}-byte limit")
         chunks.append(chunk)
     request._body = b"".join(chunks)
     return request._body
@@ -51,15 +52,15 @@ def wants_msgpack(request: Request) -> bool:
 def decode(body: bytes, kind: type[T], *, msgpack: bool) -> T:
     """Decode and validate a body; any failure is a 400 INVALID_INPUT naming the problem."""
     if not body:
-        raise SIEError("INVALID_INPUT", "request body is empty")
+        raise SIEError(ErrorCode.INVALID_INPUT, "request body is empty")
     try:
         if msgpack:
             return msgspec.msgpack.decode(body, type=kind)
         return msgspec.json.decode(body, type=kind)
     except msgspec.ValidationError as exc:
-        raise SIEError("INVALID_INPUT", f"invalid request: {exc}") from None
+        raise SIEError(ErrorCode.INVALID_INPUT, f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
-        raise SIEError("INVALID_INPUT", f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
+        raise SIEError(ErrorCode.INVALID_INPUT, f"malformed {'msgpack' if msgpack else 'JSON'} body: {exc}") from None
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

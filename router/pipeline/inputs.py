@@ -16,6 +16,7 @@ from sie_router.models.config import ModelConfig
 from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, freeze
 from sie_router.pipeline.token_ids import decode_token_ids
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import OUTPUT_DTYPES, EncodeParams, ImageInput, Item
 from sie_worker.protocol import InputItem
 
@@ -43,7 +44,8 @@ def input_items(items: list[Item], config: ModelConfig, limits: Settings, *, all
             raise invalid(f"item has neither text nor image - at `$.{field}[{i}]`", param=f"{field}[{i}]")
         size = len(item.text.encode()) if item.text else 0
         if size > max_item_bytes:
-            raise SIEError("INVALID_INPUT", f"item text is {size} bytes, over the {max_item_bytes}-byte limit - at "
+            raise SIEError(ErrorCode.INVALID_INPUT,
+                           f"item text is {size} bytes, over the {max_item_bytes}-byte limit - at "
                            f"`$.{field}[{i}].text`", param=f"{field}[{i}].text")
         for j, data in enumerate(images):
             if len(data) > max_image_bytes:
@@ -159,12 +161,13 @@ def image_items(texts: list[str]) -> list[Item]:
     for i, uri in enumerate(texts):
         head, _, payload = uri.partition(",")
         if not (head.startswith("data:image/") and head.endswith(";base64")):
-            raise SIEError("INVALID_MEDIA", f"input[{i}] must be a data:image/...;base64 URI; remote image URLs are "
+            raise SIEError(ErrorCode.INVALID_MEDIA,
+                           f"input[{i}] must be a data:image/...;base64 URI; remote image URLs are "
                            "disabled on this server", param="input")
         try:
             data = base64.b64decode(payload, validate=True)
         except ValueError:
-            raise SIEError("INVALID_MEDIA", f"input[{i}] is not valid base64", param="input") from None
+            raise SIEError(ErrorCode.INVALID_MEDIA, f"input[{i}] is not valid base64", param="input") from None
         items.append(Item(images=[ImageInput(data=data, format=head[len("data:image/"):-len(";base64")])]))
     return items
 
@@ -173,6 +176,6 @@ def check_dimensions(dimensions: int | None, native: int) -> int:
     if dimensions is None or dimensions == 0:
         return native
     if not 1 <= dimensions <= native:
-        raise SIEError("INVALID_DIMENSIONS", f"dimensions must be between 1 and {native}, not {dimensions}",
+        raise SIEError(ErrorCode.INVALID_DIMENSIONS, f"dimensions must be between 1 and {native}, not {dimensions}",
                        param="dimensions")
     return dimensions

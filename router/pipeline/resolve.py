@@ -9,6 +9,7 @@ from sie_router.errors import Api, SIEError
 from sie_router.models.registry import Registry
 from sie_router.pipeline.jobs import Resolved
 from sie_router.request_labels import note_model
+from sie_sdk.codes import ErrorCode
 
 
 def resolve(registry: Registry, name: str) -> Resolved:
@@ -31,8 +32,9 @@ def _match_served(registry: Registry, name: str, api: Api) -> str:
         for candidate in served:
             if name == candidate or name == "/".join(candidate.rstrip("/").split("/")[-2:]):
                 return candidate
-        raise SIEError("INVALID_INPUT", f"Invalid model: Engine for model name `{name}` not found. Available model "
+        raise SIEError(ErrorCode.INVALID_INPUT,
+                       f"Invalid model: Engine for model name `{name}` not found. Available model "
                        f"names are {served}", param="model")
     if name not in registry.served:
-        raise SIEError("MODEL_NOT_FOUND", f"model '{name}' not found; served models: {served}", param="model")
+        raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{name}' not found; served models: {served}", param="model")
     return name

@@ -15,11 +15,12 @@ import numpy as np
 
 from sie_router.errors import SIEError
 from sie_router.models.config import ModelConfig
-from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pipeline.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, Job, Scored, ScoreJob, TokenizeJob, thaw
+from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pool.pacing import BatchReport
 from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import (
     BatchDone,
     DecodeBatch,
@@ -90,7 +91,8 @@ class Service:
         """Refuse work past the server-wide queue bound (retryable), whatever model it is for."""
         queued = sum(b.queued_items for b in self.batchers.values())
         if queued + count > self.settings.max_total_queue_items:
-            raise SIEError("QUEUE_FULL", f"the server has {queued} items queued across its models; retry shortly")
+            raise SIEError(ErrorCode.QUEUE_FULL,
+                           f"the server has {queued} items queued across its models; retry shortly")
 
     async def _run(self, model_key: str, key: BatchKey, items: list[Any]) -> BatchReport:
         worker = await self.pool.ensure(model_key, wait_s=None)
@@ -114,7 +116,7 @@ class Service:
                 costs = [2 + (len(job.query) + len(doc)) // 4 for doc in job.documents]
                 scored: Scored = await self._submit(config, job.key, pairs, costs)
                 if not np.isfinite(scored.scores).all():
-                    raise SIEError("INFERENCE_ERROR", "the model produced a non-finite score")
+                    raise SIEError(ErrorCode.INFERENCE_ERROR, "the model produced a non-finite score")
                 return scored
             case ExtractJob():
                 items = list(job.items)

@@ -6,6 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from sie_router.errors import SIEError
+from sie_sdk.codes import ErrorCode
 
 _HINT = ("ids must be cl100k_base token ids; LangChain users can instead set check_embedding_ctx_length=False "
          "to send plain text")
@@ -25,6 +26,6 @@ def decode_token_ids(ids: list[int], encoding: str = "cl100k_base") -> str:
     top = enc.max_token_value
     bad = next((i for i in ids if not isinstance(i, int) or isinstance(i, bool) or i < 0 or i > top), None)
     if bad is not None:
-        raise SIEError("INVALID_TOKEN_IDS", f"token id {bad} is outside the {encoding} vocabulary (0..{top}); "
+        raise SIEError(ErrorCode.INVALID_TOKEN_IDS, f"token id {bad} is outside the {encoding} vocabulary (0..{top}); "
                        f"{_HINT}", param="input")
     return str(enc.decode(ids, errors="replace"))

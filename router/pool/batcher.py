@@ -28,12 +28,13 @@ from typing import Any
 from sie_router import metrics
 from sie_router.errors import SIEError
 from sie_router.pool.pacing import BatchReport, Pacer
+from sie_sdk.codes import ErrorCode
 
 log = logging.getLogger("sie.batcher")
 
 _WINDOW_FACTOR = 4  # how far past the batch size we look for similar lengths
 # Failures caused by one request's input: a shared batch that fails so is re-run request by request.
-INPUT_ERRORS = frozenset({"INVALID_INPUT", "INPUT_TOO_LONG", "INVALID_MEDIA"})
+INPUT_ERRORS = frozenset({ErrorCode.INVALID_INPUT, ErrorCode.INPUT_TOO_LONG, ErrorCode.INVALID_MEDIA})
 
 
 @dataclass(eq=False)
@@ -87,10 +88,11 @@ class Batcher:
         """Queue the items (split into entries of at most `max_items`) and return their outputs in order: a list,
         or the batch outputs' own type when it has `join` (slices of one array, never row by row)."""
         if len(items) > self.limits.max_queue_items:
-            raise SIEError("INVALID_INPUT", f"{len(items)} items is more than this model's queue can ever hold "
+            raise SIEError(ErrorCode.INVALID_INPUT, f"{len(items)} items is more than this model's queue can ever hold "
                            f"({self.limits.max_queue_items}); split the request", param="items")
         if self.queued_items + len(items) > self.limits.max_queue_items:
-            raise SIEError("QUEUE_FULL", f"model '{self.name}' has {self.queued_items} items queued; retry shortly")
+            raise SIEError(ErrorCode.QUEUE_FULL,
+                           f"model '{self.name}' has {self.queued_items} items queued; retry shortly")
         loop = asyncio.get_running_loop()
         step = self.limits.max_items
         # A big client batch is cut in length order, so each entry pads little; outputs are put back in order below.
@@ -224,7 +226,7 @@ class Batcher:
         try:
             return await self.run(key, items)
         except SIEError as exc:
-            if exc.code != "RESOURCE_EXHAUSTED" or len(items) < 2:
+            if exc.code != ErrorCode.RESOURCE_EXHAUSTED or len(items) < 2:
                 raise
         log.warning("%s ran out of memory on a batch of %d; running it in halves", self.name, len(items))
         half = len(items) // 2
@@ -264,7 +266,7 @@ class Batcher:
                 await task
         for entry in self.queue:
             if not entry.future.done():
-                entry.future.set_exception(SIEError("SHUTTING_DOWN", "the server is shutting down"))
+                entry.future.set_exception(SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down"))
         self.queue.clear()
         self.queued_items = 0
 

@@ -16,6 +16,7 @@ from sie_router.models.config import ModelConfig
 from sie_router.pool.devices import Devices, budgets
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 # Estimate for a model whose config gives none: a per-process base, plus its weight files times this factor (the
 # weights and a working set of half their size).
@@ -88,7 +89,8 @@ class Placement:
         for learned in self.bases.values():  # a worker too big to keep must not make every other estimate too big
             learned.pop(key, None)
         held = (self.ledger.reserved(key) or 0) / 2**20
-        raise SIEError("RESOURCE_EXHAUSTED", f"model '{key}' holds {held:.0f} MiB on {device}, {over / 2**20:.0f} MiB "
+        raise SIEError(ErrorCode.RESOURCE_EXHAUSTED,
+                       f"model '{key}' holds {held:.0f} MiB on {device}, {over / 2**20:.0f} MiB "
                        f"over its budget of {budget / 2**20:.0f} MiB, and no idle model can be evicted")
 
     def plan(self, key: str, nbytes: int, evictable: Callable[[str], bool]) -> tuple[str, list[str]]:
@@ -101,7 +103,8 @@ class Placement:
         victims = self.ledger.eviction_plan(device, nbytes, lambda k: k != key and evictable(k))
         if victims is None:
             free = self.ledger.devices[device].free
-            raise SIEError("RESOURCE_EXHAUSTED", f"model '{key}' needs about {nbytes / 2**20:.0f} MiB on {device}, "
+            raise SIEError(ErrorCode.RESOURCE_EXHAUSTED,
+                           f"model '{key}' needs about {nbytes / 2**20:.0f} MiB on {device}, "
                            f"{free / 2**20:.0f} MiB is free and no idle model can be evicted")
         return device, victims
 

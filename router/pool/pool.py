@@ -29,6 +29,7 @@ from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.placement import Placement
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
 
 if TYPE_CHECKING:
@@ -121,16 +122,16 @@ class WorkerPool:
         if slot.worker is not None and slot.worker.info is not None:
             return slot.worker
         if not self.accepting:
-            raise SIEError("SHUTTING_DOWN", "the server is shutting down")
+            raise SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
         self._check_failed(slot)
         if slot.loading is None:
             slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
         if wait_s is None or wait_s <= 0:
-            raise SIEError("MODEL_LOADING", f"model '{model}' is loading; retry shortly")
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is loading; retry shortly")
         try:
             return await asyncio.wait_for(asyncio.shield(slot.loading), wait_s)
         except TimeoutError:
-            raise SIEError("MODEL_LOADING", f"model '{model}' is still loading after {wait_s:g}s") from None
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is still loading after {wait_s:g}s") from None
 
     def _check_failed(self, slot: Slot) -> None:
         """Terminal answers (502, no Retry-After): a spent crash budget, a permanent load failure, or a transient
@@ -260,11 +261,12 @@ class WorkerPool:
         try:
             reply = await self.supervisor.call(worker, make, items)
         except WorkerLost as exc:
-            raise SIEError("MODEL_LOADING", f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
+            raise SIEError(ErrorCode.MODEL_LOADING,
+                           f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
         worker.batches_served += 1
         worker.items_served += items
         if isinstance(reply, BatchFailed):
-            code = reply.code if reply.code != "MODEL_LOAD_FAILED" else "INFERENCE_ERROR"
+            code = reply.code if reply.code != ErrorCode.MODEL_LOAD_FAILED else ErrorCode.INFERENCE_ERROR
             raise SIEError(code, reply.message)
         self._observe(worker.key, reply)
         return reply
@@ -293,7 +295,8 @@ class WorkerPool:
         metrics.EVICTIONS.labels(key, reason).inc()
         slot.state, worker.stopping = ModelState.UNLOADING, True
         if slot.batcher is not None:
-            slot.batcher.fail_queued(SIEError("MODEL_LOADING", f"model '{key}' was evicted; retry to reload it"))
+            slot.batcher.fail_queued(SIEError(ErrorCode.MODEL_LOADING,
+                                              f"model '{key}' was evicted; retry to reload it"))
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
         while self.supervisor.busy(worker) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
