@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from sie_router.api import health, openapi
 from sie_router.api.disconnect import ClientGone
-from sie_router.api.routes import ADMIN_PREFIX, OPEN_PATHS, ROUTES, api_of
+from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
 from sie_router.api.state import AppState
 from sie_router.errors import Api, LoadError, SIEError, render_error
 from sie_router.middleware.auth import Auth
@@ -159,11 +159,11 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     # exist is a JSON 404 (a wrong method a 405) in its API's envelope, through `_http_error`.
     app.router.redirect_slashes = False
     app.state.sie = state
-    app.state.openapi = openapi.encoded(ROUTES, api_key=bool(settings.api_key), admin_token=bool(settings.admin_token),
-                                        open_paths=OPEN_PATHS, admin_prefix=ADMIN_PREFIX)
+    app.state.openapi = openapi.encoded(ENDPOINTS, api_key=bool(settings.api_key),
+                                        admin_token=bool(settings.admin_token))
     # Innermost: a request for another pool's model is forwarded only once Auth has let it in.
-    app.add_middleware(Forward, settings=settings, registry=registry, routes=ROUTES, api_of=api_of)
-    app.add_middleware(Auth, settings=settings, api_of=api_of)
+    app.add_middleware(Forward, settings=settings, registry=registry)
+    app.add_middleware(Auth, settings=settings)
     app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
     app.add_middleware(Instrument, routes=ROUTES)  # counts and times every answer
     if settings.url_prefix:  # outermost: the rest sees the Infinity route the prefixed path stands for

@@ -362,14 +362,15 @@ def _health(state: AppState, fixed: Resolved | None) -> Response:
     return codec.json_response({"error": "unhealthy", "error_type": "Unhealthy"}, status=503)
 
 
-def split_path(registry: Registry, rest: str) -> tuple[str, str] | None:
-    """`/tei/{rest}` as (served model, route): the model is the served name the path starts with, so ids holding
-    `/` (`BAAI/bge-small-en-v1.5`) need no escaping; a trailing `/` (kept by huggingface_hub on POST) is the root."""
+def split_path(rest: str, known: Callable[[str], bool]) -> tuple[str, str] | None:
+    """`/tei/{rest}` as (model, route): the model is the known name the path starts with, so ids holding `/`
+    (`BAAI/bge-small-en-v1.5`) need no escaping; a trailing `/` (kept by huggingface_hub on POST) is the root.
+    `known` is the served names here, and also those of other pools when a request is forwarded."""
     rest = rest.rstrip("/")
-    if rest in registry.served:
+    if known(rest):
         return rest, ""
     head, _, route = rest.rpartition("/")
-    if head in registry.served and (route in HANDLERS or route in PROBES):
+    if known(head) and (route in HANDLERS or route in PROBES):
         return head, route
     return None
 
@@ -378,7 +379,7 @@ async def per_model(request: Request, rest: str) -> Response:
     """Every TEI route under `/tei/{model}/`, answered by that model."""
     request.scope["sie.api"] = Api.TEI
     state = app_state(request)
-    found = split_path(state.registry, rest)
+    found = split_path(rest, state.registry.served.__contains__)
     if found is None:
         raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"no served model or TEI route at {request.url.path}; served models: "
                        f"{list(state.registry.served)}")
@@ -410,11 +411,24 @@ GET_NAMES = ("", "info", "ping")
 PER_MODEL = "tei/.+"
 register_url_convertor("tei_post", _Names((*POST_NAMES, PER_MODEL)))
 register_url_convertor("tei_get", _Names((*GET_NAMES, PER_MODEL)))
+ROOT_PATHS = frozenset("/" + name for name in (*POST_NAMES, *GET_NAMES))
+PER_MODEL_PREFIX = "/tei/"
+
+
+def is_tei_path(path: str) -> bool:
+    """A path of TEI's API, at the root or per model (`/rerank` is Infinity's too: its handler marks TEI's)."""
+    return path in ROOT_PATHS or path.rstrip("/") in ROOT_PATHS or path.startswith(PER_MODEL_PREFIX)
+
+
+def is_probe(method: str, path: str) -> bool:
+    """TEI's health probes: `GET /`, `/ping`, and `/tei/{model}/health` or `/ping`."""
+    return ((path == "/" and method == "GET") or path == "/ping"
+            or (path.startswith(PER_MODEL_PREFIX) and path.endswith(tuple("/" + name for name in PROBES))))
 
 
 async def route(request: Request) -> Response:
     """TEI at the root (`POST /embed`, `GET /info`, `POST /`, ...: the default models) or per model (`/tei/...`)."""
     name: str = request.path_params["route"]
-    if name.startswith("tei/"):
-        return await per_model(request, name[len("tei/"):])
+    if name.startswith(PER_MODEL_PREFIX[1:]):
+        return await per_model(request, name[len(PER_MODEL_PREFIX) - 1:])
     return await answer(request, name)

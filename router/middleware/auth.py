@@ -7,11 +7,11 @@ needs the admin token and never takes the API key. Keys are compared in constant
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from sie_router.api.routes import ADMIN_PREFIX, OPEN_PATHS, OPEN_SUFFIXES
+from sie_router.api.endpoint import Access
+from sie_router.api.routes import ADMIN_PREFIX, access_of, api_of
 from sie_router.errors import Api, SIEError, render_error
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
@@ -34,17 +34,17 @@ def _matches(token: bytes | None, secret: str | None) -> bool:
 class Auth:
     """Refuses requests without the right bearer token: 401 in the route's error envelope, or 403 on the admin API."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, api_of: Callable[[str], Api]) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
         self.app = app
         self.api_key = settings.api_key or None
         self.admin_token = settings.admin_token or None
-        self.api_of = api_of
 
-    def check(self, path: str, token: bytes | None) -> SIEError | None:
-        """The error to answer with, or None when the request may go on."""
-        if path in OPEN_PATHS or (path.startswith("/tei/") and path.endswith(OPEN_SUFFIXES)):
+    def check(self, method: str, path: str, token: bytes | None) -> SIEError | None:
+        """The error to answer with, or None when the request may go on (who may call what: the route table)."""
+        access = access_of(method, path)
+        if access is Access.OPEN:
             return None
-        if path.startswith(ADMIN_PREFIX) or path == ADMIN_PREFIX.rstrip("/"):
+        if access is Access.ADMIN:
             return self.check_admin(token)
         if self.api_key is None or _matches(token, self.api_key):
             return None
@@ -77,11 +77,11 @@ class Auth:
             # Through the Kubernetes API server's pod proxy the Authorization header is consumed by the API server,
             # so sie-admin sends the admin token in its own header there.
             token = _header(scope, b"x-sie-admin-token") or token
-        error = self.check(path, token)
-        if error is None or (path == "/" and scope["method"] == "GET"):  # TEI's `GET /` is a health probe
+        error = self.check(scope["method"], path, token)
+        if error is None:
             await self.app(scope, receive, send)
             return
-        api = self.api_of(path)
+        api = api_of(path)
         response = render_error(error, api)
         if response.status_code == 401 and api is not Api.TEI:  # TEI answers a bare 401
             response.headers.setdefault("WWW-Authenticate", "Bearer")

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import msgspec
-from starlette.routing import Match, Route
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sie_router import request_labels
-from sie_router.errors import Api, SIEError, render_error
+from sie_router.api import tei
+from sie_router.api.endpoint import Endpoint, ModelAt
+from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
+from sie_router.errors import SIEError, render_error
 from sie_router.models.registry import Registry
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
@@ -24,9 +27,6 @@ log = logging.getLogger("sie.forward")
 # Set on every forwarded request; a request that carries it is always answered locally, so a stale or wrong map
 # costs at most one hop and never loops.
 FORWARDED_BY = b"x-sie-forwarded-by"
-# The model is in the path for these (`/v1/encode/{model}`), in the body's `model` field for BODY_PATHS.
-PATH_PREFIXES = ("/v1/encode/", "/v1/score/", "/v1/extract/", "/v1/models/", "/v1/tokenize/", "/v1/decode/")
-BODY_PATHS = frozenset({"/v1/embeddings", "/v1/rerank", "/embeddings", "/rerank", "/classify", "/v1/classify"})
 HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
                         b"trailer", b"trailers", b"transfer-encoding", b"upgrade"})
 # httpx sets host; the version headers are added again by VersionHeader, outside this middleware.
@@ -93,14 +93,11 @@ async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 class Forward:
     """Forwards requests for another pool's models to that pool and relays its answer; a no-op without a pool map."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, registry: Registry, routes: list[Route],
-                 api_of: Callable[[str], Api]) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, registry: Registry) -> None:
         self.app = app
         self.pool = (settings.pool or "unnamed").encode()
         self.pool_map = load_pool_map(settings.pool_map) if settings.pool_map else {}
         self.registry = registry
-        self.routes = routes
-        self.api_of = api_of
         self.limit = settings.max_request_bytes
         self.client: httpx.AsyncClient | None = None
 
@@ -125,17 +122,29 @@ class Forward:
         if scope["type"] != "http" or not self.pool_map or _header(scope, FORWARDED_BY) is not None:
             await self.app(scope, receive, send)
             return
-        path, model = scope["path"], None
-        if path in BODY_PATHS and scope["method"] == "POST":
-            model, receive = await self._peek_model(scope, receive)
-        else:
-            prefix = next((p for p in PATH_PREFIXES if path.startswith(p)), None)
-            model = path[len(prefix):] if prefix else None
+        model, receive = await self._model(scope, receive)
         found = self.target(model) if model else None
         if found is None:
             await self.app(scope, receive, send)
             return
         await self._forward(scope, receive, send, *found)
+
+    async def _model(self, scope: Scope, receive: Receive) -> tuple[str | None, Receive]:
+        """The model the request names, where its route in the table says it names one; the route is the one
+        Starlette would take (its path and method), or the path's alone, whatever the method, as Starlette's 405."""
+        matched = _matched(scope)
+        if matched is None:
+            return None, receive
+        endpoint, match, params = matched
+        if endpoint.model is ModelAt.PATH:
+            return params["model"], receive
+        if endpoint.model is ModelAt.BODY and match is Match.FULL:
+            return await self._peek_model(scope, receive)
+        if endpoint.model is ModelAt.TEI and params["route"].startswith(tei.PER_MODEL_PREFIX[1:]):
+            rest = params["route"][len(tei.PER_MODEL_PREFIX) - 1:]
+            found = tei.split_path(rest, lambda name: name in self.registry.served or self.target(name) is not None)
+            return (found[0] if found else None), receive
+        return None, receive
 
     async def _peek_model(self, scope: Scope, receive: Receive) -> tuple[str | None, Receive]:
         """The body's model, read without consuming the body: the returned `receive` replays it."""
@@ -165,7 +174,7 @@ class Forward:
         """Label the request for the Instrument middleware: forwarded, its model, the route it would have had here."""
         request_labels.note_model(model)
         request_labels.note_forwarded()
-        for route in self.routes:
+        for route in ROUTES:
             match, child = route.matches(scope)
             if match is Match.FULL:
                 scope["endpoint"] = child["endpoint"]
@@ -194,7 +203,7 @@ class Forward:
             log.warning("the pool at %s, which serves %s, is not answering: %r", url, model, exc)
             error = SIEError(ErrorCode.POOL_UNAVAILABLE, f"the pool serving '{model}' is not answering yet (it may be "
                              f"starting); retry shortly")
-            await render_error(error, self.api_of(scope["path"]))(scope, receive, send)
+            await render_error(error, api_of(scope["path"]))(scope, receive, send)
             return
         try:
             relayed = [(k.lower(), v) for k, v in response.headers.raw if k.lower() not in _RESPONSE_DROP]
@@ -207,3 +216,16 @@ class Forward:
             raise
         finally:
             await response.aclose()
+
+
+def _matched(scope: Scope) -> tuple[Endpoint, Match, dict[str, str]] | None:
+    """The table's route for this request, its match and its path parameters: the first full match, else the first
+    route whose path matches (a wrong method)."""
+    partial = None
+    for endpoint, route in zip(ENDPOINTS, ROUTES, strict=True):
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            return endpoint, match, child["path_params"]
+        if match is Match.PARTIAL and partial is None:
+            partial = endpoint, match, child["path_params"]
+    return partial

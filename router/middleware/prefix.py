@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-INFINITY_API_PATHS = ("/embeddings", "/rerank", "/classify", "/models")  # Infinity never prefixes /health, /metrics
-KEPT = frozenset({"/v1/models"})  # our own route at that path wins
+from sie_router.api.routes import prefixed_paths
 
 
 class UrlPrefix:
+    """Rewrites the prefixed paths of the routes the table marks `prefixed` (Infinity never prefixes `/health` or
+    `/metrics`); a route marked `keeps_path` keeps its own path."""
+
     def __init__(self, app: ASGIApp, prefix: str) -> None:
         self.app = app
-        self.paths = {prefix + path: path for path in INFINITY_API_PATHS if prefix + path not in KEPT}
+        self.paths = prefixed_paths(prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in self.paths:
