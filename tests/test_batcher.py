@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
 from sie_router.errors import SIEError
+from sie_router.pool import batcher as batcher_module
 from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pool.pacing import BatchReport, BusyTimeFit, Pacer
 
@@ -184,3 +186,40 @@ def test_the_pacer_learns_the_fixed_cost_of_a_batch() -> None:
     for cost in [1, 40, 3, 64, 8, 32, 1, 50] * 4:  # 2 ms a call plus 0.1 ms a token, as a CPU worker behaves
         fit.add(cost, 0.002 + 0.0001 * cost)
     assert fit.predict(1) == pytest.approx(0.0021) and fit.predict(100) == pytest.approx(0.012)
+
+
+async def test_the_batching_loop_survives_an_exception_and_serves_again(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_wait_ms=0)
+    real_fill = batcher._fill
+    failures = []
+
+    async def flaky_fill() -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected")
+        await real_fill()
+
+    batcher._fill = flaky_fill  # type: ignore[method-assign]
+    assert await asyncio.wait_for(batcher.submit("k", ["a"], [1]), 5) == ["out:a"]  # served by the restarted loop
+    assert failures and "model 'm'" in caplog.text and "injected" in caplog.text
+    assert await batcher.submit("k", ["b"], [1]) == ["out:b"]
+    await batcher.close()
+
+
+async def test_a_failure_while_forming_a_batch_loses_no_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_wait_ms=0, in_flight=1)
+    real_window = batcher_module.itertools_islice
+    failures = []
+
+    def flaky_window(queue: Any, n: int) -> list[Any]:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected while choosing a batch")
+        return real_window(queue, n)
+
+    monkeypatch.setattr(batcher_module, "itertools_islice", flaky_window)
+    assert await asyncio.wait_for(batcher.submit("k", ["a"], [1]), 5) == ["out:a"]  # still queued, then served
+    assert failures == [1] and batcher.queued_items == 0
+    await batcher.close()

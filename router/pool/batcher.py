@@ -27,6 +27,7 @@ from typing import Any
 
 from sie_router import metrics
 from sie_router.errors import SIEError
+from sie_router.loops import Loop
 from sie_router.pool.pacing import BatchReport, Pacer
 from sie_sdk.codes import ErrorCode
 
@@ -77,12 +78,14 @@ class Batcher:
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     _batch_ids: itertools.count[int] = field(default_factory=itertools.count)
     _slots: asyncio.Semaphore | None = None
-    _task: asyncio.Task[None] | None = None
+    _loop_task: Loop | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
 
     def start(self) -> None:
         self._slots = asyncio.Semaphore(self.limits.in_flight)
-        self._task = asyncio.create_task(self._loop(), name=f"sie-batcher:{self.name}")
+        # Supervised: should forming a batch ever raise, the loop is logged and restarted, and the queue keeps moving.
+        self._loop_task = Loop(self._loop, f"sie-batcher:{self.name}", f"the queue of model '{self.name}'")
+        self._loop_task.start()
 
     async def submit(self, key: Any, items: list[Any], costs: list[int]) -> Any:
         """Queue the items (split into entries of at most `max_items`) and return their outputs in order: a list,
@@ -118,14 +121,15 @@ class Batcher:
         return outputs
 
     def _take(self) -> list[Entry]:
-        """Step 2: the oldest live entry plus similar-length entries of the same key, within the limits."""
+        """Step 2: the oldest live entry plus similar-length entries of the same key, within the limits. The batch is
+        chosen before any entry leaves the queue, so a failure while choosing loses no request."""
         while self.queue and self.queue[0].future.done():
             self._drop(self.queue.popleft())
         if not self.queue:
             return []
-        head = self.queue.popleft()
+        head = self.queue[0]
         batch, items, tokens = [head], len(head.items), head.cost
-        window = [e for e in itertools_islice(self.queue, self.limits.max_items * _WINDOW_FACTOR)
+        window = [e for e in itertools_islice(self.queue, 1 + self.limits.max_items * _WINDOW_FACTOR)[1:]
                   if e.key == head.key and not e.future.done()]
         head_len = head.cost / max(1, len(head.items))
         window.sort(key=lambda e: abs(e.cost / max(1, len(e.items)) - head_len))
@@ -135,6 +139,8 @@ class Batcher:
             batch.append(entry)
             items += len(entry.items)
             tokens += entry.cost
+        self.queue.popleft()
+        for entry in batch[1:]:
             self.queue.remove(entry)
         self._set_queued(self.queued_items - items)
         return batch
@@ -159,7 +165,11 @@ class Batcher:
                 await self._wakeup.wait()
             await self._fill()
             await self._slots.acquire()
-            batch = self._take()
+            try:
+                batch = self._take()
+            except BaseException:
+                self._slots.release()  # the slot was never used: a restarted loop finds it free
+                raise
             if not batch:
                 self._slots.release()
                 continue
@@ -258,7 +268,9 @@ class Batcher:
         self._set_queued(0)
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._running) if t is not None]
+        if self._loop_task is not None:
+            await self._loop_task.stop()
+        tasks = list(self._running)
         for task in tasks:
             task.cancel()
         for task in tasks:

@@ -13,7 +13,6 @@ worker's id and dropped, and a worker that keeps sending them is treated as hung
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import shutil
@@ -28,6 +27,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from sie_router.loops import Loop
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
 from sie_worker.protocol import BatchDone, BatchFailed, LoadFailed, Ready
@@ -77,12 +77,14 @@ class WorkerClient:
         self.handshakes: dict[str, asyncio.Future[Handshake]] = {}
         self.progress: dict[str, float] = {}  # worker id -> when it last answered, or was given work while idle
         self.garbage: defaultdict[str, deque[float]] = defaultdict(deque)
-        self.tasks: list[asyncio.Task[None]] = []
+        # Each loop also survives anything one message can do by itself; the supervision is for the rest.
+        self.loops = [Loop(self._receive_handshakes, "sie-handshakes", "worker handshakes"),
+                      Loop(self._receive_replies, "sie-replies", "worker replies"),
+                      Loop(self._watch_deadlines, "sie-deadlines", "call deadlines")]
 
     def start(self) -> None:
-        self.tasks = [asyncio.create_task(self._receive_handshakes(), name="sie-handshakes"),
-                      asyncio.create_task(self._receive_replies(), name="sie-replies"),
-                      asyncio.create_task(self._watch_deadlines(), name="sie-deadlines")]
+        for loop in self.loops:
+            loop.start()
 
     # -- calls ------------------------------------------------------------------------------------------------------
 
@@ -238,11 +240,8 @@ class WorkerClient:
         self.on_broken(worker_id, why)
 
     async def close(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for loop in self.loops:
+            await loop.stop()
         self.send_to_workers.close(linger=0)
         self.recv_from_workers.close(linger=0)
         self.context.term()

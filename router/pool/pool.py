@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sie_router import metrics
 from sie_router.errors import LoadError, SIEError
+from sie_router.loops import Loop
 from sie_router.models.config import ModelConfig
 from sie_router.models.registry import Registry
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
@@ -85,7 +86,7 @@ class WorkerPool:
         self.slots = {cfg.sie_id: Slot(key=cfg.sie_id, config=cfg) for cfg in registry.configs.values()}
         self.accepting = True
         self.started_at = time.time()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._loops: list[Loop] = []
 
     @property
     def devices(self) -> Devices:
@@ -98,7 +99,9 @@ class WorkerPool:
     async def start(self) -> None:
         self.supervisor.start()
         if self.settings.idle_ttl_s > 0:
-            self._tasks.append(asyncio.create_task(self._evict_idle(), name="sie-idle-ttl"))
+            self._loops.append(Loop(self._evict_idle, "sie-idle-ttl", "idle eviction"))
+        for loop in self._loops:
+            loop.start()
 
     def slot(self, model: str) -> Slot:
         config, _ = self.registry.lookup(model)
@@ -311,10 +314,14 @@ class WorkerPool:
             await asyncio.sleep(IDLE_CHECK_S)
             now = time.monotonic()
             for slot in list(self.slots.values()):
-                worker = slot.worker
-                if (worker is not None and self._evictable(slot.key)
-                        and now - worker.last_used > self.settings.idle_ttl_s):
-                    await self.evict(slot.key, reason="idle")
+                try:
+                    worker = slot.worker
+                    if (worker is not None and self._evictable(slot.key)
+                            and now - worker.last_used > self.settings.idle_ttl_s):
+                        await self.evict(slot.key, reason="idle")
+                except Exception as exc:
+                    exc.add_note(f"while checking whether model '{slot.key}' is idle")  # the log names the model
+                    raise
 
     async def shutdown(self) -> None:
         """Stop admitting, let in-flight batches finish within the deadline, then stop every worker."""
@@ -322,7 +329,7 @@ class WorkerPool:
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
         while self.supervisor.client.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        for task in self._tasks:
-            task.cancel()
+        for loop in self._loops:
+            await loop.stop()
         await self.supervisor.stop(list(self.supervisor.workers.values()), deadline - time.monotonic())
         await self.supervisor.close()
