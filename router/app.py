@@ -147,7 +147,6 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
             state.ready = False
             preload.cancel()
             loads = [slot.loading for slot in pool.slots.values() if slot.loading is not None]
-            await state.service.close()
             await pool.shutdown()
             await _settle(loads)
 

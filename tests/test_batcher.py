@@ -168,16 +168,16 @@ async def test_a_full_batch_does_not_wait_for_the_pace() -> None:
 def test_the_pacer_predicts_from_the_workers_own_timing() -> None:
     pacer = Pacer()
     assert pacer.send_by() is not None  # nothing outstanding: send now
-    pacer.sent(1, 100)
+    first = pacer.sent(100)
     assert pacer.send_by() is None  # busy, pace unknown: the batcher falls back to max_wait_ms
-    pacer.done(1, BatchReport([], busy_s=0.5, prepare_s=0.01))  # 5 ms per unit, whatever the wall clock said
+    pacer.done(first, BatchReport([], busy_s=0.5, prepare_s=0.01))  # 5 ms per unit, whatever the wall clock said
     before = time.perf_counter()
-    pacer.sent(2, 10)
-    pacer.sent(3, 20)
+    second = pacer.sent(10)
+    pacer.sent(20)
     send_by = pacer.send_by()
     assert send_by is not None
     assert before + 0.15 - 0.011 <= send_by <= time.perf_counter() + 0.15 - 0.011  # both batches, less the lead
-    pacer.done(2, None)  # a failed batch teaches nothing
+    pacer.done(second, None)  # a failed batch teaches nothing
     assert pacer.fit.predict(10) == 0.05
 
 

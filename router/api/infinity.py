@@ -31,8 +31,7 @@ async def models(request: Request) -> Response:
     state = app_state(request)
     data = []
     for name, (config, profile) in state.registry.served.items():
-        batcher = state.service.batchers.get(config.sie_id)
-        queued = batcher.queued_items if batcher else 0
+        queued = state.pool.slots[config.sie_id].queued
         capacity = state.settings.max_queue_items
         capabilities = _capabilities(served_outputs(config, profile), config.input_kinds, config.family(profile))
         data.append({"id": name, "stats": {"queue_fraction": queued / capacity, "queue_absolute": queued,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 from collections import deque
@@ -76,7 +75,6 @@ class Batcher:
     queued_items: int = 0
     pacer: Pacer = field(default_factory=Pacer)
     _wakeup: asyncio.Event = field(default_factory=asyncio.Event)
-    _batch_ids: itertools.count[int] = field(default_factory=itertools.count)
     _slots: asyncio.Semaphore | None = None
     _loop_task: Loop | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
@@ -195,13 +193,12 @@ class Batcher:
     async def _dispatch(self, batch: list[Entry]) -> None:
         assert self._slots is not None
         self._observe(batch)
-        batch_id = next(self._batch_ids)
-        self.pacer.sent(batch_id, sum(e.cost for e in batch))
+        sent = self.pacer.sent(sum(e.cost for e in batch))
         report = None
         try:
             report = await self._run_entries(batch, isolate=True)
         finally:
-            self.pacer.done(batch_id, report)
+            self.pacer.done(sent, report)
             self._slots.release()
             self._wakeup.set()
 

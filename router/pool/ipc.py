@@ -120,6 +120,10 @@ class WorkerClient:
     def busy(self, worker_id: str) -> bool:
         return any(call.worker_id == worker_id for call in self.in_flight.values())
 
+    @property
+    def calls_in_flight(self) -> int:
+        return len(self.in_flight)
+
     def forget(self, worker_id: str, error: Exception) -> None:
         """The worker is gone: fail its handshake and its calls with `error`."""
         handshake = self.handshakes.pop(worker_id, None)

@@ -1,10 +1,12 @@
 """The memory ledger (router process): per-device budgets, reservations per model, and LRU eviction plans.
 
 A model reserves an estimate before its worker spawns; the measured figure replaces it once the worker is ready.
+The ledger's recency is the server's one clock of model use: LRU eviction and the idle TTL both read it.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -38,7 +40,7 @@ class MemoryLedger:
         self.devices = {name: DeviceBudget(name, budget, exclusive=name in exclusive)
                         for name, budget in budgets.items()}
         self.placement: dict[str, str] = {}
-        self.recency: OrderedDict[str, None] = OrderedDict()
+        self.recency: OrderedDict[str, float] = OrderedDict()  # model -> when last used, least recent first
 
     def best_device(self) -> str:
         """The device with the most room."""
@@ -70,8 +72,12 @@ class MemoryLedger:
 
     def touch(self, key: str) -> None:
         """Mark a model as just used (most recent last)."""
-        self.recency[key] = None
+        self.recency[key] = time.monotonic()
         self.recency.move_to_end(key)
+
+    def last_used(self, key: str) -> float | None:
+        """When a model holding a reservation was last used (`time.monotonic()`), or None."""
+        return self.recency.get(key)
 
     def reserved(self, key: str) -> int | None:
         device = self.placement.get(key)

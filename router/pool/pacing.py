@@ -41,6 +41,10 @@ class BusyTimeFit:
     _xx: float = 0.0
     _xy: float = 0.0
 
+    def reset(self) -> None:
+        """Forget every batch: a new worker process learns its own pace."""
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
     def add(self, cost: float, busy_s: float) -> None:
         keep = 1.0 - self.forget
         self._w, self._x, self._y = self._w * keep + 1, self._x * keep + cost, self._y * keep + busy_s
@@ -59,21 +63,34 @@ class BusyTimeFit:
         return mean_y / mean_x * cost if mean_x > 0 else mean_y  # too little spread to fit: a plain rate
 
 
+@dataclass(eq=False)
+class Sent:
+    """A batch the worker has been given and has not finished: when it left, and its cost."""
+
+    at: float
+    cost: int
+
+
 @dataclass
 class Pacer:
-    """One model's worker as the batcher sees it: the batches it has been sent, and how fast it gets through them."""
+    """One model's worker as the batcher sees it: the batches it has been sent, and how fast it gets through them.
+
+    `fit` is the model's one pace model: the pool reads the same object for its batch deadlines."""
 
     fit: BusyTimeFit = field(default_factory=BusyTimeFit)
     prepare_s: float | None = None
-    _outstanding: dict[int, tuple[float, int]] = field(default_factory=dict)  # id -> (sent at, cost)
+    _outstanding: list[Sent] = field(default_factory=list)
     _last_done: float = 0.0
 
-    def sent(self, batch_id: int, cost: int) -> None:
-        self._outstanding[batch_id] = (time.perf_counter(), cost)
+    def sent(self, cost: int) -> Sent:
+        sent = Sent(time.perf_counter(), cost)
+        self._outstanding.append(sent)
+        return sent
 
-    def done(self, batch_id: int, report: BatchReport | None) -> None:
+    def done(self, sent: Sent, report: BatchReport | None) -> None:
         """Forget the batch; learn from it when the worker timed it (a failed or split batch teaches nothing)."""
-        _, cost = self._outstanding.pop(batch_id, (0.0, 0))
+        self._outstanding.remove(sent)
+        cost = sent.cost
         self._last_done = time.perf_counter()
         if report is None or report.busy_s is None or cost <= 0:
             return
@@ -86,9 +103,9 @@ class Pacer:
         if not self._outstanding:
             return time.perf_counter()
         free_at = self._last_done  # the worker runs one batch at a time, in the order they were sent
-        for sent_at, cost in sorted(self._outstanding.values()):
-            busy = self.fit.predict(cost)
+        for sent in self._outstanding:
+            busy = self.fit.predict(sent.cost)
             if busy is None:
                 return None
-            free_at = max(free_at, sent_at) + busy
+            free_at = max(free_at, sent.at) + busy
         return free_at - (self.prepare_s or 0.0) - _SAFETY_S

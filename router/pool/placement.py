@@ -116,6 +116,7 @@ class Placement:
         figure plus its measured CUDA context (NVML cannot attribute by PID inside a container without hostPID)."""
         measured = self.devices.process_memory(pid, device, reported, context_bytes) or reported
         self.ledger.settle(key, measured)
+        self.ledger.touch(key)  # idle time counts from readiness, not from the reservation before the spawn
         self.measured[key] = measured
         if key in self.weights:  # a model whose estimate came from its weights teaches the device's base
             self.bases.setdefault(device, {})[key] = max(0, measured - int(self.weights[key] * WEIGHTS_MEMORY_FACTOR))
@@ -147,3 +148,6 @@ class Placement:
 
     def touch(self, key: str) -> None:
         self.ledger.touch(key)
+
+    def last_used(self, key: str) -> float | None:
+        return self.ledger.last_used(key)

@@ -1,9 +1,10 @@
 """WorkerPool (router process): which models are loaded, loading or failed, and getting each one a ready worker.
 
 `ensure` loads a model on demand (weights lookup, placement, then the supervisor's spawn); `evict` unloads one;
-idle models are evicted after their TTL. Processes, deadlines and the crash budget are the supervisor's
-(`supervisor.py`), memory is placement's (`placement.py`). States: available -> loading -> loaded
--> (unloading ->) available, or failed.
+idle models are evicted after their TTL. Each model's slot also holds its queue (`queue`) and its one pace model,
+which its queue learns and `run_batch` reads for the batch deadline. Processes, deadlines and the crash budget are
+the supervisor's (`supervisor.py`), memory and the recency of use are placement's (`placement.py`). States:
+available -> loading -> loaded -> (unloading ->) available, or failed.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sie_router import metrics
 from sie_router.errors import LoadError, SIEError
@@ -24,17 +25,16 @@ from sie_router.loops import Loop
 from sie_router.models.config import ModelConfig
 from sie_router.models.registry import Registry
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch
 from sie_router.pool.devices import Devices, gpu_worker_env
 from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.ledger import MemoryLedger
+from sie_router.pool.pacing import BusyTimeFit, Pacer
 from sie_router.pool.placement import Placement
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
-
-if TYPE_CHECKING:
-    from sie_router.pool.batcher import Batcher
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 
@@ -56,7 +56,7 @@ class ModelState(StrEnum):
 
 @dataclass
 class Slot:
-    """A model as the pool sees it: its config, its worker if any, its load state and its queue."""
+    """A model as the pool sees it: its config, its worker if any, its load state, its queue and its pace."""
 
     key: str
     config: ModelConfig
@@ -67,6 +67,8 @@ class Slot:
     load_started: float = 0.0
     failed_at: float = 0.0
     batcher: Batcher | None = None
+    # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
+    pace: BusyTimeFit = field(default_factory=BusyTimeFit)
 
     @property
     def queued(self) -> int:
@@ -111,6 +113,21 @@ class WorkerPool:
         slot = self.slots[key]
         return slot.queued > 0 or (slot.worker is not None and self.supervisor.busy(slot.worker))
 
+    def queue(self, key: str, run: RunBatch) -> Batcher:
+        """The model's queue, made on first use: `run(batch_key, items)` sends one batch to its worker."""
+        slot = self.slots[key]
+        if slot.batcher is None:
+            limits = BatchLimits(max_items=self.settings.max_batch_items,
+                                 max_tokens=slot.config.profiles["default"].max_batch_tokens or 16384,
+                                 max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
+            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace))
+            slot.batcher.start()
+        return slot.batcher
+
+    def queued_items(self) -> int:
+        """Items queued across every model."""
+        return sum(slot.queued for slot in self.slots.values())
+
     def pinned(self, key: str) -> bool:
         return key in self.settings.pinned
 
@@ -135,6 +152,14 @@ class WorkerPool:
             return await asyncio.wait_for(asyncio.shield(slot.loading), wait_s)
         except TimeoutError:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is still loading after {wait_s:g}s") from None
+
+    def ready_worker(self, key: str) -> Worker:
+        """The model's ready worker, for a batch of a job that `ensure`d it; MODEL_LOADING (retryable) when the
+        worker has gone since: the next request's `ensure` starts another."""
+        worker = self.slots[key].worker
+        if worker is None or worker.info is None:
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{key}' is restarting; retry shortly")
+        return worker
 
     def _check_failed(self, slot: Slot) -> None:
         """Terminal answers (502, no Retry-After): a spent crash budget, a permanent load failure, or a transient
@@ -166,6 +191,7 @@ class WorkerPool:
         finally:
             slot.loading = None
         slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
+        slot.pace.reset()  # a new process learns its own pace; until then its batches get the full deadline
         info = worker.info
         assert info is not None
         if info.device != worker.device:  # --device auto, and the worker's torch had no CUDA: it runs on the CPU
@@ -258,11 +284,11 @@ class WorkerPool:
 
     # -- batches ----------------------------------------------------------------------------------------------------
 
-    async def run_batch(self, worker: Worker, make: Callable[[int], Message], items: int) -> BatchDone:
-        """Send `make(batch_id)` to the worker and wait, under the batch deadline, for its result."""
+    async def run_batch(self, worker: Worker, make: Callable[[int], Message], items: int, cost: int) -> BatchDone:
+        """Send `make(batch_id)` to the worker and wait, under the deadline of a batch of this cost, for its result."""
         self.placement.touch(worker.key)
         try:
-            reply = await self.supervisor.call(worker, make, items)
+            reply = await self.supervisor.call(worker, make, self.slots[worker.key].pace, cost)
         except WorkerLost as exc:
             raise SIEError(ErrorCode.MODEL_LOADING,
                            f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
@@ -288,7 +314,7 @@ class WorkerPool:
         """Stop a model's worker: queued requests fail retryably, in-flight batches finish within the deadline.
         An operator's eviction also forgets the model's crashes and failed load, so the next request loads it."""
         slot = self.slots[key]
-        self.supervisor.crashes.pop(key, None)
+        self.supervisor.forget_crashes(key)
         if slot.state == ModelState.FAILED:
             slot.state, slot.load_error = ModelState.AVAILABLE, None
         worker = slot.worker
@@ -315,19 +341,21 @@ class WorkerPool:
             now = time.monotonic()
             for slot in list(self.slots.values()):
                 try:
-                    worker = slot.worker
-                    if (worker is not None and self._evictable(slot.key)
-                            and now - worker.last_used > self.settings.idle_ttl_s):
+                    used = self.placement.last_used(slot.key)
+                    if (slot.worker is not None and used is not None and self._evictable(slot.key)
+                            and now - used > self.settings.idle_ttl_s):
                         await self.evict(slot.key, reason="idle")
                 except Exception as exc:
                     exc.add_note(f"while checking whether model '{slot.key}' is idle")  # the log names the model
                     raise
 
     async def shutdown(self) -> None:
-        """Stop admitting, let in-flight batches finish within the deadline, then stop every worker."""
+        """Close the queues (what is queued fails with SHUTTING_DOWN), stop admitting, let in-flight batches finish
+        within the deadline, then stop every worker."""
+        await asyncio.gather(*(slot.batcher.close() for slot in self.slots.values() if slot.batcher is not None))
         self.accepting = False
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
-        while self.supervisor.client.in_flight and time.monotonic() < deadline:
+        while self.supervisor.calls_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for loop in self._loops:
             await loop.stop()

@@ -2,8 +2,8 @@
 
 Workers start as `python -m sie_worker` with their spec on stdin, so the router imports only the protocol from the
 worker package. A worker is found dead by its process sentinel (a pidfd) and hung by a batch deadline: the deadline
-is many times the worker's fitted busy time for a batch that size, at least a floor, at most `batch_timeout_s`
-(unless a healthy batch that size takes longer than a third of it). A
+is many times the model's fitted busy time for a batch of that cost (its pace, which the model's queue learns), at
+least a floor, at most `batch_timeout_s` (unless a healthy batch that costly takes longer than a third of it). A
 hung worker is SIGKILLed and then handled exactly like one that crashed: its calls fail retryably and the exit
 counts against the model's crash budget.
 """
@@ -29,13 +29,11 @@ from sie_router.pool.ipc import Reply, WorkerClient, WorkerLost
 from sie_router.pool.pacing import BusyTimeFit
 from sie_router.settings import Settings
 from sie_worker.protocol import (
-    BatchDone,
     LoadErrorClass,
     LoadFailed,
     Message,
     Ready,
     Shutdown,
-    TokenizeResult,
     WorkerSpec,
 )
 
@@ -118,17 +116,15 @@ class Worker:
     device: str
     info: Ready | None = None
     started_at: float = field(default_factory=time.time)
-    last_used: float = field(default_factory=time.monotonic)
     batches_served: int = 0
     items_served: int = 0
     stopping: bool = False  # evicted or shut down: its exit is not a crash
-    pace: BusyTimeFit = field(default_factory=BusyTimeFit)  # busy seconds per batch, by items in the batch
 
 
-def batch_deadline(pace: BusyTimeFit, items: int, floor_s: float, cap_s: float) -> float:
-    """Seconds a batch of `items` may take: HUNG_FACTOR times its expected busy time, at least `floor_s`, at most
+def batch_deadline(pace: BusyTimeFit, cost: int, floor_s: float, cap_s: float) -> float:
+    """Seconds a batch of this cost may take: HUNG_FACTOR times its expected busy time, at least `floor_s`, at most
     `cap_s` unless that is under MIN_FACTOR times the expected time; `cap_s` while the worker's pace is unknown."""
-    expected = pace.predict(items)
+    expected = pace.predict(cost)
     if expected is None:
         return cap_s
     return max(MIN_FACTOR * expected, min(cap_s, max(floor_s, HUNG_FACTOR * expected)))
@@ -172,25 +168,23 @@ class Supervisor:
             worker.stopping = True  # it exits by itself after saying so; that is no crash
             raise LoadError(message.error_class, f"model '{key}' failed to load: {message.message}")
         worker.info = message
-        worker.last_used = time.monotonic()  # idle time counts from readiness, not from the spawn
         return worker
 
     # -- calls ------------------------------------------------------------------------------------------------------
 
-    async def call(self, worker: Worker, make: Callable[[int], Message], items: int) -> Reply:
-        """Run one batch on the worker under its deadline; raises `WorkerLost` when the worker dies or hangs."""
-        deadline = batch_deadline(worker.pace, items, self.settings.batch_timeout_floor_s,
-                                  self.settings.batch_timeout_s)
-        worker.last_used = time.monotonic()
-        reply = await self.client.call(worker.worker_id, make, deadline)
-        # The worker's own timing teaches the pace (a queue in front of it never skews it); a tokenize or decode
-        # answer has no forward pass, and its zero timing would pull every later deadline down to the floor.
-        if isinstance(reply, BatchDone) and not isinstance(reply.result, TokenizeResult):
-            worker.pace.add(items, (reply.timing.inference_ms + reply.timing.postprocess_ms) / 1000.0)
-        return reply
+    async def call(self, worker: Worker, make: Callable[[int], Message], pace: BusyTimeFit, cost: int) -> Reply:
+        """Run one batch on the worker; raises `WorkerLost` when the worker dies or hangs. The deadline comes from the
+        model's pace (`pace`, learned by its batcher from the worker's own timing) for a batch of this cost."""
+        deadline = batch_deadline(pace, cost, self.settings.batch_timeout_floor_s, self.settings.batch_timeout_s)
+        return await self.client.call(worker.worker_id, make, deadline)
 
     def busy(self, worker: Worker) -> bool:
         return self.client.busy(worker.worker_id)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Batches sent to any worker and not yet answered."""
+        return self.client.calls_in_flight
 
     # -- exits, hangs and the crash budget --------------------------------------------------------------------------
 
@@ -223,6 +217,10 @@ class Supervisor:
         while crashes and now - crashes[0] > self.settings.crash_window_s:
             crashes.popleft()
         return len(crashes)
+
+    def forget_crashes(self, key: str) -> None:
+        """An operator's eviction: the model starts with its whole crash budget again."""
+        self.crashes.pop(key, None)
 
     def check_crash_budget(self, key: str) -> None:
         """Raise once the model spent its crash budget (a hang counts as a crash), until the window forgets."""
