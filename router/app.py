@@ -1,4 +1,5 @@
-"""build_app(): the only route list, the error handlers, and the lifespan that starts and stops the pool."""
+"""build_app(): the routes (`api.routes`), the error handlers, the middleware, and the lifespan that starts and
+stops the pool."""
 
 from __future__ import annotations
 
@@ -14,41 +15,25 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sie_router import WIRE_VERSION, __version__, codec, forward, instrument, openapi
-from sie_router.api import admin, classify, embeddings, health, infinity, native, rerank, tei
-from sie_router.auth import Auth
-from sie_router.devices import detect
-from sie_router.disconnect import ClientGone
+from sie_router.api import health, openapi
+from sie_router.api.disconnect import ClientGone
+from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
+from sie_router.api.state import AppState
 from sie_router.errors import Api, LoadError, SIEError, render_error
-from sie_router.pool import WorkerPool
-from sie_router.prefix import UrlPrefix
-from sie_router.registry import Registry
-from sie_router.service import Service
+from sie_router.middleware.auth import Auth
+from sie_router.middleware.forward import Forward
+from sie_router.middleware.instrument import Instrument
+from sie_router.middleware.prefix import UrlPrefix
+from sie_router.middleware.version import VersionHeader
+from sie_router.models.registry import Registry
+from sie_router.pipeline.service import Service
+from sie_router.pool.devices import detect
+from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
-from sie_router.state import AppState, app_state
-from sie_router.tei_bodies import is_tei_rerank
+from sie_sdk.codes import ErrorCode
 
 log = logging.getLogger("sie.app")
-
-_OPENAI_PATHS = ("/v1/embeddings", "/v1/rerank")
-_INFINITY_PATHS = ("/embeddings", "/rerank", "/classify", "/v1/classify", "/models", "/health")
-_TEI_PATHS = ("/", "/embed", "/embed_sparse", "/embed_all", "/predict", "/similarity", "/tokenize", "/decode", "/info",
-              "/invocations", "/vertex", "/ping")
-
-
-def api_of(path: str) -> Api:
-    """Which envelope errors on this path are rendered in (`/rerank` in TEI's dialect is marked by its handler)."""
-    if path.startswith(_OPENAI_PATHS):
-        return Api.OPENAI
-    if path.rstrip("/") in _INFINITY_PATHS:
-        return Api.INFINITY
-    if path in _TEI_PATHS or path.rstrip("/") in _TEI_PATHS or path.startswith("/tei/"):
-        return Api.TEI
-    return Api.NATIVE
-
 
 def _api(request: Request) -> Api:
     marked: Api | None = request.scope.get("sie.api")
@@ -62,14 +47,14 @@ async def _sie_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED"}.get(exc.status_code, "INVALID_INPUT")
+    code = {404: ErrorCode.NOT_FOUND, 405: ErrorCode.METHOD_NOT_ALLOWED}.get(exc.status_code, ErrorCode.INVALID_INPUT)
     return render_error(SIEError(code, str(exc.detail)), _api(request))
 
 
 async def _undecodable(request: Request, exc: Exception) -> Response:
     # msgspec raises these, not DecodeError, on a body nested past its depth limit or a string that is not UTF-8.
     problem = "is nested too deeply" if isinstance(exc, RecursionError) else "holds a string that is not UTF-8"
-    return render_error(SIEError("INVALID_INPUT", f"the request body {problem}"), _api(request))
+    return render_error(SIEError(ErrorCode.INVALID_INPUT, f"the request body {problem}"), _api(request))
 
 
 async def _client_gone(request: Request, exc: Exception) -> Response:
@@ -79,63 +64,7 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return render_error(SIEError("INTERNAL_ERROR", "internal server error"), _api(request))
-
-
-class VersionHeader:
-    """Adds `X-SIE-Server-Version` (the wire version, so sie-sdk sees no skew) and our engine version to every reply."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.headers = [(b"x-sie-server-version", WIRE_VERSION.encode()),
-                        (b"x-sie-engine-version", __version__.encode())]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *self.headers]
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-async def shared_rerank(request: Request) -> Response:
-    """`/rerank` speaks two dialects: TEI's body has `texts`, Infinity's `documents`; each is answered in its shape."""
-    body = await codec.read_body(request, app_state(request).settings.max_request_bytes)
-    if is_tei_rerank(body):
-        return await tei.answer(request, "rerank")
-    return await rerank.infinity_rerank(request)
-
-
-ROUTES = [
-    Route("/v1/encode/{model:path}", native.encode, methods=["POST"], name="encode"),
-    Route("/v1/score/{model:path}", native.score, methods=["POST"], name="score"),
-    Route("/v1/extract/{model:path}", native.extract, methods=["POST"], name="extract"),
-    Route("/v1/{op:tokens}/{model:path}", native.tokens, methods=["POST"], name="tokens"),
-    Route("/v1/models", native.list_models, methods=["GET"]),
-    Route("/v1/models/{model:path}", native.get_model, methods=["GET"]),
-    Route("/v1/embeddings", embeddings.openai_embeddings, methods=["POST"], name="openai_embeddings"),
-    Route("/v1/rerank", rerank.openai_rerank, methods=["POST"]),
-    Route("/embeddings", embeddings.infinity_embeddings, methods=["POST"], name="infinity_embeddings"),
-    Route("/rerank", shared_rerank, methods=["POST"]),
-    Route("/classify", classify.classify, methods=["POST"]),
-    Route("/v1/classify", classify.classify, methods=["POST"]),
-    Route("/models", infinity.models, methods=["GET"]),
-    Route("/health", infinity.health, methods=["GET"]),
-    Route("/healthz", health.healthz, methods=["GET"]),
-    Route("/metrics", instrument.serve_metrics, methods=["GET"]),
-    Route("/admin/workers", admin.list_workers, methods=["GET"]),
-    Route("/admin/workers/{model:path}/evict", admin.evict, methods=["POST"]),
-    Route("/readyz", health.readyz, methods=["GET"]),
-    Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
-    Route("/{route:tei_post}", tei.route, methods=["POST"], name="tei"),
-    Route("/{route:tei_get}", tei.route, methods=["GET"], name="tei_get"),
-    Route("/docs", openapi.docs, methods=["GET"]),
-]
+    return render_error(SIEError(ErrorCode.INTERNAL_ERROR, "internal server error"), _api(request))
 
 
 STARTUP_LOAD_ATTEMPTS = 2  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
@@ -157,10 +86,10 @@ async def _preload(state: AppState, names: list[str]) -> None:
                 await state.pool.ensure(name, wait_s=state.settings.load_timeout_s, evict=False)
                 return
             except SIEError as exc:
-                if exc.code == "MODEL_LOADING" and name in required:
+                if exc.code == ErrorCode.MODEL_LOADING and name in required:
                     continue  # a long download, still going: the load's own steps bound it, not this wait
                 if name not in required:
-                    if exc.code == "RESOURCE_EXHAUSTED":
+                    if exc.code == ErrorCode.RESOURCE_EXHAUSTED:
                         log.warning("%s does not fit in the memory budget beside the other models; it will load "
                                     "lazily on its first request (%s)", name, exc.message)
                     else:
@@ -209,7 +138,7 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
-        instrument.declare_models(list(registry.configs))
+        health.declare_models(list(registry.configs))
         names = list(dict.fromkeys([*registry.named, *settings.preload]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
@@ -218,7 +147,6 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
             state.ready = False
             preload.cancel()
             loads = [slot.loading for slot in pool.slots.values() if slot.loading is not None]
-            await state.service.close()
             await pool.shutdown()
             await _settle(loads)
 
@@ -230,13 +158,13 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     # exist is a JSON 404 (a wrong method a 405) in its API's envelope, through `_http_error`.
     app.router.redirect_slashes = False
     app.state.sie = state
-    app.state.openapi = openapi.encoded(ROUTES, api_key=bool(settings.api_key),
+    app.state.openapi = openapi.encoded(ENDPOINTS, api_key=bool(settings.api_key),
                                         admin_token=bool(settings.admin_token))
     # Innermost: a request for another pool's model is forwarded only once Auth has let it in.
-    app.add_middleware(forward.Forward, settings=settings, registry=registry, routes=ROUTES, api_of=api_of)
-    app.add_middleware(Auth, settings=settings, api_of=api_of)
+    app.add_middleware(Forward, settings=settings, registry=registry)
+    app.add_middleware(Auth, settings=settings)
     app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
-    app.add_middleware(instrument.Instrument, routes=ROUTES)  # counts and times every answer
+    app.add_middleware(Instrument, routes=ROUTES)  # counts and times every answer
     if settings.url_prefix:  # outermost: the rest sees the Infinity route the prefixed path stands for
         app.add_middleware(UrlPrefix, prefix=settings.url_prefix)
     return app

@@ -42,7 +42,7 @@ class Code:
 TABLE: dict[ErrorCode, Code] = {
     ErrorCode.INVALID_INPUT: Code(400, None, 400, "invalid_request"),
     ErrorCode.INPUT_TOO_LONG: Code(400, None, 400, "input_too_long"),
-    ErrorCode.REQUEST_TOO_LARGE: Code(413, None, 413, "request_too_large", native_code="INPUT_TOO_LONG"),
+    ErrorCode.REQUEST_TOO_LARGE: Code(413, None, 413, "request_too_large", native_code=ErrorCode.INPUT_TOO_LONG),
     ErrorCode.UNAUTHORIZED: Code(401, None, 401, "invalid_api_key"),
     ErrorCode.FORBIDDEN: Code(403, None, 403, "forbidden"),
     ErrorCode.MODEL_NOT_FOUND: Code(404, None, 404, "model_not_found"),
@@ -52,14 +52,14 @@ TABLE: dict[ErrorCode, Code] = {
     ErrorCode.INVALID_DIMENSIONS: Code(400, None, 400, "invalid_dimensions"),
     ErrorCode.INVALID_TOKEN_IDS: Code(400, None, 400, "invalid_token_ids"),
     # Media that cannot be used (undecodable, a refused URL): INVALID_INPUT natively, Infinity's 400 handler error.
-    ErrorCode.INVALID_MEDIA: Code(400, None, 400, "invalid_media", native_code="INVALID_INPUT"),
+    ErrorCode.INVALID_MEDIA: Code(400, None, 400, "invalid_media", native_code=ErrorCode.INVALID_INPUT),
     ErrorCode.MODEL_LOADING: Code(503, 5.0, 503, "model_loading"),
     ErrorCode.MODEL_LOAD_FAILED: Code(502, None, 502, "model_load_failed"),
     ErrorCode.QUEUE_FULL: Code(503, 1.0, 429, "server_overloaded"),
     ErrorCode.RESOURCE_EXHAUSTED: Code(503, 5.0, 503, "resource_exhausted"),
     ErrorCode.SHUTTING_DOWN: Code(503, 5.0, 503, "shutting_down"),
     # The pool serving the model has no pod answering yet (scaling from zero): SDK clients retry MODEL_LOADING.
-    ErrorCode.POOL_UNAVAILABLE: Code(503, 5.0, 503, "pool_unavailable", native_code="MODEL_LOADING"),
+    ErrorCode.POOL_UNAVAILABLE: Code(503, 5.0, 503, "pool_unavailable", native_code=ErrorCode.MODEL_LOADING),
     ErrorCode.INFERENCE_ERROR: Code(500, None, 500, "inference_error"),
     ErrorCode.DEADLINE_EXCEEDED: Code(504, None, 504, "deadline_exceeded"),
     ErrorCode.INTERNAL_ERROR: Code(500, None, 500, "internal_error"),
@@ -69,7 +69,7 @@ TABLE: dict[ErrorCode, Code] = {
 class SIEError(Exception):
     """A failure with a code from `TABLE`; `param` names the offending field, `extra` adds body keys."""
 
-    def __init__(self, code: ErrorCode | str, message: str, *, param: str | None = None, **extra: Any) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)  # a code outside the enum is a bug in the router: ValueError at once
         self.message = message
@@ -104,37 +104,33 @@ class LoadError(SIEError):
                 "permanent": self.permanent}
 
 
-def _check_table() -> None:
-    # Every code the processes share has an answer: a code without a row would fail only when first raised.
-    missing = set(ErrorCode) - set(TABLE)
-    if missing:
-        raise TypeError(f"error codes without a TABLE row: {sorted(missing)}")
-
-
-_check_table()
-
-
 def invalid(message: str, param: str | None = None) -> SIEError:
-    return SIEError("INVALID_INPUT", message, param=param)
+    return SIEError(ErrorCode.INVALID_INPUT, message, param=param)
 
 
 def _json(body: Any, status: int, headers: dict[str, str]) -> Response:
     return Response(msgspec.json.encode(body), status_code=status, headers=headers, media_type="application/json")
 
 
-# TEI 1.9.3's error type and status for each of our codes (its `ErrorType`); unlisted 5xx codes are `Backend` 424,
-# as TEI answers an inference failure. `error_type` in an error's extras (TEI's `Empty`, 400) overrides the table.
-TEI_TYPES: dict[str, tuple[str, int]] = {
-    "INVALID_INPUT": ("Validation", 422), "INPUT_TOO_LONG": ("Validation", 422),
-    "INVALID_DIMENSIONS": ("Validation", 422), "INVALID_TOKEN_IDS": ("Validation", 422),
-    "INVALID_MEDIA": ("Validation", 422), "MODEL_NOT_SUPPORTED": ("Backend", 424),
-    "QUEUE_FULL": ("Overloaded", 429), "RESOURCE_EXHAUSTED": ("Overloaded", 429),
-    "MODEL_NOT_FOUND": ("NotFound", 404), "MODEL_LOADING": ("Unhealthy", 503), "SHUTTING_DOWN": ("Unhealthy", 503),
-    "POOL_UNAVAILABLE": ("Unhealthy", 503),
+# TEI 1.9.3's error type and status for each of our codes (its `ErrorType`): every code has a row (checked below);
+# failures TEI would meet in its backend are `Backend` 424, as TEI answers an inference failure. `error_type` in an
+# error's extras (TEI's `Empty`, 400) overrides the table. Codes in TEI_BARE are answered as TEI's axum layers do:
+# no envelope, an empty or plain-text body.
+TEI_TYPES: dict[ErrorCode, tuple[str, int]] = {
+    ErrorCode.INVALID_INPUT: ("Validation", 422), ErrorCode.INPUT_TOO_LONG: ("Validation", 422),
+    ErrorCode.INVALID_DIMENSIONS: ("Validation", 422), ErrorCode.INVALID_TOKEN_IDS: ("Validation", 422),
+    ErrorCode.INVALID_MEDIA: ("Validation", 422), ErrorCode.MODEL_NOT_SUPPORTED: ("Backend", 424),
+    ErrorCode.QUEUE_FULL: ("Overloaded", 429), ErrorCode.RESOURCE_EXHAUSTED: ("Overloaded", 429),
+    ErrorCode.MODEL_NOT_FOUND: ("NotFound", 404), ErrorCode.MODEL_LOADING: ("Unhealthy", 503),
+    ErrorCode.SHUTTING_DOWN: ("Unhealthy", 503), ErrorCode.POOL_UNAVAILABLE: ("Unhealthy", 503),
+    ErrorCode.FORBIDDEN: ("Backend", 424), ErrorCode.MODEL_LOAD_FAILED: ("Backend", 424),
+    ErrorCode.INFERENCE_ERROR: ("Backend", 424), ErrorCode.DEADLINE_EXCEEDED: ("Backend", 424),
+    ErrorCode.INTERNAL_ERROR: ("Backend", 424),
 }
-# Answered as TEI's axum layers do: no envelope, an empty or plain-text body.
-TEI_BARE = {"UNAUTHORIZED": b"", "NOT_FOUND": b"", "METHOD_NOT_ALLOWED": b"",
-            "REQUEST_TOO_LARGE": b"Failed to buffer the request body: length limit exceeded"}
+TEI_BARE: dict[ErrorCode, bytes] = {
+    ErrorCode.UNAUTHORIZED: b"", ErrorCode.NOT_FOUND: b"", ErrorCode.METHOD_NOT_ALLOWED: b"",
+    ErrorCode.REQUEST_TOO_LARGE: b"Failed to buffer the request body: length limit exceeded",
+}
 
 
 def _render_tei(error: SIEError, headers: dict[str, str]) -> Response:
@@ -143,10 +139,24 @@ def _render_tei(error: SIEError, headers: dict[str, str]) -> Response:
     plain = error.extra.get("plain_status")
     if plain:  # a body that does not fit the schema: axum's plain-text rejection
         return Response(error.message.encode(), status_code=int(plain), headers=headers, media_type="text/plain")
-    error_type, status = TEI_TYPES.get(error.code, ("Backend", 424))
+    error_type, status = TEI_TYPES[error.code]
     if "error_type" in error.extra:
         error_type, status = error.extra["error_type"], int(error.extra["status"])
     return _json({"error": error.message, "error_type": error_type}, status, headers)
+
+
+def _check_tables() -> None:
+    # Every code the processes share has an answer in every API: a code without a row would fail only when raised.
+    missing = set(ErrorCode) - set(TABLE)
+    if missing:
+        raise TypeError(f"error codes without a TABLE row: {sorted(missing)}")
+    tei_missing, tei_both = set(ErrorCode) - set(TEI_TYPES) - set(TEI_BARE), set(TEI_TYPES) & set(TEI_BARE)
+    if tei_missing or tei_both:
+        raise TypeError(f"error codes without one TEI answer: {sorted(tei_missing)} have none, {sorted(tei_both)} "
+                        "are in both TEI_TYPES and TEI_BARE")
+
+
+_check_tables()
 
 
 def render_error(error: SIEError, api: Api) -> Response:
@@ -172,7 +182,7 @@ def render_error(error: SIEError, api: Api) -> Response:
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
         return _json({"detail": "Unauthorized"}, 401, headers)
-    if error.code == "INVALID_INPUT" and error.param != "model":
+    if error.code == ErrorCode.INVALID_INPUT and error.param != "model":
         # Infinity answers schema problems with FastAPI's 422 list; handler errors keep its {"error"} envelope.
         loc = ["body", *(error.param or "").split(".")] if error.param else ["body"]
         detail = [{"type": "value_error", "loc": loc, "msg": error.message, "input": None}]

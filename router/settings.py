@@ -3,20 +3,27 @@
 Convention: a field `foo_bar` is read from `SIE_FOO_BAR` and from the flag `--foo-bar` (added in `__main__.py`);
 `msgspec.convert` turns the strings into the field's type (a tuple field splits on `;`, `bundle_dirs` on the path
 separator; `SIZE_FIELDS` also take `2GiB`). Adding a setting is one line here, plus its flag. Flags win over the
-environment; `ENV_ALIASES` keeps the older variable names working.
+environment; `ENV_ALIASES` keeps the older variable names working. A field with a closed set of values is a `Literal`
+(its flag's choices come from it), `VALUE_ALIASES` maps other servers' names for a value onto ours, and
+`build_settings` refuses a bad value with one sentence naming the variable or flag and what it takes.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+Device = Literal["auto", "cpu", "cuda"]
+Engine = Literal["auto", "torch", "onnx", "openvino"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,12 +35,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     bundle_dirs: tuple[Path, ...] = ()
     host: str = "127.0.0.1"
     port: int = 8080
-    device: str = "auto"
+    device: Device = "auto"
     worker_threads: int = 0
     # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` loadtime option wins.
     # auto: a worker without torch serving the exported graph under OpenVINO (bf16 where the CPU has it natively),
     # else ONNX Runtime; torch on GPUs and whenever the export or its check fails (worker/adapters/dense_lean.py).
-    engine: str = "auto"
+    engine: Engine = "auto"
     # Forward calls side by side (0: the runtime's default: ONNX Runtime one call per worker thread, OpenVINO one
     # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
     # throughput under load (bench/README.md, "lanes").
@@ -42,7 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # On the CPU, dense encoders under OpenVINO already run bfloat16 where the CPU has it natively, checked against
     # float32 at load; float32 here forces float32 there. bfloat16 runs the other families' torch in bf16. float16 is
     # for GPUs; CPU workers run it as float32.
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
     max_batch_items: int = 64
     max_wait_ms: float = 2.0
@@ -83,7 +90,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     crash_window_s: float = 600.0
     api_key: str | None = None  # secret: kept out of repr
     admin_token: str | None = None  # secret: kept out of repr
-    log_level: str = "info"
+    log_level: LogLevel = "info"
     # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
     hf_offline: bool = False
     # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
@@ -113,6 +120,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
+# The values of each closed field, from its Literal.
+CHOICES: dict[str, tuple[str, ...]] = {name: get_args(kind) for name, kind in get_type_hints(Settings).items()
+                                       if get_origin(kind) is Literal}
+# Other servers' names for a value, accepted from flags and variables alike: Infinity's `optimum` engine is ONNX
+# Runtime.
+VALUE_ALIASES: dict[str, dict[str, str]] = {"engine": {"optimum": "onnx"}}
 SECRETS = frozenset({"api_key", "admin_token"})
 # Older variable names, still read when the field's own `SIE_<FIELD>` is unset.
 ENV_ALIASES = {
@@ -171,12 +184,46 @@ def _dec_hook(kind: type, value: Any) -> Any:
     raise NotImplementedError(f"no conversion to {kind}")
 
 
-def build_settings(values: dict[str, Any]) -> Settings:
-    """Settings from raw values (strings from the environment, typed values from flags); ValueError names the field."""
+def choices(field: str) -> tuple[str, ...]:
+    """What a closed field accepts: its values, then the aliases of values (for a flag's `choices`)."""
+    return (*CHOICES[field], *VALUE_ALIASES.get(field, {}))
+
+
+def _source(field: str, sources: Mapping[str, str]) -> str:
+    return sources.get(field, f"SIE_{field.upper()}")
+
+
+def _checked(values: dict[str, Any], sources: Mapping[str, str]) -> dict[str, Any]:
+    """Aliases mapped, closed fields and the checks that span fields done; ValueError says what and where."""
+    values = dict(values)
+    for field, aliases in VALUE_ALIASES.items():
+        if values.get(field) in aliases:
+            values[field] = aliases[values[field]]
+    for field, allowed in CHOICES.items():
+        if field in values and values[field] not in allowed:
+            also = "".join(f" (or {alias}, for {value})" for alias, value in VALUE_ALIASES.get(field, {}).items())
+            raise ValueError(f"{_source(field, sources)} must be one of {', '.join(allowed)}{also}, not "
+                             f"{values[field]!r}")
+    prefix = str(values.get("url_prefix") or "")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise ValueError(f"{_source('url_prefix', sources)} must start with '/' and not end with '/', not {prefix!r}")
+    if values.get("default_prompt") and values.get("default_prompt_name"):
+        raise ValueError("--default-prompt and --default-prompt-name (SIE_DEFAULT_PROMPT, SIE_DEFAULT_PROMPT_NAME) "
+                         "cannot both be set")
+    return values
+
+
+def build_settings(values: dict[str, Any], sources: Mapping[str, str] | None = None) -> Settings:
+    """Settings from raw values (strings from the environment, typed values from flags). A bad value is a ValueError
+    naming where it came from: `sources` maps a field to its flag, when a flag gave it; else it is `SIE_<FIELD>`."""
+    sources = sources or {}
+    values = _checked(values, sources)
     try:
         settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
-        raise ValueError(f"invalid setting: {exc}") from None
+        field = str(exc).rpartition("`$.")[2].rstrip("`").split(".")[0].split("[")[0]
+        where = _source(field, sources) if field in Settings.__struct_fields__ else "a setting"
+        raise ValueError(f"invalid setting {where}: {exc}") from None
     # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
     image_env = {f"SIE_{name.upper()}": str(values[name]) for name in ("max_image_pixels", "max_image_bytes")
                  if name in values}

@@ -39,7 +39,7 @@ class _Handle:
 
 
 class FakeNvml:
-    """The subset of the `pynvml` module that router/devices.py calls."""
+    """The subset of the `pynvml` module that router/pool/devices.py calls."""
 
     def __init__(self, gpus: list[FakeGpu], init_error: pynvml.NVMLError | None = None) -> None:
         self.gpus = gpus

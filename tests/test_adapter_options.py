@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sie_router.registry import parse_config
+from sie_router.models.config import parse_config
 
 
 def test_adapter_options_are_checked_against_their_family_when_the_bundle_loads() -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
-from sie_router.batcher import Batcher, BatchLimits
 from sie_router.errors import SIEError
-from sie_router.pacing import BatchReport, BusyTimeFit, Pacer
+from sie_router.pool import batcher as batcher_module
+from sie_router.pool.batcher import Batcher, BatchLimits
+from sie_router.pool.pacing import BatchReport, BusyTimeFit, Pacer
 
 
 class Recorder:
@@ -166,16 +168,16 @@ async def test_a_full_batch_does_not_wait_for_the_pace() -> None:
 def test_the_pacer_predicts_from_the_workers_own_timing() -> None:
     pacer = Pacer()
     assert pacer.send_by() is not None  # nothing outstanding: send now
-    pacer.sent(1, 100)
+    first = pacer.sent(100)
     assert pacer.send_by() is None  # busy, pace unknown: the batcher falls back to max_wait_ms
-    pacer.done(1, BatchReport([], busy_s=0.5, prepare_s=0.01))  # 5 ms per unit, whatever the wall clock said
+    pacer.done(first, BatchReport([], busy_s=0.5, prepare_s=0.01))  # 5 ms per unit, whatever the wall clock said
     before = time.perf_counter()
-    pacer.sent(2, 10)
-    pacer.sent(3, 20)
+    second = pacer.sent(10)
+    pacer.sent(20)
     send_by = pacer.send_by()
     assert send_by is not None
     assert before + 0.15 - 0.011 <= send_by <= time.perf_counter() + 0.15 - 0.011  # both batches, less the lead
-    pacer.done(2, None)  # a failed batch teaches nothing
+    pacer.done(second, None)  # a failed batch teaches nothing
     assert pacer.fit.predict(10) == 0.05
 
 
@@ -184,3 +186,40 @@ def test_the_pacer_learns_the_fixed_cost_of_a_batch() -> None:
     for cost in [1, 40, 3, 64, 8, 32, 1, 50] * 4:  # 2 ms a call plus 0.1 ms a token, as a CPU worker behaves
         fit.add(cost, 0.002 + 0.0001 * cost)
     assert fit.predict(1) == pytest.approx(0.0021) and fit.predict(100) == pytest.approx(0.012)
+
+
+async def test_the_batching_loop_survives_an_exception_and_serves_again(caplog: pytest.LogCaptureFixture) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_wait_ms=0)
+    real_fill = batcher._fill
+    failures = []
+
+    async def flaky_fill() -> None:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected")
+        await real_fill()
+
+    batcher._fill = flaky_fill  # type: ignore[method-assign]
+    assert await asyncio.wait_for(batcher.submit("k", ["a"], [1]), 5) == ["out:a"]  # served by the restarted loop
+    assert failures and "model 'm'" in caplog.text and "injected" in caplog.text
+    assert await batcher.submit("k", ["b"], [1]) == ["out:b"]
+    await batcher.close()
+
+
+async def test_a_failure_while_forming_a_batch_loses_no_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_wait_ms=0, in_flight=1)
+    real_window = batcher_module.itertools_islice
+    failures = []
+
+    def flaky_window(queue: Any, n: int) -> list[Any]:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected while choosing a batch")
+        return real_window(queue, n)
+
+    monkeypatch.setattr(batcher_module, "itertools_islice", flaky_window)
+    assert await asyncio.wait_for(batcher.submit("k", ["a"], [1]), 5) == ["out:a"]  # still queued, then served
+    assert failures == [1] and batcher.queued_items == 0
+    await batcher.close()

@@ -69,3 +69,27 @@ def test_served_names_and_adapters_pair_with_models_and_the_prefix_is_checked(
         with pytest.raises(SystemExit):
             settings_from(["--url-prefix", bad])
         assert "--url-prefix must start with '/'" in capsys.readouterr().err
+
+
+def test_engine_aliases_and_closed_values_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("SIE_ENGINE", raising=False)
+    assert settings_from(["--engine", "optimum"]).engine == "onnx"
+    monkeypatch.setenv("SIE_ENGINE", "optimum")
+    assert settings_from([]).engine == "onnx"
+    assert settings_from(["--engine", "torch"]).engine == "torch"  # the flag wins
+    for argv, named in ((["--engine", "bogus"], "--engine"), (["--device", "gpu"], "--device"),
+                        (["--log-level", "loud"], "--log-level")):
+        with pytest.raises(SystemExit):
+            settings_from(argv)
+        assert f"error: {named} must be one of " in capsys.readouterr().err
+
+
+def test_a_bad_variable_stops_serve_with_one_sentence() -> None:
+    env = {"PATH": "/usr/bin:/bin", "SIE_ENGINE": "bogus"}
+    done = subprocess.run([sys.executable, "-m", "sie_router", "serve"], capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == ("sie-server: error: SIE_ENGINE must be one of auto, torch, onnx, openvino (or optimum, for "
+                    "onnx), not 'bogus'")

@@ -3,12 +3,14 @@ and the SDK's exception map; the worker names failures by exception type."""
 
 from __future__ import annotations
 
+import ast
 import errno
+from pathlib import Path
 
 import msgspec
 import pytest
 
-from sie_router.errors import TABLE, LoadError, SIEError
+from sie_router.errors import TABLE, TEI_BARE, TEI_TYPES, LoadError, SIEError
 from sie_sdk import errors as sdk_errors
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
@@ -17,12 +19,42 @@ from sie_worker.adapters.fake import InjectedOutOfMemory
 from sie_worker.failures import batch_failure_code, load_error_class
 from sie_worker.protocol import LoadErrorClass
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def test_the_router_table_answers_every_code_and_only_those() -> None:
     assert set(TABLE) == set(ErrorCode)
-    assert SIEError("QUEUE_FULL", "x").code is ErrorCode.QUEUE_FULL
+    assert SIEError(ErrorCode.QUEUE_FULL, "x").code is ErrorCode.QUEUE_FULL
     with pytest.raises(ValueError):
-        SIEError("NOT_A_CODE", "x")
+        SIEError("NOT_A_CODE", "x")  # type: ignore[arg-type]
+
+
+def test_tei_answers_every_code_once() -> None:
+    assert set(TEI_TYPES) | set(TEI_BARE) == set(ErrorCode)
+    assert not set(TEI_TYPES) & set(TEI_BARE)
+
+
+def _enum_members(tree: ast.AST) -> set[int]:
+    """ids of the string constants that define enum members (`NOT_FOUND = "NOT_FOUND"` in a class body)."""
+    found: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            found.update(id(item.value) for item in node.body if isinstance(item, ast.Assign))
+    return found
+
+
+def test_no_code_is_written_as_a_string() -> None:
+    """Codes are `ErrorCode` members in every process: a string literal equal to a code, outside the class bodies
+    that define enums (the enum itself, and `LoadErrorClass.NOT_FOUND`), is a code written as a string."""
+    codes = {code.value for code in ErrorCode}
+    literals = []
+    for folder in ("router", "worker", "sdk"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            members = _enum_members(tree)
+            literals += [f"{path.relative_to(ROOT)}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                         if isinstance(node, ast.Constant) and node.value in codes and id(node) not in members]
+    assert not literals, "write these codes as ErrorCode members:\n" + "\n".join(literals)
 
 
 def test_the_sdk_maps_the_same_codes_and_reads_plain_strings() -> None:

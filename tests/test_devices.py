@@ -14,10 +14,10 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from sie_router.devices import HostMemory, NoDevice, NvmlDevices, budgets, detect, visible_filter
-from sie_router.ledger import MemoryLedger
-from sie_router.pool import WorkerPool
-from sie_router.registry import build_registry
+from sie_router.models.registry import build_registry
+from sie_router.pool.devices import HostMemory, NoDevice, NvmlDevices, budgets, detect, visible_filter
+from sie_router.pool.ledger import MemoryLedger
+from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
 from tests.fake_nvml import H100_IDLE_USED, H100_TOTAL, FakeGpu, FakeNvml, MiB
 

@@ -1,4 +1,5 @@
-"""Hub downloads (router/hub.py, through router/weights.py) from tests/hub.py, by the real huggingface_hub client."""
+"""Hub downloads (router/models/hub.py, through router/models/weights.py) from tests/hub.py, by the real
+huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from sie_router import hub as downloads
-from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.models import hub as downloads
+from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
 from tests import tiny_models as tiny
 from tests.hub import LoopbackHub
 from tests.server import free_port
@@ -141,8 +142,8 @@ def test_an_overloaded_hub_is_a_transient_failure_and_startup_retries_it(hub: Lo
 
 
 def test_a_model_card_is_read_once_its_weights_exist_not_cached_empty_before(tmp_path: Path) -> None:
-    from sie_router.model_card import model_card
-    from sie_router.registry import ModelConfig, Profile
+    from sie_router.models.config import ModelConfig, Profile
+    from sie_router.models.model_card import model_card
 
     folder = tmp_path / "not-yet-downloaded"
     config = ModelConfig(sie_id="org/late-card", weights_path=str(folder),

@@ -1,4 +1,5 @@
-"""Family inference from a checkpoint's files (router/inference.py), on tiny checkpoints in their real layouts."""
+"""Family inference from a checkpoint's files (router/models/inference.py), on tiny checkpoints in their real
+layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sie_router.inference import CannotInfer, infer_config, infer_family
+from sie_router.models.inference import CannotInfer, infer_config, infer_family
 from tests import tiny_extract_models as tiny_extract
 from tests import tiny_models as tiny
 

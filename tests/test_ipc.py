@@ -11,7 +11,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from sie_router.ipc import WorkerClient, WorkerLost
+from sie_router.pool.ipc import WorkerClient, WorkerLost
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
 from sie_worker.protocol import (
@@ -239,3 +239,30 @@ def test_forget_fails_the_handshake_and_the_calls_of_a_gone_worker() -> None:
         a.close()
 
     assert run(scenario) == []
+
+
+class _Injected(BaseException):
+    """Escapes each loop's own guard (which catches Exception), as only a bug in the guard itself could."""
+
+
+def test_the_deadline_loop_is_restarted_when_it_dies() -> None:
+    async def scenario(client: WorkerClient, broken: list[tuple[str, str]]) -> None:
+        a = await ready_worker(client, "a")
+        real, failures = client.overdue, []
+
+        def flaky(now: float) -> list[tuple[str, str]]:
+            if not failures:
+                failures.append(1)
+                raise _Injected
+            return real(now)
+
+        client.overdue = flaky  # type: ignore[method-assign]
+        deadlines = next(loop for loop in client.loops if loop.name == "sie-deadlines")
+        call = asyncio.create_task(client.call("a", batch, 0.3))
+        await a.next_batch()  # never answered: only a restarted deadline loop can fail the call
+        with pytest.raises(WorkerLost, match="no progress"):
+            await asyncio.wait_for(call, 10)
+        assert failures == [1] and deadlines.restarts == 1
+        a.close()
+
+    assert [worker_id for worker_id, _ in run(scenario)] == ["a"]

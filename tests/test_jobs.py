@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from sie_router import request_labels
-from sie_router.batcher import Batcher, BatchLimits
-from sie_router.jobs import BatchKey, Encoded, Ragged, Scored, freeze, thaw
-from sie_router.pacing import BatchReport
-from sie_router.registry import ModelConfig, Profile, Registry
+from sie_router.models.config import ModelConfig, Profile
+from sie_router.models.registry import Registry
+from sie_router.pipeline.jobs import BatchKey, Encoded, Ragged, Scored, freeze, thaw
+from sie_router.pool.batcher import Batcher, BatchLimits
+from sie_router.pool.pacing import BatchReport
 
 
 def _encoded(values: list[int]) -> Encoded:

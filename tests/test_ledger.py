@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from sie_router.devices import HostMemory
-from sie_router.ledger import MemoryLedger
+from sie_router.pool.devices import HostMemory
+from sie_router.pool.ledger import MemoryLedger
 
 MiB = 2**20
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from sie_router.devices import DeviceMemory
 from sie_router.errors import SIEError
-from sie_router.placement import DEFAULT_BASE, WEIGHTS_MEMORY_FACTOR, Placement
-from sie_router.registry import ModelConfig, Profile
+from sie_router.models.config import ModelConfig, Profile
+from sie_router.pool.devices import DeviceMemory
+from sie_router.pool.placement import DEFAULT_BASE, WEIGHTS_MEMORY_FACTOR, Placement
 from sie_router.settings import Settings
 
 MiB = 2**20

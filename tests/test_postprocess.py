@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sie_router.postprocess import cut_dimensions, quantize
+from sie_router.pipeline.postprocess import cut_dimensions, quantize
 
 
 def test_quantisations() -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sie_router.errors import SIEError
-from sie_router.inference import infer_family
-from sie_router.registry import Registry, build_registry, load_bundle, parse_config
-from sie_router.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.models.config import load_bundle, parse_config
+from sie_router.models.inference import infer_family
+from sie_router.models.registry import Registry, build_registry
+from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from sie_router.settings import DERIVED, ENV_ALIASES, Settings, build_settings, env_defaults
+from sie_router.settings import CHOICES, DERIVED, ENV_ALIASES, Settings, build_settings, env_defaults
 
 SAMPLES = {int: "7", float: "0.5", str: "x", bool: "true"}
 
@@ -22,6 +22,10 @@ def test_every_field_reads_its_own_variable() -> None:
             text = "false" if field.default else "true"
         if field.name == "pool_map":
             text = "/tmp/map.yaml"
+        if field.name == "url_prefix":
+            text = "/x"
+        if field.name in CHOICES:
+            text = next(value for value in CHOICES[field.name] if value != field.default)
         built = build_settings(env_defaults({f"SIE_{field.name.upper()}": text}))
         assert getattr(built, field.name) != field.default, field.name
 
@@ -47,3 +51,31 @@ def test_settings_are_frozen_and_hide_secrets() -> None:
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
     assert "token_ids" not in Settings.__struct_fields__  # read nowhere, so deleted
+
+
+def test_closed_fields_are_literals_and_refuse_other_values_naming_the_variable() -> None:
+    assert set(CHOICES) >= {"engine", "dtype", "device", "log_level"}
+    for field, allowed in CHOICES.items():
+        for value in allowed:
+            assert getattr(build_settings(env_defaults({f"SIE_{field.upper()}": value})), field) == value
+        with pytest.raises(ValueError) as caught:
+            build_settings(env_defaults({f"SIE_{field.upper()}": "bogus"}))
+        assert str(caught.value).startswith(f"SIE_{field.upper()} must be one of {', '.join(allowed)}")
+        assert str(caught.value).endswith(", not 'bogus'")
+
+
+def test_aliases_apply_to_variables_and_flags_alike() -> None:
+    assert build_settings(env_defaults({"SIE_ENGINE": "optimum"})).engine == "onnx"  # Infinity's name for ONNX RT
+    assert build_settings({"engine": "optimum"}, {"engine": "--engine"}).engine == "onnx"
+    with pytest.raises(ValueError, match=r"^--engine must be one of auto, torch, onnx, openvino \(or optimum, for "
+                                         r"onnx\), not 'bogus'$"):
+        build_settings({"engine": "bogus"}, {"engine": "--engine"})
+
+
+def test_checks_that_span_values_name_their_source() -> None:
+    with pytest.raises(ValueError, match=r"^SIE_URL_PREFIX must start with '/'"):
+        build_settings(env_defaults({"SIE_URL_PREFIX": "v1"}))
+    with pytest.raises(ValueError, match="cannot both be set"):
+        build_settings(env_defaults({"SIE_DEFAULT_PROMPT": "a", "SIE_DEFAULT_PROMPT_NAME": "b"}))
+    with pytest.raises(ValueError, match=r"^invalid setting SIE_PORT: "):
+        build_settings(env_defaults({"SIE_PORT": "eighty"}))

@@ -18,10 +18,10 @@ import psutil
 import pytest
 
 from sie_router.errors import LoadError
-from sie_router.ipc import WorkerLost
-from sie_router.pacing import BusyTimeFit
+from sie_router.pool.ipc import WorkerLost
+from sie_router.pool.pacing import BusyTimeFit
+from sie_router.pool.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
 from sie_router.settings import Settings
-from sie_router.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
 from sie_worker.protocol import (
     BatchDone,
     BatchTiming,
@@ -29,7 +29,6 @@ from sie_worker.protocol import (
     EncodeResult,
     InputItem,
     LoadErrorClass,
-    TokenizeResult,
     WorkerSpec,
 )
 
@@ -74,7 +73,7 @@ async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_the_router_imports_only_the_protocol_from_the_worker_package() -> None:
-    code = ("import sys, sie_router.app, sie_router.supervisor; "
+    code = ("import sys, sie_router.app, sie_router.pool.supervisor; "
             "print(sorted(m for m in sys.modules if m.startswith('sie_worker')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "['sie_worker', 'sie_worker.protocol']"
@@ -85,7 +84,7 @@ def test_spawn_handshake_call_and_stop() -> None:
         worker = await supervisor.spawn(spec(supervisor), "test/fake")
         assert worker.info is not None and worker.info.pid == worker.process.pid
         assert psutil.Process(worker.process.pid).cmdline()[0] == "sie-worker:test/fake@cpu"  # its title
-        reply = await supervisor.call(worker, encode, 1)
+        reply = await supervisor.call(worker, encode, BusyTimeFit(), 1)
         assert isinstance(reply, BatchDone) and reply.result.token_counts == [1]
         await supervisor.stop([worker], 10)
         await until(lambda: bool(exits))
@@ -114,13 +113,15 @@ def test_a_load_failure_is_classified_by_type_and_is_no_crash(tmp_path: Path) ->
 def test_a_hung_worker_is_killed_at_its_deadline_and_spends_the_crash_budget() -> None:
     async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
         worker = await supervisor.spawn(spec(supervisor), "test/fake")
-        for _ in range(3):  # learn its pace: a batch of one takes milliseconds, so the deadline is the floor
-            assert isinstance(await supervisor.call(worker, encode, 1), BatchDone)
-        assert batch_deadline(worker.pace, 1, 1.0, 2.0) == 1.0
+        pace = BusyTimeFit()
+        for _ in range(3):  # its pace, as its queue learns it: a batch of one takes milliseconds
+            assert isinstance(await supervisor.call(worker, encode, pace, 1), BatchDone)
+            pace.add(1, 0.002)
+        assert batch_deadline(pace, 1, 1.0, 2.0) == 1.0  # so the deadline is the floor
         os.kill(worker.process.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(WorkerLost, match="no progress"):
-            await supervisor.call(worker, encode, 1)
+            await supervisor.call(worker, encode, pace, 1)
         assert 1.0 <= time.monotonic() - started < 10
         await until(lambda: bool(exits))
         assert not psutil.pid_exists(worker.process.pid)
@@ -146,23 +147,27 @@ def test_the_deadline_scales_with_the_batch_within_floor_and_cap() -> None:
     assert slow is not None and batch_deadline(pace, 20_000, 10, 30) == pytest.approx(MIN_FACTOR * slow)  # ~60 s
 
 
-def test_only_forward_passes_teach_a_worker_its_pace_never_a_tokenize_answer() -> None:
-    """A tokenize or decode answer carries a zero timing; learnt as a batch it would pull every deadline to the floor
-    and get healthy long batches killed as hung."""
-    replies = [BatchDone(batch_id=1, result=TokenizeResult(token_counts=[3] * 50, texts=["x"] * 50)),
-               BatchDone(batch_id=2, result=EncodeResult(token_counts=[3] * 50),
-                         timing=BatchTiming(inference_ms=400.0))]
+def test_a_call_s_deadline_comes_from_the_pace_it_is_given_for_its_cost() -> None:
+    """The supervisor learns nothing itself: the model's queue learns its pace from the worker's own timing (a tokenize
+    answer never reaches the queue), and each call is timed from that pace for the batch's cost."""
+    deadlines: list[float] = []
 
     async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
         async def answer(worker_id: str, make: Any, deadline_s: float) -> BatchDone:
-            return replies.pop(0)
+            deadlines.append(deadline_s)
+            return BatchDone(batch_id=1, result=EncodeResult(token_counts=[3]), timing=BatchTiming(inference_ms=400.0))
 
         supervisor.client.call = answer  # type: ignore[method-assign]
         worker = Worker(worker_id="w", key="test/fake", process=None, device="cpu")  # type: ignore[arg-type]
-        await supervisor.call(worker, encode, 50)
-        assert worker.pace.predict(50) is None  # the tokenize answer taught nothing
-        await supervisor.call(worker, encode, 50)
-        predicted = worker.pace.predict(50)
-        assert predicted is not None and predicted == pytest.approx(0.4, rel=0.05)
+        pace = BusyTimeFit()
+        await supervisor.call(worker, encode, pace, 50)
+        assert pace.predict(50) is None  # nothing learned here
+        for cost, seconds in ((10, 0.011), (50, 0.051), (100, 0.101)):
+            pace.add(cost, seconds)
+        await supervisor.call(worker, encode, pace, 10)
+        await supervisor.call(worker, encode, pace, 2000)
 
     run(scenario)
+    assert deadlines[0] == SETTINGS.batch_timeout_s  # pace unknown: the operator's bound
+    assert deadlines[1] == SETTINGS.batch_timeout_floor_s  # a fast batch: the floor
+    assert deadlines[2] == pytest.approx(MIN_FACTOR * 2.001, rel=0.01)  # a slow one: never under 3x its pace

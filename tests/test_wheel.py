@@ -62,7 +62,7 @@ def served(venv: Path, checkpoint: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_the_installed_package_is_the_one_that_runs(venv: Path) -> None:
-    where = subprocess.run([venv / "bin" / "python", "-c", "import sie_router.registry as r; print(r.__file__, "
+    where = subprocess.run([venv / "bin" / "python", "-c", "import sie_router.models.registry as r; print(r.__file__, "
                             "r.BUNDLES_ROOT)"], capture_output=True, text=True, cwd="/", check=True).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where)
     assert (Path(where[1]) / "default" / "bge-small-en-v1.5.yaml").is_file()

@@ -8,15 +8,16 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.pool import Slot, WorkerPool
-from sie_router.resolve import resolve
-from sie_router.state import app_state
+from sie_router.api.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.resolve import resolve
+from sie_router.pool.pool import Slot, WorkerPool
 
 
 def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
     worker = slot.worker
     info = worker.info if worker else None
+    used = pool.placement.last_used(slot.key) if worker else None
     return {
         "model": slot.key,
         "state": slot.state,
@@ -27,7 +28,7 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
         "memory_budget_bytes": pool.ledger.reserved(slot.key),
         "queue_depth": slot.queued,
         "requests_served": worker.items_served if worker else 0,
-        "last_used_s_ago": round(time.monotonic() - worker.last_used, 3) if worker else None,
+        "last_used_s_ago": round(time.monotonic() - used, 3) if used is not None else None,
         "uptime_s": round(time.time() - worker.started_at, 3) if worker else None,
         "pinned": pool.pinned(slot.key),
         "last_error": slot.last_error,

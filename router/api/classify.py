@@ -9,13 +9,14 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError
-from sie_router.inputs import input_items, parse_texts
-from sie_router.jobs import BatchKey, ExtractJob, freeze
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import input_items, parse_texts
+from sie_router.pipeline.jobs import BatchKey, ExtractJob, freeze
+from sie_router.pipeline.resolve import served_model
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Item
 
 
@@ -34,7 +35,7 @@ async def classify(request: Request) -> Response:
     texts = [t.strip() for t in parse_texts(req.input, allow_token_ids=False)]
     model = served_model(state.registry, req.model, Api.INFINITY)
     if model.config.tasks.get("extract") is None or model.family != "classifier":
-        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model.name}` does not support "
+        raise SIEError(ErrorCode.MODEL_NOT_SUPPORTED, f"ModelNotDeployedError: model=`{model.name}` does not support "
                        "`classify`.", param="model")
     items = input_items([Item(text=t) for t in texts], model.config, state.settings, field="input")
     # Infinity runs the text-classification pipeline: an NLI head scores its own labels, never zero-shot.

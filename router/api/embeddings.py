@@ -15,15 +15,16 @@ import numpy as np
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError, invalid
-from sie_router.inputs import check_dimensions, encode_job, image_items, input_items, parse_texts
-from sie_router.jobs import Encoded, EncodeJob, Resolved
-from sie_router.models import served_outputs
-from sie_router.postprocess import cut_dimensions
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import check_dimensions, encode_job, image_items, input_items, parse_texts
+from sie_router.pipeline.jobs import Encoded, EncodeJob, Resolved
+from sie_router.pipeline.postprocess import cut_dimensions
+from sie_router.pipeline.resolve import served_model
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Item
 
 # Infinity's modalities and the capability each needs (its 400 names the capability).
@@ -47,12 +48,13 @@ def _check_dense(model: Resolved, modality: str) -> None:
     config = model.config
     outputs = served_outputs(config, model.profile)
     if "dense" not in outputs:
-        raise SIEError("MODEL_NOT_SUPPORTED", f"model '{model.name}' has no dense output (it offers {outputs}); "
+        raise SIEError(ErrorCode.MODEL_NOT_SUPPORTED,
+                       f"model '{model.name}' has no dense output (it offers {outputs}); "
                        "use /v1/encode for sparse or multivector outputs", param="model")
     if modality not in MODALITIES:
         raise invalid(f"modality must be one of {list(MODALITIES)}, not {modality!r}", param="modality")
     if modality not in config.input_kinds:  # Infinity's capability check: a 400 naming what the model lacks
-        raise SIEError("MODEL_NOT_SUPPORTED", f"ModelNotDeployedError: model=`{model.name}` does not support "
+        raise SIEError(ErrorCode.MODEL_NOT_SUPPORTED, f"ModelNotDeployedError: model=`{model.name}` does not support "
                        f"`{MODALITIES[modality]}`; it takes {config.input_kinds}", param="model")
 
 
@@ -61,8 +63,8 @@ async def _encode(request: Request, job: EncodeJob, images: bool) -> Encoded:
         out: Encoded = await guarded(request, app_state(request).service.run(job))
         return out
     except SIEError as exc:
-        if images and exc.code == "INVALID_INPUT":  # the worker could not use an image: Infinity's ImageCorrupt
-            raise SIEError("INVALID_MEDIA", f"ImageCorrupt: {exc.message}") from None
+        if images and exc.code == ErrorCode.INVALID_INPUT:  # the worker could not use an image: Infinity's ImageCorrupt
+            raise SIEError(ErrorCode.INVALID_MEDIA, f"ImageCorrupt: {exc.message}") from None
         raise
 
 

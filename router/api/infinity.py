@@ -9,9 +9,9 @@ import time
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.models import served_outputs
-from sie_router.state import app_state
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
+from sie_router.pipeline import codec
 
 
 def _capabilities(outputs: list[str], inputs: list[str], family: str) -> list[str]:
@@ -31,8 +31,7 @@ async def models(request: Request) -> Response:
     state = app_state(request)
     data = []
     for name, (config, profile) in state.registry.served.items():
-        batcher = state.service.batchers.get(config.sie_id)
-        queued = batcher.queued_items if batcher else 0
+        queued = state.pool.slots[config.sie_id].queued
         capacity = state.settings.max_queue_items
         capabilities = _capabilities(served_outputs(config, profile), config.input_kinds, config.family(profile))
         data.append({"id": name, "stats": {"queue_fraction": queued / capacity, "queue_absolute": queued,

@@ -12,15 +12,15 @@ from starlette.convertors import StringConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import model_info, served_dims
+from sie_router.api.state import app_state
 from sie_router.errors import invalid
-from sie_router.inputs import input_items, merged_options, native_encode, score_key
-from sie_router.jobs import BatchKey, Encoded, ExtractJob, Scored, ScoreJob, TokenizeJob, freeze
-from sie_router.models import model_info, served_dims
-from sie_router.postprocess import WIRE_DTYPE_NAMES, quantize
-from sie_router.resolve import resolve
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import input_items, merged_options, native_encode, score_key
+from sie_router.pipeline.jobs import BatchKey, Encoded, ExtractJob, Scored, ScoreJob, TokenizeJob, freeze
+from sie_router.pipeline.postprocess import WIRE_DTYPE_NAMES, quantize
+from sie_router.pipeline.resolve import resolve
 from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, Item, ScoreRequest, TokenizeRequest
 
 MAX_SCORE_ITEMS = 1000

@@ -13,14 +13,15 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router.disconnect import guarded
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_outputs
+from sie_router.api.state import app_state
 from sie_router.errors import Api, SIEError, invalid
-from sie_router.inputs import score_key
-from sie_router.jobs import Scored, ScoreJob
-from sie_router.models import served_outputs
-from sie_router.resolve import served_model
-from sie_router.state import app_state
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import score_key
+from sie_router.pipeline.jobs import Scored, ScoreJob
+from sie_router.pipeline.resolve import served_model
+from sie_sdk.codes import ErrorCode
 
 MAX_DOCUMENTS = 1000
 
@@ -65,7 +66,8 @@ async def rerank(request: Request, api: Api) -> Response:
     model = served_model(state.registry, req.model, api)
     if model.config.tasks.get("score") is None:
         prefix = "ModelNotDeployedError: " if api is Api.INFINITY else ""  # Infinity's capability error
-        raise SIEError("MODEL_NOT_SUPPORTED", f"{prefix}model=`{model.name}` does not support `rerank`; it offers "
+        raise SIEError(ErrorCode.MODEL_NOT_SUPPORTED,
+                       f"{prefix}model=`{model.name}` does not support `rerank`; it offers "
                        f"{served_outputs(model.config, model.profile)}", param="model")
     job = ScoreJob(model, query, documents, score_key(model, req.options), wait_s=state.settings.load_wait_s)
     scored: Scored = await guarded(request, state.service.run(job))

@@ -21,18 +21,19 @@ from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 
-from sie_router import codec
-from sie_router import tei_bodies as inputs
-from sie_router.disconnect import guarded
+from sie_router.api import tei_bodies as inputs
+from sie_router.api.disconnect import guarded
+from sie_router.api.model_info import served_dims, served_outputs
+from sie_router.api.state import AppState, app_state
+from sie_router.api.tei_bodies import backend, empty, validation
 from sie_router.errors import Api, SIEError
-from sie_router.inputs import encode_job, input_items, score_key
-from sie_router.jobs import BatchKey, Encoded, ExtractJob, Resolved, Scored, ScoreJob, TokenizeJob, freeze
-from sie_router.model_card import ModelCard, model_card
-from sie_router.models import served_dims, served_outputs
-from sie_router.registry import Registry
-from sie_router.resolve import resolve
-from sie_router.state import AppState, app_state
-from sie_router.tei_bodies import backend, empty, validation
+from sie_router.models.model_card import ModelCard, model_card
+from sie_router.models.registry import Registry
+from sie_router.pipeline import codec
+from sie_router.pipeline.inputs import encode_job, input_items, score_key
+from sie_router.pipeline.jobs import BatchKey, Encoded, ExtractJob, Resolved, Scored, ScoreJob, TokenizeJob, freeze
+from sie_router.pipeline.resolve import resolve
+from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Item
 
 TEI_VERSION = "1.9.3"
@@ -349,7 +350,8 @@ async def answer(request: Request, route: str, fixed: Resolved | None = None) ->
 
 async def _body(request: Request, state: AppState) -> bytes:
     if "json" not in request.headers.get("content-type", ""):
-        raise SIEError("INVALID_INPUT", "Expected request with `Content-Type: application/json`", plain_status=415)
+        raise SIEError(ErrorCode.INVALID_INPUT,
+                       "Expected request with `Content-Type: application/json`", plain_status=415)
     return await codec.read_body(request, state.settings.max_request_bytes)
 
 
@@ -360,14 +362,15 @@ def _health(state: AppState, fixed: Resolved | None) -> Response:
     return codec.json_response({"error": "unhealthy", "error_type": "Unhealthy"}, status=503)
 
 
-def split_path(registry: Registry, rest: str) -> tuple[str, str] | None:
-    """`/tei/{rest}` as (served model, route): the model is the served name the path starts with, so ids holding
-    `/` (`BAAI/bge-small-en-v1.5`) need no escaping; a trailing `/` (kept by huggingface_hub on POST) is the root."""
+def split_path(rest: str, known: Callable[[str], bool]) -> tuple[str, str] | None:
+    """`/tei/{rest}` as (model, route): the model is the known name the path starts with, so ids holding `/`
+    (`BAAI/bge-small-en-v1.5`) need no escaping; a trailing `/` (kept by huggingface_hub on POST) is the root.
+    `known` is the served names here, and also those of other pools when a request is forwarded."""
     rest = rest.rstrip("/")
-    if rest in registry.served:
+    if known(rest):
         return rest, ""
     head, _, route = rest.rpartition("/")
-    if head in registry.served and (route in HANDLERS or route in PROBES):
+    if known(head) and (route in HANDLERS or route in PROBES):
         return head, route
     return None
 
@@ -376,14 +379,14 @@ async def per_model(request: Request, rest: str) -> Response:
     """Every TEI route under `/tei/{model}/`, answered by that model."""
     request.scope["sie.api"] = Api.TEI
     state = app_state(request)
-    found = split_path(state.registry, rest)
+    found = split_path(rest, state.registry.served.__contains__)
     if found is None:
-        raise SIEError("MODEL_NOT_FOUND", f"no served model or TEI route at {request.url.path}; served models: "
+        raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"no served model or TEI route at {request.url.path}; served models: "
                        f"{list(state.registry.served)}")
     name, route = found
     reads = route in PROBES or route == "info" or (route == "" and request.method == "GET")
     if reads != (request.method == "GET"):
-        raise SIEError("METHOD_NOT_ALLOWED", "method not allowed")
+        raise SIEError(ErrorCode.METHOD_NOT_ALLOWED, "method not allowed")
     return await answer(request, route, resolve(state.registry, name))
 
 
@@ -408,11 +411,24 @@ GET_NAMES = ("", "info", "ping")
 PER_MODEL = "tei/.+"
 register_url_convertor("tei_post", _Names((*POST_NAMES, PER_MODEL)))
 register_url_convertor("tei_get", _Names((*GET_NAMES, PER_MODEL)))
+ROOT_PATHS = frozenset("/" + name for name in (*POST_NAMES, *GET_NAMES))
+PER_MODEL_PREFIX = "/tei/"
+
+
+def is_tei_path(path: str) -> bool:
+    """A path of TEI's API, at the root or per model (`/rerank` is Infinity's too: its handler marks TEI's)."""
+    return path in ROOT_PATHS or path.rstrip("/") in ROOT_PATHS or path.startswith(PER_MODEL_PREFIX)
+
+
+def is_probe(method: str, path: str) -> bool:
+    """TEI's health probes: `GET /`, `/ping`, and `/tei/{model}/health` or `/ping`."""
+    return ((path == "/" and method == "GET") or path == "/ping"
+            or (path.startswith(PER_MODEL_PREFIX) and path.endswith(tuple("/" + name for name in PROBES))))
 
 
 async def route(request: Request) -> Response:
     """TEI at the root (`POST /embed`, `GET /info`, `POST /`, ...: the default models) or per model (`/tei/...`)."""
     name: str = request.path_params["route"]
-    if name.startswith("tei/"):
-        return await per_model(request, name[len("tei/"):])
+    if name.startswith(PER_MODEL_PREFIX[1:]):
+        return await per_model(request, name[len(PER_MODEL_PREFIX) - 1:])
     return await answer(request, name)

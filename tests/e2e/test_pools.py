@@ -128,6 +128,23 @@ def test_rerank_reaches_the_other_pool(pools: Pools, path: str) -> None:
             assert result["relevance_score"] == pytest.approx(by_index[result["index"]], abs=1e-6)
 
 
+def test_tei_per_model_routes_reach_the_other_pool(pools: Pools) -> None:
+    # `/tei/{model}/...` names its model in the path, with TEI's route after it: forwarded like every model route.
+    body = {"inputs": ["cats", "dogs"]}
+    forwarded, direct = post(pools.a, f"/tei/{E5}/embed", json=body), post(pools.b, f"/tei/{E5}/embed", json=body)
+    assert forwarded.status_code == direct.status_code == 200, forwarded.text
+    assert forwarded.json() == direct.json() and len(forwarded.json()) == 2
+    root = post(pools.a, f"/tei/{E5}/", json=body)  # the model's own root route, by its type
+    assert root.status_code == 200 and root.json() == direct.json()
+    info = httpx.get(f"{pools.a.url}/tei/{E5}/info", headers={"authorization": f"Bearer {KEY}"})
+    assert info.status_code == 200 and info.json()["served_model_name"] == E5
+    assert httpx.get(f"{pools.a.url}/tei/{E5}/health").status_code == 200  # a probe: open, in both pools
+    down = post(pools.a, f"/tei/{DOWN}/embed", json=body)
+    assert down.status_code == 503 and down.json()["error_type"] == "Unhealthy"
+    unknown = post(pools.a, "/tei/no/such-model/embed", json=body)
+    assert unknown.status_code == 404 and unknown.json()["error_type"] == "NotFound"
+
+
 def test_body_is_replayed_to_a_local_handler(pools: Pools) -> None:
     # The forwarding middleware reads the body for its model; the local handler still gets all of it.
     texts = [f"word {i} " * 200 for i in range(64)]  # about 100 kB: several receive() messages
@@ -215,7 +232,7 @@ def _sample(server: Server, name: str, **labels: str) -> float:
 
 
 def test_the_map_is_read_in_the_format_the_chart_renders(tmp_path: Path) -> None:
-    from sie_router.forward import load_pool_map
+    from sie_router.middleware.forward import load_pool_map
     from tests.deploy.test_chart import CASES, one, render
 
     rendered = one(render(CASES["two-pools"], name="prod", namespace="ml"), "ConfigMap", "prod-sie-pools")

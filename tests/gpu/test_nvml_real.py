@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sie_router.devices import NvmlDevices
+from sie_router.pool.devices import NvmlDevices
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sie_router.devices import NvmlDevices
+from sie_router.pool.devices import NvmlDevices
 from tests.sentences import SENTENCES
 from tests.server import MINILM, ROOT, Server, make_bundle
 

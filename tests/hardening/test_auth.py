@@ -10,8 +10,7 @@ import openai
 import psutil
 import pytest
 
-from sie_router.auth import Auth
-from sie_router.errors import Api
+from sie_router.middleware.auth import Auth
 from sie_router.settings import Settings
 from sie_sdk import SIEClient
 from sie_sdk.types import Item
@@ -127,16 +126,17 @@ async def _app(scope: object, receive: object, send: object) -> None:
 
 
 def _auth(settings: Settings) -> Auth:
-    return Auth(_app, settings, lambda path: Api.NATIVE)
+    return Auth(_app, settings)
 
 
 def test_admin_api_closes_when_only_an_api_key_is_set() -> None:
-    refusal = _auth(Settings(api_key="k")).check("/admin/workers", b"k")
+    refusal = _auth(Settings(api_key="k")).check("GET", "/admin/workers", b"k")
     assert refusal is not None and refusal.code == "FORBIDDEN" and "SIE_ADMIN_TOKEN" in refusal.message
-    assert _auth(Settings(api_key="k")).check("/v1/models", b"k") is None
-    assert _auth(Settings(api_key="k")).check("/healthz", None) is None
-    assert _auth(Settings()).check("/admin/workers", None) is None
-    assert _auth(Settings()).check("/v1/models", None) is None
+    assert _auth(Settings(api_key="k")).check("GET", "/v1/models", b"k") is None
+    assert _auth(Settings(api_key="k")).check("GET", "/healthz", None) is None
+    assert _auth(Settings()).check("GET", "/admin/workers", None) is None
+    assert _auth(Settings()).check("GET", "/v1/models", None) is None
     admin_only = _auth(Settings(admin_token="t"))
-    assert admin_only.check("/v1/models", None) is None
-    assert admin_only.check("/admin/workers", b"t") is None and admin_only.check("/admin/workers", None) is not None
+    assert admin_only.check("GET", "/v1/models", None) is None
+    assert admin_only.check("GET", "/admin/workers", b"t") is None
+    assert admin_only.check("GET", "/admin/workers", None) is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 
-from sie_router.ipc import WorkerClient
+from sie_router.pool.ipc import WorkerClient
 from tests.hardening.conftest import Hardened
 
 

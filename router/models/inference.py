@@ -1,0 +1,155 @@
+"""Inferring a model's adapter family from the files of its folder, as Infinity does (router process).
+
+Used for `-m` models that are not in the bundle. The most specific evidence wins: files only one family carries
+(GLiNER's config, BGE-M3's heads, colbert-ir's metadata, a PyLate or SPLADE module) are checked before architectures,
+and dense comes last, so a checkpoint carrying another family's files is never served as dense. Files that fit no
+family, or fit one only partly, fail the load with what was found and how to name the adapter instead. The options
+each adapter needs (pooling, markers, query length) it reads from the same files itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from sie_router.models.config import ADAPTER_PATH_FAMILIES, ModelConfig, Profile
+from sie_router.models.weights import WeightsQuery, resolve_weights
+
+log = logging.getLogger("sie.inference")
+
+FAMILIES = ("dense", "sparse", "multivector", "hybrid", "cross_encoder", "classifier", "ner", "gliner", "clip")
+# sentence-transformers modules the dense adapter runs; any other module changes the output, so it is not dense.
+DENSE_MODULES = ("Transformer", "Pooling", "Normalize")
+SPARSE_MODULES = ("MLMTransformer", "SpladePooling")
+HOW_TO_NAME = ("name the adapter with `--adapter FAMILY` after this `-m`, or in a bundle YAML (`profiles: {default: "
+               "{adapter: FAMILY}}`); families: " + ", ".join(FAMILIES))
+
+
+class CannotInfer(ValueError):
+    """The files fit no family, or fit one only partly."""
+
+
+class Inferred(NamedTuple):
+    family: str
+    tasks: dict[str, Any]
+    inputs: dict[str, bool]
+    reason: str
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _modules(folder: Path) -> list[dict[str, Any]]:
+    modules = _read(folder / "modules.json")
+    return [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
+
+
+def _module(modules: list[dict[str, Any]], *suffixes: str) -> dict[str, Any] | None:
+    return next((m for m in modules if str(m.get("type", "")).endswith(suffixes)), None)
+
+
+def tasks_of(family: str, folder: Path) -> tuple[dict[str, Any], dict[str, bool]]:
+    """(tasks, inputs) a family offers for the checkpoint in `folder`; widths are filled in where the files say."""
+    config = _read(folder / "config.json") or {}
+    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    if family == "dense":
+        return {"encode": {"dense": {"dim": hidden}}}, {}
+    if family == "sparse":
+        return {"encode": {"sparse": {"dim": vocab}}}, {}
+    if family == "multivector":
+        dense = _module(_modules(folder), "Dense")
+        width = ((_read(folder / str(dense.get("path", "")) / "config.json") or {}).get("out_features") if dense
+                 else (_read(folder / "artifact.metadata") or {}).get("dim"))
+        return {"encode": {"multivector": {"dim": width}}}, {}
+    if family == "hybrid":
+        return {"encode": {"dense": {"dim": hidden}, "sparse": {"dim": vocab}, "multivector": {}}}, {}
+    if family == "cross_encoder":
+        return {"score": {}}, {}
+    if family == "clip":
+        return {"encode": {"dense": {"dim": config.get("projection_dim") or 512}}}, {"text": True, "image": True}
+    return {"extract": {}}, {}
+
+
+def infer_family(folder: Path) -> Inferred:
+    """The family of the checkpoint in `folder`, and why; `CannotInfer` when the files do not say."""
+    family, reason = _family(folder)
+    tasks, inputs = tasks_of(family, folder)
+    return Inferred(family, tasks, inputs, reason)
+
+
+def _family(folder: Path) -> tuple[str, str]:
+    config = _read(folder / "config.json")
+    architectures = [str(a) for a in (config or {}).get("architectures") or []]
+    modules = _modules(folder)
+    if (folder / "gliner_config.json").is_file():
+        return "gliner", "gliner_config.json"
+    heads = [name for name in ("colbert_linear.pt", "sparse_linear.pt") if (folder / name).is_file()]
+    if len(heads) == 2:
+        return "hybrid", "BGE-M3 heads colbert_linear.pt and sparse_linear.pt"
+    if heads:
+        raise CannotInfer(f"found {heads[0]} without its BGE-M3 partner; a BGE-M3 checkpoint has both "
+                          "colbert_linear.pt and sparse_linear.pt")
+    if config is None:
+        raise CannotInfer("found no config.json")
+    if any(a.startswith("CLIP") for a in architectures) or config.get("model_type") == "clip":
+        return "clip", f"CLIP architecture {architectures or config.get('model_type')}"
+    if (folder / "artifact.metadata").is_file() or "HF_ColBERT" in architectures:
+        return "multivector", "colbert-ir layout (artifact.metadata / HF_ColBERT)"
+    if any("pylate" in str(m.get("type", "")) for m in modules):
+        return "multivector", "PyLate ColBERT modules in modules.json"
+    if _module(modules, "SpladePooling", "MLMTransformer"):
+        unknown = [str(m.get("type")) for m in modules if not str(m.get("type", "")).endswith(SPARSE_MODULES)]
+        if unknown:  # e.g. an inference-free SPLADE's Router and static embeddings: not the MLM formula
+            raise CannotInfer(f"found sentence-transformers sparse modules the sparse adapter does not run: {unknown}")
+        return "sparse", "sentence-transformers SparseEncoder modules (SpladePooling) in modules.json"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        labels = [str(v).lower() for v in (config.get("id2label") or {}).values()]
+        if any(label.startswith("entail") for label in labels):
+            return "classifier", "sequence classifier with an entailment label (NLI zero-shot)"
+        if (len(labels) or int(config.get("num_labels") or 2)) == 1:
+            return "cross_encoder", "sequence classifier with one label (cross-encoder)"
+        return "classifier", f"sequence classifier with labels {labels}"
+    if any(a.endswith("ForTokenClassification") for a in architectures):
+        return "ner", "token classifier"
+    if any(a.endswith("ForMaskedLM") for a in architectures) and not modules:
+        return "sparse", f"masked-LM head {architectures} without sentence-transformers modules (SPLADE)"
+    if modules:
+        unknown = [str(m.get("type")) for m in modules if not str(m.get("type", "")).endswith(DENSE_MODULES)]
+        if unknown:
+            raise CannotInfer(f"found sentence-transformers modules the dense adapter does not run: {unknown}")
+        if not _module(modules, "Pooling"):
+            raise CannotInfer("found sentence-transformers modules.json without a Pooling module")
+        return "dense", "sentence-transformers modules (Transformer, Pooling) in modules.json"
+    if architectures and all(a.endswith("Model") and not a.endswith("PreTrainedModel") for a in architectures):
+        return "dense", f"bare encoder {architectures} with no pooling config: mean pooling, as Infinity does"
+    raise CannotInfer(f"found config.json with architectures {architectures or 'none'} and no file that names a "
+                      "family")
+
+
+def infer_config(model: str, *, offline: bool, adapter: str | None = None) -> ModelConfig:
+    """A config for a folder or hub id outside the bundle, found offline first; `adapter` overrides the inference."""
+
+    folder, origin = resolve_weights(WeightsQuery(model_id=model), offline=offline)
+    if adapter:
+        family = ADAPTER_PATH_FAMILIES.get(adapter, adapter)
+        if family not in FAMILIES:
+            raise CannotInfer(f"model {model!r}: unknown adapter {adapter!r}; {HOW_TO_NAME}")
+        tasks, inputs = tasks_of(family, folder)
+        found = Inferred(family, tasks, inputs, f"--adapter {adapter}")
+    else:
+        try:
+            found = infer_family(folder)
+        except CannotInfer as exc:
+            raise CannotInfer(f"model {model!r} ({folder}): cannot tell its family: {exc}; {HOW_TO_NAME}") from None
+    log.info("%s: %s adapter, because of %s (weights from %s, %s)", model, found.family, found.reason, folder, origin)
+    max_len = (_read(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
+    return ModelConfig(sie_id=model, weights_path=str(folder), tasks=found.tasks, inputs=found.inputs,
+                       max_sequence_length=max_len if found.family == "dense" else None,
+                       profiles={"default": Profile(adapter=found.family, max_batch_tokens=16384)},
+                       source=f"inferred from {folder} ({origin}): {found.reason}")

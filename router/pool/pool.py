@@ -1,0 +1,363 @@
+"""WorkerPool (router process): which models are loaded, loading or failed, and getting each one a ready worker.
+
+`ensure` loads a model on demand (weights lookup, placement, then the supervisor's spawn); `evict` unloads one;
+idle models are evicted after their TTL. Each model's slot also holds its queue (`queue`) and its one pace model,
+which its queue learns and `run_batch` reads for the batch deadline. Processes, deadlines and the crash budget are
+the supervisor's (`supervisor.py`), memory and the recency of use are placement's (`placement.py`). States:
+available -> loading -> loaded -> (unloading ->) available, or failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from sie_router import metrics
+from sie_router.errors import LoadError, SIEError
+from sie_router.loops import Loop
+from sie_router.models.config import ModelConfig
+from sie_router.models.registry import Registry
+from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch
+from sie_router.pool.devices import Devices, gpu_worker_env
+from sie_router.pool.ipc import WorkerLost
+from sie_router.pool.ledger import MemoryLedger
+from sie_router.pool.pacing import BusyTimeFit, Pacer
+from sie_router.pool.placement import Placement
+from sie_router.pool.supervisor import Supervisor, Worker
+from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
+from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
+
+__all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
+
+log = logging.getLogger("sie.pool")
+
+IDLE_CHECK_S = 1.0
+MAX_COOLDOWN_FACTOR = 16  # a transient load failure that repeats waits twice as long each time, up to this factor
+
+
+class ModelState(StrEnum):
+    """A model's load state, as `/v1/models` shows it."""
+
+    AVAILABLE = "available"
+    LOADING = "loading"
+    LOADED = "loaded"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass
+class Slot:
+    """A model as the pool sees it: its config, its worker if any, its load state, its queue and its pace."""
+
+    key: str
+    config: ModelConfig
+    state: ModelState = ModelState.AVAILABLE
+    worker: Worker | None = None
+    loading: asyncio.Task[Worker] | None = None
+    load_error: LoadError | None = None
+    load_started: float = 0.0
+    failed_at: float = 0.0
+    batcher: Batcher | None = None
+    # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
+    pace: BusyTimeFit = field(default_factory=BusyTimeFit)
+
+    @property
+    def queued(self) -> int:
+        return self.batcher.queued_items if self.batcher else 0
+
+    @property
+    def last_error(self) -> dict[str, Any] | None:
+        return self.load_error.summary() if self.load_error else None
+
+
+class WorkerPool:
+    def __init__(self, settings: Settings, registry: Registry, devices: Devices) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.placement = Placement(settings, devices)
+        self.supervisor = Supervisor(settings, on_exit=self._on_exit)
+        self.slots = {cfg.sie_id: Slot(key=cfg.sie_id, config=cfg) for cfg in registry.configs.values()}
+        self.accepting = True
+        self.started_at = time.time()
+        self._loops: list[Loop] = []
+
+    @property
+    def devices(self) -> Devices:
+        return self.placement.devices
+
+    @property
+    def ledger(self) -> MemoryLedger:
+        return self.placement.ledger
+
+    async def start(self) -> None:
+        self.supervisor.start()
+        if self.settings.idle_ttl_s > 0:
+            self._loops.append(Loop(self._evict_idle, "sie-idle-ttl", "idle eviction"))
+        for loop in self._loops:
+            loop.start()
+
+    def slot(self, model: str) -> Slot:
+        config, _ = self.registry.lookup(model)
+        return self.slots[config.sie_id]
+
+    def busy(self, key: str) -> bool:
+        slot = self.slots[key]
+        return slot.queued > 0 or (slot.worker is not None and self.supervisor.busy(slot.worker))
+
+    def queue(self, key: str, run: RunBatch) -> Batcher:
+        """The model's queue, made on first use: `run(batch_key, items)` sends one batch to its worker."""
+        slot = self.slots[key]
+        if slot.batcher is None:
+            limits = BatchLimits(max_items=self.settings.max_batch_items,
+                                 max_tokens=slot.config.profiles["default"].max_batch_tokens or 16384,
+                                 max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
+            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace))
+            slot.batcher.start()
+        return slot.batcher
+
+    def queued_items(self) -> int:
+        """Items queued across every model."""
+        return sum(slot.queued for slot in self.slots.values())
+
+    def pinned(self, key: str) -> bool:
+        return key in self.settings.pinned
+
+    # -- loading ----------------------------------------------------------------------------------------------------
+
+    async def ensure(self, model: str, wait_s: float | None, *, evict: bool = True) -> Worker:
+        """The model's ready worker; starts a load if needed. With `wait_s` None, a cold model raises at once.
+
+        With `evict` False the load fails with RESOURCE_EXHAUSTED rather than evicting other models.
+        """
+        slot = self.slot(model)
+        if slot.worker is not None and slot.worker.info is not None:
+            return slot.worker
+        if not self.accepting:
+            raise SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        self._check_failed(slot)
+        if slot.loading is None:
+            slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
+        if wait_s is None or wait_s <= 0:
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is loading; retry shortly")
+        try:
+            return await asyncio.wait_for(asyncio.shield(slot.loading), wait_s)
+        except TimeoutError:
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is still loading after {wait_s:g}s") from None
+
+    def ready_worker(self, key: str) -> Worker:
+        """The model's ready worker, for a batch of a job that `ensure`d it; MODEL_LOADING (retryable) when the
+        worker has gone since: the next request's `ensure` starts another."""
+        worker = self.slots[key].worker
+        if worker is None or worker.info is None:
+            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{key}' is restarting; retry shortly")
+        return worker
+
+    def _check_failed(self, slot: Slot) -> None:
+        """Terminal answers (502, no Retry-After): a spent crash budget, a permanent load failure, or a transient
+        one within its cooldown. After the cooldown the next request tries again, with no operator."""
+        self.supervisor.check_crash_budget(slot.key)
+        error = slot.load_error
+        if slot.state != ModelState.FAILED or error is None or slot.loading is not None:
+            return
+        if error.permanent or time.monotonic() - slot.failed_at < self.cooldown(error):
+            raise error.again(error.attempts)
+
+    def cooldown(self, error: LoadError) -> float:
+        return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
+
+    async def _load(self, slot: Slot, evict: bool) -> Worker:
+        slot.state, slot.load_started = ModelState.LOADING, time.monotonic()
+        try:
+            worker = await self._start_worker(slot, evict)
+        except LoadError as exc:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+            slot.state, slot.failed_at = ModelState.FAILED, time.monotonic()
+            slot.load_error = exc.again((slot.load_error.attempts if slot.load_error else 0) + 1)
+            self.placement.release(slot.key)
+            raise slot.load_error from None
+        except SIEError:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+            slot.state = ModelState.AVAILABLE  # no room right now (RESOURCE_EXHAUSTED): retryable, nothing held
+            raise
+        finally:
+            slot.loading = None
+        slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
+        slot.pace.reset()  # a new process learns its own pace; until then its batches get the full deadline
+        info = worker.info
+        assert info is not None
+        if info.device != worker.device:  # --device auto, and the worker's torch had no CUDA: it runs on the CPU
+            self.placement.move(slot.key, info.device)
+            worker.device = info.device
+        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
+        await self._fit(slot, worker.device, evict)
+        metrics.MODEL_LOADS.labels(slot.key, "success").inc()
+        metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
+        log.info("model %s ready on %s in %.1fs (pid %d, %.0f MiB)", slot.key, worker.device,
+                 time.monotonic() - slot.load_started, info.pid, measured / 2**20)
+        return worker
+
+    async def _fit(self, slot: Slot, device: str, evict: bool) -> None:
+        """The estimate was low: evict LRU idle models until the measured figures fit the budget again, or, when
+        none can go and the overrun is beyond the tolerance, stop this worker and fail the load (retryable)."""
+        try:
+            victims = self.placement.fit(slot.key, device, lambda k: evict and self._evictable(k))
+        except SIEError:
+            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+            await self.evict(slot.key, reason="memory")
+            raise
+        for victim in victims:
+            await self.evict(victim, reason="memory")
+
+    def remeasure(self) -> None:
+        """Raise each loaded model's reservation to what its worker holds now (see `Placement.remeasure`)."""
+        self.placement.remeasure((key, s.worker.info.pid, s.worker.device, s.worker.info.memory_bytes,
+                                  s.worker.info.context_bytes) for key, s in self.slots.items()
+                                 if s.state == ModelState.LOADED and s.worker is not None and s.worker.info is not None)
+
+    async def _reserve(self, slot: Slot, nbytes: int, evict: bool) -> str:
+        """Reserve `nbytes` on the device with the most free budget, evicting LRU idle models if needed."""
+        self.remeasure()
+        device, victims = self.placement.plan(slot.key, nbytes, lambda k: evict and self._evictable(k))
+        for victim in victims:
+            await self.evict(victim, reason="memory")
+        self.placement.reserve(slot.key, device, nbytes)
+        return device
+
+    def _evictable(self, key: str) -> bool:
+        slot = self.slots[key]
+        return slot.state == ModelState.LOADED and not self.pinned(key) and not self.busy(key)
+
+    async def _start_worker(self, slot: Slot, evict: bool) -> Worker:
+        cfg = slot.config
+        query = WeightsQuery(model_id=cfg.sie_id, hf_id=cfg.hf_id, weights_path=cfg.weights_path,
+                             package_dir=cfg.package_dir, revision=cfg.hf_revision)
+        try:
+            folder, origin = (("", "none") if cfg.package_backed else
+                              await asyncio.to_thread(resolve_weights, query, offline=self.settings.hf_offline))
+        except WeightsNotFound as exc:
+            log.error("cannot load %s: %s", cfg.sie_id, exc)
+            retry = exc.transient or exc.unreachable
+            raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
+        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
+        spec = self._spec(cfg, str(folder), device)
+        log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
+                 origin, device)
+        return await self.supervisor.spawn(spec, slot.key)
+
+    def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
+        profile = cfg.profiles["default"]
+        client = self.supervisor.client
+        # One GPU (or MIG slice) per worker, named by UUID: the child sees only its own, as cuda:0.
+        visible = self.devices.cuda_visible(device)
+        return WorkerSpec(
+            worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
+            to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
+            device=device,
+            compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
+            max_sequence_length=cfg.max_sequence_length,
+            loadtime={"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
+                      "max_image_pixels": self.settings.max_image_pixels,
+                      "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
+            runtime=profile.adapter_options.runtime,
+            threads=self.settings.worker_threads or (os.cpu_count() or 1),
+            env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
+                 "CUDA_VISIBLE_DEVICES": visible},
+            cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
+            max_batch_tokens=profile.max_batch_tokens or 16384)
+
+    def _on_exit(self, worker: Worker, code: int | None) -> None:
+        """A worker exited (crashed, was killed as hung, or was stopped): the next request starts a new one."""
+        slot = self.slots.get(worker.key)
+        if slot is None or slot.worker is not worker:
+            return
+        slot.worker, slot.state = None, ModelState.AVAILABLE
+        self.placement.release(slot.key)
+
+    # -- batches ----------------------------------------------------------------------------------------------------
+
+    async def run_batch(self, worker: Worker, make: Callable[[int], Message], items: int, cost: int) -> BatchDone:
+        """Send `make(batch_id)` to the worker and wait, under the deadline of a batch of this cost, for its result."""
+        self.placement.touch(worker.key)
+        try:
+            reply = await self.supervisor.call(worker, make, self.slots[worker.key].pace, cost)
+        except WorkerLost as exc:
+            raise SIEError(ErrorCode.MODEL_LOADING,
+                           f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
+        worker.batches_served += 1
+        worker.items_served += items
+        if isinstance(reply, BatchFailed):
+            code = reply.code if reply.code != ErrorCode.MODEL_LOAD_FAILED else ErrorCode.INFERENCE_ERROR
+            raise SIEError(code, reply.message)
+        self._observe(worker.key, reply)
+        return reply
+
+    @staticmethod
+    def _observe(key: str, reply: BatchDone) -> None:
+        kind = type(reply.result).__name__.removesuffix("Result").lower()
+        for phase, ms in (("tokenize", reply.timing.tokenize_ms), ("inference", reply.timing.inference_ms),
+                          ("postprocess", reply.timing.postprocess_ms)):
+            metrics.REQUEST_DURATION.labels(key, kind, phase).observe(ms / 1000.0)
+        metrics.TOKENS.labels(key).inc(sum(reply.result.token_counts))
+
+    # -- eviction and stopping --------------------------------------------------------------------------------------
+
+    async def evict(self, key: str, reason: str) -> bool:
+        """Stop a model's worker: queued requests fail retryably, in-flight batches finish within the deadline.
+        An operator's eviction also forgets the model's crashes and failed load, so the next request loads it."""
+        slot = self.slots[key]
+        self.supervisor.forget_crashes(key)
+        if slot.state == ModelState.FAILED:
+            slot.state, slot.load_error = ModelState.AVAILABLE, None
+        worker = slot.worker
+        if worker is None:
+            return False
+        log.info("evicting %s (%s)", key, reason)
+        metrics.EVICTIONS.labels(key, reason).inc()
+        slot.state, worker.stopping = ModelState.UNLOADING, True
+        if slot.batcher is not None:
+            slot.batcher.fail_queued(SIEError(ErrorCode.MODEL_LOADING,
+                                              f"model '{key}' was evicted; retry to reload it"))
+        deadline = time.monotonic() + self.settings.shutdown_deadline_s
+        while self.supervisor.busy(worker) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await self.supervisor.stop([worker], deadline - time.monotonic())
+        if slot.worker is worker:  # the sentinel callback normally clears it first
+            slot.worker, slot.state = None, ModelState.AVAILABLE
+            self.placement.release(key)
+        return True
+
+    async def _evict_idle(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_S)
+            now = time.monotonic()
+            for slot in list(self.slots.values()):
+                try:
+                    used = self.placement.last_used(slot.key)
+                    if (slot.worker is not None and used is not None and self._evictable(slot.key)
+                            and now - used > self.settings.idle_ttl_s):
+                        await self.evict(slot.key, reason="idle")
+                except Exception as exc:
+                    exc.add_note(f"while checking whether model '{slot.key}' is idle")  # the log names the model
+                    raise
+
+    async def shutdown(self) -> None:
+        """Close the queues (what is queued fails with SHUTTING_DOWN), stop admitting, let in-flight batches finish
+        within the deadline, then stop every worker."""
+        await asyncio.gather(*(slot.batcher.close() for slot in self.slots.values() if slot.batcher is not None))
+        self.accepting = False
+        deadline = time.monotonic() + self.settings.shutdown_deadline_s
+        while self.supervisor.calls_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for loop in self._loops:
+            await loop.stop()
+        await self.supervisor.stop(list(self.supervisor.workers.values()), deadline - time.monotonic())
+        await self.supervisor.close()

@@ -1,0 +1,244 @@
+"""The worker supervisor (router process): spawn, handshake, sentinel, hang kill, crash budget and stop.
+
+Workers start as `python -m sie_worker` with their spec on stdin, so the router imports only the protocol from the
+worker package. A worker is found dead by its process sentinel (a pidfd) and hung by a batch deadline: the deadline
+is many times the model's fitted busy time for a batch of that cost (its pace, which the model's queue learns), at
+least a floor, at most `batch_timeout_s` (unless a healthy batch that costly takes longer than a third of it). A
+hung worker is SIGKILLed and then handled exactly like one that crashed: its calls fail retryably and the exit
+counts against the model's crash budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from sie_router import metrics
+from sie_router.errors import LoadError
+from sie_router.pool.ipc import Reply, WorkerClient, WorkerLost
+from sie_router.pool.pacing import BusyTimeFit
+from sie_router.settings import Settings
+from sie_worker.protocol import (
+    LoadErrorClass,
+    LoadFailed,
+    Message,
+    Ready,
+    Shutdown,
+    WorkerSpec,
+)
+
+log = logging.getLogger("sie.supervisor")
+
+# A batch may take this many times the worker's fitted busy time for its size before the worker counts as hung.
+HUNG_FACTOR = 20.0
+# ... and never less than this many times, whatever the cap: a cap below a healthy batch's time would kill healthy
+# workers until the crash budget takes the model down, which is worse than finding a hang late.
+MIN_FACTOR = 3.0
+
+
+class WorkerProcess:
+    """A worker's OS process and a pidfd that becomes readable when it exits (the sentinel)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        try:
+            self.sentinel = os.pidfd_open(popen.pid)
+        except OSError:
+            popen.kill()  # unwatchable: never leave it running
+            popen.wait()
+            raise
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def terminate(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.popen.kill()
+
+    def join(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.sentinel)
+
+
+def spawn_worker(spec: WorkerSpec) -> WorkerProcess:
+    """Start `python -m sie_worker`; the spec travels as msgpack on stdin (it never shows in `ps`)."""
+    popen = subprocess.Popen([sys.executable, "-m", "sie_worker"], stdin=subprocess.PIPE)
+    assert popen.stdin is not None
+    popen.stdin.write(msgspec.msgpack.encode(spec))
+    popen.stdin.close()
+    return WorkerProcess(popen)
+
+
+def stop_processes(processes: list[WorkerProcess], deadline_s: float) -> None:
+    """SIGTERM every live process, join them all to one shared deadline, then SIGKILL the rest."""
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    deadline = time.monotonic() + deadline_s
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(5)
+
+
+@dataclass
+class Worker:
+    """One worker process and what the router knows about it."""
+
+    worker_id: str
+    key: str
+    process: WorkerProcess
+    device: str
+    info: Ready | None = None
+    started_at: float = field(default_factory=time.time)
+    batches_served: int = 0
+    items_served: int = 0
+    stopping: bool = False  # evicted or shut down: its exit is not a crash
+
+
+def batch_deadline(pace: BusyTimeFit, cost: int, floor_s: float, cap_s: float) -> float:
+    """Seconds a batch of this cost may take: HUNG_FACTOR times its expected busy time, at least `floor_s`, at most
+    `cap_s` unless that is under MIN_FACTOR times the expected time; `cap_s` while the worker's pace is unknown."""
+    expected = pace.predict(cost)
+    if expected is None:
+        return cap_s
+    return max(MIN_FACTOR * expected, min(cap_s, max(floor_s, HUNG_FACTOR * expected)))
+
+
+class Supervisor:
+    """Owns every worker process. `on_exit(worker, exitcode)` is told when one exits, after its calls failed."""
+
+    def __init__(self, settings: Settings, on_exit: Callable[[Worker, int | None], None]) -> None:
+        self.settings = settings
+        self.on_exit = on_exit
+        self.client = WorkerClient(on_broken=self._kill_broken)
+        self.workers: dict[str, Worker] = {}
+        self.crashes: defaultdict[str, deque[float]] = defaultdict(deque)
+
+    def start(self) -> None:
+        self.client.start()
+
+    # -- starting ---------------------------------------------------------------------------------------------------
+
+    async def spawn(self, spec: WorkerSpec, key: str) -> Worker:
+        """Start a worker and wait for its `Ready`; raises `LoadError` if it fails, dies or times out first."""
+        try:
+            process = spawn_worker(spec)
+        except OSError as exc:  # EMFILE, ENOMEM, EAGAIN: the system refuses for now; a later try may succeed
+            raise LoadError(LoadErrorClass.STORAGE, f"cannot start a worker for '{key}': {exc}") from None
+        handshake = self.client.expect(spec.worker_id)
+        worker = Worker(worker_id=spec.worker_id, key=key, process=process, device=spec.device)
+        self.workers[worker.worker_id] = worker
+        asyncio.get_running_loop().add_reader(worker.process.sentinel, self._on_sentinel, worker)
+        try:
+            message = await asyncio.wait_for(handshake, self.settings.load_timeout_s)
+        except TimeoutError:
+            worker.stopping = True
+            await asyncio.to_thread(stop_processes, [worker.process], 5.0)
+            raise LoadError(LoadErrorClass.TIMEOUT, f"model '{key}' did not load within "
+                            f"{self.settings.load_timeout_s:g}s") from None
+        except WorkerLost as exc:
+            raise LoadError(LoadErrorClass.ENGINE, f"model '{key}' failed to load: {exc}") from None
+        if isinstance(message, LoadFailed):
+            worker.stopping = True  # it exits by itself after saying so; that is no crash
+            raise LoadError(message.error_class, f"model '{key}' failed to load: {message.message}")
+        worker.info = message
+        return worker
+
+    # -- calls ------------------------------------------------------------------------------------------------------
+
+    async def call(self, worker: Worker, make: Callable[[int], Message], pace: BusyTimeFit, cost: int) -> Reply:
+        """Run one batch on the worker; raises `WorkerLost` when the worker dies or hangs. The deadline comes from the
+        model's pace (`pace`, learned by its batcher from the worker's own timing) for a batch of this cost."""
+        deadline = batch_deadline(pace, cost, self.settings.batch_timeout_floor_s, self.settings.batch_timeout_s)
+        return await self.client.call(worker.worker_id, make, deadline)
+
+    def busy(self, worker: Worker) -> bool:
+        return self.client.busy(worker.worker_id)
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Batches sent to any worker and not yet answered."""
+        return self.client.calls_in_flight
+
+    # -- exits, hangs and the crash budget --------------------------------------------------------------------------
+
+    def _kill_broken(self, worker_id: str, why: str) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            return
+        log.error("killing the worker for %s (pid %d): it %s", worker.key, worker.process.pid, why)
+        metrics.WORKER_HANGS.labels(worker.key).inc()
+        worker.process.kill()  # SIGKILL: a hung process may never act on SIGTERM; the sentinel does the rest
+
+    def _on_sentinel(self, worker: Worker) -> None:
+        """The worker exited: fail what it held, count the crash unless it was told to stop, tell the pool."""
+        asyncio.get_running_loop().remove_reader(worker.process.sentinel)
+        worker.process.join(1.0)
+        worker.process.close()
+        code = worker.process.exitcode
+        self.workers.pop(worker.worker_id, None)
+        self.client.forget(worker.worker_id, WorkerLost(f"the worker for '{worker.key}' stopped (exit status {code})"))
+        # An exit while loading is that load's failure (`spawn` raises it); a crash is the exit of a ready worker.
+        if not worker.stopping and worker.info is not None:
+            self.crashes[worker.key].append(time.monotonic())
+            metrics.WORKER_RESTARTS.labels(worker.key).inc()
+            log.warning("worker for %s (pid %s) exited with status %s (%d recent crashes)", worker.key,
+                        worker.process.pid, code, self.recent_crashes(worker.key))
+        self.on_exit(worker, code)
+
+    def recent_crashes(self, key: str) -> int:
+        crashes, now = self.crashes[key], time.monotonic()
+        while crashes and now - crashes[0] > self.settings.crash_window_s:
+            crashes.popleft()
+        return len(crashes)
+
+    def forget_crashes(self, key: str) -> None:
+        """An operator's eviction: the model starts with its whole crash budget again."""
+        self.crashes.pop(key, None)
+
+    def check_crash_budget(self, key: str) -> None:
+        """Raise once the model spent its crash budget (a hang counts as a crash), until the window forgets."""
+        count = self.recent_crashes(key)
+        if count >= self.settings.crash_budget:
+            raise LoadError(LoadErrorClass.ENGINE, f"model '{key}' crashed {count} times in "
+                            f"{self.settings.crash_window_s:g}s; evict it (sie-admin workers evict) to retry now",
+                            attempts=count)
+
+    # -- stopping ---------------------------------------------------------------------------------------------------
+
+    async def stop(self, workers: list[Worker], deadline_s: float) -> None:
+        """Ask the workers to stop, then SIGTERM and SIGKILL whatever is left at the deadline."""
+        for worker in workers:
+            worker.stopping = True
+            with contextlib.suppress(WorkerLost, TimeoutError):  # a hung worker may not take it: SIGTERM follows
+                await asyncio.wait_for(self.client.send(worker.worker_id, Shutdown()), 1.0)
+        await asyncio.to_thread(stop_processes, [w.process for w in workers], max(1.0, deadline_s))
+
+    async def close(self) -> None:
+        await self.client.close()

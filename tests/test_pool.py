@@ -1,0 +1,172 @@
+"""The worker pool without worker processes: slots and the worker client driven by the test, for what needs no real
+worker (its loops, its queues and pace, the one clock of use, and a job's one `ensure`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sie_router.errors import SIEError
+from sie_router.models.registry import build_registry
+from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, TokenizeJob
+from sie_router.pipeline.service import Service
+from sie_router.pool import pool as pool_module
+from sie_router.pool.devices import detect
+from sie_router.pool.pool import ModelState, WorkerPool
+from sie_router.pool.supervisor import Worker
+from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
+from sie_worker.protocol import (
+    BatchDone,
+    BatchTiming,
+    EncodeBatch,
+    EncodeResult,
+    InputItem,
+    Ready,
+    Tensor,
+    TokenizeBatch,
+    TokenizeResult,
+)
+
+MODEL = "test/fake-dense"
+
+
+class GoneProcess:
+    """A worker process that has already exited: stopping it is a no-op."""
+
+    pid = 0
+
+    def is_alive(self) -> bool:
+        return False
+
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
+    def join(self, timeout: float) -> None: ...
+
+
+@pytest.fixture
+async def pool(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[WorkerPool]:
+    monkeypatch.setattr(pool_module, "IDLE_CHECK_S", 0.01)
+    started = WorkerPool(Settings(bundle="test", idle_ttl_s=0.05), build_registry("test", (), (), offline=True),
+                         detect("cpu"))
+    await started.start()
+    yield started
+    await started.shutdown()
+
+
+def loaded(pool: WorkerPool, key: str) -> Worker:
+    """A slot that looks loaded, its worker last used long ago."""
+    worker = Worker(worker_id="w", key=key, process=GoneProcess(), device="cpu")  # type: ignore[arg-type]
+    pool.placement.reserve(key, "cpu", 1)
+    pool.ledger.recency[key] = time.monotonic() - 60
+    slot = pool.slots[key]
+    slot.state, slot.worker = ModelState.LOADED, worker
+    return worker
+
+
+async def test_the_idle_evictor_survives_an_exception_and_evicts_again(pool: WorkerPool,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    real, failures = pool._evictable, []
+
+    def flaky(key: str) -> bool:
+        if not failures:
+            failures.append(key)
+            raise RuntimeError("injected")
+        return real(key)
+
+    pool._evictable = flaky  # type: ignore[method-assign]
+    loaded(pool, MODEL)
+    async with asyncio.timeout(5):
+        while pool.slots[MODEL].worker is not None:  # evicted by the restarted loop
+            await asyncio.sleep(0.01)
+    assert failures and pool.slots[MODEL].state == ModelState.AVAILABLE
+    assert "idle eviction" in caplog.text and "injected" in caplog.text
+    assert f"model '{failures[0]}'" in caplog.text  # the exception names the model it was checking
+
+
+def ready(pool: WorkerPool, key: str) -> Worker:
+    """A loaded slot whose worker has said Ready."""
+    worker = loaded(pool, key)
+    worker.info = Ready(worker_id="w", model=key, device="cpu", memory_bytes=1, dims={"dense": 2}, capabilities=[])
+    return worker
+
+
+def answer_every_call(pool: WorkerPool, deadlines: list[float]) -> None:
+    """The worker client answers each batch with one dense row per item, 400 ms of the worker's time, and a tokenize
+    call with tokens and no timing."""
+
+    async def call(worker_id: str, make: Any, deadline_s: float) -> BatchDone:
+        deadlines.append(deadline_s)
+        message = make(7)
+        if isinstance(message, TokenizeBatch):  # no forward pass: no timing
+            return BatchDone(batch_id=7, result=TokenizeResult(token_counts=[1], texts=["x"]))
+        rows = len(message.items)
+        dense = Tensor.from_numpy(np.ones((rows, 2), dtype=np.float32))
+        return BatchDone(batch_id=7, result=EncodeResult(token_counts=[1] * rows, dense=dense),
+                         timing=BatchTiming(inference_ms=400.0))
+
+    pool.supervisor.client.call = call  # type: ignore[method-assign]
+
+
+def job(pool: WorkerPool, texts: list[str]) -> EncodeJob:
+    config, profile = pool.registry.lookup(MODEL)
+    return EncodeJob(Resolved(MODEL, config, profile), [InputItem(text=t) for t in texts],
+                     BatchKey("encode", output_types=("dense",)), wait_s=1.0)
+
+
+async def test_a_job_makes_sure_of_its_model_once_and_its_batches_use_that_worker(pool: WorkerPool) -> None:
+    worker, deadlines = ready(pool, MODEL), []
+    answer_every_call(pool, deadlines)
+    ensured = []
+    real_ensure = pool.ensure
+
+    async def counting_ensure(model: str, wait_s: float | None, *, evict: bool = True) -> Worker:
+        ensured.append(model)
+        return await real_ensure(model, wait_s, evict=evict)
+
+    pool.ensure = counting_ensure  # type: ignore[method-assign]
+    service = Service(pool.settings, pool)
+    encoded = await service.run(job(pool, ["a", "b"]))
+    assert ensured == [MODEL] and encoded.dense is not None and encoded.dense.shape == (2, 2)
+    assert worker.batches_served == 1
+    tokens = await service.run(TokenizeJob(job(pool, []).model, texts=["a"], wait_s=1.0))
+    assert ensured == [MODEL, MODEL] and tokens is not None  # a tokenize job too: once
+
+
+async def test_the_pool_owns_each_model_s_queue_and_its_one_pace(pool: WorkerPool) -> None:
+    ready(pool, MODEL)
+    deadlines: list[float] = []
+    answer_every_call(pool, deadlines)
+    service = Service(pool.settings, pool)
+    await service.run(job(pool, ["a"]))
+    slot = pool.slots[MODEL]
+    assert slot.batcher is not None and slot.batcher.pacer.fit is slot.pace  # the queue learns the pool's pace
+    assert pool.queue(MODEL, lambda key, items: None) is slot.batcher  # type: ignore[arg-type,return-value]
+    learned = slot.pace.predict(10)
+    assert learned is not None and learned > 0.1  # learned from the worker's 400 ms
+    assert deadlines[0] == pool.settings.batch_timeout_s  # the first batch: pace unknown, the full deadline
+    await service.run(TokenizeJob(job(pool, []).model, texts=["a"], wait_s=1.0))
+    assert slot.pace.predict(10) == learned  # a tokenize answer teaches nothing: it never goes through the queue
+    assert deadlines[-1] == pool.settings.batch_timeout_floor_s  # ...and is timed from the pace the queue learned
+    assert pool.queued_items() == 0
+
+
+async def test_one_clock_of_use_and_a_batch_after_the_worker_went_is_retryable(pool: WorkerPool) -> None:
+    worker = ready(pool, MODEL)
+    answer_every_call(pool, [])
+    before = pool.placement.last_used(MODEL)
+    assert before is not None
+    await pool.run_batch(worker, lambda bid: EncodeBatch(batch_id=bid, items=[InputItem(text="x")],
+                                                         output_types=["dense"]), 1, 3)
+    used = pool.placement.last_used(MODEL)
+    assert used is not None and used > before  # the idle TTL, LRU eviction and the admin listing read this one
+    assert pool.ready_worker(MODEL) is worker
+    pool.slots[MODEL].worker = None  # the worker exited after its job made sure of it
+    with pytest.raises(SIEError) as gone:
+        pool.ready_worker(MODEL)
+    assert gone.value.code is ErrorCode.MODEL_LOADING
