@@ -16,6 +16,7 @@ import torch
 from sie_sdk.scoring import maxsim
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
 from sie_worker.adapters.multivector import checkpoint_defaults
+from sie_worker.st_layout import read_layout
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items
 from tests.references import colbert as reference
 from tests.sentences import SENTENCES
@@ -121,9 +122,9 @@ def test_checkpoint_configs_set_expansion_attention_and_skiplist(tmp_path: Path)
     pylate.mkdir(), stanford.mkdir()
     (pylate / "config_sentence_transformers.json").write_text(json.dumps(
         {"do_query_expansion": False, "attend_to_expansion_tokens": True, "skiplist_words": ["!"]}))
-    assert checkpoint_defaults(pylate) == {"query_expansion": False, "attend_to_expansion_tokens": True,
+    assert checkpoint_defaults(read_layout(pylate)) == {"query_expansion": False, "attend_to_expansion_tokens": True,
                                            "skiplist_words": ["!"]}
     (stanford / "artifact.metadata").write_text(json.dumps({"attend_to_mask_tokens": True,
                                                             "mask_punctuation": False}))
-    assert checkpoint_defaults(stanford) == {"query_prefix": "[unused0] ", "doc_prefix": "[unused1] ",
+    assert checkpoint_defaults(read_layout(stanford)) == {"query_prefix": "[unused0] ", "doc_prefix": "[unused1] ",
                                              "attend_to_expansion_tokens": True, "skiplist_words": []}
