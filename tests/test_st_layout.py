@@ -15,7 +15,7 @@ import pytest
 from sie_worker.adapters.base import BadModelConfig
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.st_config import dense_settings
-from sie_worker.protocol import WorkerSpec
+from sie_worker.protocol import DenseOptions, WorkerSpec
 from sie_worker.st_layout import read_layout
 from tests import tiny_models as tiny
 from tests.adapters.conftest import encode
@@ -36,9 +36,9 @@ def modules(*entries: tuple[str, str]) -> list[dict[str, Any]]:
     return [{"idx": i, "name": str(i), "path": path, "type": kind} for i, (path, kind) in enumerate(entries)]
 
 
-def spec(folder: Path, **loadtime: Any) -> WorkerSpec:
+def spec(folder: Path, **options: Any) -> WorkerSpec:
     return WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir=str(folder), to_worker_endpoint="",
-                      from_worker_endpoint="", loadtime=loadtime)
+                      from_worker_endpoint="", options=DenseOptions(**options))
 
 
 def test_the_classic_layout(tmp_path: Path) -> None:

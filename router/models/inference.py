@@ -139,5 +139,5 @@ def infer_config(model: str, *, offline: bool, adapter: str | None = None) -> Mo
     max_len = read_layout(folder).max_seq_length
     return ModelConfig(sie_id=model, weights_path=str(folder), tasks=found.tasks, inputs=found.inputs,
                        max_sequence_length=max_len if found.family == "dense" else None,
-                       profiles={"default": Profile(adapter=found.family, max_batch_tokens=16384)},
+                       profiles={"default": Profile(adapter=found.family)},
                        source=f"inferred from {folder} ({origin}): {found.reason}")

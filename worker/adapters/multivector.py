@@ -35,7 +35,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, MultivectorOptions, Tensor, WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
 
 _ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": torch.tanh}
@@ -195,16 +195,23 @@ class MultivectorAdapter:
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
         self.layout = read_layout(self.weights_dir)
-        options = {**checkpoint_defaults(self.layout), **spec.loadtime}
-        self.query_prefix = str(options.get("query_prefix", "[Q] "))
-        self.doc_prefix = str(options.get("doc_prefix", "[D] "))
-        self.query_max_length = int(options.get("query_max_length", 32))
-        self.max_length: int | None = spec.max_sequence_length or options.get("doc_max_length")
-        self.normalize = bool(options.get("normalize", True))
-        self.token_dim = options.get("token_dim")
-        self.query_expansion = bool(options.get("query_expansion", True))
-        self.attend_to_expansion = bool(options.get("attend_to_expansion_tokens", False))
-        self.skiplist_words = [str(w) for w in options.get("skiplist_words", list(string.punctuation))]
+        options = spec.options_as(MultivectorOptions)
+        declared = checkpoint_defaults(self.layout)
+
+        def chosen(name: str, fallback: Any) -> Any:
+            """The profile's option, else the checkpoint's, else the adapter's fallback."""
+            value = getattr(options, name)
+            return value if value is not None else declared.get(name, fallback)
+
+        self.query_prefix = str(chosen("query_prefix", "[Q] "))
+        self.doc_prefix = str(chosen("doc_prefix", "[D] "))
+        self.query_max_length = int(chosen("query_max_length", 32))
+        self.max_length: int | None = spec.max_sequence_length or chosen("doc_max_length", None)
+        self.normalize = options.normalize
+        self.token_dim = options.token_dim
+        self.query_expansion = bool(chosen("query_expansion", True))
+        self.attend_to_expansion = bool(chosen("attend_to_expansion_tokens", False))
+        self.skiplist_words = [str(w) for w in chosen("skiplist_words", list(string.punctuation))]
 
     def load(self) -> LoadInfo:
         encoder = self.layout.encoder_folder

@@ -22,7 +22,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, Tensor, WorkerSpec
 from sie_worker.st_layout import read_layout
 
 # Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
@@ -68,9 +68,10 @@ class SparseAdapter:
         layout = read_layout(self.weights_dir)
         self.max_length: int | None = spec.max_sequence_length or layout.max_seq_length
         splade = layout.module("SpladePooling")
-        pooling = {} if splade is None else splade.config  # a bare MLM folder has none
-        self.strategy = str(spec.loadtime.get("pooling_strategy", pooling.get("pooling_strategy", "max")))
-        self.activation = str(spec.loadtime.get("activation_function", pooling.get("activation_function", "relu")))
+        declared = {} if splade is None else splade.config  # a bare MLM folder has none
+        options = spec.options_as(SparseOptions)
+        self.strategy = str(options.pooling_strategy or declared.get("pooling_strategy") or "max")
+        self.activation = str(options.activation_function or declared.get("activation_function") or "relu")
         if self.strategy not in ("max", "sum") or self.activation not in ("relu", "log1p_relu"):
             raise ValueError(f"unsupported SPLADE pooling {self.strategy!r} / activation {self.activation!r}")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sie_worker.adapters.base import BadModelConfig
-from sie_worker.protocol import WorkerSpec
+from sie_worker.protocol import DenseOptions, WorkerSpec
 from sie_worker.st_layout import read_layout
 
 # sentence-transformers' pooling modes that the dense engines compute, under our names.
@@ -40,8 +40,7 @@ def dense_settings(spec: WorkerSpec) -> DenseSettings:
     """The model config's options over the checkpoint's sentence-transformers files over the defaults (mean pooling,
     no normalisation), as every dense engine resolves them."""
     layout = read_layout(Path(spec.weights_dir))
-    pooling = spec.loadtime.get("pooling") or spec.runtime.get("pooling")
-    normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
+    options = spec.options_as(DenseOptions)
     return DenseSettings(max_length=spec.max_sequence_length or layout.max_seq_length,
-                         pooling=str(pooling or checkpoint_pooling(layout.pooling) or "mean"),
-                         normalize=layout.normalize if normalize is None else bool(normalize))
+                         pooling=options.pooling or checkpoint_pooling(layout.pooling) or "mean",
+                         normalize=layout.normalize if options.normalize is None else options.normalize)
