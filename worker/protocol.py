@@ -188,6 +188,11 @@ class Shutdown(Message):
     """Finish the batch in hand, then exit 0."""
 
 
+# The engine a worker runs its model on: torch, or an exported graph under ONNX Runtime or OpenVINO ("fake": the test
+# adapter, which runs no model).
+RunEngine = Literal["torch", "onnx", "openvino", "fake"]
+
+
 class Ready(Message):
     """The model is loaded and the worker takes batches; sent once, first."""
 
@@ -197,6 +202,7 @@ class Ready(Message):
     memory_bytes: int
     dims: dict[str, int]
     capabilities: list[str]
+    engine: RunEngine
     max_sequence_length: int | None = None
     load_seconds: float = 0.0
     pid: int = 0

@@ -1,4 +1,4 @@
-"""Every family's `load()` runs its forward before `Ready`: at its configured budget on a GPU (or with loadtime
+"""Every family's `load()` runs its forward before `Ready`: at its configured budget on a GPU (or with the option
 `warm_up: budget`), so an out-of-memory shows at start rather than under traffic; small on the CPU, except dense.
 Observed from the model's own embedding (and patch) layers as load() calls them."""
 

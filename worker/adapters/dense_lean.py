@@ -124,7 +124,8 @@ class LeanDenseAdapter:
         if self.lanes is None:
             self.open()
         self.warm_up()
-        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length)
+        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length,
+                        engine="onnx" if self.runtime_kind == "onnxruntime" else "openvino")
 
     def default_lanes(self, threads: int) -> int:
         """ORT: one call per thread (a barrier per operator costs more than the lanes' split: bench/README.md,

@@ -65,7 +65,8 @@ class FakeAdapter:
         self._fail_transiently()
         # Written, not just allocated, so the pages are resident and show in RSS.
         self._ballast = b"\x01" * (self.options.memory_mb * 1024 * 1024)
-        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512)
+        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512,
+                        engine="fake")
 
     def _fail_transiently(self) -> None:
         counter, failures = self.options.fail_loads_file, self.options.fail_loads
