@@ -3,6 +3,7 @@
 Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `TokenizeBatch`, `DecodeBatch`,
 `Shutdown`).
 Worker to router: facts (`Ready`, `LoadFailed`, `BatchDone`, `BatchFailed`).
+Also the spawn argument `WorkerSpec`, with each family's adapter options (`DenseOptions` and the rest).
 This module imports only msgspec, numpy, the standard library and `sie_sdk.types`; arrays cross as `Tensor`, never
 pickle.
 """
