@@ -17,11 +17,12 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import msgspec
 
+from sie_worker.protocol import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Engine
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
 
 Device = Literal["auto", "cpu", "cuda"]
-Engine = Literal["auto", "torch", "onnx", "openvino"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
 
@@ -37,10 +38,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     device: Device = "auto"
     worker_threads: int = 0
-    # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` loadtime option wins.
+    # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` option wins.
     # auto: a worker without torch serving the exported graph under OpenVINO (bf16 where the CPU has it natively),
     # else ONNX Runtime; torch on GPUs and whenever the export or its check fails (worker/adapters/dense_lean.py).
-    engine: Engine = "auto"
+    engine: Engine = DEFAULT_ENGINE
     # Forward calls side by side (0: the runtime's default: ONNX Runtime one call per worker thread, OpenVINO one
     # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
     # throughput under load (bench/README.md, "lanes").
@@ -60,9 +61,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_bytes: int = 34 * 1024 * 1024
     max_item_bytes: int = 2 * 1024 * 1024
     max_items_per_request: int = 2048
-    # Images: the router refuses an image over max_image_bytes; workers that decode images refuse more pixels.
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    # Images: the router refuses an image over max_image_bytes; workers that decode images refuse more pixels (and
+    # bytes again); a model config's own `max_image_*` options win.
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     # How long OpenAI and Infinity routes hold a request while its model loads.
     load_wait_s: float = 120.0
     # A request still unanswered after this long gets 504 DEADLINE_EXCEEDED (0: no deadline); under the SDK's
@@ -219,14 +221,8 @@ def build_settings(values: dict[str, Any], sources: Mapping[str, str] | None = N
     sources = sources or {}
     values = _checked(values, sources)
     try:
-        settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
+        return msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         field = str(exc).rpartition("`$.")[2].rstrip("`").split(".")[0].split("[")[0]
         where = _source(field, sources) if field in Settings.__struct_fields__ else "a setting"
         raise ValueError(f"invalid setting {where}: {exc}") from None
-    # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
-    image_env = {f"SIE_{name.upper()}": str(values[name]) for name in ("max_image_pixels", "max_image_bytes")
-                 if name in values}
-    if not image_env:
-        return settings
-    return msgspec.structs.replace(settings, extra_env={**settings.extra_env, **image_env})

@@ -21,7 +21,7 @@ Fetch = Callable[[str, str], tuple[int, bytes]]
 
 WORKER_COLUMNS = ("MODEL", "STATE", "PID", "DEVICE", "MEMORY", "QUEUE", "SERVED", "LAST-USED", "UPTIME")
 DEVICE_COLUMNS = ("DEVICE", "USED", "TOTAL", "BUDGET", "RESERVED")
-MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "MEMORY")
+MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "ENGINE", "MEMORY")
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi")
 
 
@@ -149,7 +149,7 @@ def model_cells(row: dict[str, Any]) -> list[str]:
     dims = row.get("dims") or {}
     return [_text(row.get("name")), _text(row.get("family")), _text(row.get("state")),
             ",".join(row.get("outputs") or []) or "-", ",".join(f"{k}:{v}" for k, v in dims.items() if v) or "-",
-            _text(row.get("device")), human_bytes(row.get("memory_bytes"))]
+            _text(row.get("device")), _text(row.get("engine")), human_bytes(row.get("memory_bytes"))]
 
 
 def render_models(rows: list[dict[str, Any]], with_pod: bool) -> str:
@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     evict.add_argument("model", metavar="MODEL", help="model name as in /v1/models")
     models = command(commands, "models", help="list (ls) the models served").add_subparsers(
         dest="command", required=True)
-    models_list = command(models, "ls", help="table of the models served: family, state, outputs, device, memory")
+    models_list = command(models, "ls",
+                          help="table of the models served: family, state, outputs, device, engine, memory")
     models_list.add_argument("--json", action="store_true", help="print the same data as JSON")
     return parser
 

@@ -128,9 +128,10 @@ class Worker:
                                            error_class=load_error_class(exc), message=f"{type(exc).__name__}: {exc}"))
             return None
         seconds = time.monotonic() - started
-        log.info("loaded %s in %.2fs (dims %s)", self.spec.model, seconds, info.dims)
+        log.info("loaded %s in %.2fs on %s (dims %s)", self.spec.model, seconds, info.engine, info.dims)
         self.send_handshake(Ready(worker_id=self.spec.worker_id, model=self.spec.model, device=self.spec.device,
                         memory_bytes=adapter.memory_bytes(), dims=info.dims, capabilities=info.capabilities,
+                        engine=info.engine,
                         max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid(),
                         context_bytes=context_bytes))
         return adapter

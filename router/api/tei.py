@@ -296,7 +296,7 @@ async def info(call: Call, request: Request, body: bytes) -> Any:
             "model_dtype": precision, "served_model_name": model.name, "model_type": model_kind,
             "max_concurrent_requests": settings.max_queue_items,
             "max_input_length": card.max_seq_length or model.config.max_sequence_length or found or 512,
-            "max_batch_tokens": model.config.profiles[model.profile].max_batch_tokens or 16384,
+            "max_batch_tokens": model.config.max_batch_tokens(model.profile),
             "max_batch_requests": settings.max_batch_items, "max_client_batch_size": settings.max_client_batch_size,
             "auto_truncate": settings.auto_truncate, "tokenization_workers": 1, "version": TEI_VERSION,
             "sha": None, "docker_label": None}

@@ -29,6 +29,7 @@ from sie_router.errors import SIEError
 from sie_router.loops import Loop
 from sie_router.pool.pacing import BatchReport, Pacer
 from sie_sdk.codes import ErrorCode
+from sie_worker.protocol import MAX_BATCH_TOKENS
 
 log = logging.getLogger("sie.batcher")
 
@@ -58,7 +59,7 @@ RunBatch = Callable[[Any, list[Any]], Awaitable[BatchReport]]
 @dataclass
 class BatchLimits:
     max_items: int = 64
-    max_tokens: int = 16384
+    max_tokens: int = MAX_BATCH_TOKENS
     max_wait_ms: float = 2.0
     max_queue_items: int = 512
     in_flight: int = 2

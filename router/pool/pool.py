@@ -34,7 +34,7 @@ from sie_router.pool.placement import Placement
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
+from sie_worker.protocol import BatchDone, BatchFailed, FamilyOptions, LoadErrorClass, Message, WorkerSpec
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 
@@ -118,7 +118,7 @@ class WorkerPool:
         slot = self.slots[key]
         if slot.batcher is None:
             limits = BatchLimits(max_items=self.settings.max_batch_items,
-                                 max_tokens=slot.config.profiles["default"].max_batch_tokens or 16384,
+                                 max_tokens=slot.config.max_batch_tokens(),
                                  max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
             slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace))
             slot.batcher.start()
@@ -247,13 +247,14 @@ class WorkerPool:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
             retry = exc.transient or exc.unreachable
             raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
+        options = self._options(cfg)  # before the reservation: a refused setting fails here, holding nothing
         device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
-        spec = self._spec(cfg, str(folder), device)
+        spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
         return await self.supervisor.spawn(spec, slot.key)
 
-    def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
+    def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]
         client = self.supervisor.client
         # One GPU (or MIG slice) per worker, named by UUID: the child sees only its own, as cuda:0.
@@ -264,15 +265,23 @@ class WorkerPool:
             device=device,
             compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
             max_sequence_length=cfg.max_sequence_length,
-            loadtime={"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
-                      "max_image_pixels": self.settings.max_image_pixels,
-                      "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
-            runtime=profile.adapter_options.runtime,
+            options=options,
             threads=self.settings.worker_threads or (os.cpu_count() or 1),
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
-            max_batch_tokens=profile.max_batch_tokens or 16384)
+            max_batch_tokens=cfg.max_batch_tokens())
+
+    def _options(self, cfg: ModelConfig) -> FamilyOptions | None:
+        """The default profile's options, over the server's engine, lanes and image limits; None for a family
+        without options of its own (its worker then fails to load, naming the family)."""
+        server = {"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
+                  "max_image_pixels": self.settings.max_image_pixels, "max_image_bytes": self.settings.max_image_bytes}
+        try:
+            options = cfg.options(server=server)
+        except ValueError as exc:  # a server setting the family's Struct refuses
+            raise LoadError(LoadErrorClass.CONFIG, f"model '{cfg.sie_id}': {exc}") from None
+        return options if isinstance(options, FamilyOptions) else None
 
     def _on_exit(self, worker: Worker, code: int | None) -> None:
         """A worker exited (crashed, was killed as hung, or was stopped): the next request starts a new one."""

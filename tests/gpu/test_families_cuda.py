@@ -17,7 +17,7 @@ from PIL import Image
 
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
+from sie_worker.protocol import DenseOptions, EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
 from tests import tiny_extract_models, tiny_models
 from tests.sentences import SENTENCES
 
@@ -61,7 +61,7 @@ def load() -> Iterator[Callable[..., Adapter]]:
     def make(family: str, folder: Path, device: str, precision: str | None) -> Adapter:
         spec = WorkerSpec(worker_id="gpu", model=f"test/{family}", adapter=family, weights_dir=str(folder),
                           to_worker_endpoint="", from_worker_endpoint="", device=device, compute_precision=precision,
-                          loadtime={"engine": "torch"})
+                          options=DenseOptions(engine="torch") if family == "dense" else None)
         adapter = build_adapter(spec)
         adapter.load()
         opened.append(adapter)

@@ -21,7 +21,7 @@ from sie_worker.adapters.batching import (  # noqa: F401  (re-exported: the adap
     read_json,
     split_for_lanes,
 )
-from sie_worker.protocol import EncodeBatch, WorkerSpec
+from sie_worker.protocol import Common, EncodeBatch, WorkerSpec
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -100,12 +100,12 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
 
 def full_warm_up(spec: WorkerSpec, device: torch.device, on_cpu: bool = False) -> bool:
     """Whether load() runs a forward at the full budget: always on a GPU, where an out-of-memory must show at start;
-    on the CPU only where `on_cpu` (the family's default) or loadtime `warm_up: budget` says so, as the budget forward
-    of a large model takes minutes on a few cores (BGE-M3 at 2 x 8192 tokens) and host memory has no such cliff.
-    Loadtime `warm_up: small` skips it everywhere."""
-    setting = spec.loadtime.get("warm_up")
+    on the CPU only where `on_cpu` (the family's default) or the option `warm_up: budget` says so, as the budget
+    forward of a large model takes minutes on a few cores (BGE-M3 at 2 x 8192 tokens) and host memory has no such
+    cliff. The option `warm_up: small` skips it everywhere."""
+    setting = spec.options_as(Common).warm_up
     if setting is not None:
-        return str(setting) == "budget"
+        return setting == "budget"
     return device.type == "cuda" or on_cpu
 
 
