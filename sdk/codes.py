@@ -32,3 +32,9 @@ class ErrorCode(StrEnum):
     INFERENCE_ERROR = "INFERENCE_ERROR"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything the server did not foresee, a worker's unreadable reply included
+
+
+class ClientCode(StrEnum):
+    """Codes the SDK raises itself, about an answer it could not use; no server sends them."""
+
+    ENCODE_RESULT_COUNT_MISMATCH = "ENCODE_RESULT_COUNT_MISMATCH"  # fewer or more results than items sent

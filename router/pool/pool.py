@@ -256,12 +256,12 @@ class WorkerPool:
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]
-        client = self.supervisor.client
+        to_worker, from_worker = self.supervisor.worker_endpoints
         # One GPU (or MIG slice) per worker, named by UUID: the child sees only its own, as cuda:0.
         visible = self.devices.cuda_visible(device)
         return WorkerSpec(
             worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
-            to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
+            to_worker_endpoint=to_worker, from_worker_endpoint=from_worker,
             device=device,
             compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
             max_sequence_length=cfg.max_sequence_length,
