@@ -98,6 +98,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              probe=tei.is_probe, doc=Doc(_TEI_GET, "tei")),
     Endpoint("/docs", "GET", openapi.docs, access=Access.OPEN,
              doc=Doc("Interactive API documentation", "meta", answer="text/html")),
+    Endpoint("/docs/{asset}", "GET", openapi.docs_asset, name="docs_asset", access=Access.OPEN,
+             probe=lambda method, path: path.removeprefix("/docs/") in openapi.DOCS_ASSETS,  # open, as /docs
+             doc=Doc("Swagger UI's files, served by this server so that `/docs` needs no network", "meta",
+                     answer="application/octet-stream")),
 )
 ROUTES = [endpoint.route() for endpoint in ENDPOINTS]
 
