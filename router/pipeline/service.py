@@ -19,7 +19,9 @@ from sie_router.pipeline.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, J
 from sie_router.pool.batcher import Batcher, BatchLimits
 from sie_router.pool.pacing import BatchReport
 from sie_router.pool.pool import WorkerPool
+from sie_router.request_labels import note_inputs
 from sie_router.settings import Settings
+from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import (
     BatchDone,
@@ -49,14 +51,14 @@ def report(done: BatchDone, outputs: Any) -> BatchReport:
                        prepare_s=timing.tokenize_ms / 1000.0)
 
 
-def _message(batch_id: int, key: BatchKey, items: list[Any]) -> Message:
+def _message(batch_id: int, key: BatchKey, items: list[Any], trace: str | None = None) -> Message:
     options = thaw(key.options)
     if key.op == "encode":
         return EncodeBatch(batch_id=batch_id, items=items, output_types=list(key.output_types), is_query=key.is_query,
-                           options=options)
+                           options=options, trace=trace)
     if key.op == "score":
-        return ScoreBatch(batch_id=batch_id, pairs=items, options=options)
-    return ExtractBatch(batch_id=batch_id, items=items, labels=list(key.labels), options=options)
+        return ScoreBatch(batch_id=batch_id, pairs=items, options=options, trace=trace)
+    return ExtractBatch(batch_id=batch_id, items=items, labels=list(key.labels), options=options, trace=trace)
 
 
 def _outputs(done: BatchDone) -> Any:
@@ -70,9 +72,10 @@ def _outputs(done: BatchDone) -> Any:
 
 
 class Service:
-    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+    def __init__(self, settings: Settings, pool: WorkerPool, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.pool = pool
+        self.tracing = tracing  # None while tracing is off
         self.batchers: dict[str, Batcher] = {}
 
     def batcher(self, config: ModelConfig) -> Batcher:
@@ -81,7 +84,8 @@ class Service:
             limits = BatchLimits(max_items=self.settings.max_batch_items,
                                  max_tokens=config.profiles["default"].max_batch_tokens or 16384,
                                  max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
-            found = Batcher(config.sie_id, lambda key, items: self._run(config.sie_id, key, items), limits)
+            found = Batcher(config.sie_id, lambda key, items: self._run(config.sie_id, key, items), limits,
+                            tracing=self.tracing)
             found.start()
             self.batchers[config.sie_id] = found
             self.pool.slots[config.sie_id].batcher = found
@@ -96,7 +100,8 @@ class Service:
 
     async def _run(self, model_key: str, key: BatchKey, items: list[Any]) -> BatchReport:
         worker = await self.pool.ensure(model_key, wait_s=None)
-        done = await self.pool.run_batch(worker, lambda bid: _message(bid, key, items), len(items))
+        trace = self.tracing.traceparent() if self.tracing is not None else None  # the batch span's, when tracing
+        done = await self.pool.run_batch(worker, lambda bid: _message(bid, key, items, trace), len(items))
         return report(done, _outputs(done))
 
     async def _submit(self, config: ModelConfig, key: BatchKey, items: list[Any], costs: list[int]) -> Any:
@@ -107,6 +112,8 @@ class Service:
         """Run one job; the outputs of its items in order (`Encoded`, `Scored`, extractions or a tokenization)."""
         await self.pool.ensure(job.model.key, job.wait_s)
         config = job.model.config
+        note_inputs(len(job.documents) if isinstance(job, ScoreJob) else len(job.texts or job.ids)
+                    if isinstance(job, TokenizeJob) else len(job.items))
         match job:
             case EncodeJob():
                 items = list(job.items)

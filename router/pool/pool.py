@@ -246,7 +246,8 @@ class WorkerPool:
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
-            max_batch_tokens=profile.max_batch_tokens or 16384)
+            max_batch_tokens=profile.max_batch_tokens or 16384, log_format=self.settings.log_format,
+            otlp_endpoint=self.settings.otlp_endpoint, otlp_service_name=self.settings.otlp_service_name)
 
     def _on_exit(self, worker: Worker, code: int | None) -> None:
         """A worker exited (crashed, was killed as hung, or was stopped): the next request starts a new one."""
