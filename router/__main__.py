@@ -16,7 +16,8 @@ import uvicorn
 
 from sie_router import __version__
 from sie_router.app import build_app
-from sie_router.models.registry import Registry, build_registry
+from sie_router.models.registry import Origin, Registry, build_registry, runtime_config
+from sie_router.models.store import ModelStore
 from sie_router.models.weights import WeightsNotFound
 from sie_router.pool.devices import NoDevice
 from sie_router.settings import (
@@ -267,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # hub downloads log their progress themselves (router/models/hub.py)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     registry = startup_registry(settings)
+    register_stored(settings, registry)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")
     try:
@@ -311,6 +313,26 @@ def startup_registry(settings: Settings) -> Registry:
             log.error("cannot start: %s", exc)
             sys.exit(1)
     raise AssertionError("unreachable")
+
+
+def register_stored(settings: Settings, registry: Registry) -> None:
+    """The runtime models of `--model-store`, registered again (and loaded at start where they asked to be). One that
+    cannot be registered now is logged and skipped, and stays in the file; an unreadable file stops the start."""
+    try:
+        stored = ModelStore(settings.model_store).models.values()
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    for request in stored:
+        try:
+            config = runtime_config(registry, request, offline=settings.hf_offline)
+            registry.add(config, Origin.RUNTIME)
+        except (ValueError, WeightsNotFound) as exc:
+            log.error("the stored model %s is not served: %s", request.name, exc)
+            continue
+        if request.load:
+            registry.load_at_start.append(config.sie_id)
+        log.info("model %s registered from the model store %s", config.sie_id, settings.model_store)
 
 
 if __name__ == "__main__":

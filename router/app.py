@@ -23,12 +23,14 @@ from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
 from sie_router.api.state import AppState
 from sie_router.errors import Api, LoadError, SIEError, render_error
 from sie_router.middleware.auth import Auth
-from sie_router.middleware.forward import Forward
+from sie_router.middleware.forward import Forward, load_pool_map
 from sie_router.middleware.instrument import Instrument
 from sie_router.middleware.prefix import UrlPrefix
 from sie_router.middleware.request_context import REQUEST_ID, RequestContext
 from sie_router.middleware.version import VersionHeader
 from sie_router.models.registry import Registry
+from sie_router.models.store import ModelStore
+from sie_router.pipeline.catalog import Catalog
 from sie_router.pipeline.service import Service
 from sie_router.pool.devices import detect
 from sie_router.pool.pool import WorkerPool
@@ -152,13 +154,16 @@ def cors(settings: Settings) -> dict[str, Any] | None:
 def build_app(settings: Settings, registry: Registry) -> Starlette:
     pool = WorkerPool(settings, registry, detect(settings.device, settings.cuda_visible_devices))
     tracing = Tracing(settings) if settings.otlp_endpoint else None
-    state = AppState(settings=settings, registry=registry, pool=pool, service=Service(settings, pool, tracing))
+    service = Service(settings, pool, tracing)
+    pool_map = load_pool_map(settings.pool_map) if settings.pool_map else {}
+    catalog = Catalog(settings, registry, pool, service, ModelStore(settings.model_store), pool_map)
+    state = AppState(settings=settings, registry=registry, pool=pool, service=service, catalog=catalog)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
         health.declare_models(list(registry.configs))
-        names = list(dict.fromkeys([*registry.named, *settings.preload]))
+        names = list(dict.fromkeys([*registry.named, *settings.preload, *registry.load_at_start]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
             yield
@@ -183,7 +188,7 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     app.state.openapi = openapi.encoded(ENDPOINTS, api_key=bool(settings.api_key),
                                         admin_token=bool(settings.admin_token))
     # Innermost: a request for another pool's model is forwarded only once Auth has let it in.
-    app.add_middleware(Forward, settings=settings, registry=registry)
+    app.add_middleware(Forward, settings=settings, registry=registry, pool_map=pool_map)
     app.add_middleware(Auth, settings=settings)
     app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
     # Inside Instrument, whose per-request labels (the model, the input count) the request's span reads at its end.

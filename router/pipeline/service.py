@@ -8,6 +8,7 @@ slices.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -144,6 +145,21 @@ class Service:
         done = await self.pool.run_batch(worker, make, max(len(job.texts), len(job.ids)))
         assert isinstance(done.result, TokenizeResult)
         return done.result
+
+    async def drain(self, key: str, deadline_s: float) -> bool:
+        """Wait, up to the deadline, until a model's admitted requests have been answered; whether they were."""
+        batcher = self.batchers.get(key)
+        deadline = time.monotonic() + deadline_s
+        while batcher is not None and not batcher.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return batcher is None or batcher.idle
+
+    async def drop(self, key: str) -> None:
+        """A removed model's queue: what is still in it fails MODEL_NOT_FOUND, and its task stops."""
+        batcher = self.batchers.pop(key, None)
+        if batcher is not None:
+            batcher.fail_queued(SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{key}' was removed", param="model"))
+            await batcher.close()
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.batchers.values()))

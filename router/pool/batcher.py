@@ -84,6 +84,11 @@ class Batcher:
     _loop_task: Loop | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
 
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch at the worker."""
+        return not self.queue and not self._running
+
     def start(self) -> None:
         self._slots = asyncio.Semaphore(self.limits.in_flight)
         # Supervised: should forming a batch ever raise, the loop is logged and restarted, and the queue keeps moving.

@@ -67,6 +67,7 @@ class Slot:
     load_started: float = 0.0
     failed_at: float = 0.0
     batcher: Batcher | None = None
+    removing: bool = False  # unregistered: its admitted requests finish, and it never loads again
 
     @property
     def queued(self) -> int:
@@ -104,8 +105,30 @@ class WorkerPool:
             loop.start()
 
     def slot(self, model: str) -> Slot:
+        """The slot of a model key (a request admitted before its model was removed still finds it), else of a
+        served name."""
+        found = self.slots.get(model)
+        if found is not None:
+            return found
         config, _ = self.registry.lookup(model)
         return self.slots[config.sie_id]
+
+    def add(self, config: ModelConfig) -> None:
+        """A slot for a model registered at runtime (before the registry serves it, so every served name has one)."""
+        if config.sie_id in self.slots:
+            raise SIEError(ErrorCode.MODEL_EXISTS, f"model '{config.sie_id}' is still being removed; retry shortly")
+        self.slots[config.sie_id] = Slot(key=config.sie_id, config=config)
+
+    async def remove(self, key: str) -> None:
+        """Stop a removed model's worker (once its load, if one runs, has ended) and forget its slot."""
+        slot = self.slots[key]
+        slot.removing = True
+        if slot.loading is not None:
+            await asyncio.wait([slot.loading], timeout=self.settings.load_timeout_s)
+        await self.evict(key, reason="admin")
+        self.slots.pop(key, None)
+        self.supervisor.crashes.pop(key, None)
+        self.placement.release(key)
 
     def busy(self, key: str) -> bool:
         slot = self.slots[key]
@@ -126,6 +149,8 @@ class WorkerPool:
             return slot.worker
         if not self.accepting:
             raise SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if slot.removing:
+            raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
         if slot.loading is None:
             slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
