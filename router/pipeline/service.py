@@ -72,6 +72,15 @@ def _outputs(done: BatchDone) -> Any:
     return list(zip(result.items, result.token_counts, strict=True))
 
 
+def _inputs(job: Job) -> int:
+    """How many inputs a job carries (its request's trace span says it)."""
+    if isinstance(job, ScoreJob):
+        return len(job.documents)
+    if isinstance(job, TokenizeJob):
+        return len(job.texts or job.ids)
+    return len(job.items)
+
+
 class Service:
     def __init__(self, settings: Settings, pool: WorkerPool, tracing: Tracing | None = None) -> None:
         self.settings = settings
@@ -113,8 +122,7 @@ class Service:
         """Run one job; the outputs of its items in order (`Encoded`, `Scored`, extractions or a tokenization)."""
         await self.pool.ensure(job.model.key, job.wait_s)
         config = job.model.config
-        note_inputs(len(job.documents) if isinstance(job, ScoreJob) else len(job.texts or job.ids)
-                    if isinstance(job, TokenizeJob) else len(job.items))
+        note_inputs(_inputs(job))
         match job:
             case EncodeJob():
                 items = list(job.items)
