@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -25,6 +26,7 @@ DEFAULT_BUNDLE = "default"
 Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -93,6 +95,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str | None = None  # secret: kept out of repr
     admin_token: str | None = None  # secret: kept out of repr
     log_level: LogLevel = "info"
+    # Logs: text lines, or one JSON object a line (`--json-output`, TEI's flag) in the router and every worker;
+    # uvicorn's access log (one line a request, with its request id) is off unless asked for.
+    log_format: LogFormat = "text"
+    access_log: bool = False
+    # Tracing, OpenTelemetry over OTLP/HTTP (protobuf): off unless an endpoint is set, here (`--otlp-endpoint`, the
+    # collector's base URL; /v1/traces is appended) or by the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables.
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "sie"
+    otlp_protocol: str = "http/protobuf"  # from OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL; only this one is spoken
+    # CORS: the origins browsers may call from (`--cors-allow-origin`, TEI), or any (`--permissive-cors`, Infinity);
+    # closed when neither is set.
+    cors_allow_origins: tuple[str, ...] = ()
+    permissive_cors: bool = False
+    # Models added at runtime (`POST /admin/models`) are kept in this JSON file and registered again at start; without
+    # it they are lost at restart.
+    model_store: Path | None = None
     # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
     hf_offline: bool = False
     # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
@@ -138,7 +156,7 @@ ENV_ALIASES = {
 }
 SIZE_FIELDS = frozenset({"memory_budget", "max_image_bytes"})
 # Set from other sources than `SIE_<FIELD>` (below), never from their own variable.
-DERIVED = frozenset({"extra_env", "hf_offline", "cuda_visible_devices"})
+DERIVED = frozenset({"extra_env", "hf_offline", "cuda_visible_devices", "otlp_protocol"})
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -175,9 +193,50 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
             found[field.name] = _from_text(field, text)
     found["hf_offline"] = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # as huggingface_hub
     found["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")  # set but empty hides every GPU
+    found.update(_otel_env(env))
     # Workers inherit the process environment; these are the ones we pass on explicitly.
     found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
     return found
+
+
+TRACES_PATH = "/v1/traces"
+
+
+def traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL of a collector's base URL (OTEL_EXPORTER_OTLP_ENDPOINT's meaning, and TEI's flag's)."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
+
+
+def _otel_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Tracing from OpenTelemetry's standard variables, when the `SIE_OTLP_*` ones do not say: an endpoint turns it
+    on (`OTEL_TRACES_EXPORTER=otlp` alone means the local collector), `OTEL_TRACES_EXPORTER=none` or
+    `OTEL_SDK_DISABLED=true` keep it off."""
+    found: dict[str, Any] = {}
+    if env.get("OTEL_SERVICE_NAME") and not env.get("SIE_OTLP_SERVICE_NAME"):
+        found["otlp_service_name"] = env["OTEL_SERVICE_NAME"]
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol:
+        found["otlp_protocol"] = protocol
+    exporters = {e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
+    if env.get("SIE_OTLP_ENDPOINT") or "none" in exporters or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return found
+    url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        traces_url(env["OTEL_EXPORTER_OTLP_ENDPOINT"]) if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") else None)
+    if url is None and "otlp" in exporters:
+        url = traces_url("http://localhost:4318")
+    if url:
+        found["otlp_endpoint"] = url
+    return found
+
+
+def _check_origin(origin: str, where: str) -> None:
+    """A CORS origin is `*` or scheme://host[:port], exactly as a browser sends it in `Origin`."""
+    parts = urlsplit(origin)
+    if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query
+                          or parts.fragment or origin.endswith("/")):
+        raise ValueError(f"{where}: {origin!r} is not an origin; give scheme://host[:port] with no path, e.g. "
+                         "https://app.example.com, or * for any")
 
 
 def _dec_hook(kind: type, value: Any) -> Any:
@@ -209,6 +268,18 @@ def _checked(values: dict[str, Any], sources: Mapping[str, str]) -> dict[str, An
     prefix = str(values.get("url_prefix") or "")
     if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
         raise ValueError(f"{_source('url_prefix', sources)} must start with '/' and not end with '/', not {prefix!r}")
+    endpoint = values.get("otlp_endpoint")
+    if endpoint:
+        if not str(endpoint).startswith(("http://", "https://")):
+            raise ValueError(f"{_source('otlp_endpoint', sources)} must be an http:// or https:// URL (the "
+                             f"collector's OTLP/HTTP endpoint), not {endpoint!r}")
+        values["otlp_endpoint"] = traces_url(str(endpoint))
+        if values.get("otlp_protocol", "http/protobuf") != "http/protobuf":
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL is {values['otlp_protocol']!r}, but SIE exports traces "
+                             "over OTLP/HTTP with protobuf only: unset it and point the endpoint at the collector's "
+                             "HTTP port (4318 by default)")
+    for origin in values.get("cors_allow_origins") or ():
+        _check_origin(str(origin), _source("cors_allow_origins", sources))
     if values.get("default_prompt") and values.get("default_prompt_name"):
         raise ValueError("--default-prompt and --default-prompt-name (SIE_DEFAULT_PROMPT, SIE_DEFAULT_PROMPT_NAME) "
                          "cannot both be set")

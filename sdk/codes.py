@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_EXISTS = "MODEL_EXISTS"  # a model added at runtime under a name already served (or another pool's)
     NOT_FOUND = "NOT_FOUND"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     MODEL_NOT_SUPPORTED = "MODEL_NOT_SUPPORTED"

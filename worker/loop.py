@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ import setproctitle
 import zmq
 
 from sie_sdk.codes import ErrorCode
-from sie_worker import cuda, protocol, tokens
+from sie_worker import cuda, protocol, telemetry, tokens
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
@@ -47,6 +48,8 @@ _PR_SET_PDEATHSIG = 1
 FAULT_ENV = "SIE_WORKER_FAULT"
 FAULTS = frozenset({"bad_frame", "garbage", "unknown_code"})
 UNDECODABLE = b"\xc1 is never valid msgpack"
+# The trace id of the traced batch this thread works on, for the log lines it writes meanwhile.
+_trace_id: ContextVar[str | None] = ContextVar("sie_worker_trace_id", default=None)
 
 
 class _Failed:
@@ -97,6 +100,12 @@ class Worker:
         self.identity = spec.worker_id.encode()
         self.injected_fault = _injected_fault(spec.model)
         self.replies = 0
+        # Each worker exports its own spans: its process, model and device are the resource, and no span has to cross
+        # back to the router. OpenTelemetry is imported only here, only when tracing is on.
+        self.spans = (telemetry.PhaseSpans(telemetry.start_tracing(
+            spec.otlp_endpoint, spec.otlp_service_name, {"sie.process": "worker", "sie.model": spec.model,
+                                                         "sie.worker_id": spec.worker_id, "sie.device": spec.device}),
+            "sie_worker") if spec.otlp_endpoint else None)
 
     def send(self, message: protocol.Message) -> None:
         """Send a reply, after our id: the router's PULL socket cannot tell who sent a frame otherwise."""
@@ -151,11 +160,15 @@ class Worker:
                 continue
             if isinstance(message, Shutdown):
                 break
+            trace = getattr(message, "trace", None)
+            _trace_id.set(telemetry.trace_id_of(trace))
+            started = time.time_ns()
             try:
                 item: Any = (_Answered(message, adapter) if isinstance(message, TokenizeBatch | DecodeBatch)
                              else adapter.prepare(message))
             except Exception as exc:
                 item = _Failed(message.batch_id, batch_failure_code(exc), f"{type(exc).__name__}: {exc}")
+            self.trace(trace, "sie.worker.tokenize", message.batch_id, started)
             self.ready_batches.put(item)
         self.ready_batches.put(_STOP)
 
@@ -168,9 +181,30 @@ class Worker:
                 continue
             if item is _STOP:
                 return
-            self.send(item.report if isinstance(item, _Failed) else self.run_one(adapter, item))
+            if isinstance(item, _Failed):
+                self.send(item.report)
+            else:
+                self.serve_one(adapter, item)
             if self.device_fault is not None:
                 return
+
+    def serve_one(self, adapter: Adapter, prepared: Prepared) -> None:
+        """Run one prepared batch and send its reply; a traced batch's forward pass and post-processing (its result
+        packed into the reply and sent) become spans under the router's batch span."""
+        trace = prepared.batch.trace
+        _trace_id.set(telemetry.trace_id_of(trace))
+        started = time.time_ns()
+        reply = self.run_one(adapter, prepared)
+        answered = time.time_ns()
+        self.send(reply)
+        self.trace(trace, "sie.worker.forward", prepared.batch.batch_id, started, answered)
+        self.trace(trace, "sie.worker.postprocess", prepared.batch.batch_id, answered)
+
+    def trace(self, traceparent: str | None, name: str, batch_id: int, start_ns: int, end_ns: int = 0) -> None:
+        """Record a phase of a traced batch as a span (nothing when tracing is off or the batch is not traced)."""
+        if self.spans is not None and traceparent:
+            self.spans.record(name, traceparent, start_ns, end_ns or time.time_ns(),
+                              {"sie.model": self.spec.model, "sie.batch_id": batch_id})
 
     def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
         batch_id = prepared.batch.batch_id
@@ -200,6 +234,8 @@ class Worker:
         return not preparer.is_alive()
 
     def close(self) -> None:
+        if self.spans is not None:
+            self.spans.close()
         self.recv_from_router.close(linger=2000)
         self.send_to_router.close()
         self.context.term()
@@ -241,6 +277,8 @@ def entry(spec_bytes: bytes) -> None:
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     os.environ.update(spec.env)
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
+    telemetry.configure_logging("INFO", spec.log_format == "json", lambda: {"model": spec.model,
+                                                                            "trace_id": _trace_id.get()},
+                                text_format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
     setproctitle.setproctitle(f"sie-worker:{spec.model}@{spec.device}")
     sys.exit(run(spec))

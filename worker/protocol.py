@@ -150,6 +150,9 @@ class EncodeBatch(Message, gc=False):
     output_types: list[str]
     is_query: bool = False
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class ScoreBatch(Message, gc=False):
@@ -158,6 +161,9 @@ class ScoreBatch(Message, gc=False):
     batch_id: int
     pairs: list[tuple[str, str]]
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class ExtractBatch(Message, gc=False):
@@ -167,6 +173,9 @@ class ExtractBatch(Message, gc=False):
     items: list[InputItem]
     labels: list[str] = []
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class TokenizeBatch(Message):
@@ -438,6 +447,10 @@ class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     # `--device auto`: a worker placed on a GPU whose torch has no CUDA runs on the CPU (with a warning) instead of
     # failing its load.
     cpu_fallback: bool = False
+    # Logs as JSON lines; spans of traced batches exported to this OTLP/HTTP traces URL under this service name.
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "sie"
 
     def options_as(self, kind: type[Options]) -> Options:
         """The options as `kind` (the family's Struct, or `Common`): the defaults where the spec carries none."""

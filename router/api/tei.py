@@ -55,8 +55,9 @@ def model_type(model: Resolved) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def defaults(registry: Registry, named: tuple[str, ...]) -> dict[str, str]:
-    """The root's model per type: those named first, then the first served model of each type."""
+def defaults(registry: Registry, named: tuple[str, ...], generation: int) -> dict[str, str]:
+    """The root's model per type: those named first, then the first served model of each type (cached per
+    `generation` of the registry, which models added or removed at runtime change)."""
     found: dict[str, str] = {}
     for name in (*named, *registry.served):
         config, profile = registry.lookup(name)
@@ -80,7 +81,8 @@ class Call:
             if model_type(self.fixed) in types:
                 return self.fixed
             raise backend(NOT_A[types[0]])
-        chosen = defaults(self.state.registry, self.state.settings.tei_models)
+        registry = self.state.registry
+        chosen = defaults(registry, self.state.settings.tei_models, registry.generation)
         name = next((chosen[t] for t in types if t in chosen), None)
         if name is None:
             raise backend(NOT_A[types[0]])

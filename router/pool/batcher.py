@@ -28,6 +28,7 @@ from sie_router import metrics
 from sie_router.errors import SIEError
 from sie_router.loops import Loop
 from sie_router.pool.pacing import BatchReport, Pacer
+from sie_router.telemetry import Tracing, Waiting
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import MAX_BATCH_TOKENS
 
@@ -48,6 +49,7 @@ class Entry:
     future: asyncio.Future[Any]
     cost: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
+    waiting: Waiting | None = None  # the request's trace context as it joined the queue, when tracing is on
 
     def __post_init__(self) -> None:
         self.cost = sum(self.costs)
@@ -72,6 +74,7 @@ class Batcher:
     name: str
     run: RunBatch
     limits: BatchLimits
+    tracing: Tracing | None = None
     queue: deque[Entry] = field(default_factory=deque)
     queued_items: int = 0
     pacer: Pacer = field(default_factory=Pacer)
@@ -79,6 +82,11 @@ class Batcher:
     _slots: asyncio.Semaphore | None = None
     _loop_task: Loop | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch at the worker."""
+        return not self.queue and not self._running
 
     def start(self) -> None:
         self._slots = asyncio.Semaphore(self.limits.in_flight)
@@ -99,8 +107,9 @@ class Batcher:
         step = self.limits.max_items
         # A big client batch is cut in length order, so each entry pads little; outputs are put back in order below.
         order = sorted(range(len(items)), key=costs.__getitem__)
+        waiting = self.tracing.waiting() if self.tracing is not None else None
         entries = [Entry(key, [items[j] for j in order[i:i + step]], [costs[j] for j in order[i:i + step]],
-                         loop.create_future()) for i in range(0, len(items), step)]
+                         loop.create_future(), waiting=waiting) for i in range(0, len(items), step)]
         self.queue.extend(entries)
         self._set_queued(self.queued_items + len(items))
         self._wakeup.set()
@@ -197,7 +206,9 @@ class Batcher:
         sent = self.pacer.sent(sum(e.cost for e in batch))
         report = None
         try:
-            report = await self._run_entries(batch, isolate=True)
+            with (self.tracing.batch(self.name, [e.waiting for e in batch], sum(len(e.items) for e in batch))
+                  if self.tracing is not None else contextlib.nullcontext()):
+                report = await self._run_entries(batch, isolate=True)
         finally:
             self.pacer.done(sent, report)
             self._slots.release()

@@ -33,6 +33,7 @@ from sie_router.pool.pacing import BusyTimeFit, Pacer
 from sie_router.pool.placement import Placement
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
+from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import BatchDone, BatchFailed, FamilyOptions, LoadErrorClass, Message, WorkerSpec
 
@@ -69,6 +70,7 @@ class Slot:
     batcher: Batcher | None = None
     # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
     pace: BusyTimeFit = field(default_factory=BusyTimeFit)
+    removing: bool = False  # unregistered: its admitted requests finish, and it never loads again
 
     @property
     def queued(self) -> int:
@@ -106,23 +108,61 @@ class WorkerPool:
             loop.start()
 
     def slot(self, model: str) -> Slot:
+        """The slot of a model key (a request admitted before its model was removed still finds it), else of a
+        served name."""
+        found = self.slots.get(model)
+        if found is not None:
+            return found
         config, _ = self.registry.lookup(model)
         return self.slots[config.sie_id]
+
+    def add(self, config: ModelConfig) -> None:
+        """A slot for a model registered at runtime (before the registry serves it, so every served name has one)."""
+        if config.sie_id in self.slots:
+            raise SIEError(ErrorCode.MODEL_EXISTS, f"model '{config.sie_id}' is still being removed; retry shortly")
+        self.slots[config.sie_id] = Slot(key=config.sie_id, config=config)
+
+    async def remove(self, key: str) -> None:
+        """Stop a removed model's worker (once its load, if one runs, has ended) and forget its slot."""
+        slot = self.slots[key]
+        slot.removing = True
+        if slot.loading is not None:
+            await asyncio.wait([slot.loading], timeout=self.settings.load_timeout_s)
+        await self.evict(key, reason="admin")
+        self.slots.pop(key, None)
+        self.supervisor.forget_crashes(key)
+        self.placement.release(key)
 
     def busy(self, key: str) -> bool:
         slot = self.slots[key]
         return slot.queued > 0 or (slot.worker is not None and self.supervisor.busy(slot.worker))
 
-    def queue(self, key: str, run: RunBatch) -> Batcher:
+    def queue(self, key: str, run: RunBatch, tracing: Tracing | None = None) -> Batcher:
         """The model's queue, made on first use: `run(batch_key, items)` sends one batch to its worker."""
         slot = self.slots[key]
         if slot.batcher is None:
             limits = BatchLimits(max_items=self.settings.max_batch_items,
                                  max_tokens=slot.config.max_batch_tokens(),
                                  max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
-            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace))
+            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace), tracing=tracing)
             slot.batcher.start()
         return slot.batcher
+
+    async def drain(self, key: str, deadline_s: float) -> bool:
+        """Wait, up to the deadline, until a model's admitted requests have been answered; whether they were."""
+        batcher = self.slots[key].batcher
+        deadline = time.monotonic() + deadline_s
+        while batcher is not None and not batcher.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return batcher is None or batcher.idle
+
+    async def drop_queue(self, key: str) -> None:
+        """A removed model's queue: what is still in it fails MODEL_NOT_FOUND, and its task stops."""
+        slot = self.slots[key]
+        batcher, slot.batcher = slot.batcher, None
+        if batcher is not None:
+            batcher.fail_queued(SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{key}' was removed", param="model"))
+            await batcher.close()
 
     def queued_items(self) -> int:
         """Items queued across every model."""
@@ -143,6 +183,8 @@ class WorkerPool:
             return slot.worker
         if not self.accepting:
             raise SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if slot.removing:
+            raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
         if slot.loading is None:
             slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
@@ -270,7 +312,8 @@ class WorkerPool:
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
-            max_batch_tokens=cfg.max_batch_tokens())
+            max_batch_tokens=cfg.max_batch_tokens(), log_format=self.settings.log_format,
+            otlp_endpoint=self.settings.otlp_endpoint, otlp_service_name=self.settings.otlp_service_name)
 
     def _options(self, cfg: ModelConfig) -> FamilyOptions | None:
         """The default profile's options, over the server's engine, lanes and image limits; None for a family

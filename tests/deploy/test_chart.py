@@ -40,6 +40,10 @@ EVERYTHING = {
     "cache": {"persistentVolumeClaim": {"enabled": True, "storageClassName": "nfs"}},
     "bundle": {"extraFiles": {"mine.yaml": "sie_id: me/mine\n"}},
     "env": {"SIE_MAX_BATCH_ITEMS": "128"},
+    "logs": {"json": True, "accessLog": True},
+    "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4318", "serviceName": "embeddings"},
+    "cors": {"allowOrigins": ["https://app.example.com", "http://localhost:3000"]},
+    "modelStore": {"enabled": True},
 }
 CASES = {
     "default": {},
@@ -160,6 +164,21 @@ def test_pod_runs_the_server_with_its_contract() -> None:
     # a read-only root: everything the server writes goes to the cache volume or /tmp
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {}))
+
+
+def test_logs_tracing_cors_and_the_model_store_become_flags_per_pool() -> None:
+    docs = render(example("two-pools.yaml") | {k: EVERYTHING[k] for k in ("logs", "tracing", "cors", "modelStore")})
+    for deployment in kinds(docs, "Deployment"):
+        args = container(deployment)["args"]
+        pool = env(deployment)["SIE_POOL"]
+        tail = args[args.index("--json-output"):]
+        assert tail == ["--json-output", "--access-log", "--otlp-endpoint", "http://otel-collector.monitoring:4318",
+                        "--otlp-service-name", "embeddings", "--cors-allow-origin", "https://app.example.com",
+                        "--cors-allow-origin", "http://localhost:3000", "--model-store",
+                        f"/var/cache/sie/model-store/{pool}.json"]  # each pool its own store: none sees another's
+    assert len({container(d)["args"][-1] for d in kinds(docs, "Deployment")}) == 2
+    off = container(one(render({}), "Deployment", "sie-default"))["args"]
+    assert not {"--json-output", "--otlp-endpoint", "--cors-allow-origin", "--model-store"} & set(off)
 
 
 def test_probes_and_shutdown_cover_loads_and_drain() -> None:
