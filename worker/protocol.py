@@ -236,6 +236,10 @@ class BatchDone(Message, gc=False):
     batch_id: int
     result: EncodeResult | ScoreResult | ExtractResult | TokenizeResult
     timing: BatchTiming = msgspec.field(default_factory=BatchTiming)
+    # torch's CUDA allocator after the batch (0 on the CPU): the router's ledger follows a worker's growth under
+    # traffic with these where NVML has no per-process figure (a container without the host's PID namespace).
+    memory_allocated: int = 0
+    memory_reserved: int = 0
 
 
 class BatchFailed(Message):
