@@ -18,7 +18,17 @@ from sie_worker.adapters.fake import InjectedOutOfMemory
 from sie_worker.failures import batch_failure_code as _failure_code
 from sie_worker.failures import load_error_class
 from sie_worker.loop import Worker
-from sie_worker.protocol import BatchDone, BatchFailed, EncodeBatch, EncodeResult, InputItem, LoadErrorClass, WorkerSpec
+from sie_worker.protocol import (
+    GPU_MAX_BATCH_TOKENS,
+    MAX_BATCH_TOKENS,
+    BatchDone,
+    BatchFailed,
+    EncodeBatch,
+    EncodeResult,
+    InputItem,
+    LoadErrorClass,
+    WorkerSpec,
+)
 
 
 @pytest.mark.parametrize("exc", [
@@ -58,9 +68,11 @@ def spec(device: str, cpu_fallback: bool) -> WorkerSpec:
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_device_auto_moves_a_worker_whose_torch_has_no_cuda_to_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
     placed = spec("cuda:0", cpu_fallback=True)
+    placed.max_batch_tokens = GPU_MAX_BATCH_TOKENS  # the router sized it for the GPU it placed the worker on
     with caplog.at_level(logging.WARNING, logger="sie.worker"):
         assert cuda.prepare_device(placed) is None
-    assert placed.device == "cpu"
+    assert placed.device == "cpu" and placed.max_batch_tokens == MAX_BATCH_TOKENS
+    assert placed.compute_precision is None  # the CPU's float32, not the GPU's default
     assert "runs on the CPU instead of cuda:0 (--device auto)" in caplog.text
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from sie_worker.adapters.batching import read_json
 from sie_worker.failures import is_out_of_memory
-from sie_worker.protocol import WorkerSpec
+from sie_worker.protocol import MAX_BATCH_TOKENS, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 
@@ -97,6 +97,7 @@ def prepare_device(spec: WorkerSpec) -> int | None:
         log.warning("torch %s has no usable CUDA here; %s runs on the CPU instead of %s (--device auto)",
                     torch.__version__, spec.model, spec.device)
         spec.device = "cpu"
+        spec.max_batch_tokens = min(spec.max_batch_tokens, MAX_BATCH_TOKENS)  # the CPU's budget, not the GPU's
         return None
     before = _nvml_free(spec.env.get("CUDA_VISIBLE_DEVICES", ""))
     torch.zeros(1, device="cuda:0")  # creates the context
