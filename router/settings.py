@@ -48,13 +48,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
     # throughput under load (bench/README.md, "lanes").
     onnx_lanes: int = 0
-    # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else float32).
-    # On the CPU, dense encoders under OpenVINO already run bfloat16 where the CPU has it natively, checked against
-    # float32 at load; float32 here forces float32 there. bfloat16 runs the other families' torch in bf16. float16 is
-    # for GPUs; CPU workers run it as float32.
+    # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else on a GPU
+    # float16, bfloat16 where fp16 overflows (DeBERTa-v2/v3, GLiNER) or the checkpoint was saved in it, with TF32 for
+    # the float32 matmuls left (worker/cuda.py); else float32). On the CPU, dense encoders under OpenVINO already run
+    # bfloat16 where the CPU has it natively, checked against float32 at load; float32 here forces float32 there.
+    # bfloat16 runs the other families' torch in bf16. float16 is for GPUs; CPU workers run it as float32.
     dtype: Dtype = "auto"
-    # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
-    max_batch_items: int = 64
+    # Batching (per model): a batch holds at most this many items (0: 64 on the CPU; on GPUs, the model's token budget
+    # over 16, so the token budget sizes it), and waits at most this long to fill.
+    max_batch_items: int = 0
     max_wait_ms: float = 2.0
     # Items queued per model; 2048 so that one OpenAI request of 2048 inputs (its documented maximum) fits.
     max_queue_items: int = 2048

@@ -95,7 +95,7 @@ def pool_on(tmp_path: Path) -> Iterator[object]:
 
 def test_the_pool_gives_each_worker_its_gpu_uuid_under_an_inherited_subset(pool_on) -> None:  # type: ignore[no-untyped-def]
     pool = pool_on(three_gpus(), visible="2,1")  # a Slurm allocation of two of the node's three GPUs
-    assert set(pool.ledger.devices) == {"cuda:1", "cuda:2"}
+    assert {name for name, d in pool.ledger.devices.items() if d.placeable} == {"cuda:1", "cuda:2"}
     config = pool.registry.configs["test/fake-dense"]
     for device in ("cuda:1", "cuda:2"):
         spec = pool._spec(config, "", device, None)

@@ -126,11 +126,12 @@ class Worker:
         log.info("loading %s (%s adapter) from %s on %s", self.spec.model, self.spec.adapter,
                  self.spec.weights_dir, self.spec.device)
         try:
-            context_bytes = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else 0
+            free_before = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else None
             adapter = build_adapter(self.spec)
             if "torch" in sys.modules:  # a torch adapter: its threads before its first op; a lean one never maps it
                 configure_torch_threads(self.spec.threads)
             info = adapter.load()
+            context_bytes = cuda.context_bytes(self.spec, free_before)  # after the warm-up loaded cuBLAS and kernels
         except Exception as exc:  # any load error is reported, then the process exits
             log.exception("loading %s failed", self.spec.model)
             self.send_handshake(LoadFailed(worker_id=self.spec.worker_id, code=ErrorCode.MODEL_LOAD_FAILED,
@@ -209,6 +210,8 @@ class Worker:
     def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
         batch_id = prepared.batch.batch_id
         started = time.perf_counter()
+        failed: BatchFailed | None = None
+        out_of_memory = False
         try:
             result = adapter.forward(prepared)
         except Exception as exc:  # errors inside a batch are data; the worker keeps serving, unless CUDA broke
@@ -216,12 +219,20 @@ class Worker:
                 log.exception("batch %d failed", batch_id)
             if cuda.is_device_fault(exc):
                 self.device_fault = exc
-            elif cuda.is_out_of_memory(exc):
+            out_of_memory = cuda.is_out_of_memory(exc)
+            failed = BatchFailed(batch_id=batch_id, code=batch_failure_code(exc),
+                                 message=f"{type(exc).__name__}: {exc}")
+        if failed is not None:
+            if out_of_memory:
+                # Outside the except block: its traceback held the failed forward's frames and their tensors, which
+                # empty_cache() could not hand back. The router retries the halves next.
                 cuda.release_cached_memory()
-            return BatchFailed(batch_id=batch_id, code=batch_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
+            return failed
         timing = BatchTiming(tokenize_ms=prepared.tokenize_ms,
                              inference_ms=(time.perf_counter() - started) * 1000.0)
-        return BatchDone(batch_id=batch_id, result=result, timing=timing)
+        allocated, reserved = cuda.memory_figures()
+        return BatchDone(batch_id=batch_id, result=result, timing=timing, memory_allocated=allocated,
+                         memory_reserved=reserved)
 
     def stop_preparing(self, preparer: threading.Thread, deadline_s: float = 2.0) -> bool:
         """Stop the prepare thread before its batches are served (they fail with this worker's exit); whether it

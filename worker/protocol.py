@@ -236,6 +236,10 @@ class BatchDone(Message, gc=False):
     batch_id: int
     result: EncodeResult | ScoreResult | ExtractResult | TokenizeResult
     timing: BatchTiming = msgspec.field(default_factory=BatchTiming)
+    # torch's CUDA allocator after the batch (0 on the CPU): the router's ledger follows a worker's growth under
+    # traffic with these where NVML has no per-process figure (a container without the host's PID namespace).
+    memory_allocated: int = 0
+    memory_reserved: int = 0
 
 
 class BatchFailed(Message):
@@ -298,6 +302,7 @@ _check_registry()
 # adapter then takes the checkpoint's value, else its own stated fallback.
 
 MAX_BATCH_TOKENS = 16384  # a worker's token budget per batch, where the profile sets no `max_batch_tokens`
+GPU_MAX_BATCH_TOKENS = 32768  # the same on a GPU, whose forward costs little more at twice the tokens
 MAX_IMAGE_BYTES = 20 * 1024 * 1024  # the server's image limits (Settings), under a CLIP profile's own
 MAX_IMAGE_PIXELS = 40_000_000
 Engine = Literal["auto", "torch", "onnx", "openvino"]

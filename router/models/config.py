@@ -15,7 +15,7 @@ import msgspec
 import yaml
 
 from sie_router.models.adapter_options import check_options
-from sie_worker.protocol import MAX_BATCH_TOKENS, Common
+from sie_worker.protocol import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS, Common
 
 log = logging.getLogger("sie.registry")
 
@@ -82,9 +82,9 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
         chosen = self.profiles[profile].adapter_options
         return check_options(self.family(profile), chosen.loadtime, chosen.runtime, server)
 
-    def max_batch_tokens(self, profile: str = "default") -> int:
-        """The profile's token budget per batch, else the default one."""
-        return self.profiles[profile].max_batch_tokens or MAX_BATCH_TOKENS
+    def max_batch_tokens(self, profile: str = "default", gpu: bool = False) -> int:
+        """The profile's token budget per batch, else the default one (for a GPU when `gpu`)."""
+        return self.profiles[profile].max_batch_tokens or (GPU_MAX_BATCH_TOKENS if gpu else MAX_BATCH_TOKENS)
 
     @property
     def outputs(self) -> list[str]:

@@ -58,9 +58,22 @@ class Entry:
 RunBatch = Callable[[Any, list[Any]], Awaitable[BatchReport]]
 
 
+# Items per batch where --max-batch-items is 0 (auto): this many on the CPU; on a GPU as many as the token budget
+# holds at GPU_TOKENS_PER_ITEM tokens an item, so that short texts fill a GPU's forward.
+CPU_BATCH_ITEMS = 64
+GPU_TOKENS_PER_ITEM = 16
+
+
+def item_cap(setting: int, max_tokens: int, gpu: bool) -> int:
+    """The most items in one batch: the setting when given, else the default above for the device kind."""
+    if setting > 0:
+        return setting
+    return max(CPU_BATCH_ITEMS, max_tokens // GPU_TOKENS_PER_ITEM) if gpu else CPU_BATCH_ITEMS
+
+
 @dataclass
 class BatchLimits:
-    max_items: int = 64
+    max_items: int = CPU_BATCH_ITEMS
     max_tokens: int = MAX_BATCH_TOKENS
     max_wait_ms: float = 2.0
     max_queue_items: int = 512

@@ -25,8 +25,8 @@ from sie_router.loops import Loop
 from sie_router.models.config import ModelConfig
 from sie_router.models.registry import Registry
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
-from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch
-from sie_router.pool.devices import Devices, gpu_worker_env
+from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch, item_cap
+from sie_router.pool.devices import Devices, available_cpus, gpu_worker_env
 from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.pacing import BusyTimeFit, Pacer
@@ -91,6 +91,9 @@ class WorkerPool:
         self.accepting = True
         self.started_at = time.time()
         self._loops: list[Loop] = []
+        # One load at a time per GPU: a worker measures its CUDA context as the GPU's free memory before and after
+        # its load, which a neighbour loading beside it would distort.
+        self._gpu_loads: dict[str, asyncio.Lock] = {}
 
     @property
     def devices(self) -> Devices:
@@ -141,12 +144,16 @@ class WorkerPool:
         """The model's queue, made on first use: `run(batch_key, items)` sends one batch to its worker."""
         slot = self.slots[key]
         if slot.batcher is None:
-            limits = BatchLimits(max_items=self.settings.max_batch_items,
-                                 max_tokens=slot.config.max_batch_tokens(),
-                                 max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
-            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace), tracing=tracing)
+            slot.batcher = Batcher(key, run, self.batch_limits(key), pacer=Pacer(fit=slot.pace), tracing=tracing)
             slot.batcher.start()
         return slot.batcher
+
+    def batch_limits(self, key: str) -> BatchLimits:
+        """A model's batch limits: on a server with GPUs, sized by tokens with the item cap following."""
+        gpu = self.placement.has_gpus
+        tokens = self.slots[key].config.max_batch_tokens(gpu=gpu)
+        return BatchLimits(max_items=item_cap(self.settings.max_batch_items, tokens, gpu), max_tokens=tokens,
+                           max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
 
     async def drain(self, key: str, deadline_s: float) -> bool:
         """Wait, up to the deadline, until a model's admitted requests have been answered; whether they were."""
@@ -294,7 +301,10 @@ class WorkerPool:
         spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
-        return await self.supervisor.spawn(spec, slot.key)
+        if device == "cpu":
+            return await self.supervisor.spawn(spec, slot.key)
+        async with self._gpu_loads.setdefault(device, asyncio.Lock()):
+            return await self.supervisor.spawn(spec, slot.key)
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]
@@ -308,11 +318,11 @@ class WorkerPool:
             compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
             max_sequence_length=cfg.max_sequence_length,
             options=options,
-            threads=self.settings.worker_threads or (os.cpu_count() or 1),
+            threads=self.settings.worker_threads or available_cpus(),
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
-            max_batch_tokens=cfg.max_batch_tokens(), log_format=self.settings.log_format,
+            max_batch_tokens=cfg.max_batch_tokens(gpu=device != "cpu"), log_format=self.settings.log_format,
             otlp_endpoint=self.settings.otlp_endpoint, otlp_service_name=self.settings.otlp_service_name)
 
     def _options(self, cfg: ModelConfig) -> FamilyOptions | None:
@@ -350,7 +360,17 @@ class WorkerPool:
             code = reply.code if reply.code != ErrorCode.MODEL_LOAD_FAILED else ErrorCode.INFERENCE_ERROR
             raise SIEError(code, reply.message)
         self._observe(worker.key, reply)
+        self._follow_growth(worker, reply)
         return reply
+
+    def _follow_growth(self, worker: Worker, reply: BatchDone) -> None:
+        """A GPU worker's allocator grew under traffic: its own figure (`info.memory_bytes`, what it reported at Ready
+        until now) rises, and so does its reservation. Where NVML has a per-process figure, that figure still wins."""
+        info = worker.info
+        if info is None or reply.memory_reserved <= info.memory_bytes:
+            return
+        info.memory_bytes = reply.memory_reserved
+        self.placement.remeasure([(worker.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)])
 
     @staticmethod
     def _observe(key: str, reply: BatchDone) -> None:

@@ -210,6 +210,40 @@ def test_gpu_pool_requests_gpus_and_cpu_pool_does_not() -> None:
     assert pinned["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
 
 
+def test_each_pool_runs_its_own_image_and_the_gpu_examples_name_the_cuda_one() -> None:
+    docs = render(CASES["two-pools"] | {"image": {"repository": "registry.example.com/sie", "tag": "0.1.0",
+                                                  "pullPolicy": "Always"}})
+    gpu, cpu = container(one(docs, "Deployment", "sie-gpu")), container(one(docs, "Deployment", "sie-cpu"))
+    assert gpu["image"] == "registry.example.com/sie:0.1.0-cuda" and cpu["image"] == "registry.example.com/sie:0.1.0"
+    assert gpu["imagePullPolicy"] == cpu["imagePullPolicy"] == "Always"  # what the pool does not set comes from above
+    for case in ("gpu", "two-pools"):
+        for deployment in kinds(render(CASES[case]), "Deployment"):
+            if "nvidia.com/gpu" in json.dumps(container(deployment).get("resources", {})):
+                assert container(deployment)["image"].endswith("-cuda"), case
+    assert container(one(render({}), "Deployment", "sie-default"))["image"] == "sie-server:0.1.0"
+
+
+def test_runtime_class_and_host_pid_are_per_pool_and_host_pid_is_opt_in() -> None:
+    example_pod = one(render(CASES["gpu"]), "Deployment", "sie-gpu")["spec"]["template"]["spec"]
+    assert example_pod["runtimeClassName"] == "nvidia" and "hostPID" not in example_pod
+    pools = copy.deepcopy(CASES["gpu"]["pools"])
+    pools[0]["hostPID"] = True
+    opted = one(render({"pools": pools}), "Deployment", "sie-gpu")
+    kubernetes_validate.validate(opted, KUBE_VERSION, strict=True)
+    assert opted["spec"]["template"]["spec"]["hostPID"] is True
+    default_pod = one(render({}), "Deployment", "sie-default")["spec"]["template"]["spec"]
+    assert "hostPID" not in default_pod and "runtimeClassName" not in default_pod
+
+
+def test_worker_threads_follow_the_pod_s_cpu_request() -> None:
+    deployment = one(render({}), "Deployment", "sie-default")
+    assert env(deployment)["SIE_WORKER_THREADS"] == {
+        "resourceFieldRef": {"containerName": "sie", "resource": "requests.cpu", "divisor": "1"}}
+    told = one(render({"env": {"SIE_WORKER_THREADS": "3"}}), "Deployment", "sie-default")
+    assert env(told)["SIE_WORKER_THREADS"] == "3"  # an explicit value wins, and appears once
+    assert [e["name"] for e in container(told)["env"]].count("SIE_WORKER_THREADS") == 1
+
+
 def test_api_key_and_admin_token_come_from_the_secret() -> None:
     e = env(one(render(EVERYTHING), "Deployment", "sie-default"))
     assert e["SIE_API_KEY"] == {"secretKeyRef": {"name": "sie-auth", "key": "api-key"}}
