@@ -63,6 +63,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--offline", dest="hf_offline", action="store_const", const=True,
                        help="never download: models come from folders, the Hugging Face cache and packages only "
                             "(as HF_HUB_OFFLINE=1)")
+    serve.add_argument("--trust-remote-code", action="store_const", const=True,
+                       help="run the custom code a checkpoint's config names (auto_map: NomicBERT, jina, ...), on the "
+                            "torch engine; without it such a model is refused (default: off)")
     serve.add_argument("--url-prefix", help="also serve the Infinity routes under this prefix, e.g. /v1 "
                                             "(Infinity's --url-prefix)")
     serve.add_argument("--preload", action="append", default=[], metavar="MODEL",

@@ -93,3 +93,22 @@ def test_a_bad_variable_stops_serve_with_one_sentence() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last == ("sie-server: error: SIE_ENGINE must be one of auto, torch, onnx, openvino (or optimum, for "
                     "onnx), not 'bogus'")
+
+
+def test_custom_code_runs_only_when_the_server_trusts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--trust-remote-code` (or SIE_TRUST_REMOTE_CODE) reaches every worker's spec; off by default."""
+    import asyncio
+
+    from sie_router.models.registry import build_registry
+    from sie_router.pool.devices import detect
+    from sie_router.pool.pool import WorkerPool
+
+    monkeypatch.delenv("SIE_TRUST_REMOTE_CODE", raising=False)
+    for argv, trusted in (([], False), (["--trust-remote-code"], True)):
+        settings = settings_from([*argv, "--bundle", "test"])
+        assert settings.trust_remote_code is trusted
+        pool = WorkerPool(settings, build_registry("test", (), (), offline=True), detect("cpu"))
+        try:
+            assert pool._spec(pool.registry.configs["test/fake-dense"], "", "cpu", None).trust_remote_code is trusted
+        finally:
+            asyncio.run(pool.supervisor.close())
