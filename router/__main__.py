@@ -132,7 +132,7 @@ TEI_UNSUPPORTED = {
     "--revision": "pin a revision in the model's SIE config (hf_revision)",
     "--max-batch-tokens": "the token budget is per model: max_batch_tokens in its SIE config",
     "--tokenization-workers": "each worker tokenizes on its own prepare thread",
-    "--dense-path": "dense layers are read from the model's modules.json",
+    "--dense-path": "every Dense module the model's modules.json lists is applied, in order",
     "--hf-token": "set HF_TOKEN in the environment", "--hf-api-token": "set HF_TOKEN in the environment",
     "--huggingface-hub-cache": "set HF_HUB_CACHE in the environment",
     "--prometheus-port": "metrics are served at /metrics on the main port",

@@ -57,7 +57,7 @@ def test_the_classic_layout(tmp_path: Path) -> None:
     assert layout.encoder_folder == folder
     assert layout.prompts == {"query": "query: "} and layout.default_prompt_name == "query"
     settings = dense_settings(spec(folder))
-    assert settings.pipeline.pooling.modes == ("lasttoken",) and settings.prompt == "query: "
+    assert settings.pipeline.pooling.modes == ("lasttoken",) and settings.default == "query: "
     assert [type(step).__name__ for step in settings.pipeline.steps] == ["Dense", "Normalize"]
     assert settings.pipeline.dim(32) == 8 and settings.max_length == 64
 

@@ -128,7 +128,8 @@ def test_each_checkpoint_answers_as_sentence_transformers(name: str, built: dict
 @pytest.mark.parametrize("name", ["qwen3-last-prompts", "bert-mean-no-prompt"])
 def test_named_prompts_and_no_prompt(name: str, built: dict[str, Path], cache: Path,
                                      make_adapter: MakeAdapter) -> None:
-    """A batch's `prompt_name` is the checkpoint's prompt of that name, `prompt` a text of its own, "" none."""
+    """A batch's `prompt_name` is the checkpoint's prompt of that name, `prompt` a text of its own, "" none; a query
+    batch naming none is encoded as `encode_query` encodes it."""
     from sentence_transformers import SentenceTransformer
 
     reference = SentenceTransformer(str(built[name]), device="cpu")
@@ -139,6 +140,8 @@ def test_named_prompts_and_no_prompt(name: str, built: dict[str, Path], cache: P
                               ({"prompt": "search: "}, reference.encode(TEXTS, prompt="search: ")),
                               ({"prompt": ""}, reference.encode(TEXTS, prompt=""))):
             assert_same_vectors(encode(adapter, TEXTS, ["dense"], options=options).dense.numpy(), want, adapter)
+        assert_same_vectors(encode(adapter, TEXTS, ["dense"], is_query=True).dense.numpy(),
+                            reference.encode_query(TEXTS), adapter)
         with pytest.raises(BadInput, match="not one of this model's prompts"):
             encode(adapter, TEXTS[:1], ["dense"], options={"prompt_name": "nope"})
 

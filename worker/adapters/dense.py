@@ -133,7 +133,7 @@ class DenseAdapter:
         if not isinstance(batch, EncodeBatch):
             raise UnsupportedTask("this model only encodes")
         pipeline = self.settings.batch_pipeline(batch.options)
-        prompt = self.settings.batch_prompt(batch.options)
+        prompt = self.settings.batch_prompt(batch.options, batch.is_query)
         prepared = prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device,
                                  prefix=prompt)
         prepared.extra = {"pipeline": pipeline, "prompt_length": self.prompt_length(prompt, pipeline)}

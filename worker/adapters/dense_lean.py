@@ -168,7 +168,7 @@ class LeanDenseAdapter:
             raise UnsupportedTask("this model only encodes")
         clock = Stopwatch()
         pipeline = self.settings.batch_pipeline(batch.options)
-        prompt = self.settings.batch_prompt(batch.options)
+        prompt = self.settings.batch_prompt(batch.options, batch.is_query)
         truncate = batch.options.get("truncate", True) is not False
         side = str(batch.options.get("truncation_direction", "right"))
         encodings = self.tokenizer.encode_batch([prompt + (item.text or "") for item in batch.items],

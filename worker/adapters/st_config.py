@@ -25,7 +25,8 @@ class DenseSettings:
     pipeline: Pipeline
     max_length: int | None
     prompts: dict[str, str]
-    prompt: str  # put before each text when a batch names no prompt: the config's, else the checkpoint's default
+    configured: str | None  # the model config's prompt (its `prompt`, or the text of its `prompt_name`), if any
+    default: str  # the checkpoint's `default_prompt_name` prompt, else none
     custom_code: str | None  # what the encoder's `auto_map` names; it loads only with trust_remote_code
 
     def batch_pipeline(self, options: dict[str, Any]) -> Pipeline:
@@ -40,19 +41,25 @@ class DenseSettings:
             pipeline = pipeline.with_normalize(bool(options["normalize"]))
         return pipeline
 
-    def batch_prompt(self, options: dict[str, Any]) -> str:
-        """The prompt a batch puts before its texts: its `prompt` (a text, "" for none), else its `prompt_name`,
-        else the default."""
+    def batch_prompt(self, options: dict[str, Any], is_query: bool = False) -> str:
+        """The prompt a batch puts before its texts, as `SentenceTransformer.encode` (or `encode_query` for a query)
+        picks it: the batch's `prompt` (a text, "" for none), else its `prompt_name`, else the model config's, else
+        the checkpoint's `query` prompt for a query, else the checkpoint's default."""
         if options.get("prompt") is not None:
             if not isinstance(options["prompt"], str):
                 raise BadInput("options.prompt must be a string")
             return str(options["prompt"])
         name = options.get("prompt_name")
-        if name is None:
-            return self.prompt
-        if name not in self.prompts:
-            raise BadInput(f"options.prompt_name {name!r} is not one of this model's prompts: {sorted(self.prompts)}")
-        return self.prompts[name]
+        if name is not None:
+            if name not in self.prompts:
+                raise BadInput(f"options.prompt_name {name!r} is not one of this model's prompts: "
+                               f"{sorted(self.prompts)}")
+            return self.prompts[name]
+        if self.configured is not None:
+            return self.configured
+        if is_query and "query" in self.prompts:
+            return self.prompts["query"]
+        return self.default
 
 
 def _modes(pooling: Any) -> tuple[str, ...]:
@@ -62,16 +69,11 @@ def _modes(pooling: Any) -> tuple[str, ...]:
     return tuple(pooling_mode(str(name)) for name in names)
 
 
-def default_prompt(layout: Layout, options: DenseOptions) -> str:
-    """The config's `prompt`, else its `prompt_name`, else the checkpoint's `default_prompt_name`, else none."""
-    if options.prompt is not None:
-        return options.prompt
-    name = options.prompt_name or layout.default_prompt_name
+def _named_prompt(layout: Layout, name: str | None, whose: str) -> str | None:
     if name is None:
-        return ""
+        return None
     if name not in layout.prompts:
-        whose = "the model config's prompt_name" if options.prompt_name else "the checkpoint's default_prompt_name"
-        raise BadModelConfig(f"{whose} {name!r} is not one of its prompts: {sorted(layout.prompts)}")
+        raise BadModelConfig(f"{whose} {name!r} is not one of the checkpoint's prompts: {sorted(layout.prompts)}")
     return layout.prompts[name]
 
 
@@ -86,5 +88,9 @@ def dense_settings(spec: WorkerSpec) -> DenseSettings:
     if options.normalize is not None:
         pipeline = pipeline.with_normalize(options.normalize)
     return DenseSettings(pipeline=pipeline, max_length=spec.max_sequence_length or pipeline.max_seq_length,
-                         prompts=layout.prompts, prompt=default_prompt(layout, options),
+                         prompts=layout.prompts,
+                         configured=options.prompt if options.prompt is not None else _named_prompt(
+                             layout, options.prompt_name, "the model config's prompt_name"),
+                         default=_named_prompt(layout, layout.default_prompt_name,
+                                               "the checkpoint's default_prompt_name") or "",
                          custom_code=custom_code(layout.encoder_folder))
