@@ -137,7 +137,9 @@ def custom_code(folder: Path) -> str | None:
     auto_map = config.get("auto_map") if isinstance(config, dict) else None
     if not auto_map:
         return None
-    return ", ".join(sorted({str(v if isinstance(v, str) else v[0]) for v in dict(auto_map).values()}))
+    # A value is a class path, or a [slow, fast] pair of tokenizer class paths, either of which may be None.
+    names = {str(n) for v in dict(auto_map).values() for n in ([v] if isinstance(v, str) else v or []) if n}
+    return ", ".join(sorted(names)) or "auto_map"
 
 
 def read_pipeline(layout: Layout, *, trust_remote_code: bool = False) -> Pipeline:
