@@ -21,6 +21,7 @@ import pytest
 
 from sie_sdk import admin
 from sie_sdk.admin_k8s import ADMIN_TOKEN_HEADER
+from tests import declared
 from tests.server import MINILM, Server
 
 MIB = 1 << 20
@@ -343,8 +344,8 @@ def write_kubeconfig(path: Path, server: str) -> Path:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    kmock = pytest.importorskip("kmock")
-    pytest.importorskip("kubernetes")
+    kmock = declared.module("kmock")
+    declared.module("kubernetes")
     async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
         pods = kmock.resource("", "v1", "pods")
         for name, (labels, phase) in PODS.items():

@@ -22,12 +22,12 @@ from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.protocol import DecodeBatch, EncodeBatch, InputItem, TokenizeBatch, WorkerSpec
-from tests import precision
+from tests import declared, precision
 from tests.adapters.conftest import MakeAdapter, encode
 from tests.sentences import SENTENCES
 
-pytest.importorskip("openvino")
-pytest.importorskip("onnxruntime")
+declared.module("openvino")
+declared.module("onnxruntime")
 
 # Varied lengths and scripts, more than two micro-batches, so bucketing and padding are exercised.
 TEXTS = ["berlin", "what is the capital of france?", "Ünïcödé, emoji 🙂 and 数字 123", "a " * 300,
@@ -246,7 +246,7 @@ def test_micro_batches_are_capped_by_tokens_and_a_long_batch_leaves_no_high_wate
         make_adapter: MakeAdapter, minilm_dir: Path, cache: Path) -> None:
     """A runtime keeps the working memory of the largest call it ran; calls are capped at 1024 padded tokens and
     the worker warms up at the cap, so a 64 x 256 batch adds nothing to what it held at Ready."""
-    psutil = pytest.importorskip("psutil")
+    psutil = declared.module("psutil")
     adapter = lean(make_adapter, minilm_dir, cache, max_sequence_length=256)
     before = psutil.Process().memory_info().rss
     batch = [f"word{i} " * 300 for i in range(64)]
