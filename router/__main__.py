@@ -104,7 +104,7 @@ def parser() -> argparse.ArgumentParser:
                             "30; sooner for models whose batches are fast: 20 times their pace, at least 10)")
     serve.add_argument("--restart-backoff-max", dest="restart_backoff_max_s", type=float, metavar="SECONDS",
                        help="a worker that died or hung is replaced after a back-off that starts at 0.5 s and doubles "
-                            "with each crash in a row, up to this (default 30)")
+                            "with each crash in a row, up to this (default 10)")
     serve.add_argument("--restart-backoff-reset", dest="restart_backoff_reset_s", type=float, metavar="SECONDS",
                        help="a worker that served this long before it crashed starts the back-off again from 0.5 s "
                             "(default 60)")
