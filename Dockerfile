@@ -4,6 +4,8 @@
 #   BASE_IMAGE       a Debian-based image with Python 3.11 and venv (default: the official slim image)
 #   TORCH_VERSION    the torch release (the project pins 2.13.0)
 #   TORCH_INDEX_URL  where pip finds torch when docker/wheels/ holds no wheel (default: PyTorch's CPU-only index)
+#   TORCH_FLAVOUR    cpu, cuda, or auto (default: cuda when TORCH_INDEX_URL names a CUDA build, e.g. .../whl/cu128);
+#                    the build fails unless the torch installed is that build (docker/torch_check.py)
 #   TORCH_WHEELS     a folder of the build context holding the torch wheel, installed in place of the index
 #                    (default docker/wheels; its other requirements still come from PyPI)
 # A pip CA bundle for intercepted TLS can be passed as a BuildKit secret: --secret id=pip-ca,src=/path/ca.crt; it is
@@ -13,7 +15,7 @@
 # Python 3.11, and the CUDA torch build, for example
 #   docker build -t sie-server:0.1.0-cuda12 \
 #     --build-arg BASE_IMAGE=<a CUDA 12.x runtime image with python3.11 and python3.11-venv> \
-#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 --build-arg TORCH_FLAVOUR=cuda .
 # and run it with `docker run --gpus all ... --device cuda`. See deploy/README.md.
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
@@ -22,16 +24,22 @@ FROM ${BASE_IMAGE} AS build
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG TORCH_WHEELS=docker/wheels
+ARG TORCH_FLAVOUR=auto
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 RUN python3 -m venv /opt/sie
 # torch first, from the wheel folder if it holds one, else from the index: the project's requirements then find it
 # installed and pull no other build (the default PyPI torch would bring the CUDA libraries, several GB). The wheel
 # is copied into this build stage only, never into the final image.
+# A CUDA build takes only a CUDA wheel (+cuNNN) from the folder; docker/torch_check.py checks what was installed.
 COPY ${TORCH_WHEELS}/ /tmp/wheels/
+COPY docker/torch_check.py /tmp/torch_check.py
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
-    if ls /tmp/wheels/torch-*.whl >/dev/null 2>&1; then \
-      /opt/sie/bin/pip install /tmp/wheels/torch-"${TORCH_VERSION}"*.whl; \
+    flavour=$(python3 /tmp/torch_check.py flavour "${TORCH_FLAVOUR}" "${TORCH_INDEX_URL}") || exit 1; \
+    pattern="torch-${TORCH_VERSION}*.whl"; \
+    if [ "$flavour" = cuda ]; then pattern="torch-${TORCH_VERSION}+cu*.whl"; fi; \
+    if ls /tmp/wheels/$pattern >/dev/null 2>&1; then \
+      /opt/sie/bin/pip install /tmp/wheels/$pattern; \
     else \
       /opt/sie/bin/pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"; \
     fi
@@ -58,7 +66,8 @@ COPY bundles /src/bundles
 RUN --mount=type=secret,id=pip-ca \
     if [ -f /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi; \
     /opt/sie/bin/pip install --no-deps /src \
-    && /opt/sie/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('${TORCH_VERSION}')"
+    && /opt/sie/bin/python -c "import sie_router, sie_worker" \
+    && /opt/sie/bin/python /tmp/torch_check.py check "${TORCH_VERSION}" "${TORCH_FLAVOUR}" "${TORCH_INDEX_URL}"
 
 FROM ${BASE_IMAGE}
 # Run as an unprivileged user (uid 1000, as the Helm chart's securityContext). Everything written at run time goes

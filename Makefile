@@ -6,12 +6,17 @@ export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
 .PHONY: install install-test serve test test-gpu test-slow bench bench-density soak chaos lint image test-container clean
 
-install: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml scripts/install.sh scripts/torch-build.sh
-	PY=$(PY) bash scripts/install.sh server && touch $@
+# The torch build this host needs (cpu or cuda); the install stamp is named after it, so a venv moved to a host that
+# needs the other build is installed again.
+TORCH_BUILD := $(shell PY=$(PY) bash scripts/torch-build.sh)
+STAMP := $(VENV)/.installed-torch-$(TORCH_BUILD)
+
+install: $(STAMP)
+$(STAMP): pyproject.toml scripts/install.sh scripts/torch-build.sh scripts/torch-cuda.py
+	PY=$(PY) SIE_TORCH=$(TORCH_BUILD) bash scripts/install.sh server
 
 install-test: $(VENV)/.installed-test
-$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml scripts/install.sh
+$(VENV)/.installed-test: $(STAMP) pyproject.toml scripts/install.sh
 	PY=$(PY) bash scripts/install.sh test && touch $@
 
 serve:

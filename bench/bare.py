@@ -14,13 +14,14 @@ from loadgen import min_cosine, summarize
 
 
 class Bare:
-    def __init__(self, model_dir: Path, threads: int, device: str = "cpu") -> None:
+    def __init__(self, model_dir: Path, threads: int, device: str = "cpu", dtype: str = "float32") -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
         torch.set_num_threads(threads)
         self.threads = torch.get_num_threads()
-        self.model = SentenceTransformer(str(model_dir), device=device)
+        # The weights in `dtype` (float16 on a GPU: what TEI and Infinity run, and our server's GPU default).
+        self.model = SentenceTransformer(str(model_dir), device=device, model_kwargs={"dtype": getattr(torch, dtype)})
 
     def encode(self, texts: list[str], batch: int) -> np.ndarray:
         return self.model.encode(texts, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True,

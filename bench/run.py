@@ -55,6 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="where the bare model, our server and Infinity's torch engine run (cuda: Infinity's ONNX "
                         "engine, CPU-only here, is left out)")
+    p.add_argument("--bare-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="the bare model's weights (compare like with like: float16 against our GPU default)")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
                                                                      "e.g. --server-arg=--max-wait-ms=1")
     p.add_argument("--skip-cold-start", action="store_true",
@@ -74,7 +76,8 @@ def header(a: argparse.Namespace) -> dict:
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
                          check=False).stdout.strip()
     meta = {"command": shlex.join([sys.executable, *sys.argv]), "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "cores": os.cpu_count(), "threads": a.threads, "device": a.device, "python": platform.python_version(),
+            "cores": os.cpu_count(), "threads": a.threads, "device": a.device, "bare_dtype": a.bare_dtype,
+            "python": platform.python_version(),
             "git": rev, "duration_s": a.duration, "repeats": a.repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"# command: {meta['command']}")
     print(f"# load average (1/5/15 min): {meta['loadavg']}  cores: {meta['cores']}  torch threads: {a.threads}  "
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = make_corpus(a.corpus)
     shapes = loadgen.select(a.shapes, quick=a.quick)
     t0 = time.perf_counter()
-    bare = Bare(model_dir, a.threads, a.device)
+    bare = Bare(model_dir, a.threads, a.device, a.bare_dtype)
     ref = bare.reference(corpus)
     sizes = [32] if a.quick else [int(x) for x in a.batch_sizes.split(",")]
     best, sweep = bare.best_batch(corpus, ref, sizes, min(a.duration, 5.0))

@@ -9,13 +9,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import setproctitle
 import uvicorn
 
 from sie_router import __version__
 from sie_router.app import build_app
-from sie_router.models.registry import Registry, build_registry
+from sie_router.models.registry import Origin, Registry, build_registry, runtime_config
+from sie_router.models.store import ModelStore
 from sie_router.models.weights import WeightsNotFound
 from sie_router.pool.devices import NoDevice
 from sie_router.settings import (
@@ -27,6 +29,7 @@ from sie_router.settings import (
     env_defaults,
     parse_bytes,
 )
+from sie_router.telemetry import configure_logging
 
 log = logging.getLogger("sie")
 
@@ -86,7 +89,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--onnx-lanes", type=int, metavar="N",
                        help="lean dense workers: forward calls side by side (ONNX Runtime calls of worker threads / N "
                             "threads each, default one thread each; OpenVINO streams, default 1)")
-    serve.add_argument("--max-batch-items", type=int, help="most items in one forward pass (default 64)")
+    serve.add_argument("--max-batch-items", type=int,
+                       help="most items in one batch (default: 64 on CPU; on GPUs the token budget decides)")
     serve.add_argument("--max-wait-ms", type=float,
                        help="while the worker is busy, how long a batch waits to fill until the worker's pace is "
                             "learned; after that it leaves just before the worker needs it (default 2; 0 never waits)")
@@ -113,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "
                                              "key (prefer SIE_ADMIN_TOKEN)")
     serve.add_argument("--log-level", metavar=_one_of("log_level"))
+    add_operator_flags(serve)
     add_tei_flags(serve)
     return p
 
@@ -139,8 +144,6 @@ TEI_UNSUPPORTED = {
     "--hf-token": "set HF_TOKEN in the environment", "--hf-api-token": "set HF_TOKEN in the environment",
     "--huggingface-hub-cache": "set HF_HUB_CACHE in the environment",
     "--prometheus-port": "metrics are served at /metrics on the main port",
-    "--json-output": "logs are plain text", "--otlp-endpoint": "no OpenTelemetry export",
-    "--otlp-service-name": "no OpenTelemetry export", "--cors-allow-origin": "no CORS layer; put a proxy in front",
     "--uds-path": "listen on a TCP port (--host, --port)",
 }
 
@@ -150,6 +153,30 @@ class _Unsupported(argparse.Action):
                  option: str | None = None) -> None:
         parser.error(f"{option} is a text-embeddings-inference flag that SIE does not support: "
                      f"{TEI_UNSUPPORTED[str(option)]}")
+
+
+def add_operator_flags(serve: argparse.ArgumentParser) -> None:
+    """Logs, traces, CORS and the runtime model store (TEI's and Infinity's flags where they have one)."""
+    ops = serve.add_argument_group("logs, tracing, CORS and runtime models")
+    ops.add_argument("--json-output", dest="log_format", action="store_const", const="json",
+                     help="log one JSON object a line (time, level, logger, message; model, request id and trace id "
+                          "where there is one), in the router and every worker (as SIE_LOG_FORMAT=json)")
+    ops.add_argument("--access-log", action="store_const", const=True,
+                     help="log one line per HTTP request (uvicorn's access log), with its request id")
+    ops.add_argument("--otlp-endpoint", metavar="URL",
+                     help="export OpenTelemetry traces over OTLP/HTTP (protobuf) to this collector, e.g. "
+                          "http://otel-collector:4318 (/v1/traces is appended); OTEL_EXPORTER_OTLP_ENDPOINT works too. "
+                          "Default: off")
+    ops.add_argument("--otlp-service-name", metavar="NAME",
+                     help="the service name of the exported spans (default sie, or OTEL_SERVICE_NAME)")
+    ops.add_argument("--cors-allow-origin", dest="cors_allow_origins", action="append", default=[],
+                     metavar="ORIGIN", help="let browser pages from this origin call the API (repeatable), e.g. "
+                                            "https://app.example.com; default: no cross-origin access")
+    ops.add_argument("--permissive-cors", action="store_const", const=True,
+                     help="let pages from any origin call the API (Infinity's flag; never with credentials)")
+    ops.add_argument("--model-store", type=Path, metavar="FILE",
+                     help="keep the models added at runtime (POST /admin/models, sie-admin models add) in this JSON "
+                          "file, written atomically, and register them again at start (default: lost at restart)")
 
 
 def add_tei_flags(serve: argparse.ArgumentParser) -> None:
@@ -190,16 +217,21 @@ def settings_from(argv: Sequence[str]) -> Settings:
     given = {k: v for k, v in vars(args).items() if v not in (None, []) and k != "command"}
     if "models" in given:
         given["models"] = tuple(given["models"])
-    for name in ("preload", "pinned", "tei_models", "served_names", "adapters"):
+    for name in ("preload", "pinned", "tei_models", "served_names", "adapters", "cors_allow_origins"):
         if name in given:
             given[name] = tuple(given[name])
     values.update(given)
     if given.get("hf_offline"):
         values["extra_env"] = {**values.get("extra_env", {}), "HF_HUB_OFFLINE": "1"}  # type: ignore[dict-item]
     try:  # a field the command line gave is named by its flag in an error (by convention `--foo-bar`)
-        return build_settings(values, {name: "--" + name.replace("_", "-") for name in given})
+        return build_settings(values, {name: FLAG_OF.get(name, "--" + name.replace("_", "-")) for name in given})
     except ValueError as exc:
         parser().error(str(exc))
+
+
+# Settings whose flag is not `--<field>` (repeatable flags are singular, and some keep another server's name).
+FLAG_OF = {"cors_allow_origins": "--cors-allow-origin", "log_format": "--json-output", "served_names":
+           "--served-model-name", "adapters": "--adapter", "pinned": "--pin", "tei_models": "--tei-model"}
 
 
 def hide_secrets(argv: Sequence[str]) -> list[str]:
@@ -239,11 +271,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv is None and any(a.partition("=")[0] in _SECRET_FLAGS for a in sys.argv):
         # /proc/<pid>/cmdline is world-readable: overwrite the key given on the command line.
         setproctitle.setproctitle(" ".join(hide_secrets([sys.executable, *sys.argv])))
-    logging.basicConfig(level=settings.log_level.upper() if settings.log_level != "trace" else "DEBUG",
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings)
     # hub downloads log their progress themselves (router/models/hub.py)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     registry = startup_registry(settings)
+    register_stored(settings, registry)
     log.info("SIE %s on http://%s:%d serving %s", __version__, settings.host, settings.port,
              ", ".join(registry.served) or "no models")
     try:
@@ -255,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = uvicorn.Server(uvicorn.Config(
         app, host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_deadline_s), http="httptools", loop="uvloop",
-        access_log=False))
+        log_config=None, access_log=settings.access_log))  # uvicorn's loggers write through ours
     app.state.sie.stop_server = lambda: setattr(server, "should_exit", True)
     server.run()
     failure = app.state.sie.startup_failure
@@ -288,6 +320,26 @@ def startup_registry(settings: Settings) -> Registry:
             log.error("cannot start: %s", exc)
             sys.exit(1)
     raise AssertionError("unreachable")
+
+
+def register_stored(settings: Settings, registry: Registry) -> None:
+    """The runtime models of `--model-store`, registered again (and loaded at start where they asked to be). One that
+    cannot be registered now is logged and skipped, and stays in the file; an unreadable file stops the start."""
+    try:
+        stored = ModelStore(settings.model_store).models.values()
+    except ValueError as exc:
+        log.error("cannot start: %s", exc)
+        sys.exit(1)
+    for request in stored:
+        try:
+            config = runtime_config(registry, request, offline=settings.hf_offline)
+            registry.add(config, Origin.RUNTIME)
+        except (ValueError, WeightsNotFound) as exc:
+            log.error("the stored model %s is not served: %s", request.name, exc)
+            continue
+        if request.load:
+            registry.load_at_start.append(config.sie_id)
+        log.info("model %s registered from the model store %s", config.sie_id, settings.model_store)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -22,15 +23,19 @@ from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
 from sie_router.api.state import AppState
 from sie_router.errors import Api, LoadError, SIEError, render_error
 from sie_router.middleware.auth import Auth
-from sie_router.middleware.forward import Forward
+from sie_router.middleware.forward import Forward, load_pool_map
 from sie_router.middleware.instrument import Instrument
 from sie_router.middleware.prefix import UrlPrefix
+from sie_router.middleware.request_context import REQUEST_ID, RequestContext
 from sie_router.middleware.version import VersionHeader
 from sie_router.models.registry import Registry
+from sie_router.models.store import ModelStore
+from sie_router.pipeline.catalog import Catalog
 from sie_router.pipeline.service import Service
 from sie_router.pool.devices import detect
 from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
+from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
 
 log = logging.getLogger("sie.app")
@@ -131,15 +136,34 @@ def _stop_for(state: AppState, reason: str) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Response headers a browser page may read across origins: the request id, retry hints and our error code.
+CORS_EXPOSED = [REQUEST_ID.decode(), "retry-after", "x-sie-error-code", "x-sie-server-version", "x-sie-engine-version"]
+
+
+def cors(settings: Settings) -> dict[str, Any] | None:
+    """CORSMiddleware's options, or None when CORS is closed (no origin given). Credentials are never allowed: the
+    API takes bearer tokens, never cookies, and a credentialed `*` would hand any page the user's session."""
+    if not (settings.permissive_cors or settings.cors_allow_origins):
+        return None
+    any_origin = settings.permissive_cors or "*" in settings.cors_allow_origins
+    return {"allow_origins": ["*"] if any_origin else list(settings.cors_allow_origins),
+            "allow_methods": ["GET", "POST", "DELETE"], "allow_headers": ["*"], "allow_credentials": False,
+            "expose_headers": CORS_EXPOSED, "max_age": 600}
+
+
 def build_app(settings: Settings, registry: Registry) -> Starlette:
     pool = WorkerPool(settings, registry, detect(settings.device, settings.cuda_visible_devices))
-    state = AppState(settings=settings, registry=registry, pool=pool, service=Service(settings, pool))
+    tracing = Tracing(settings) if settings.otlp_endpoint else None
+    service = Service(settings, pool, tracing)
+    pool_map = load_pool_map(settings.pool_map) if settings.pool_map else {}
+    catalog = Catalog(settings, registry, pool, service, ModelStore(settings.model_store), pool_map)
+    state = AppState(settings=settings, registry=registry, pool=pool, service=service, catalog=catalog)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await pool.start()
         health.declare_models(list(registry.configs))
-        names = list(dict.fromkeys([*registry.named, *settings.preload]))
+        names = list(dict.fromkeys([*registry.named, *settings.preload, *registry.load_at_start]))
         preload = asyncio.create_task(_preload(state, names), name="sie-preload")
         try:
             yield
@@ -149,6 +173,8 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
             loads = [slot.loading for slot in pool.slots.values() if slot.loading is not None]
             await pool.shutdown()
             await _settle(loads)
+            if tracing is not None:
+                await asyncio.to_thread(tracing.close)
 
     app = Starlette(routes=ROUTES, lifespan=lifespan,
                     exception_handlers={SIEError: _sie_error, HTTPException: _http_error, ClientGone: _client_gone,
@@ -161,10 +187,15 @@ def build_app(settings: Settings, registry: Registry) -> Starlette:
     app.state.openapi = openapi.encoded(ENDPOINTS, api_key=bool(settings.api_key),
                                         admin_token=bool(settings.admin_token))
     # Innermost: a request for another pool's model is forwarded only once Auth has let it in.
-    app.add_middleware(Forward, settings=settings, registry=registry)
+    app.add_middleware(Forward, settings=settings, registry=registry, pool_map=pool_map)
     app.add_middleware(Auth, settings=settings)
     app.add_middleware(VersionHeader)  # added after Auth, so outside it: auth refusals carry the version headers too
+    # Inside Instrument, whose per-request labels (the model, the input count) the request's span reads at its end.
+    app.add_middleware(RequestContext, routes=ROUTES, tracing=tracing)
     app.add_middleware(Instrument, routes=ROUTES)  # counts and times every answer
-    if settings.url_prefix:  # outermost: the rest sees the Infinity route the prefixed path stands for
+    if settings.url_prefix:  # the rest sees the Infinity route the prefixed path stands for
         app.add_middleware(UrlPrefix, prefix=settings.url_prefix)
+    options = cors(settings)
+    if options is not None:  # outermost: preflights are answered before auth, which they never carry
+        app.add_middleware(CORSMiddleware, **options)
     return app

@@ -22,3 +22,10 @@ def note_forwarded() -> None:
     labels = current.get()
     if labels is not None:
         labels["forwarded"] = "yes"
+
+
+def note_inputs(count: int) -> None:
+    """Record how many inputs the current request carries (its trace span's `sie.inputs`)."""
+    labels = current.get()
+    if labels is not None:
+        labels["inputs"] = str(count)

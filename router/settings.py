@@ -14,16 +14,19 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import msgspec
+
+from sie_worker.protocol import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Engine
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
 
 Device = Literal["auto", "cpu", "cuda"]
-Engine = Literal["auto", "torch", "onnx", "openvino"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug", "trace"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,21 +40,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     device: Device = "auto"
     worker_threads: int = 0
-    # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` loadtime option wins.
+    # Dense encoders' engine on CPU (torch, onnx, openvino or auto); a model config's own `engine` option wins.
     # auto: a worker without torch serving the exported graph under OpenVINO (bf16 where the CPU has it natively),
     # else ONNX Runtime; torch on GPUs and whenever the export or its check fails (worker/adapters/dense_lean.py).
-    engine: Engine = "auto"
+    engine: Engine = DEFAULT_ENGINE
     # Forward calls side by side (0: the runtime's default: ONNX Runtime one call per worker thread, OpenVINO one
     # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
     # throughput under load (bench/README.md, "lanes").
     onnx_lanes: int = 0
-    # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else float32).
-    # On the CPU, dense encoders under OpenVINO already run bfloat16 where the CPU has it natively, checked against
-    # float32 at load; float32 here forces float32 there. bfloat16 runs the other families' torch in bf16. float16 is
-    # for GPUs; CPU workers run it as float32.
+    # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else on a GPU
+    # float16, bfloat16 where fp16 overflows (DeBERTa-v2/v3, GLiNER) or the checkpoint was saved in it, with TF32 for
+    # the float32 matmuls left (worker/cuda.py); else float32). On the CPU, dense encoders under OpenVINO already run
+    # bfloat16 where the CPU has it natively, checked against float32 at load; float32 here forces float32 there.
+    # bfloat16 runs the other families' torch in bf16. float16 is for GPUs; CPU workers run it as float32.
     dtype: Dtype = "auto"
-    # Batching (per model): a forward pass holds at most this many items, waits at most this long to fill.
-    max_batch_items: int = 64
+    # Batching (per model): a batch holds at most this many items (0: 64 on the CPU; on GPUs, the model's token budget
+    # over 16, so the token budget sizes it), and waits at most this long to fill.
+    max_batch_items: int = 0
     max_wait_ms: float = 2.0
     # Items queued per model; 2048 so that one OpenAI request of 2048 inputs (its documented maximum) fits.
     max_queue_items: int = 2048
@@ -60,9 +65,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_request_bytes: int = 34 * 1024 * 1024
     max_item_bytes: int = 2 * 1024 * 1024
     max_items_per_request: int = 2048
-    # Images: the router refuses an image over max_image_bytes; workers that decode images refuse more pixels.
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    # Images: the router refuses an image over max_image_bytes; workers that decode images refuse more pixels (and
+    # bytes again); a model config's own `max_image_*` options win.
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     # How long OpenAI and Infinity routes hold a request while its model loads.
     load_wait_s: float = 120.0
     # A request still unanswered after this long gets 504 DEADLINE_EXCEEDED (0: no deadline); under the SDK's
@@ -100,6 +106,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str | None = None  # secret: kept out of repr
     admin_token: str | None = None  # secret: kept out of repr
     log_level: LogLevel = "info"
+    # Logs: text lines, or one JSON object a line (`--json-output`, TEI's flag) in the router and every worker;
+    # uvicorn's access log (one line a request, with its request id) is off unless asked for.
+    log_format: LogFormat = "text"
+    access_log: bool = False
+    # Tracing, OpenTelemetry over OTLP/HTTP (protobuf): off unless an endpoint is set, here (`--otlp-endpoint`, the
+    # collector's base URL; /v1/traces is appended) or by the standard OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables.
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "sie"
+    otlp_protocol: str = "http/protobuf"  # from OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL; only this one is spoken
+    # CORS: the origins browsers may call from (`--cors-allow-origin`, TEI), or any (`--permissive-cors`, Infinity);
+    # closed when neither is set.
+    cors_allow_origins: tuple[str, ...] = ()
+    permissive_cors: bool = False
+    # Models added at runtime (`POST /admin/models`) are kept in this JSON file and registered again at start; without
+    # it they are lost at restart.
+    model_store: Path | None = None
     # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
     hf_offline: bool = False
     # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
@@ -145,7 +167,7 @@ ENV_ALIASES = {
 }
 SIZE_FIELDS = frozenset({"memory_budget", "max_image_bytes"})
 # Set from other sources than `SIE_<FIELD>` (below), never from their own variable.
-DERIVED = frozenset({"extra_env", "hf_offline", "cuda_visible_devices"})
+DERIVED = frozenset({"extra_env", "hf_offline", "cuda_visible_devices", "otlp_protocol"})
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -182,9 +204,50 @@ def env_defaults(environ: dict[str, str] | None = None) -> dict[str, Any]:
             found[field.name] = _from_text(field, text)
     found["hf_offline"] = env.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")  # as huggingface_hub
     found["cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")  # set but empty hides every GPU
+    found.update(_otel_env(env))
     # Workers inherit the process environment; these are the ones we pass on explicitly.
     found["extra_env"] = {k: env[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE") if k in env}
     return found
+
+
+TRACES_PATH = "/v1/traces"
+
+
+def traces_url(endpoint: str) -> str:
+    """The OTLP/HTTP traces URL of a collector's base URL (OTEL_EXPORTER_OTLP_ENDPOINT's meaning, and TEI's flag's)."""
+    endpoint = endpoint.rstrip("/")
+    return endpoint if endpoint.endswith(TRACES_PATH) else endpoint + TRACES_PATH
+
+
+def _otel_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Tracing from OpenTelemetry's standard variables, when the `SIE_OTLP_*` ones do not say: an endpoint turns it
+    on (`OTEL_TRACES_EXPORTER=otlp` alone means the local collector), `OTEL_TRACES_EXPORTER=none` or
+    `OTEL_SDK_DISABLED=true` keep it off."""
+    found: dict[str, Any] = {}
+    if env.get("OTEL_SERVICE_NAME") and not env.get("SIE_OTLP_SERVICE_NAME"):
+        found["otlp_service_name"] = env["OTEL_SERVICE_NAME"]
+    protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    if protocol:
+        found["otlp_protocol"] = protocol
+    exporters = {e.strip() for e in env.get("OTEL_TRACES_EXPORTER", "").split(",") if e.strip()}
+    if env.get("SIE_OTLP_ENDPOINT") or "none" in exporters or env.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return found
+    url = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or (
+        traces_url(env["OTEL_EXPORTER_OTLP_ENDPOINT"]) if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") else None)
+    if url is None and "otlp" in exporters:
+        url = traces_url("http://localhost:4318")
+    if url:
+        found["otlp_endpoint"] = url
+    return found
+
+
+def _check_origin(origin: str, where: str) -> None:
+    """A CORS origin is `*` or scheme://host[:port], exactly as a browser sends it in `Origin`."""
+    parts = urlsplit(origin)
+    if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query
+                          or parts.fragment or origin.endswith("/")):
+        raise ValueError(f"{where}: {origin!r} is not an origin; give scheme://host[:port] with no path, e.g. "
+                         "https://app.example.com, or * for any")
 
 
 def _dec_hook(kind: type, value: Any) -> Any:
@@ -216,6 +279,18 @@ def _checked(values: dict[str, Any], sources: Mapping[str, str]) -> dict[str, An
     prefix = str(values.get("url_prefix") or "")
     if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
         raise ValueError(f"{_source('url_prefix', sources)} must start with '/' and not end with '/', not {prefix!r}")
+    endpoint = values.get("otlp_endpoint")
+    if endpoint:
+        if not str(endpoint).startswith(("http://", "https://")):
+            raise ValueError(f"{_source('otlp_endpoint', sources)} must be an http:// or https:// URL (the "
+                             f"collector's OTLP/HTTP endpoint), not {endpoint!r}")
+        values["otlp_endpoint"] = traces_url(str(endpoint))
+        if values.get("otlp_protocol", "http/protobuf") != "http/protobuf":
+            raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL is {values['otlp_protocol']!r}, but SIE exports traces "
+                             "over OTLP/HTTP with protobuf only: unset it and point the endpoint at the collector's "
+                             "HTTP port (4318 by default)")
+    for origin in values.get("cors_allow_origins") or ():
+        _check_origin(str(origin), _source("cors_allow_origins", sources))
     if values.get("default_prompt") and values.get("default_prompt_name"):
         raise ValueError("--default-prompt and --default-prompt-name (SIE_DEFAULT_PROMPT, SIE_DEFAULT_PROMPT_NAME) "
                          "cannot both be set")
@@ -228,14 +303,8 @@ def build_settings(values: dict[str, Any], sources: Mapping[str, str] | None = N
     sources = sources or {}
     values = _checked(values, sources)
     try:
-        settings = msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
+        return msgspec.convert(values, Settings, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         field = str(exc).rpartition("`$.")[2].rstrip("`").split(".")[0].split("[")[0]
         where = _source(field, sources) if field in Settings.__struct_fields__ else "a setting"
         raise ValueError(f"invalid setting {where}: {exc}") from None
-    # Image adapters enforce the pixel bound (and the byte bound again) while decoding; they read these, as numbers.
-    image_env = {f"SIE_{name.upper()}": str(values[name]) for name in ("max_image_pixels", "max_image_bytes")
-                 if name in values}
-    if not image_env:
-        return settings
-    return msgspec.structs.replace(settings, extra_env={**settings.extra_env, **image_env})

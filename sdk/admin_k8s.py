@@ -52,9 +52,11 @@ def proxy_target(api: Any, namespace: str, pod: str, port: int, token: str | Non
 
     root = f"/api/v1/namespaces/{namespace}/pods/{pod}:{port}/proxy"
 
-    def fetch(method: str, path: str) -> tuple[int, bytes]:
-        headers = {"Accept": "application/json", **({ADMIN_TOKEN_HEADER: token} if token else {})}
-        request = api.param_serialize(method, root + path, header_params=headers, auth_settings=["BearerToken"])
+    def fetch(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]:
+        headers = {"Accept": "application/json", **({ADMIN_TOKEN_HEADER: token} if token else {}),
+                   **({"Content-Type": "application/json"} if body is not None else {})}
+        request = api.param_serialize(method, root + path, header_params=headers, body=body,
+                                      auth_settings=["BearerToken"])
         try:
             response = api.call_api(*request, _request_timeout=timeout_s)
             response.read()

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import msgspec
 
+from sie_sdk.codes import ClientCode
 from sie_sdk.errors import RETRYABLE_CODES, SIEError, error_from_response
 from sie_sdk.types import EncodeParams, EncodeRequest, ExtractParams, ExtractRequest, Item, ScoreRequest
 from sie_sdk.wire import decode_msgpack, encode_msgpack
@@ -81,7 +82,8 @@ class SIEClient:
         body = self._post(f"/v1/encode/{model}", request)
         results = [self._encode_result(raw, body["model"]) for raw in body["items"]]
         if len(results) != len(request.items):
-            raise SIEError("server returned a different number of results", code="ENCODE_RESULT_COUNT_MISMATCH")
+            raise SIEError("server returned a different number of results",
+                           code=ClientCode.ENCODE_RESULT_COUNT_MISMATCH)
         return results[0] if single else results
 
     def score(self, model: str, query: Item | dict[str, Any], items: list[Item | dict[str, Any]], *,

@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "UNAUTHORIZED"
     FORBIDDEN = "FORBIDDEN"
     MODEL_NOT_FOUND = "MODEL_NOT_FOUND"
+    MODEL_EXISTS = "MODEL_EXISTS"  # a model added at runtime under a name already served (or another pool's)
     NOT_FOUND = "NOT_FOUND"
     METHOD_NOT_ALLOWED = "METHOD_NOT_ALLOWED"
     MODEL_NOT_SUPPORTED = "MODEL_NOT_SUPPORTED"
@@ -32,3 +33,9 @@ class ErrorCode(StrEnum):
     INFERENCE_ERROR = "INFERENCE_ERROR"
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL_ERROR = "INTERNAL_ERROR"  # anything the server did not foresee, a worker's unreadable reply included
+
+
+class ClientCode(StrEnum):
+    """Codes the SDK raises itself, about an answer it could not use; no server sends them."""
+
+    ENCODE_RESULT_COUNT_MISMATCH = "ENCODE_RESULT_COUNT_MISMATCH"  # fewer or more results than items sent

@@ -123,3 +123,23 @@ class DetectedObject(msgspec.Struct, kw_only=True):
     label: str
     score: float
     bbox: list[float]
+
+
+class AddModelRequest(msgspec.Struct, kw_only=True, omit_defaults=True, forbid_unknown_fields=True):
+    """Body of `POST /admin/models` (and one entry of the server's `--model-store` file): a model registered at
+    runtime, a bundle id, a hub id or a local folder, as `-m` takes; it loads on first use, or at once with `load`."""
+
+    model: str
+    adapter: str | None = None  # the adapter family, when the model's files do not say it (as `--adapter`)
+    served_model_name: str | None = None  # the name it answers under (as `--served-model-name`)
+    # Its default profile's options, over what the bundle or its files say (a model config's `adapter_options`).
+    loadtime: dict[str, Any] = {}
+    runtime: dict[str, Any] = {}
+    max_batch_tokens: int | None = None
+    compute_precision: str | None = None
+    load: bool = False
+
+    @property
+    def name(self) -> str:
+        """The name it is served and stored under."""
+        return self.served_model_name or self.model

@@ -93,3 +93,28 @@ def test_a_bad_variable_stops_serve_with_one_sentence() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last == ("sie-server: error: SIE_ENGINE must be one of auto, torch, onnx, openvino (or optimum, for "
                     "onnx), not 'bogus'")
+
+
+def test_operator_flags_are_in_help_and_reach_settings() -> None:
+    out = subprocess.run([sys.executable, "-m", "sie_router", "serve", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for flag in ("--json-output", "--access-log", "--otlp-endpoint", "--otlp-service-name", "--cors-allow-origin",
+                 "--permissive-cors", "--model-store"):
+        assert flag in out, flag
+    settings = settings_from(["--json-output", "--access-log", "--otlp-endpoint", "http://otel:4318",
+                              "--otlp-service-name", "embed", "--cors-allow-origin", "https://a.example",
+                              "--cors-allow-origin", "http://b.example:3000", "--permissive-cors",
+                              "--model-store", "/var/lib/sie/models.json"])
+    assert (settings.log_format, settings.access_log, settings.permissive_cors) == ("json", True, True)
+    assert (settings.otlp_endpoint, settings.otlp_service_name) == ("http://otel:4318/v1/traces", "embed")
+    assert settings.cors_allow_origins == ("https://a.example", "http://b.example:3000")
+    assert str(settings.model_store) == "/var/lib/sie/models.json"
+    closed = settings_from([])
+    assert (closed.log_format, closed.otlp_endpoint, closed.cors_allow_origins, closed.model_store) == (
+        "text", None, (), None)
+
+
+def test_a_bad_origin_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from(["--cors-allow-origin", "https://a.example/app"])
+    assert "--cors-allow-origin: 'https://a.example/app' is not an origin" in capsys.readouterr().err

@@ -95,10 +95,10 @@ def pool_on(tmp_path: Path) -> Iterator[object]:
 
 def test_the_pool_gives_each_worker_its_gpu_uuid_under_an_inherited_subset(pool_on) -> None:  # type: ignore[no-untyped-def]
     pool = pool_on(three_gpus(), visible="2,1")  # a Slurm allocation of two of the node's three GPUs
-    assert set(pool.ledger.devices) == {"cuda:1", "cuda:2"}
+    assert {name for name, d in pool.ledger.devices.items() if d.placeable} == {"cuda:1", "cuda:2"}
     config = pool.registry.configs["test/fake-dense"]
     for device in ("cuda:1", "cuda:2"):
-        spec = pool._spec(config, "", device)
+        spec = pool._spec(config, "", device, None)
         assert spec.env["CUDA_VISIBLE_DEVICES"] == UUIDS[int(device[-1])] and spec.device == device
 
 
@@ -108,11 +108,11 @@ def test_gpu_workers_load_cuda_lazily_and_grow_segments_unless_the_server_says_o
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the operator's own, inherited
     pool = pool_on(three_gpus())
     config = pool.registry.configs["test/fake-dense"]
-    spec = pool._spec(config, "", "cuda:0")
+    spec = pool._spec(config, "", "cuda:0", None)
     assert spec.env["CUDA_MODULE_LOADING"] == "LAZY"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in spec.env, "the inherited setting is the worker's, not overwritten"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    assert pool._spec(config, "", "cuda:1").env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert pool._spec(config, "", "cuda:1", None).env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
 # -- 4. NVML errors after start ---------------------------------------------------------------------------------------

@@ -101,3 +101,34 @@ def test_the_adapter_flag_names_the_family_the_files_do_not(tmp_path: Path) -> N
     assert infer_config(str(folder), offline=True, adapter="colbert").family() == "multivector"  # SIE's names too
     with pytest.raises(CannotInfer, match="unknown adapter 'bogus'"):
         infer_config(str(folder), offline=True, adapter="bogus")
+
+
+def _st6(folder: Path) -> Path:
+    """The checkpoint rewritten in the layout sentence-transformers 5/6 writes: new module type names, one
+    `pooling_mode` key, no `max_seq_length`."""
+    renamed = {"Transformer": "sentence_transformers.base.modules.transformer.Transformer",
+               "Pooling": "sentence_transformers.sentence_transformer.modules.pooling.Pooling",
+               "Normalize": "sentence_transformers.base.modules.normalize.Normalize",
+               "MLMTransformer": "sentence_transformers.sparse_encoder.modules.mlm_transformer.MLMTransformer",
+               "SpladePooling": "sentence_transformers.sparse_encoder.modules.splade_pooling.SpladePooling"}
+    modules = json.loads((folder / "modules.json").read_text())
+    for module in modules:
+        module["type"] = renamed[module["type"].rsplit(".", 1)[-1]]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    if (folder / "1_Pooling").is_dir():
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": 32,
+                                                                       "pooling_mode": "cls"}))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"transformer_task": "feature-extraction"}))
+    return folder
+
+
+def test_the_layout_sentence_transformers_5_and_6_write_infers_as_the_classic_one(tmp_path: Path) -> None:
+    classic = infer_config(str(tiny.build_dense_st(tmp_path / "classic")), offline=True)
+    new = infer_config(str(_st6(tiny.build_dense_st(tmp_path / "new"))), offline=True)
+    assert (classic.family(), new.family()) == ("dense", "dense") and new.tasks == classic.tasks
+    assert (classic.max_sequence_length, new.max_sequence_length) == (64, None)  # 5/6 leave it to the tokenizer
+    assert infer_family(_st6(tiny.build_sparse_st(tmp_path / "sparse"))).family == "sparse"
+    weighted = _modules_with(_st6(tiny.build_dense_st(tmp_path / "weighted")),
+                             "sentence_transformers.sentence_transformer.modules.WeightedLayerPooling")
+    with pytest.raises(CannotInfer, match="WeightedLayerPooling"):  # a Pooling by suffix only is not Pooling
+        infer_family(weighted)

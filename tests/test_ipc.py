@@ -42,7 +42,8 @@ class FakeWorker:
 
     async def say_ready(self) -> None:
         await self.recv_from_router.send(protocol.encode(Ready(
-            worker_id=self.worker_id, model="m", device="cpu", memory_bytes=1, dims={"dense": 2}, capabilities=[])))
+            worker_id=self.worker_id, model="m", device="cpu", memory_bytes=1, dims={"dense": 2}, capabilities=[],
+            engine="fake")))
 
     async def next_batch(self) -> EncodeBatch:
         message = protocol.decode_for_worker(await asyncio.wait_for(self.recv_from_router.recv(), 10))

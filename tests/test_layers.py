@@ -10,7 +10,7 @@ ROUTER = Path(__file__).resolve().parent.parent / "router"
 # Bottom to top. A top-level module names its own layer: the base that every room may use, or the app on top.
 LAYERS = ("base", "models", "pool", "pipeline", "api", "middleware", "app")
 TOP_LEVEL = {"__init__": "base", "errors": "base", "settings": "base", "metrics": "base", "request_labels": "base",
-             "loops": "base", "app": "app", "__main__": "app"}
+             "loops": "base", "telemetry": "base", "app": "app", "__main__": "app"}
 MAX_TOP_LEVEL = 12
 
 

@@ -158,3 +158,20 @@ def test_a_reservation_follows_a_worker_that_fell_back_to_another_device() -> No
     assert placement.ledger.placement["m"] == "cpu"
     assert placement.ledger.devices["cpu"].free == 700 * MiB
     assert "m" not in placement.ledger.devices["cuda:0"].reserved
+
+
+def test_with_gpus_only_a_worker_that_fell_back_to_the_cpu_moves_off_the_gpu_budget() -> None:
+    """NVML lists GPUs only: the host is in the ledger all the same, for fallback workers, and never placed on."""
+
+    class GpuOnly(FakeHost):
+        def snapshot(self) -> list[DeviceMemory]:
+            return [DeviceMemory("cuda:0", 0, 2 * 1024 * MiB, 0, free=2 * 1024 * MiB)]
+
+    placement = Placement(Settings(memory_budget=8 * 1024 * MiB, gpu_memory_fraction=0.5), GpuOnly())
+    gpu = placement.ledger.devices["cuda:0"]
+    assert placement.ledger.best_device() == "cuda:0"  # though the host has more room
+    placement.reserve("m", "cuda:0", 300 * MiB)
+    placement.move("m", "cpu")
+    assert placement.ledger.placement["m"] == "cpu" and not gpu.reserved and gpu.free == 1024 * MiB
+    assert placement.ledger.devices["cpu"].free == 8 * 1024 * MiB - 300 * MiB
+    assert placement.plan("n", 500 * MiB, lambda _k: False) == ("cuda:0", [])

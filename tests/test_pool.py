@@ -92,7 +92,8 @@ async def test_the_idle_evictor_survives_an_exception_and_evicts_again(pool: Wor
 def ready(pool: WorkerPool, key: str) -> Worker:
     """A loaded slot whose worker has said Ready."""
     worker = loaded(pool, key)
-    worker.info = Ready(worker_id="w", model=key, device="cpu", memory_bytes=1, dims={"dense": 2}, capabilities=[])
+    worker.info = Ready(worker_id="w", model=key, device="cpu", memory_bytes=1, dims={"dense": 2}, capabilities=[],
+                        engine="fake")
     return worker
 
 

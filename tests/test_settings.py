@@ -24,6 +24,10 @@ def test_every_field_reads_its_own_variable() -> None:
             text = "/tmp/map.yaml"
         if field.name == "url_prefix":
             text = "/x"
+        if field.name == "otlp_endpoint":
+            text = "http://collector:4318"
+        if field.name == "cors_allow_origins":
+            text = "https://a.example;http://b.example:8080"
         if field.name in CHOICES:
             text = next(value for value in CHOICES[field.name] if value != field.default)
         built = build_settings(env_defaults({f"SIE_{field.name.upper()}": text}))
@@ -79,3 +83,37 @@ def test_checks_that_span_values_name_their_source() -> None:
         build_settings(env_defaults({"SIE_DEFAULT_PROMPT": "a", "SIE_DEFAULT_PROMPT_NAME": "b"}))
     with pytest.raises(ValueError, match=r"^invalid setting SIE_PORT: "):
         build_settings(env_defaults({"SIE_PORT": "eighty"}))
+
+
+def test_tracing_follows_opentelemetrys_variables_unless_ours_say() -> None:
+    def endpoint(env: dict[str, str]) -> str | None:
+        return build_settings(env_defaults(env)).otlp_endpoint
+
+    assert endpoint({}) is None  # off by default
+    assert endpoint({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}) == "http://c:4318/v1/traces"
+    assert endpoint({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces",
+                     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://other:4318"}) == "http://c:4318/v1/traces"
+    assert endpoint({"OTEL_TRACES_EXPORTER": "otlp"}) == "http://localhost:4318/v1/traces"
+    assert endpoint({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    assert endpoint({"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) is None
+    assert endpoint({"SIE_OTLP_ENDPOINT": "http://ours:4318", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}) == (
+        "http://ours:4318/v1/traces")
+    named = build_settings(env_defaults({"OTEL_SERVICE_NAME": "theirs"}))
+    assert named.otlp_service_name == "theirs"
+    assert build_settings(env_defaults({"OTEL_SERVICE_NAME": "theirs", "SIE_OTLP_SERVICE_NAME": "ours"})
+                          ).otlp_service_name == "ours"
+
+
+def test_grpc_and_bad_endpoints_and_origins_are_refused() -> None:
+    with pytest.raises(ValueError, match="OTLP/HTTP with protobuf only"):
+        build_settings(env_defaults({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                                     "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}))
+    with pytest.raises(ValueError, match="SIE_OTLP_ENDPOINT must be an http"):
+        build_settings(env_defaults({"SIE_OTLP_ENDPOINT": "collector:4318"}))
+    for origin in ("https://a.example/", "a.example", "https://a.example/path", "ftp://a.example"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            build_settings(env_defaults({"SIE_CORS_ALLOW_ORIGINS": origin}))
+    assert build_settings(env_defaults({"SIE_CORS_ALLOW_ORIGINS": "*"})).cors_allow_origins == ("*",)
+    assert build_settings(env_defaults({"SIE_LOG_FORMAT": "json"})).log_format == "json"
+    with pytest.raises(ValueError, match="SIE_LOG_FORMAT must be one of text, json"):
+        build_settings(env_defaults({"SIE_LOG_FORMAT": "yaml"}))

@@ -41,6 +41,7 @@ from sie_worker.protocol import (
     BatchTiming,
     EncodeBatch,
     EncodeResult,
+    FakeOptions,
     InputItem,
     LoadErrorClass,
     WorkerSpec,
@@ -50,11 +51,11 @@ from sie_worker.protocol import (
 SETTINGS = Settings(batch_timeout_s=2.0, batch_timeout_floor_s=1.0, load_timeout_s=60, ping_interval_s=0)
 
 
-def spec(supervisor: Supervisor, **loadtime: Any) -> WorkerSpec:
+def spec(supervisor: Supervisor, **faults: Any) -> WorkerSpec:
     client = supervisor.client
     return WorkerSpec(worker_id=uuid.uuid4().hex[:12], model="test/fake", adapter="fake", weights_dir="",
                       to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
-                      loadtime={"dim": 4, **loadtime}, threads=1)
+                      options=FakeOptions(dim=4, **faults), threads=1)
 
 
 def encode(batch_id: int) -> EncodeBatch:
@@ -87,11 +88,14 @@ async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
         await asyncio.sleep(0.05)
 
 
-def test_the_router_imports_only_the_protocol_from_the_worker_package() -> None:
+def test_the_router_imports_only_the_shared_torch_free_modules_of_the_worker_package() -> None:
+    """The protocol, the one reader of sentence-transformers files (family inference) and the logs and traces both
+    processes write; none of them pulls torch or transformers."""
     code = ("import sys, sie_router.app, sie_router.pool.supervisor; "
-            "print(sorted(m for m in sys.modules if m.startswith('sie_worker')))")
+            "print(sorted(m for m in sys.modules if m.startswith('sie_worker')), "
+            "[m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['sie_worker', 'sie_worker.protocol']"
+    assert out.strip() == "['sie_worker', 'sie_worker.protocol', 'sie_worker.st_layout', 'sie_worker.telemetry'] []"
 
 
 def test_spawn_handshake_call_and_stop() -> None:

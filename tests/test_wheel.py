@@ -80,3 +80,16 @@ def test_a_wheel_run_elsewhere_serves_a_bundle_model_by_its_hub_id(served: Serve
     log = served.log_path.read_text()
     assert f"downloaded {BUNDLED}" in log
     assert "adapter, because of" not in log  # the bundle's config, not inference
+
+
+def test_the_wheel_needs_and_serves_the_operator_dependencies(venv: Path, served: Server) -> None:
+    """Swagger UI's assets and OpenTelemetry come with the router extra (the image installs it); /docs loads them from
+    the installed distribution, not from our tree or a CDN."""
+    requires = subprocess.run([venv / "bin" / "python", "-c", "import importlib.metadata as m; "
+                               "print('\\n'.join(m.distribution('sie').requires))"], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    for name in ("swagger-ui-bundle-v2", "opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"):
+        assert any(r.startswith(name) and 'extra == "router"' in r for r in requires), name
+    assert any(r.startswith("opentelemetry-sdk") and 'extra == "worker"' in r for r in requires)
+    asset = httpx.get(f"{served.url}/docs/swagger-ui-bundle.js")
+    assert asset.status_code == 200 and "SwaggerUIBundle" in asset.text

@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import msgspec
@@ -23,7 +24,7 @@ import setproctitle
 import zmq
 
 from sie_sdk.codes import ErrorCode
-from sie_worker import cuda, protocol, tokens
+from sie_worker import cuda, protocol, telemetry, tokens
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
@@ -49,6 +50,8 @@ _POLL_MS = 100
 FAULT_ENV = "SIE_WORKER_FAULT"
 FAULTS = frozenset({"bad_frame", "garbage", "unknown_code"})
 UNDECODABLE = b"\xc1 is never valid msgpack"
+# The trace id of the traced batch this thread works on, for the log lines it writes meanwhile.
+_trace_id: ContextVar[str | None] = ContextVar("sie_worker_trace_id", default=None)
 
 
 class _Failed:
@@ -95,6 +98,12 @@ class Worker:
         self.identity = spec.worker_id.encode()
         self.injected_fault = _injected_fault(spec.model)
         self.replies = 0
+        # Each worker exports its own spans: its process, model and device are the resource, and no span has to cross
+        # back to the router. OpenTelemetry is imported only here, only when tracing is on.
+        self.spans = (telemetry.PhaseSpans(telemetry.start_tracing(
+            spec.otlp_endpoint, spec.otlp_service_name, {"sie.process": "worker", "sie.model": spec.model,
+                                                         "sie.worker_id": spec.worker_id, "sie.device": spec.device}),
+            "sie_worker") if spec.otlp_endpoint else None)
 
     def send(self, message: protocol.Message) -> None:
         """Send a reply, after our id: the router's PULL socket cannot tell who sent a frame otherwise."""
@@ -116,20 +125,22 @@ class Worker:
         log.info("loading %s (%s adapter) from %s on %s", self.spec.model, self.spec.adapter,
                  self.spec.weights_dir, self.spec.device)
         try:
-            context_bytes = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else 0
+            free_before = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else None
             adapter = build_adapter(self.spec)
             if "torch" in sys.modules:  # a torch adapter: its threads before its first op; a lean one never maps it
                 configure_torch_threads(self.spec.threads)
             info = adapter.load()
+            context_bytes = cuda.context_bytes(self.spec, free_before)  # after the warm-up loaded cuBLAS and kernels
         except Exception as exc:  # any load error is reported, then the process exits
             log.exception("loading %s failed", self.spec.model)
             self.send_handshake(LoadFailed(worker_id=self.spec.worker_id, code=ErrorCode.MODEL_LOAD_FAILED,
                                            error_class=load_error_class(exc), message=f"{type(exc).__name__}: {exc}"))
             return None
         seconds = time.monotonic() - started
-        log.info("loaded %s in %.2fs (dims %s)", self.spec.model, seconds, info.dims)
+        log.info("loaded %s in %.2fs on %s (dims %s)", self.spec.model, seconds, info.engine, info.dims)
         self.send_handshake(Ready(worker_id=self.spec.worker_id, model=self.spec.model, device=self.spec.device,
                         memory_bytes=adapter.memory_bytes(), dims=info.dims, capabilities=info.capabilities,
+                        engine=info.engine,
                         max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid(),
                         context_bytes=context_bytes))
         return adapter
@@ -152,11 +163,15 @@ class Worker:
             if isinstance(message, Ping):
                 self.send_handshake(Alive())
                 continue
+            trace = getattr(message, "trace", None)
+            _trace_id.set(telemetry.trace_id_of(trace))
+            started = time.time_ns()
             try:
                 item: Any = (_Answered(message, adapter) if isinstance(message, TokenizeBatch | DecodeBatch)
                              else adapter.prepare(message))
             except Exception as exc:
                 item = _Failed(message.batch_id, batch_failure_code(exc), f"{type(exc).__name__}: {exc}")
+            self.trace(trace, "sie.worker.tokenize", message.batch_id, started)
             self.ready_batches.put(item)
         self.ready_batches.put(_STOP)
 
@@ -169,13 +184,36 @@ class Worker:
                 continue
             if item is _STOP:
                 return
-            self.send(item.report if isinstance(item, _Failed) else self.run_one(adapter, item))
+            if isinstance(item, _Failed):
+                self.send(item.report)
+            else:
+                self.serve_one(adapter, item)
             if self.device_fault is not None:
                 return
+
+    def serve_one(self, adapter: Adapter, prepared: Prepared) -> None:
+        """Run one prepared batch and send its reply; a traced batch's forward pass and post-processing (its result
+        packed into the reply and sent) become spans under the router's batch span."""
+        trace = prepared.batch.trace
+        _trace_id.set(telemetry.trace_id_of(trace))
+        started = time.time_ns()
+        reply = self.run_one(adapter, prepared)
+        answered = time.time_ns()
+        self.send(reply)
+        self.trace(trace, "sie.worker.forward", prepared.batch.batch_id, started, answered)
+        self.trace(trace, "sie.worker.postprocess", prepared.batch.batch_id, answered)
+
+    def trace(self, traceparent: str | None, name: str, batch_id: int, start_ns: int, end_ns: int = 0) -> None:
+        """Record a phase of a traced batch as a span (nothing when tracing is off or the batch is not traced)."""
+        if self.spans is not None and traceparent:
+            self.spans.record(name, traceparent, start_ns, end_ns or time.time_ns(),
+                              {"sie.model": self.spec.model, "sie.batch_id": batch_id})
 
     def run_one(self, adapter: Adapter, prepared: Prepared) -> protocol.Message:
         batch_id = prepared.batch.batch_id
         started = time.perf_counter()
+        failed: BatchFailed | None = None
+        out_of_memory = False
         try:
             result = adapter.forward(prepared)
         except Exception as exc:  # errors inside a batch are data; the worker keeps serving, unless CUDA broke
@@ -183,12 +221,20 @@ class Worker:
                 log.exception("batch %d failed", batch_id)
             if cuda.is_device_fault(exc):
                 self.device_fault = exc
-            elif cuda.is_out_of_memory(exc):
+            out_of_memory = cuda.is_out_of_memory(exc)
+            failed = BatchFailed(batch_id=batch_id, code=batch_failure_code(exc),
+                                 message=f"{type(exc).__name__}: {exc}")
+        if failed is not None:
+            if out_of_memory:
+                # Outside the except block: its traceback held the failed forward's frames and their tensors, which
+                # empty_cache() could not hand back. The router retries the halves next.
                 cuda.release_cached_memory()
-            return BatchFailed(batch_id=batch_id, code=batch_failure_code(exc), message=f"{type(exc).__name__}: {exc}")
+            return failed
         timing = BatchTiming(tokenize_ms=prepared.tokenize_ms,
                              inference_ms=(time.perf_counter() - started) * 1000.0)
-        return BatchDone(batch_id=batch_id, result=result, timing=timing)
+        allocated, reserved = cuda.memory_figures()
+        return BatchDone(batch_id=batch_id, result=result, timing=timing, memory_allocated=allocated,
+                         memory_reserved=reserved)
 
     def stop_preparing(self, preparer: threading.Thread, deadline_s: float = 2.0) -> bool:
         """Stop the prepare thread before its batches are served (they fail with this worker's exit); whether it
@@ -201,6 +247,8 @@ class Worker:
         return not preparer.is_alive()
 
     def close(self) -> None:
+        if self.spans is not None:
+            self.spans.close()
         self.recv_from_router.close(linger=2000)
         self.send_to_router.close()
         self.context.term()
@@ -242,6 +290,8 @@ def entry(spec_bytes: bytes) -> None:
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     os.environ.update(spec.env)
     die_with_parent(signal.SIGTERM)  # a SIGKILLed router cannot stop us: the kernel does
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
+    telemetry.configure_logging("INFO", spec.log_format == "json", lambda: {"model": spec.model,
+                                                                            "trace_id": _trace_id.get()},
+                                text_format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")
     setproctitle.setproctitle(f"sie-worker:{spec.model}@{spec.device}")
     sys.exit(run(spec))

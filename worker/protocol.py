@@ -3,6 +3,7 @@
 Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `TokenizeBatch`, `DecodeBatch`,
 `Ping`, `Shutdown`).
 Worker to router: facts (`Ready`, `LoadFailed`, `Alive`, `BatchDone`, `BatchFailed`).
+Also the spawn argument `WorkerSpec`, with each family's adapter options (`DenseOptions` and the rest).
 This module imports only msgspec, numpy, the standard library and `sie_sdk.types`; arrays cross as `Tensor`, never
 pickle.
 """
@@ -10,7 +11,7 @@ pickle.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import numpy as np
@@ -149,6 +150,9 @@ class EncodeBatch(Message, gc=False):
     output_types: list[str]
     is_query: bool = False
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class ScoreBatch(Message, gc=False):
@@ -157,6 +161,9 @@ class ScoreBatch(Message, gc=False):
     batch_id: int
     pairs: list[tuple[str, str]]
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class ExtractBatch(Message, gc=False):
@@ -166,6 +173,9 @@ class ExtractBatch(Message, gc=False):
     items: list[InputItem]
     labels: list[str] = []
     options: dict[str, Any] = {}
+    # The W3C traceparent of the router's batch span when tracing is on, else omitted from the frame; last, and
+    # optional, so a peer without it still decodes the message.
+    trace: str | None = None
 
 
 class TokenizeBatch(Message):
@@ -192,6 +202,11 @@ class Shutdown(Message):
     """Finish the batches already received, then exit 0."""
 
 
+# The engine a worker runs its model on: torch, or an exported graph under ONNX Runtime or OpenVINO ("fake": the test
+# adapter, which runs no model).
+RunEngine = Literal["torch", "onnx", "openvino", "fake"]
+
+
 class Ready(Message):
     """The model is loaded and the worker takes batches; sent once, first."""
 
@@ -201,6 +216,7 @@ class Ready(Message):
     memory_bytes: int
     dims: dict[str, int]
     capabilities: list[str]
+    engine: RunEngine
     max_sequence_length: int | None = None
     load_seconds: float = 0.0
     pid: int = 0
@@ -228,6 +244,10 @@ class BatchDone(Message, gc=False):
     batch_id: int
     result: EncodeResult | ScoreResult | ExtractResult | TokenizeResult
     timing: BatchTiming = msgspec.field(default_factory=BatchTiming)
+    # torch's CUDA allocator after the batch (0 on the CPU): the router's ledger follows a worker's growth under
+    # traffic with these where NVML has no per-process figure (a container without the host's PID namespace).
+    memory_allocated: int = 0
+    memory_reserved: int = 0
 
 
 class BatchFailed(Message):
@@ -283,6 +303,144 @@ def _check_registry() -> None:
 _check_registry()
 
 
+# -- adapter options ----------------------------------------------------------------------------------------------
+# What a model config's `adapter_options` may set, one Struct per family. The router checks a profile's `loadtime` and
+# `runtime` options against its family's Struct when a bundle loads and sends the Struct in the worker's spec; each
+# default below is the only one. A field that is None by default is one the checkpoint's own files may declare: the
+# adapter then takes the checkpoint's value, else its own stated fallback.
+
+MAX_BATCH_TOKENS = 16384  # a worker's token budget per batch, where the profile sets no `max_batch_tokens`
+GPU_MAX_BATCH_TOKENS = 32768  # the same on a GPU, whose forward costs little more at twice the tokens
+MAX_IMAGE_BYTES = 20 * 1024 * 1024  # the server's image limits (Settings), under a CLIP profile's own
+MAX_IMAGE_PIXELS = 40_000_000
+Engine = Literal["auto", "torch", "onnx", "openvino"]
+DEFAULT_ENGINE: Engine = "auto"  # the server's dense engine on the CPU (Settings), under a profile's own
+
+
+class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
+    """Options of every family; the router reads the templates, instructions and outputs itself."""
+
+    query_template: str | None = None
+    doc_template: str | None = None
+    default_instruction: str | None = None
+    instruction: str | None = None
+    is_query: bool | None = None
+    output_types: list[Literal["dense", "sparse", "multivector"]] | None = None
+    output_dtype: str | None = None
+    truncate: bool | None = None
+    # None: load() warms up at the full token budget on a GPU, and on the CPU only where the family does by default.
+    warm_up: Literal["budget", "small"] | None = None
+
+
+class DenseOptions(Common, tag="dense"):
+    """Dense encoders: torch, or on the CPU an exported graph under OpenVINO or ONNX Runtime."""
+
+    pooling: Literal["mean", "cls", "last", "last_token", "none"] | None = None  # None: the checkpoint's, else mean
+    normalize: bool | None = None  # None: whether the checkpoint has a Normalize module
+    # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
+    engine: Engine = DEFAULT_ENGINE
+    onnx_lanes: int = 0  # calls side by side (ORT calls, or OpenVINO streams); 0: the runtime's default
+    onnx_cache_dir: str | None = None  # where exported graphs are cached; None: ~/.cache/sie/graphs
+    onnx_arena: bool = False  # ORT's CPU memory arena; off, as it keeps the longest batch's memory
+    # The most padded tokens in one forward call of a lean worker. A runtime keeps the working memory of the largest
+    # call it has run, about 14 MiB per 256 tokens for MiniLM under OpenVINO; on CPU a token costs no less in a call of
+    # 4096 than of 1024 (a MiniLM worker after 259 corpus sentences: 1024: 272 MiB, 603 s/s; 2048: 326 MiB, 570 s/s;
+    # 4096: 417 MiB, 568 s/s; bench/README.md, "lean workers").
+    micro_batch_tokens: int = 1024
+
+
+class SparseOptions(Common, tag="sparse"):
+    """SPLADE: None takes the checkpoint's SpladePooling, else max pooling of relu."""
+
+    pooling_strategy: Literal["max", "sum"] | None = None
+    activation_function: Literal["relu", "log1p_relu"] | None = None
+
+
+class MultivectorOptions(Common, tag="multivector"):
+    """ColBERT: None takes what the checkpoint declares (colbert-ir metadata, PyLate configs), else the adapter's
+    fallback ([Q] / [D] markers, 32 query tokens, query expansion on, punctuation skipped)."""
+
+    query_prefix: str | None = None
+    doc_prefix: str | None = None
+    query_max_length: int | None = None
+    doc_max_length: int | None = None  # None: the checkpoint's, else the tokenizer's (at most 512)
+    token_dim: int | None = None  # a check: the load fails unless the checkpoint projects to this width
+    normalize: bool = True
+    query_expansion: bool | None = None
+    attend_to_expansion_tokens: bool | None = None
+    skiplist_words: list[str] | None = None
+
+
+class HybridOptions(Common, tag="hybrid"):
+    """BGE-M3's dense, sparse and multivector heads."""
+
+    normalize: bool = True
+
+
+class ClipOptions(Common, tag="clip"):
+    """CLIP text and image towers."""
+
+    normalize: bool = True
+    inputs: list[Literal["text", "image"]] | dict[str, bool] | None = None  # None: both
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_image_bytes: int = MAX_IMAGE_BYTES
+
+
+class CrossEncoderOptions(Common, tag="cross_encoder"):
+    """Rerankers; `raw_scores` is the router's."""
+
+    raw_scores: bool | None = None
+
+
+class ClassifierOptions(Common, tag="classifier"):
+    """Sequence classification and NLI zero-shot; a request's option wins over these."""
+
+    hypothesis_template: str = "This example is {}."
+    multi_label: bool = False
+    raw_scores: bool = False
+    zero_shot: bool | None = None  # None: zero-shot where the head has an entailment label
+
+
+class GlinerOptions(Common, tag="gliner"):
+    """GLiNER span extraction; a request's option wins over these."""
+
+    threshold: float = 0.5
+    flat_ner: bool = True
+    multi_label: bool = False
+
+
+class NerOptions(Common, tag="ner"):
+    """Token-classification NER."""
+
+
+class FakeOptions(Common, tag="fake"):
+    """The fake adapter's width and fault injection (tests); batch numbers are 1-based."""
+
+    dim: int = 16
+    load_delay_s: float = 0.0
+    batch_delay_s: float = 0.0
+    batch_delay_per_item_s: float = 0.0
+    fail_load: str | None = None  # a message: the load fails with it
+    fail_loads: int = 0  # the first this many loads fail with EMFILE, counted in `fail_loads_file`
+    fail_loads_file: str | None = None
+    memory_mb: int = 0  # MiB held from load
+    grow_mb_per_batch: int = 0  # MiB more held after every batch
+    crash_on_batch: int | None = None
+    oom_on_batch: int | None = None
+    oom_over_items: int | None = None  # a batch of more items runs out of memory
+    cuda_error_on_batch: int | None = None  # from that batch on, as a broken CUDA context does
+
+
+FamilyOptions = (DenseOptions | SparseOptions | MultivectorOptions | HybridOptions | ClipOptions | CrossEncoderOptions
+                 | ClassifierOptions | GlinerOptions | NerOptions | FakeOptions)
+# Family name -> its option Struct; the tag each Struct carries is its family's name.
+FAMILY_OPTIONS: dict[str, type[Common]] = {
+    str(cls.__struct_config__.tag): cls
+    for cls in (DenseOptions, SparseOptions, MultivectorOptions, HybridOptions, ClipOptions, CrossEncoderOptions,
+                ClassifierOptions, GlinerOptions, NerOptions, FakeOptions)}
+Options = TypeVar("Options", bound=Common)
+
+
 class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     """How to start one worker: passed once, encoded, as the spawn argument (not a Message: it never crosses ZeroMQ)."""
 
@@ -295,11 +453,22 @@ class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     device: str = "cpu"
     compute_precision: str | None = None
     max_sequence_length: int | None = None
-    loadtime: dict[str, Any] = {}
-    runtime: dict[str, Any] = {}
+    options: FamilyOptions | None = None  # the profile's adapter options; None: the family's defaults
     threads: int = 0
     env: dict[str, str] = {}
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = MAX_BATCH_TOKENS
     # `--device auto`: a worker placed on a GPU whose torch has no CUDA runs on the CPU (with a warning) instead of
     # failing its load.
     cpu_fallback: bool = False
+    # Logs as JSON lines; spans of traced batches exported to this OTLP/HTTP traces URL under this service name.
+    log_format: str = "text"
+    otlp_endpoint: str | None = None
+    otlp_service_name: str = "sie"
+
+    def options_as(self, kind: type[Options]) -> Options:
+        """The options as `kind` (the family's Struct, or `Common`): the defaults where the spec carries none."""
+        if self.options is None:
+            return kind()
+        if not isinstance(self.options, kind):
+            raise TypeError(f"a {self.adapter} worker was sent {type(self.options).__name__}")
+        return self.options

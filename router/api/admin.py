@@ -1,17 +1,24 @@
-"""Admin API (router process): list workers, evict a model. Behind the admin token when one is configured."""
+"""Admin API (router process): list workers, evict a model; list, add and remove models at runtime
+(`pipeline.catalog`). Behind the admin token when one is configured."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sie_router import metrics
+from sie_router.api import health
 from sie_router.api.state import app_state
+from sie_router.errors import invalid
 from sie_router.pipeline import codec
 from sie_router.pipeline.resolve import resolve
 from sie_router.pool.pool import Slot, WorkerPool
+from sie_sdk.types import AddModelRequest
 
 
 def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
@@ -57,3 +64,30 @@ async def evict(request: Request) -> Response:
     model = resolve(state.registry, name)
     evicted = await state.pool.evict(model.key, reason="admin")
     return codec.json_response({"model": model.key, "evicted": evicted})
+
+
+async def list_models(request: Request) -> Response:
+    """Every registration and where it came from: the bundle, `-m`, or runtime."""
+    return codec.json_response({"models": app_state(request).catalog.rows()})
+
+
+async def add_model(request: Request) -> Response:
+    state = app_state(request)
+    body = await codec.read_body(request, state.settings.max_request_bytes)
+    try:
+        added = msgspec.json.decode(body, type=AddModelRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise invalid(f"invalid body for POST /admin/models: {exc}") from None
+    if not added.model.strip():
+        raise invalid("`model` names the model to add: a bundle id, a hub id or a local folder", param="model")
+    answer = await state.catalog.add(added)
+    health.declare_models([answer["model"]])
+    return codec.json_response(answer, status=201)
+
+
+async def remove_model(request: Request) -> Response:
+    state = app_state(request)
+    answer = await state.catalog.remove(request.path_params["model"])
+    with contextlib.suppress(KeyError):  # the autoscaler no longer sees a queue for it
+        metrics.QUEUE_DEPTH.remove(answer["model"])
+    return codec.json_response(answer)

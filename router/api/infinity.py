@@ -34,8 +34,9 @@ async def models(request: Request) -> Response:
         queued = state.pool.slots[config.sie_id].queued
         capacity = state.settings.max_queue_items
         capabilities = _capabilities(served_outputs(config, profile), config.input_kinds, config.family(profile))
+        batch_size = state.pool.batch_limits(config.sie_id).max_items
         data.append({"id": name, "stats": {"queue_fraction": queued / capacity, "queue_absolute": queued,
-                                           "results_pending": queued, "batch_size": state.settings.max_batch_items},
+                                           "results_pending": queued, "batch_size": batch_size},
                      "object": "model", "owned_by": "infinity", "created": int(state.pool.started_at),
                      "backend": "torch", "capabilities": capabilities})
     return codec.json_response({"data": data, "object": "list"})

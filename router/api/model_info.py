@@ -41,6 +41,7 @@ def model_info(state: AppState, name: str) -> dict[str, Any]:
         "max_sequence_length": config.max_sequence_length or (info.max_sequence_length if info else None),
         "profiles": {p: {"is_default": p == "default"} for p in config.profiles},
         "device": worker.device if worker else None,
+        "engine": info.engine if info else None,  # what the loaded worker runs: torch, onnx or openvino
         "memory_bytes": info.memory_bytes if info else None,
         "id": name,
         "object": "model",

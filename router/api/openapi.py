@@ -1,4 +1,5 @@
-"""The OpenAPI document served at `/openapi.json`, and a `/docs` page (router process).
+"""The OpenAPI document served at `/openapi.json`, and a `/docs` page whose Swagger UI assets this server serves
+(router process).
 
 Request schemas come from the msgspec Structs the handlers decode with; paths, summaries and auth come from the
 route table (`api.routes`).
@@ -8,15 +9,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import swagger_ui_bundle
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, Response
 
 from sie_router import __version__
 from sie_router.api.endpoint import Access, Endpoint
-from sie_router.errors import Api
+from sie_router.errors import Api, SIEError
+from sie_sdk.codes import ErrorCode
 
 REF = "#/components/schemas/{name}"
 _TEXTS = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}}]}
@@ -120,18 +124,36 @@ async def openapi_json(request: Request) -> Response:
     return Response(body, media_type="application/json")
 
 
+# Swagger UI's built assets, from the `swagger-ui-bundle-v2` distribution (installed with the router): the page and
+# everything it loads come from this server, so /docs works on an air-gapped cluster. Paths are relative to `/docs`.
+SWAGGER_UI = Path(str(swagger_ui_bundle.swagger_ui_path))
+DOCS_ASSETS = {"swagger-ui.css": "text/css", "swagger-ui-bundle.js": "text/javascript",
+               "favicon-32x32.png": "image/png", "favicon-16x16.png": "image/png"}
+
+# validatorUrl null: Swagger UI would otherwise fetch a badge from its public validator.
 _DOCS = """<!doctype html>
-<html><head><title>SIE API</title><meta charset="utf-8">
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<html lang="en"><head><meta charset="utf-8"><title>SIE API</title>
+<link rel="stylesheet" href="docs/swagger-ui.css">
+<link rel="icon" type="image/png" href="docs/favicon-32x32.png" sizes="32x32">
+<link rel="icon" type="image/png" href="docs/favicon-16x16.png" sizes="16x16"></head>
 <body><div id="ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#ui"});</script>
+<script src="docs/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "openapi.json", dom_id: "#ui", validatorUrl: null, deepLinking: true});</script>
 </body></html>"""
 
 
 async def docs(request: Request) -> Response:
-    """Swagger UI over `/openapi.json` (the page loads its script from a CDN, as FastAPI's does)."""
+    """Swagger UI over `/openapi.json`, with its assets served by this server (`docs_asset`)."""
     return HTMLResponse(_DOCS)
+
+
+async def docs_asset(request: Request) -> Response:
+    """One of Swagger UI's files; the name is checked against `DOCS_ASSETS`, never joined to a path unchecked."""
+    name = request.path_params["asset"]
+    if name not in DOCS_ASSETS:
+        raise SIEError(ErrorCode.NOT_FOUND, f"no documentation asset {name!r}")
+    return FileResponse(SWAGGER_UI / name, media_type=DOCS_ASSETS[name],
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 def encoded(endpoints: Sequence[Endpoint], *, api_key: bool, admin_token: bool) -> bytes:

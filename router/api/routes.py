@@ -23,7 +23,14 @@ from sie_router.api.tei_bodies import (
 )
 from sie_router.errors import Api
 from sie_router.pipeline import codec
-from sie_sdk.types import DecodeRequest, EncodeRequest, ExtractRequest, ScoreRequest, TokenizeRequest
+from sie_sdk.types import (
+    AddModelRequest,
+    DecodeRequest,
+    EncodeRequest,
+    ExtractRequest,
+    ScoreRequest,
+    TokenizeRequest,
+)
 
 ADMIN_PREFIX = "/admin/"  # every admin route lives under it, and every route under it is an admin route (checked)
 
@@ -85,6 +92,14 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              doc=Doc("Workers, their memory and queues, and the device ledger", "admin")),
     Endpoint("/admin/workers/{model:path}/evict", "POST", admin.evict, access=Access.ADMIN,
              doc=Doc("Evict a model's worker", "admin")),
+    Endpoint("/admin/models", "GET", admin.list_models, name="admin_models", access=Access.ADMIN,
+             doc=Doc("Registered models and where each came from: the bundle, `-m`, or runtime", "admin")),
+    Endpoint("/admin/models", "POST", admin.add_model, name="admin_add_model", access=Access.ADMIN,
+             doc=Doc("Register a model at runtime (a bundle id, a hub id or a folder); `load` loads it at once",
+                     "admin", AddModelRequest)),
+    Endpoint("/admin/models/{model:path}", "DELETE", admin.remove_model, name="admin_remove_model",
+             access=Access.ADMIN, doc=Doc("Drain, evict and unregister a model; then it is 404 MODEL_NOT_FOUND",
+                                          "admin")),
     Endpoint("/readyz", "GET", health.readyz, access=Access.OPEN,
              doc=Doc("Readiness: `ok` once the startup models are loaded, else 503", "health", answer="text/plain")),
     Endpoint("/openapi.json", "GET", openapi.openapi_json, access=Access.OPEN, doc=Doc("This document", "meta")),
@@ -98,6 +113,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              probe=tei.is_probe, doc=Doc(_TEI_GET, "tei")),
     Endpoint("/docs", "GET", openapi.docs, access=Access.OPEN,
              doc=Doc("Interactive API documentation", "meta", answer="text/html")),
+    Endpoint("/docs/{asset}", "GET", openapi.docs_asset, name="docs_asset", access=Access.OPEN,
+             probe=lambda method, path: path.removeprefix("/docs/") in openapi.DOCS_ASSETS,  # open, as /docs
+             doc=Doc("Swagger UI's files, served by this server so that `/docs` needs no network", "meta",
+                     answer="application/octet-stream")),
 )
 ROUTES = [endpoint.route() for endpoint in ENDPOINTS]
 

@@ -55,8 +55,9 @@ def model_type(model: Resolved) -> str | None:
 
 
 @lru_cache(maxsize=8)
-def defaults(registry: Registry, named: tuple[str, ...]) -> dict[str, str]:
-    """The root's model per type: those named first, then the first served model of each type."""
+def defaults(registry: Registry, named: tuple[str, ...], generation: int) -> dict[str, str]:
+    """The root's model per type: those named first, then the first served model of each type (cached per
+    `generation` of the registry, which models added or removed at runtime change)."""
     found: dict[str, str] = {}
     for name in (*named, *registry.served):
         config, profile = registry.lookup(name)
@@ -80,7 +81,8 @@ class Call:
             if model_type(self.fixed) in types:
                 return self.fixed
             raise backend(NOT_A[types[0]])
-        chosen = defaults(self.state.registry, self.state.settings.tei_models)
+        registry = self.state.registry
+        chosen = defaults(registry, self.state.settings.tei_models, registry.generation)
         name = next((chosen[t] for t in types if t in chosen), None)
         if name is None:
             raise backend(NOT_A[types[0]])
@@ -290,14 +292,15 @@ async def info(call: Call, request: Request, body: bytes) -> Any:
     else:
         pooling = "splade" if kind == "splade" else card.pooling or model.runtime.get("pooling") or "mean"
         model_kind = {"embedding": {"pooling": pooling}}
+    limits = call.state.pool.batch_limits(model.key)
     precision = settings.dtype if settings.dtype != "auto" else (
         model.config.profiles[model.profile].compute_precision or "float32")
     return {"model_id": model.config.hf_id or model.key, "model_sha": model.config.hf_revision,
             "model_dtype": precision, "served_model_name": model.name, "model_type": model_kind,
             "max_concurrent_requests": settings.max_queue_items,
             "max_input_length": card.max_seq_length or model.config.max_sequence_length or found or 512,
-            "max_batch_tokens": model.config.profiles[model.profile].max_batch_tokens or 16384,
-            "max_batch_requests": settings.max_batch_items, "max_client_batch_size": settings.max_client_batch_size,
+            "max_batch_tokens": limits.max_tokens, "max_batch_requests": limits.max_items,
+            "max_client_batch_size": settings.max_client_batch_size,
             "auto_truncate": settings.auto_truncate, "tokenization_workers": 1, "version": TEI_VERSION,
             "sha": None, "docker_label": None}
 

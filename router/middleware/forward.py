@@ -93,10 +93,10 @@ async def _body_chunks(receive: Receive) -> AsyncIterator[bytes]:
 class Forward:
     """Forwards requests for another pool's models to that pool and relays its answer; a no-op without a pool map."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, registry: Registry) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, registry: Registry, pool_map: dict[str, str]) -> None:
         self.app = app
         self.pool = (settings.pool or "unnamed").encode()
-        self.pool_map = load_pool_map(settings.pool_map) if settings.pool_map else {}
+        self.pool_map = pool_map  # `load_pool_map(settings.pool_map)`, read once by the app
         self.registry = registry
         self.limit = settings.max_request_bytes
         self.client: httpx.AsyncClient | None = None

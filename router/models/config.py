@@ -7,6 +7,7 @@ family's option Struct. `inference` builds the same `ModelConfig` from a local f
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import msgspec
 import yaml
 
 from sie_router.models.adapter_options import check_options
+from sie_worker.protocol import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS, Common
 
 log = logging.getLogger("sie.registry")
 
@@ -75,6 +77,15 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True
         raise ValueError(f"{self.source}: profile {profile!r} has no adapter and an unmapped adapter_path "
                          f"{p.adapter_path!r}")
 
+    def options(self, profile: str = "default", server: Mapping[str, Any] | None = None) -> Common:
+        """The profile's adapter options as its family's Struct, over the `server` settings of the same names."""
+        chosen = self.profiles[profile].adapter_options
+        return check_options(self.family(profile), chosen.loadtime, chosen.runtime, server)
+
+    def max_batch_tokens(self, profile: str = "default", gpu: bool = False) -> int:
+        """The profile's token budget per batch, else the default one (for a GPU when `gpu`)."""
+        return self.profiles[profile].max_batch_tokens or (GPU_MAX_BATCH_TOKENS if gpu else MAX_BATCH_TOKENS)
+
     @property
     def outputs(self) -> list[str]:
         encode = self.tasks.get("encode") or {}
@@ -130,10 +141,10 @@ def parse_config(raw: dict[str, Any], source: str) -> ModelConfig:
     if not (cfg.hf_id or cfg.weights_path or cfg.package_backed or cfg.package_dir):
         raise ValueError(f"{source}: one of hf_id, weights_path, package_dir or package_backed is required")
     cfg = _resolve_extends(cfg)
-    for name, profile in cfg.profiles.items():
-        family = cfg.family(name)  # fails early on an unmapped adapter
+    for name in cfg.profiles:
+        cfg.family(name)  # fails early on an unmapped adapter
         try:  # and on options its family does not have
-            check_options(family, profile.adapter_options.loadtime, profile.adapter_options.runtime)
+            cfg.options(name)
         except ValueError as exc:
             raise ValueError(f"{source}: profile {name!r}: {exc}") from None
     return cfg

@@ -9,13 +9,13 @@ each adapter needs (pooling, markers, query length) it reads from the same files
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from sie_router.models.config import ADAPTER_PATH_FAMILIES, ModelConfig, Profile
 from sie_router.models.weights import WeightsQuery, resolve_weights
+from sie_worker.st_layout import Layout, read_json, read_layout
 
 log = logging.getLogger("sie.inference")
 
@@ -38,34 +38,18 @@ class Inferred(NamedTuple):
     reason: str
 
 
-def _read(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _modules(folder: Path) -> list[dict[str, Any]]:
-    modules = _read(folder / "modules.json")
-    return [m for m in modules if isinstance(m, dict)] if isinstance(modules, list) else []
-
-
-def _module(modules: list[dict[str, Any]], *suffixes: str) -> dict[str, Any] | None:
-    return next((m for m in modules if str(m.get("type", "")).endswith(suffixes)), None)
-
-
 def tasks_of(family: str, folder: Path) -> tuple[dict[str, Any], dict[str, bool]]:
     """(tasks, inputs) a family offers for the checkpoint in `folder`; widths are filled in where the files say."""
-    config = _read(folder / "config.json") or {}
+    config = read_json(folder / "config.json") or {}
     hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
     if family == "dense":
         return {"encode": {"dense": {"dim": hidden}}}, {}
     if family == "sparse":
         return {"encode": {"sparse": {"dim": vocab}}}, {}
     if family == "multivector":
-        dense = _module(_modules(folder), "Dense")
-        width = ((_read(folder / str(dense.get("path", "")) / "config.json") or {}).get("out_features") if dense
-                 else (_read(folder / "artifact.metadata") or {}).get("dim"))
+        dense = read_layout(folder).module("Dense")
+        width = (dense.config.get("out_features") if dense
+                 else (read_json(folder / "artifact.metadata") or {}).get("dim"))
         return {"encode": {"multivector": {"dim": width}}}, {}
     if family == "hybrid":
         return {"encode": {"dense": {"dim": hidden}, "sparse": {"dim": vocab}, "multivector": {}}}, {}
@@ -84,9 +68,9 @@ def infer_family(folder: Path) -> Inferred:
 
 
 def _family(folder: Path) -> tuple[str, str]:
-    config = _read(folder / "config.json")
+    config = read_json(folder / "config.json")
     architectures = [str(a) for a in (config or {}).get("architectures") or []]
-    modules = _modules(folder)
+    layout = read_layout(folder)
     if (folder / "gliner_config.json").is_file():
         return "gliner", "gliner_config.json"
     heads = [name for name in ("colbert_linear.pt", "sparse_linear.pt") if (folder / name).is_file()]
@@ -101,11 +85,11 @@ def _family(folder: Path) -> tuple[str, str]:
         return "clip", f"CLIP architecture {architectures or config.get('model_type')}"
     if (folder / "artifact.metadata").is_file() or "HF_ColBERT" in architectures:
         return "multivector", "colbert-ir layout (artifact.metadata / HF_ColBERT)"
-    if any("pylate" in str(m.get("type", "")) for m in modules):
+    if any("pylate" in m.type for m in layout.modules):
         return "multivector", "PyLate ColBERT modules in modules.json"
-    if _module(modules, "SpladePooling", "MLMTransformer"):
-        unknown = [str(m.get("type")) for m in modules if not str(m.get("type", "")).endswith(SPARSE_MODULES)]
-        if unknown:  # e.g. an inference-free SPLADE's Router and static embeddings: not the MLM formula
+    if layout.module(*SPARSE_MODULES):
+        # An inference-free SPLADE's Router and static embeddings, say, are not the MLM formula.
+        if unknown := _other_modules(layout, SPARSE_MODULES):
             raise CannotInfer(f"found sentence-transformers sparse modules the sparse adapter does not run: {unknown}")
         return "sparse", "sentence-transformers SparseEncoder modules (SpladePooling) in modules.json"
     if any(a.endswith("ForSequenceClassification") for a in architectures):
@@ -117,19 +101,23 @@ def _family(folder: Path) -> tuple[str, str]:
         return "classifier", f"sequence classifier with labels {labels}"
     if any(a.endswith("ForTokenClassification") for a in architectures):
         return "ner", "token classifier"
-    if any(a.endswith("ForMaskedLM") for a in architectures) and not modules:
+    if any(a.endswith("ForMaskedLM") for a in architectures) and not layout.modules:
         return "sparse", f"masked-LM head {architectures} without sentence-transformers modules (SPLADE)"
-    if modules:
-        unknown = [str(m.get("type")) for m in modules if not str(m.get("type", "")).endswith(DENSE_MODULES)]
-        if unknown:
+    if layout.modules:
+        if unknown := _other_modules(layout, DENSE_MODULES):
             raise CannotInfer(f"found sentence-transformers modules the dense adapter does not run: {unknown}")
-        if not _module(modules, "Pooling"):
+        if not layout.module("Pooling"):
             raise CannotInfer("found sentence-transformers modules.json without a Pooling module")
         return "dense", "sentence-transformers modules (Transformer, Pooling) in modules.json"
     if architectures and all(a.endswith("Model") and not a.endswith("PreTrainedModel") for a in architectures):
         return "dense", f"bare encoder {architectures} with no pooling config: mean pooling, as Infinity does"
     raise CannotInfer(f"found config.json with architectures {architectures or 'none'} and no file that names a "
                       "family")
+
+
+def _other_modules(layout: Layout, kinds: tuple[str, ...]) -> list[str]:
+    """The module types (as written) of the modules not of these kinds."""
+    return [m.type for m in layout.modules if m.kind not in kinds]
 
 
 def infer_config(model: str, *, offline: bool, adapter: str | None = None) -> ModelConfig:
@@ -148,8 +136,8 @@ def infer_config(model: str, *, offline: bool, adapter: str | None = None) -> Mo
         except CannotInfer as exc:
             raise CannotInfer(f"model {model!r} ({folder}): cannot tell its family: {exc}; {HOW_TO_NAME}") from None
     log.info("%s: %s adapter, because of %s (weights from %s, %s)", model, found.family, found.reason, folder, origin)
-    max_len = (_read(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
+    max_len = read_layout(folder).max_seq_length
     return ModelConfig(sie_id=model, weights_path=str(folder), tasks=found.tasks, inputs=found.inputs,
                        max_sequence_length=max_len if found.family == "dense" else None,
-                       profiles={"default": Profile(adapter=found.family, max_batch_tokens=16384)},
+                       profiles={"default": Profile(adapter=found.family)},
                        source=f"inferred from {folder} ({origin}): {found.reason}")

@@ -15,8 +15,12 @@ import msgspec
 
 from sie_router.models.config import ModelConfig
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
+from sie_worker.st_layout import read_layout
 
 log = logging.getLogger("sie.model_card")
+
+# TEI's names for sentence-transformers' pooling modes, where they differ.
+TEI_POOLING = {"lasttoken": "last_token"}
 
 
 class ModelCard(msgspec.Struct, frozen=True):
@@ -40,23 +44,14 @@ def _json(folder: Path, name: str) -> dict[str, Any]:
     return found if isinstance(found, dict) else {}
 
 
-def _pooling(folder: Path) -> str | None:
-    pooling = _json(folder, "1_Pooling/config.json")
-    for mode in ("cls_token", "mean_tokens", "lasttoken", "max_tokens"):
-        if pooling.get(f"pooling_mode_{mode}"):
-            return {"cls_token": "cls", "mean_tokens": "mean", "lasttoken": "last_token", "max_tokens": "max"}[mode]
-    return None
-
-
 def read_card(folder: Path) -> ModelCard:
     config = _json(folder, "config.json")
-    st = _json(folder, "config_sentence_transformers.json")
-    prompts = {str(k): str(v) for k, v in (st.get("prompts") or {}).items()}
+    layout = read_layout(folder)
     labels = {str(k): str(v) for k, v in (config.get("id2label") or {}).items()}
-    max_len = _json(folder, "sentence_bert_config.json").get("max_seq_length")
-    return ModelCard(prompts=prompts, default_prompt_name=st.get("default_prompt_name"), id2label=labels,
-                     pooling=_pooling(folder), max_seq_length=int(max_len) if max_len else None,
-                     torch_dtype=config.get("torch_dtype") or config.get("dtype"))
+    modes = layout.pooling
+    return ModelCard(prompts=layout.prompts, default_prompt_name=layout.default_prompt_name, id2label=labels,
+                     pooling=None if modes is None else TEI_POOLING.get(modes[0], modes[0]),
+                     max_seq_length=layout.max_seq_length, torch_dtype=config.get("torch_dtype") or config.get("dtype"))
 
 
 @lru_cache(maxsize=256)

@@ -18,7 +18,9 @@ from sie_router.models.config import ModelConfig
 from sie_router.pipeline.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, Job, Scored, ScoreJob, TokenizeJob, thaw
 from sie_router.pool.pacing import BatchReport
 from sie_router.pool.pool import Worker, WorkerPool
+from sie_router.request_labels import note_inputs
 from sie_router.settings import Settings
+from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import (
     BatchDone,
@@ -57,14 +59,14 @@ def report(done: BatchDone, outputs: Any) -> BatchReport:
                        prepare_s=timing.tokenize_ms / 1000.0)
 
 
-def _message(batch_id: int, key: BatchKey, items: list[Any]) -> Message:
+def _message(batch_id: int, key: BatchKey, items: list[Any], trace: str | None = None) -> Message:
     options = thaw(key.options)
     if key.op == "encode":
         return EncodeBatch(batch_id=batch_id, items=items, output_types=list(key.output_types), is_query=key.is_query,
-                           options=options)
+                           options=options, trace=trace)
     if key.op == "score":
-        return ScoreBatch(batch_id=batch_id, pairs=items, options=options)
-    return ExtractBatch(batch_id=batch_id, items=items, labels=list(key.labels), options=options)
+        return ScoreBatch(batch_id=batch_id, pairs=items, options=options, trace=trace)
+    return ExtractBatch(batch_id=batch_id, items=items, labels=list(key.labels), options=options, trace=trace)
 
 
 def _outputs(done: BatchDone) -> Any:
@@ -77,10 +79,20 @@ def _outputs(done: BatchDone) -> Any:
     return list(zip(result.items, result.token_counts, strict=True))
 
 
+def _inputs(job: Job) -> int:
+    """How many inputs a job carries (its request's trace span says it)."""
+    if isinstance(job, ScoreJob):
+        return len(job.documents)
+    if isinstance(job, TokenizeJob):
+        return len(job.texts or job.ids)
+    return len(job.items)
+
+
 class Service:
-    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+    def __init__(self, settings: Settings, pool: WorkerPool, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.pool = pool
+        self.tracing = tracing  # None while tracing is off
 
     def admit(self, count: int) -> None:
         """Refuse work past the server-wide queue bound (retryable), whatever model it is for."""
@@ -92,19 +104,21 @@ class Service:
     async def _run(self, model_key: str, key: BatchKey, items: list[Any]) -> BatchReport:
         """One batch of the model's queue, on the worker its jobs made sure of."""
         worker = self.pool.ready_worker(model_key)
-        done = await self.pool.run_batch(worker, lambda bid: _message(bid, key, items), len(items),
+        trace = self.tracing.traceparent() if self.tracing is not None else None  # the batch span's, when tracing
+        done = await self.pool.run_batch(worker, lambda bid: _message(bid, key, items, trace), len(items),
                                          sum(batch_costs(key, items)))
         return report(done, _outputs(done))
 
     async def _submit(self, config: ModelConfig, key: BatchKey, items: list[Any]) -> Any:
         self.admit(len(items))
-        queue = self.pool.queue(config.sie_id, partial(self._run, config.sie_id))
+        queue = self.pool.queue(config.sie_id, partial(self._run, config.sie_id), self.tracing)
         return await queue.submit(key, items, batch_costs(key, items))
 
     async def run(self, job: Job) -> Any:
         """Run one job; the outputs of its items in order (`Encoded`, `Scored`, extractions or a tokenization)."""
         worker = await self.pool.ensure(job.model.key, job.wait_s)
         config = job.model.config
+        note_inputs(_inputs(job))
         match job:
             case EncodeJob() | ExtractJob():
                 return await self._submit(config, job.key, list(job.items))

@@ -28,7 +28,9 @@ from sie_router import metrics
 from sie_router.errors import SIEError
 from sie_router.loops import Loop
 from sie_router.pool.pacing import BatchReport, Pacer
+from sie_router.telemetry import Tracing, Waiting
 from sie_sdk.codes import ErrorCode
+from sie_worker.protocol import MAX_BATCH_TOKENS
 
 log = logging.getLogger("sie.batcher")
 
@@ -47,6 +49,7 @@ class Entry:
     future: asyncio.Future[Any]
     cost: int = 0
     enqueued: float = field(default_factory=time.perf_counter)
+    waiting: Waiting | None = None  # the request's trace context as it joined the queue, when tracing is on
 
     def __post_init__(self) -> None:
         self.cost = sum(self.costs)
@@ -55,10 +58,23 @@ class Entry:
 RunBatch = Callable[[Any, list[Any]], Awaitable[BatchReport]]
 
 
+# Items per batch where --max-batch-items is 0 (auto): this many on the CPU; on a GPU as many as the token budget
+# holds at GPU_TOKENS_PER_ITEM tokens an item, so that short texts fill a GPU's forward.
+CPU_BATCH_ITEMS = 64
+GPU_TOKENS_PER_ITEM = 16
+
+
+def item_cap(setting: int, max_tokens: int, gpu: bool) -> int:
+    """The most items in one batch: the setting when given, else the default above for the device kind."""
+    if setting > 0:
+        return setting
+    return max(CPU_BATCH_ITEMS, max_tokens // GPU_TOKENS_PER_ITEM) if gpu else CPU_BATCH_ITEMS
+
+
 @dataclass
 class BatchLimits:
-    max_items: int = 64
-    max_tokens: int = 16384
+    max_items: int = CPU_BATCH_ITEMS
+    max_tokens: int = MAX_BATCH_TOKENS
     max_wait_ms: float = 2.0
     max_queue_items: int = 512
     in_flight: int = 2
@@ -71,6 +87,7 @@ class Batcher:
     name: str
     run: RunBatch
     limits: BatchLimits
+    tracing: Tracing | None = None
     queue: deque[Entry] = field(default_factory=deque)
     queued_items: int = 0
     pacer: Pacer = field(default_factory=Pacer)
@@ -78,6 +95,11 @@ class Batcher:
     _slots: asyncio.Semaphore | None = None
     _loop_task: Loop | None = None
     _running: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no batch at the worker."""
+        return not self.queue and not self._running
 
     def start(self) -> None:
         self._slots = asyncio.Semaphore(self.limits.in_flight)
@@ -98,8 +120,9 @@ class Batcher:
         step = self.limits.max_items
         # A big client batch is cut in length order, so each entry pads little; outputs are put back in order below.
         order = sorted(range(len(items)), key=costs.__getitem__)
+        waiting = self.tracing.waiting() if self.tracing is not None else None
         entries = [Entry(key, [items[j] for j in order[i:i + step]], [costs[j] for j in order[i:i + step]],
-                         loop.create_future()) for i in range(0, len(items), step)]
+                         loop.create_future(), waiting=waiting) for i in range(0, len(items), step)]
         self.queue.extend(entries)
         self._set_queued(self.queued_items + len(items))
         self._wakeup.set()
@@ -196,7 +219,9 @@ class Batcher:
         sent = self.pacer.sent(sum(e.cost for e in batch))
         report = None
         try:
-            report = await self._run_entries(batch, isolate=True)
+            with (self.tracing.batch(self.name, [e.waiting for e in batch], sum(len(e.items) for e in batch))
+                  if self.tracing is not None else contextlib.nullcontext()):
+                report = await self._run_entries(batch, isolate=True)
         finally:
             self.pacer.done(sent, report)
             self._slots.release()

@@ -8,8 +8,11 @@ Readings never raise after start: an NVML error keeps the device's last good rea
 from __future__ import annotations
 
 import logging
+import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
@@ -214,6 +217,35 @@ class HostMemory:
 
     def cuda_visible(self, device: str) -> str:
         return ""  # hides every GPU from a CPU worker
+
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def available_cpus(cgroup: Path = CGROUP) -> int:
+    """CPUs this process may run on: its affinity, capped by the cgroup's CPU quota (a container's CPU limit, rounded
+    up), so that a worker in a 4-CPU pod on a 64-core node does not start 64 threads."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cgroup_cpu_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+def cgroup_cpu_quota(cgroup: Path = CGROUP) -> float | None:
+    """The CPU quota in CPUs: cgroup v2's `cpu.max` ("400000 100000"; "max" is none), else v1's cfs quota over its
+    period (-1 is none); None without a quota or a cgroup filesystem."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for folder in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
 
 
 def detect(device: str, visible: str | None = None, nvml: Any = pynvml) -> Devices:

@@ -21,6 +21,8 @@ class DeviceBudget:
     reserved: dict[str, int] = field(default_factory=dict)
     exclusive: bool = False  # exclusive-process compute mode: one worker at most
     limit: int = -1
+    # False for the host beside GPUs: no model is placed there, but a worker that fell back to the CPU is held there.
+    placeable: bool = True
 
     def __post_init__(self) -> None:
         self.limit = self.budget if self.limit < 0 else self.limit
@@ -36,15 +38,17 @@ class DeviceBudget:
 
 
 class MemoryLedger:
-    def __init__(self, budgets: dict[str, int], exclusive: set[str] | frozenset[str] = frozenset()) -> None:
-        self.devices = {name: DeviceBudget(name, budget, exclusive=name in exclusive)
+    def __init__(self, budgets: dict[str, int], exclusive: set[str] | frozenset[str] = frozenset(),
+                 fallback_only: set[str] | frozenset[str] = frozenset()) -> None:
+        self.devices = {name: DeviceBudget(name, budget, exclusive=name in exclusive,
+                                           placeable=name not in fallback_only)
                         for name, budget in budgets.items()}
         self.placement: dict[str, str] = {}
         self.recency: OrderedDict[str, float] = OrderedDict()  # model -> when last used, least recent first
 
     def best_device(self) -> str:
-        """The device with the most room."""
-        return max(self.devices.values(), key=lambda d: d.room).name
+        """The placeable device with the most room."""
+        return max((d for d in self.devices.values() if d.placeable), key=lambda d: d.room).name
 
     def observe_free(self, device: str, free_now: int) -> None:
         """Shrink the device's budget to what this server holds there plus what is free on it now, so memory another

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sie_router.errors import SIEError
 from sie_router.models.config import ModelConfig
-from sie_router.pool.devices import Devices, budgets
+from sie_router.pool.devices import Devices, HostMemory, budgets
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
@@ -37,13 +37,24 @@ class Placement:
         self.devices = devices
         # GPUs are budgeted by min(total x fraction, free at start); exclusive-process GPUs take one worker.
         readings = devices.snapshot()
-        self.ledger = MemoryLedger(budgets(readings, settings.gpu_memory_fraction, settings.memory_budget),
-                                   exclusive={d.name for d in readings if d.exclusive})
+        limits = budgets(readings, settings.gpu_memory_fraction, settings.memory_budget)
+        # Beside GPUs, the host holds the workers that fell back to the CPU (--device auto with a torch without CUDA),
+        # so their host memory is never charged to a GPU's budget; no model is placed there.
+        fallback = set() if "cpu" in limits else {"cpu"}
+        if fallback:
+            host = HostMemory().snapshot()
+            limits["cpu"] = budgets(host, settings.gpu_memory_fraction, settings.memory_budget)["cpu"]
+        self.ledger = MemoryLedger(limits, exclusive={d.name for d in readings if d.exclusive}, fallback_only=fallback)
         self.weights: dict[str, int] = {}  # model key -> bytes of its weight files, for learning the base
         self.bases: dict[str, dict[str, int]] = {}  # device -> model key -> what its worker holds beyond its weights
         self.measured: dict[str, int] = {}  # model key -> what its last worker held at Ready
         # model key -> adapter family: on the CPU a dense worker runs without torch and costs a fraction of the others
         self.families: dict[str, str] = {}
+
+    @property
+    def has_gpus(self) -> bool:
+        """Whether models are placed on GPUs here."""
+        return any(d.placeable and name != "cpu" for name, d in self.ledger.devices.items())
 
     def estimate(self, key: str, config: ModelConfig, folder: str) -> int:
         """Bytes to reserve before the worker has measured itself: the config's figure, else what the model's last
@@ -138,9 +149,9 @@ class Placement:
 
     def move(self, key: str, device: str) -> None:
         """The worker runs elsewhere than it was placed (a GPU placement that fell back to the CPU): its reservation
-        follows it, so the GPU's budget is not charged for host memory."""
+        follows it to the host's budget, so the GPU's budget is not charged for host memory."""
         nbytes = self.ledger.reserved(key)
-        if nbytes is not None and device in self.ledger.devices:
+        if nbytes is not None:
             self.ledger.reserve(key, device, nbytes)
 
     def release(self, key: str) -> None:

@@ -28,16 +28,17 @@ from sie_router.loops import Loop
 from sie_router.models.config import ModelConfig
 from sie_router.models.registry import Registry
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
-from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch
-from sie_router.pool.devices import Devices, gpu_worker_env
+from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch, item_cap
+from sie_router.pool.devices import Devices, available_cpus, gpu_worker_env
 from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.pacing import BusyTimeFit, Pacer
 from sie_router.pool.placement import Placement
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
+from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import BatchDone, BatchFailed, LoadErrorClass, Message, WorkerSpec
+from sie_worker.protocol import BatchDone, BatchFailed, FamilyOptions, LoadErrorClass, Message, WorkerSpec
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 
@@ -72,6 +73,7 @@ class Slot:
     batcher: Batcher | None = None
     # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
     pace: BusyTimeFit = field(default_factory=BusyTimeFit)
+    removing: bool = False  # unregistered: its admitted requests finish, and it never loads again
 
     @property
     def queued(self) -> int:
@@ -93,6 +95,9 @@ class WorkerPool:
         self.started_at = time.time()
         self._loops: list[Loop] = []
         self._restarts: dict[str, asyncio.TimerHandle] = {}  # model key -> its restart once the back-off is over
+        # One load at a time per GPU: a worker measures its CUDA context as the GPU's free memory before and after
+        # its load, which a neighbour loading beside it would distort.
+        self._gpu_loads: dict[str, asyncio.Lock] = {}
 
     @property
     def devices(self) -> Devices:
@@ -110,23 +115,64 @@ class WorkerPool:
             loop.start()
 
     def slot(self, model: str) -> Slot:
+        """The slot of a model key (a request admitted before its model was removed still finds it), else of a
+        served name."""
+        found = self.slots.get(model)
+        if found is not None:
+            return found
         config, _ = self.registry.lookup(model)
         return self.slots[config.sie_id]
+
+    def add(self, config: ModelConfig) -> None:
+        """A slot for a model registered at runtime (before the registry serves it, so every served name has one)."""
+        if config.sie_id in self.slots:
+            raise SIEError(ErrorCode.MODEL_EXISTS, f"model '{config.sie_id}' is still being removed; retry shortly")
+        self.slots[config.sie_id] = Slot(key=config.sie_id, config=config)
+
+    async def remove(self, key: str) -> None:
+        """Stop a removed model's worker (once its load, if one runs, has ended) and forget its slot."""
+        slot = self.slots[key]
+        slot.removing = True
+        if slot.loading is not None:
+            await asyncio.wait([slot.loading], timeout=self.settings.load_timeout_s)
+        await self.evict(key, reason="admin")  # which also forgets its back-off
+        self.slots.pop(key, None)
+        self.placement.release(key)
 
     def busy(self, key: str) -> bool:
         slot = self.slots[key]
         return slot.queued > 0 or (slot.worker is not None and self.supervisor.busy(slot.worker))
 
-    def queue(self, key: str, run: RunBatch) -> Batcher:
+    def queue(self, key: str, run: RunBatch, tracing: Tracing | None = None) -> Batcher:
         """The model's queue, made on first use: `run(batch_key, items)` sends one batch to its worker."""
         slot = self.slots[key]
         if slot.batcher is None:
-            limits = BatchLimits(max_items=self.settings.max_batch_items,
-                                 max_tokens=slot.config.profiles["default"].max_batch_tokens or 16384,
-                                 max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
-            slot.batcher = Batcher(key, run, limits, pacer=Pacer(fit=slot.pace))
+            slot.batcher = Batcher(key, run, self.batch_limits(key), pacer=Pacer(fit=slot.pace), tracing=tracing)
             slot.batcher.start()
         return slot.batcher
+
+    def batch_limits(self, key: str) -> BatchLimits:
+        """A model's batch limits: on a server with GPUs, sized by tokens with the item cap following."""
+        gpu = self.placement.has_gpus
+        tokens = self.slots[key].config.max_batch_tokens(gpu=gpu)
+        return BatchLimits(max_items=item_cap(self.settings.max_batch_items, tokens, gpu), max_tokens=tokens,
+                           max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
+
+    async def drain(self, key: str, deadline_s: float) -> bool:
+        """Wait, up to the deadline, until a model's admitted requests have been answered; whether they were."""
+        batcher = self.slots[key].batcher
+        deadline = time.monotonic() + deadline_s
+        while batcher is not None and not batcher.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return batcher is None or batcher.idle
+
+    async def drop_queue(self, key: str) -> None:
+        """A removed model's queue: what is still in it fails MODEL_NOT_FOUND, and its task stops."""
+        slot = self.slots[key]
+        batcher, slot.batcher = slot.batcher, None
+        if batcher is not None:
+            batcher.fail_queued(SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{key}' was removed", param="model"))
+            await batcher.close()
 
     def queued_items(self) -> int:
         """Items queued across every model."""
@@ -147,6 +193,8 @@ class WorkerPool:
             return slot.worker
         if not self.accepting:
             raise SIEError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        if slot.removing:
+            raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
         if slot.loading is None:
             self._start_load(slot, evict)
@@ -197,10 +245,12 @@ class WorkerPool:
 
     def _restart(self, key: str) -> None:
         """The back-off of a model whose worker crashed is over: load it again, unless something already did, or
-        it was evicted or the server is stopping meanwhile. It evicts nothing: a request that needs room does."""
+        it was evicted or removed or the server is stopping meanwhile. It evicts nothing: a request that needs room
+        does."""
         self._restarts.pop(key, None)
-        slot = self.slots[key]
-        if self.accepting and slot.worker is None and slot.loading is None and slot.state == ModelState.AVAILABLE:
+        slot = self.slots.get(key)
+        if (self.accepting and slot is not None and not slot.removing and slot.worker is None and slot.loading is None
+                and slot.state == ModelState.AVAILABLE):
             log.info("restarting %s after its back-off", key)
             self._start_load(slot, evict=False)
 
@@ -277,32 +327,45 @@ class WorkerPool:
             log.error("cannot load %s: %s", cfg.sie_id, exc)
             retry = exc.transient or exc.unreachable
             raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
+        options = self._options(cfg)  # before the reservation: a refused setting fails here, holding nothing
         device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
-        spec = self._spec(cfg, str(folder), device)
+        spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
-        return await self.supervisor.spawn(spec, slot.key)
+        if device == "cpu":
+            return await self.supervisor.spawn(spec, slot.key)
+        async with self._gpu_loads.setdefault(device, asyncio.Lock()):
+            return await self.supervisor.spawn(spec, slot.key)
 
-    def _spec(self, cfg: ModelConfig, folder: str, device: str) -> WorkerSpec:
+    def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]
-        client = self.supervisor.client
+        to_worker, from_worker = self.supervisor.worker_endpoints
         # One GPU (or MIG slice) per worker, named by UUID: the child sees only its own, as cuda:0.
         visible = self.devices.cuda_visible(device)
         return WorkerSpec(
             worker_id=uuid.uuid4().hex[:12], model=cfg.sie_id, adapter=cfg.family(), weights_dir=folder,
-            to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
+            to_worker_endpoint=to_worker, from_worker_endpoint=from_worker,
             device=device,
             compute_precision=profile.compute_precision if self.settings.dtype == "auto" else self.settings.dtype,
             max_sequence_length=cfg.max_sequence_length,
-            loadtime={"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
-                      "max_image_pixels": self.settings.max_image_pixels,
-                      "max_image_bytes": self.settings.max_image_bytes, **profile.adapter_options.loadtime},
-            runtime=profile.adapter_options.runtime,
-            threads=self.settings.worker_threads or (os.cpu_count() or 1),
+            options=options,
+            threads=self.settings.worker_threads or available_cpus(),
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
-            max_batch_tokens=profile.max_batch_tokens or 16384)
+            max_batch_tokens=cfg.max_batch_tokens(gpu=device != "cpu"), log_format=self.settings.log_format,
+            otlp_endpoint=self.settings.otlp_endpoint, otlp_service_name=self.settings.otlp_service_name)
+
+    def _options(self, cfg: ModelConfig) -> FamilyOptions | None:
+        """The default profile's options, over the server's engine, lanes and image limits; None for a family
+        without options of its own (its worker then fails to load, naming the family)."""
+        server = {"engine": self.settings.engine, "onnx_lanes": self.settings.onnx_lanes,
+                  "max_image_pixels": self.settings.max_image_pixels, "max_image_bytes": self.settings.max_image_bytes}
+        try:
+            options = cfg.options(server=server)
+        except ValueError as exc:  # a server setting the family's Struct refuses
+            raise LoadError(LoadErrorClass.CONFIG, f"model '{cfg.sie_id}': {exc}") from None
+        return options if isinstance(options, FamilyOptions) else None
 
     def _on_exit(self, worker: Worker, code: int | None) -> None:
         """A worker exited. Crashed or killed as hung or frozen: a new one starts after the back-off. Stopped: the
@@ -334,7 +397,17 @@ class WorkerPool:
             code = reply.code if reply.code != ErrorCode.MODEL_LOAD_FAILED else ErrorCode.INFERENCE_ERROR
             raise SIEError(code, reply.message)
         self._observe(worker.key, reply)
+        self._follow_growth(worker, reply)
         return reply
+
+    def _follow_growth(self, worker: Worker, reply: BatchDone) -> None:
+        """A GPU worker's allocator grew under traffic: its own figure (`info.memory_bytes`, what it reported at Ready
+        until now) rises, and so does its reservation. Where NVML has a per-process figure, that figure still wins."""
+        info = worker.info
+        if info is None or reply.memory_reserved <= info.memory_bytes:
+            return
+        info.memory_bytes = reply.memory_reserved
+        self.placement.remeasure([(worker.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)])
 
     @staticmethod
     def _observe(key: str, reply: BatchDone) -> None:

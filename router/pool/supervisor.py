@@ -194,6 +194,11 @@ class Supervisor:
         return self.client.busy(worker.worker_id)
 
     @property
+    def worker_endpoints(self) -> tuple[str, str]:
+        """The two router sockets a new worker connects to: (to the worker, from the worker)."""
+        return self.client.to_worker_endpoint, self.client.from_worker_endpoint
+
+    @property
     def calls_in_flight(self) -> int:
         """Batches sent to any worker and not yet answered."""
         return self.client.calls_in_flight

@@ -12,15 +12,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import EncodeBatch, EncodeResult, InputItem, ScoreBatch, ScoreResult, WorkerSpec
+from sie_worker.protocol import (
+    FAMILY_OPTIONS,
+    EncodeBatch,
+    EncodeResult,
+    FamilyOptions,
+    InputItem,
+    ScoreBatch,
+    ScoreResult,
+    WorkerSpec,
+)
 from tests import tiny_models
 
 MakeAdapter = Callable[..., Adapter]
+
+
+def family_options(family: str, values: dict[str, Any] | None = None) -> FamilyOptions:
+    """`values` as the family's option Struct, validated as the router validates a profile's."""
+    options: FamilyOptions = msgspec.convert(values or {}, FAMILY_OPTIONS[family])
+    return options
 
 
 @pytest.fixture(scope="session")
@@ -64,12 +80,15 @@ def splade_dir() -> Path:
 
 @pytest.fixture
 def make_adapter() -> Iterator[MakeAdapter]:
-    """`make_adapter(family, weights_dir, **spec_fields)`: a loaded adapter, closed when the test ends."""
+    """`make_adapter(family, weights_dir, options={...}, **spec_fields)`: a loaded adapter, closed when the test ends.
+    Dense runs the torch engine here unless `options` name another."""
     made: list[Adapter] = []
 
-    def make(family: str, weights_dir: Path, **fields: Any) -> Adapter:
+    def make(family: str, weights_dir: Path, options: dict[str, Any] | None = None, **fields: Any) -> Adapter:
+        values = {"engine": "torch", **(options or {})} if family == "dense" else options
         spec = WorkerSpec(worker_id="w0", model=f"test/{family}", adapter=family, weights_dir=str(weights_dir),
-                          to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused", **fields)
+                          to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused",
+                          options=family_options(family, values), **fields)
         adapter = build_adapter(spec)
         adapter.load()
         made.append(adapter)

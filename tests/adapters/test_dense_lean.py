@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import psutil
 import pytest
@@ -28,7 +29,7 @@ from sie_worker.adapters.base import BadInput, InputTooLong
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.text_tokenizer import TextTokenizer
-from sie_worker.protocol import DecodeBatch, EncodeBatch, InputItem, TokenizeBatch, WorkerSpec
+from sie_worker.protocol import DecodeBatch, DenseOptions, EncodeBatch, Engine, InputItem, TokenizeBatch, WorkerSpec
 from tests import declared, precision, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode
 from tests.sentences import SENTENCES
@@ -55,8 +56,8 @@ def cache(minilm_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def lean(make_adapter: MakeAdapter, minilm_dir: Path, cache: Path, engine: str = "auto", **fields: Any) -> Any:
-    loadtime = {"engine": engine, "onnx_cache_dir": str(cache), **fields.pop("loadtime", {})}
-    return make_adapter("dense", minilm_dir, threads=2, loadtime=loadtime, **fields)
+    options = {"engine": engine, "onnx_cache_dir": str(cache), **fields.pop("options", {})}
+    return make_adapter("dense", minilm_dir, threads=2, options=options, **fields)
 
 
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
@@ -115,10 +116,10 @@ def test_a_lean_worker_never_imports_torch_or_transformers(minilm_dir: Path, cac
     script = f"""
 import sys
 from sie_worker.adapters import build_adapter
-from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
 spec = WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir={str(minilm_dir)!r}, threads=2,
                   to_worker_endpoint="inproc://a", from_worker_endpoint="inproc://b",
-                  loadtime={{"engine": "auto", "onnx_cache_dir": {str(cache)!r}}})
+                  options=DenseOptions(engine="auto", onnx_cache_dir={str(cache)!r}))
 adapter = build_adapter(spec)
 adapter.load()
 adapter.forward(adapter.prepare(EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=["dense"])))
@@ -141,7 +142,7 @@ def test_a_worker_killed_during_its_export_leaves_no_helper_and_the_next_load_su
         spec = functools.partial(
             WorkerSpec, model="test/tiny", adapter="dense", weights_dir=str(weights), threads=1,
             to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
-            loadtime={"engine": "onnx", "onnx_cache_dir": str(cache)})
+            options=DenseOptions(engine="onnx", onnx_cache_dir=str(cache)))
         try:
             loading = asyncio.create_task(supervisor.spawn(spec(worker_id="first"), "test/tiny"))
             deadline = time.monotonic() + 240
@@ -222,25 +223,26 @@ def test_a_runtime_that_disagrees_on_the_probe_falls_back(make_adapter: MakeAdap
 
 
 def test_which_runtime_a_spec_gets(minilm_dir: Path) -> None:
-    def spec(**fields: Any) -> WorkerSpec:
+    def spec(engine: Engine | None = None, **fields: Any) -> WorkerSpec:
         return WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir=str(minilm_dir),
-                          to_worker_endpoint="a", from_worker_endpoint="b", **fields)
+                          to_worker_endpoint="a", from_worker_endpoint="b",
+                          options=None if engine is None else DenseOptions(engine=engine), **fields)
 
-    assert dense_lean.runtime_for(spec(loadtime={"engine": "auto"})) == "openvino"
-    assert dense_lean.runtime_for(spec(loadtime={"engine": "onnx"})) == "onnxruntime"
-    assert dense_lean.runtime_for(spec(loadtime={"engine": "onnx"}, compute_precision="bfloat16")) is None
-    assert dense_lean.runtime_for(spec(loadtime={"engine": "auto"}, device="cuda:0")) is None
-    assert dense_lean.runtime_for(spec(loadtime={"engine": "torch"})) is None
-    assert dense_lean.runtime_for(spec()) is None, "an adapter built without an engine runs torch"
-    with pytest.raises(ValueError, match="unknown engine"):
-        dense_lean.runtime_for(spec(loadtime={"engine": "tensorrt"}))
+    assert dense_lean.runtime_for(spec("auto")) == "openvino"
+    assert dense_lean.runtime_for(spec("onnx")) == "onnxruntime"
+    assert dense_lean.runtime_for(spec("onnx", compute_precision="bfloat16")) is None
+    assert dense_lean.runtime_for(spec("auto", device="cuda:0")) is None
+    assert dense_lean.runtime_for(spec("torch")) is None
+    assert dense_lean.runtime_for(spec()) == "openvino", "without options, the default engine (auto) as the server's"
+    with pytest.raises(msgspec.ValidationError, match="engine"):  # what the router and the spawned worker decode
+        msgspec.convert({"engine": "tensorrt"}, DenseOptions)
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnx"])
 def test_lanes_run_buckets_side_by_side_and_agree_with_one_lane(make_adapter: MakeAdapter, minilm_dir: Path,
                                                                 cache: Path, engine: str) -> None:
-    lanes = lean(make_adapter, minilm_dir, cache, engine, loadtime={"onnx_lanes": 2})
-    single = lean(make_adapter, minilm_dir, cache, engine, loadtime={"onnx_lanes": 1})
+    lanes = lean(make_adapter, minilm_dir, cache, engine, options={"onnx_lanes": 2})
+    single = lean(make_adapter, minilm_dir, cache, engine, options={"onnx_lanes": 1})
     assert (lanes.lanes.runtime.lanes, single.lanes.runtime.lanes) == (2, 1)
     callers: set[int] = set()
     run = lanes.lanes.runtime.run
@@ -296,7 +298,7 @@ def test_micro_batches_are_capped_by_tokens_and_a_long_batch_leaves_no_high_wate
     batch = [f"word{i} " * 300 for i in range(64)]
     prepared = adapter.prepare(EncodeBatch(batch_id=1, items=[InputItem(text=t) for t in batch],
                                            output_types=["dense"]))
-    assert max(feed["input_ids"].size for _, feed in prepared.inputs) <= dense_lean.MICRO_BATCH_TOKENS
+    assert max(feed["input_ids"].size for _, feed in prepared.inputs) <= DenseOptions().micro_batch_tokens
     result = adapter.forward(prepared)
     assert max(result.token_counts) == 256, "the batch really was 64 x 256 tokens"
     grown = psutil.Process().memory_info().rss - before

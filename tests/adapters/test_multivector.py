@@ -16,6 +16,7 @@ import torch
 from sie_sdk.scoring import maxsim
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
 from sie_worker.adapters.multivector import checkpoint_defaults
+from sie_worker.st_layout import read_layout
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items
 from tests.references import colbert as reference
 from tests.sentences import SENTENCES
@@ -64,7 +65,7 @@ def test_queries_are_capped_and_options_override_the_checkpoint(make_adapter: Ma
     # a query is cut at its cap whatever `truncate` says: the cap is part of how ColBERT encodes queries
     assert encode(capped, [long_query], ["multivector"], is_query=True,
                   options={"truncate": False}).token_counts == [8]
-    wider = make_adapter("multivector", colbert_pylate_dir, loadtime={"query_max_length": 12})
+    wider = make_adapter("multivector", colbert_pylate_dir, options={"query_max_length": 12})
     assert encode(wider, [long_query], ["multivector"], is_query=True).token_counts == [12]
     with pytest.raises(InputTooLong):
         encode(capped, [long_query * 3], ["multivector"], options={"truncate": False})
@@ -82,7 +83,7 @@ def test_query_and_doc_markers_differ(make_adapter: MakeAdapter, colbert_stanfor
 def test_rejects_a_token_dim_the_checkpoint_does_not_have(make_adapter: MakeAdapter,
                                                           colbert_stanford_dir: Path) -> None:
     with pytest.raises(ValueError, match="token_dim"):
-        make_adapter("multivector", colbert_stanford_dir, loadtime={"token_dim": 128})
+        make_adapter("multivector", colbert_stanford_dir, options={"token_dim": 128})
 
 
 def test_maxsim_ranks_with_the_encoded_vectors(make_adapter: MakeAdapter, colbert_pylate_dir: Path) -> None:
@@ -104,15 +105,15 @@ def test_expansion_attention_and_skiplist_follow_the_options(make_adapter: MakeA
 
     default = make_adapter("multivector", colbert_pylate_dir)
     expanded, full_doc = rows(default, query, True), rows(default, doc, False)
-    plain = make_adapter("multivector", colbert_pylate_dir, loadtime={"query_expansion": False})
+    plain = make_adapter("multivector", colbert_pylate_dir, options={"query_expansion": False})
     unexpanded = rows(plain, query, True)
     assert len(expanded) == 8 and len(unexpanded) == 7  # [CLS] [Q] berlin is in germany [SEP]
     # The real tokens do not attend to the [MASK]s, so their rows are the same with or without them...
     np.testing.assert_allclose(expanded[:7], unexpanded, atol=1e-5)
     # ...unless the checkpoint says they do.
-    attending = make_adapter("multivector", colbert_pylate_dir, loadtime={"attend_to_expansion_tokens": True})
+    attending = make_adapter("multivector", colbert_pylate_dir, options={"attend_to_expansion_tokens": True})
     assert not np.allclose(rows(attending, query, True)[:7], unexpanded, atol=1e-5)
-    no_skiplist = make_adapter("multivector", colbert_pylate_dir, loadtime={"skiplist_words": []})
+    no_skiplist = make_adapter("multivector", colbert_pylate_dir, options={"skiplist_words": []})
     assert len(rows(no_skiplist, doc, False)) == len(full_doc) + 2  # the comma and the full stop
 
 
@@ -121,9 +122,9 @@ def test_checkpoint_configs_set_expansion_attention_and_skiplist(tmp_path: Path)
     pylate.mkdir(), stanford.mkdir()
     (pylate / "config_sentence_transformers.json").write_text(json.dumps(
         {"do_query_expansion": False, "attend_to_expansion_tokens": True, "skiplist_words": ["!"]}))
-    assert checkpoint_defaults(pylate) == {"query_expansion": False, "attend_to_expansion_tokens": True,
+    assert checkpoint_defaults(read_layout(pylate)) == {"query_expansion": False, "attend_to_expansion_tokens": True,
                                            "skiplist_words": ["!"]}
     (stanford / "artifact.metadata").write_text(json.dumps({"attend_to_mask_tokens": True,
                                                             "mask_punctuation": False}))
-    assert checkpoint_defaults(stanford) == {"query_prefix": "[unused0] ", "doc_prefix": "[unused1] ",
+    assert checkpoint_defaults(read_layout(stanford)) == {"query_prefix": "[unused0] ", "doc_prefix": "[unused1] ",
                                              "attend_to_expansion_tokens": True, "skiplist_words": []}

@@ -1,4 +1,4 @@
-"""Every family's `load()` runs its forward before `Ready`: at its configured budget on a GPU (or with loadtime
+"""Every family's `load()` runs its forward before `Ready`: at its configured budget on a GPU (or with the option
 `warm_up: budget`), so an out-of-memory shows at start rather than under traffic; small on the CPU, except dense.
 Observed from the model's own embedding (and patch) layers as load() calls them."""
 
@@ -72,7 +72,7 @@ def folder_of(weights: str, extract_dir, request: pytest.FixtureRequest) -> Path
 def test_text_families_warm_up_at_their_budget(family: str, weights: str, cap: int, make_adapter, extract_dir,  # type: ignore[no-untyped-def]
                                                forward_shapes, request: pytest.FixtureRequest) -> None:
     adapter = make_adapter(family, folder_of(weights, extract_dir, request), max_batch_tokens=BUDGET,
-                           loadtime=AT_BUDGET)
+                           options=AT_BUDGET)
     length = adapter.max_length
     assert ("tokens", (rows_for(length, cap), length)) in forward_shapes  # the largest batch it will run
     assert any(kind == "tokens" and shape[0] == 1 for kind, shape in forward_shapes)  # then a small one
@@ -90,13 +90,13 @@ def test_on_the_cpu_only_dense_warms_up_at_its_budget(family: str, weights: str,
 
 
 def test_clip_warms_up_both_towers(make_adapter, extract_dir, forward_shapes) -> None:  # type: ignore[no-untyped-def]
-    adapter = make_adapter("clip", extract_dir("clip"), max_batch_tokens=BUDGET, loadtime=AT_BUDGET)
+    adapter = make_adapter("clip", extract_dir("clip"), max_batch_tokens=BUDGET, options=AT_BUDGET)
     assert ("tokens", (rows_for(adapter.max_length), adapter.max_length)) in forward_shapes
     assert ("pixels", (MICRO_BATCH_ITEMS, 3, 32, 32)) in forward_shapes
 
 
 def test_gliner_warms_up_on_texts_of_its_full_length(make_adapter, extract_dir, forward_shapes) -> None:  # type: ignore[no-untyped-def]
-    make_adapter("gliner", extract_dir("gliner"), max_batch_tokens=BUDGET, loadtime=AT_BUDGET)
+    make_adapter("gliner", extract_dir("gliner"), max_batch_tokens=BUDGET, options=AT_BUDGET)
     words = 64  # the tiny model's max_len
     assert any(kind == "tokens" and shape[0] == rows_for(words) and shape[1] >= words
                for kind, shape in forward_shapes), forward_shapes

@@ -61,6 +61,14 @@ def cold_load(url: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 @scenario
+def list_models(url: str, args: dict[str, Any]) -> dict[str, Any]:
+    client = SIEClient(url)
+    listed = {m["name"]: m for m in client.list_models()}
+    return {"listed": np.array(json.dumps(listed[args["model"]])), "one": np.array(json.dumps(
+        client.get_model(args["model"])))}
+
+
+@scenario
 def load_failed(url: str, args: dict[str, Any]) -> dict[str, Any]:
     from sie_sdk.client.errors import ModelLoadFailedError
 

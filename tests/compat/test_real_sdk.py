@@ -31,6 +31,13 @@ def test_encode_one_and_many_in_msgpack_and_json(server: Server, real_sdk: RunSc
     assert json.loads(str(got["sdk_warnings"])) == []  # no version-skew warning
 
 
+def test_real_sdk_lists_models_and_passes_the_engine_through(server: Server, real_sdk: RunScenario) -> None:
+    got = real_sdk(server.url, "list_models", model=MINILM)
+    listed, one = json.loads(str(got["listed"])), json.loads(str(got["one"]))
+    assert listed["state"] == one["state"] == "loaded" and listed["dims"] == {"dense": 384}
+    assert listed["engine"] == one["engine"] != "torch"  # MiniLM on the CPU runs an exported graph
+
+
 def test_unknown_model_is_request_error_404(server: Server, real_sdk: RunScenario) -> None:
     got = real_sdk(server.url, "unknown_model")
     assert int(got["status"]) == 404

@@ -40,6 +40,10 @@ EVERYTHING = {
     "cache": {"persistentVolumeClaim": {"enabled": True, "storageClassName": "nfs"}},
     "bundle": {"extraFiles": {"mine.yaml": "sie_id: me/mine\n"}},
     "env": {"SIE_MAX_BATCH_ITEMS": "128"},
+    "logs": {"json": True, "accessLog": True},
+    "tracing": {"otlpEndpoint": "http://otel-collector.monitoring:4318", "serviceName": "embeddings"},
+    "cors": {"allowOrigins": ["https://app.example.com", "http://localhost:3000"]},
+    "modelStore": {"enabled": True},
 }
 CASES = {
     "default": {},
@@ -162,6 +166,21 @@ def test_pod_runs_the_server_with_its_contract() -> None:
     assert "nvidia.com/gpu" not in json.dumps(c.get("resources", {}))
 
 
+def test_logs_tracing_cors_and_the_model_store_become_flags_per_pool() -> None:
+    docs = render(example("two-pools.yaml") | {k: EVERYTHING[k] for k in ("logs", "tracing", "cors", "modelStore")})
+    for deployment in kinds(docs, "Deployment"):
+        args = container(deployment)["args"]
+        pool = env(deployment)["SIE_POOL"]
+        tail = args[args.index("--json-output"):]
+        assert tail == ["--json-output", "--access-log", "--otlp-endpoint", "http://otel-collector.monitoring:4318",
+                        "--otlp-service-name", "embeddings", "--cors-allow-origin", "https://app.example.com",
+                        "--cors-allow-origin", "http://localhost:3000", "--model-store",
+                        f"/var/cache/sie/model-store/{pool}.json"]  # each pool its own store: none sees another's
+    assert len({container(d)["args"][-1] for d in kinds(docs, "Deployment")}) == 2
+    off = container(one(render({}), "Deployment", "sie-default"))["args"]
+    assert not {"--json-output", "--otlp-endpoint", "--cors-allow-origin", "--model-store"} & set(off)
+
+
 def test_probes_and_shutdown_cover_loads_and_drain() -> None:
     deployment = one(render({"shutdown": {"drainDeadlineSeconds": 45}}), "Deployment", "sie-default")
     c = container(deployment)
@@ -189,6 +208,40 @@ def test_gpu_pool_requests_gpus_and_cpu_pool_does_not() -> None:
     assert env(cpu)["SIE_MEMORY_BUDGET"] == "6GiB"
     pinned = one(render(CASES["gpu"]), "Deployment", "sie-gpu")
     assert pinned["spec"]["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-L4"}
+
+
+def test_each_pool_runs_its_own_image_and_the_gpu_examples_name_the_cuda_one() -> None:
+    docs = render(CASES["two-pools"] | {"image": {"repository": "registry.example.com/sie", "tag": "0.1.0",
+                                                  "pullPolicy": "Always"}})
+    gpu, cpu = container(one(docs, "Deployment", "sie-gpu")), container(one(docs, "Deployment", "sie-cpu"))
+    assert gpu["image"] == "registry.example.com/sie:0.1.0-cuda" and cpu["image"] == "registry.example.com/sie:0.1.0"
+    assert gpu["imagePullPolicy"] == cpu["imagePullPolicy"] == "Always"  # what the pool does not set comes from above
+    for case in ("gpu", "two-pools"):
+        for deployment in kinds(render(CASES[case]), "Deployment"):
+            if "nvidia.com/gpu" in json.dumps(container(deployment).get("resources", {})):
+                assert container(deployment)["image"].endswith("-cuda"), case
+    assert container(one(render({}), "Deployment", "sie-default"))["image"] == "sie-server:0.1.0"
+
+
+def test_runtime_class_and_host_pid_are_per_pool_and_host_pid_is_opt_in() -> None:
+    example_pod = one(render(CASES["gpu"]), "Deployment", "sie-gpu")["spec"]["template"]["spec"]
+    assert example_pod["runtimeClassName"] == "nvidia" and "hostPID" not in example_pod
+    pools = copy.deepcopy(CASES["gpu"]["pools"])
+    pools[0]["hostPID"] = True
+    opted = one(render({"pools": pools}), "Deployment", "sie-gpu")
+    kubernetes_validate.validate(opted, KUBE_VERSION, strict=True)
+    assert opted["spec"]["template"]["spec"]["hostPID"] is True
+    default_pod = one(render({}), "Deployment", "sie-default")["spec"]["template"]["spec"]
+    assert "hostPID" not in default_pod and "runtimeClassName" not in default_pod
+
+
+def test_worker_threads_follow_the_pod_s_cpu_request() -> None:
+    deployment = one(render({}), "Deployment", "sie-default")
+    assert env(deployment)["SIE_WORKER_THREADS"] == {
+        "resourceFieldRef": {"containerName": "sie", "resource": "requests.cpu", "divisor": "1"}}
+    told = one(render({"env": {"SIE_WORKER_THREADS": "3"}}), "Deployment", "sie-default")
+    assert env(told)["SIE_WORKER_THREADS"] == "3"  # an explicit value wins, and appears once
+    assert [e["name"] for e in container(told)["env"]].count("SIE_WORKER_THREADS") == 1
 
 
 def test_api_key_and_admin_token_come_from_the_secret() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import httpx
 import msgspec
 import numpy as np
@@ -95,6 +97,8 @@ def test_models_listing_serves_sie_and_openai_shapes(server: Server) -> None:
     assert MINILM in names and [d["id"] for d in body["data"]] == names
     one = httpx.get(f"{server.url}/v1/models/{MINILM}").json()
     assert one["state"] == "loaded" and one["dims"] == {"dense": 384}
+    assert one["engine"] == ("openvino" if importlib.util.find_spec("openvino") else "onnx")  # auto, on the CPU
+    assert httpx.get(f"{server.url}/v1/models/test/fake-dense").json()["engine"] == "fake"
     missing = httpx.get(f"{server.url}/v1/models/nope/nope")
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "MODEL_NOT_FOUND"
 

@@ -17,6 +17,7 @@ from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
 from sie_worker.protocol import WorkerSpec
 from tests import tiny_extract_models as tiny
+from tests.adapters.conftest import family_options
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +39,14 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
 
 @pytest.fixture
 def load() -> Iterator[Callable[..., Adapter]]:
-    """`load(family, weights_dir, **spec_fields)`: an adapter built and loaded through `build_adapter`, closed after."""
+    """`load(family, weights_dir, options={...}, **spec_fields)`: an adapter built and loaded through
+    `build_adapter`, closed after."""
     opened: list[Adapter] = []
 
-    def make(family: str, weights_dir: Path, **fields: Any) -> Adapter:
+    def make(family: str, weights_dir: Path, options: dict[str, Any] | None = None, **fields: Any) -> Adapter:
         spec = WorkerSpec(worker_id="w0", model=f"test/{family}", adapter=family, weights_dir=str(weights_dir),
-                          to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused", **fields)
+                          to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused",
+                          options=family_options(family, options), **fields)
         adapter = build_adapter(spec)
         adapter.load()
         opened.append(adapter)

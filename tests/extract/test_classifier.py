@@ -80,7 +80,7 @@ def test_zero_shot_single_label_matches_the_pipeline(models: Callable[[str], Pat
 def test_zero_shot_multi_label_and_template_match_the_pipeline(models: Callable[[str], Path],
                                                                load: Callable[..., Adapter]) -> None:
     template = "This text is about {}."
-    adapter = load("classifier", models("nli"), runtime={"hypothesis_template": template})
+    adapter = load("classifier", models("nli"), options={"hypothesis_template": template})
     result = extract(adapter, TEXTS, LABELS, multi_label=True)
     assert_matches(result, zero_shot(models("nli"), TEXTS, LABELS, multi_label=True, hypothesis_template=template))
 
@@ -96,7 +96,7 @@ def test_zero_shot_without_labels_is_bad_input(models: Callable[[str], Path], lo
     with pytest.raises(BadInput, match="needs labels"):
         extract(load("classifier", models("nli")), TEXTS)
     with pytest.raises(BadInput, match="needs labels"):
-        extract(load("classifier", models("sentiment"), loadtime={"zero_shot": True}), TEXTS)
+        extract(load("classifier", models("sentiment"), options={"zero_shot": True}), TEXTS)
 
 
 def test_nli_head_without_zero_shot_classifies_plainly(models: Callable[[str], Path],

@@ -68,7 +68,7 @@ def test_text_and_images_match_the_towers(models: Callable[[str], Path], load: C
 def test_unnormalised_and_multi_image_items(models: Callable[[str], Path], load: Callable[..., Adapter],
                                             reference: tuple[Any, Any]) -> None:
     first, second = image_bytes("PNG", seed=1), image_bytes("JPEG", (64, 64), seed=2)
-    adapter = load("clip", models("clip"), runtime={"normalize": False})
+    adapter = load("clip", models("clip"), options={"normalize": False})
     raw = encode(adapter, [InputItem(text=TEXTS[0]), InputItem(images=[first])])
     want = torch.stack([reference_text(reference, TEXTS[0], False), reference_image(reference, first, False)])
     torch.testing.assert_close(torch.from_numpy(raw.dense.numpy().copy()), want, atol=1e-5, rtol=0)
@@ -104,14 +104,14 @@ def test_limits_and_modalities_are_enforced(models: Callable[[str], Path], load:
     def prepare(adapter: Adapter, item: InputItem) -> None:
         adapter.prepare(EncodeBatch(batch_id=1, items=[item], output_types=["dense"]))
 
-    small = load("clip", models("clip"), loadtime={"max_image_pixels": 1000, "max_image_bytes": 100_000})
+    small = load("clip", models("clip"), options={"max_image_pixels": 1000, "max_image_bytes": 100_000})
     with pytest.raises(BadInput, match="48x40 pixels, over the 1000-pixel limit"):
         prepare(small, InputItem(images=[image_bytes("PNG")]))
     with pytest.raises(BadInput, match="over the 100000-byte limit"):
         prepare(small, InputItem(images=[b"\0" * 100_001]))
     with pytest.raises(BadInput, match="neither text nor images"):
         prepare(small, InputItem())
-    images_only = load("clip", models("clip"), loadtime={"inputs": {"text": False, "image": True}})
+    images_only = load("clip", models("clip"), options={"inputs": {"text": False, "image": True}})
     with pytest.raises(BadInput, match="takes only \\['image'\\]"):
         prepare(images_only, InputItem(text="a cat"))
     with pytest.raises(UnsupportedTask):

@@ -50,8 +50,8 @@ def test_entities_match_predict_entities(models: Callable[[str], Path], load: Ca
 
 
 def test_runtime_threshold_is_the_default(models: Callable[[str], Path], load: Callable[..., Adapter]) -> None:
-    loose = extract(load("gliner", models("gliner"), runtime={"threshold": 0.1}), TEXTS, LABELS)
-    strict = extract(load("gliner", models("gliner"), runtime={"threshold": 0.1}), TEXTS, LABELS, threshold=0.9)
+    loose = extract(load("gliner", models("gliner"), options={"threshold": 0.1}), TEXTS, LABELS)
+    strict = extract(load("gliner", models("gliner"), options={"threshold": 0.1}), TEXTS, LABELS, threshold=0.9)
     assert sum(map(len, (i.entities for i in loose.items))) > sum(map(len, (i.entities for i in strict.items)))
 
 

@@ -73,3 +73,25 @@ def test_grouping_matches_the_pipeline_on_random_tag_runs(models: Callable[[str]
         got = entities(text, tokens)
         assert [(e.label, e.start, e.end) for e in got] == [(g["entity_group"], g["start"], g["end"]) for g in want]
         assert [e.score for e in got] == pytest.approx([float(g["score"]) for g in want], abs=1e-6)
+
+
+def test_a_long_text_does_not_pad_the_batch_the_forwards_stay_within_the_token_budget(
+        models: Callable[[str], Path], load: Callable[..., Adapter]) -> None:
+    """Bucketed by length like the other families: short texts run apart from a long one, each forward holds at most
+    the token budget (the warm-up's shape), and the entities are those of one text at a time."""
+    budget = 64
+    adapter = load("ner", models("ner"), max_batch_tokens=budget, max_sequence_length=48)
+    texts = [*TEXTS[:2] * 3, " ".join(["Alice met Bob in Paris."] * 12)]
+    shapes: list[tuple[int, ...]] = []
+    hook = adapter.model.register_forward_pre_hook(  # type: ignore[attr-defined]
+        lambda _module, _args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        batched = extract(adapter, texts)
+    finally:
+        hook.remove()
+    assert len(shapes) > 1 and all(rows * length <= budget or rows == 1 for rows, length in shapes)
+    assert max(length for _rows, length in shapes) == 48 and min(length for _rows, length in shapes) < 48
+    for text, item in zip(texts, batched.items, strict=True):
+        alone = extract(adapter, [text]).items[0]
+        assert [(e.label, e.start, e.end) for e in item.entities] == [(e.label, e.start, e.end) for e in alone.entities]
+        assert [e.score for e in item.entities] == pytest.approx([e.score for e in alone.entities], abs=1e-5)

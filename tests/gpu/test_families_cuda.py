@@ -15,14 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
+from sie_worker import cuda
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
+from sie_worker.protocol import DenseOptions, EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
 from tests import tiny_extract_models, tiny_models
 from tests.sentences import SENTENCES
 
 pytestmark = pytest.mark.gpu
-PRECISIONS = ["float16", "bfloat16"]
+# None: the worker's default on a GPU (fp16 for these BERT-like checkpoints; cuda.default_precision), as served.
+PRECISIONS = [None, "float16", "bfloat16"]
 TEXTS = SENTENCES[:12]
 MIN_COSINE = 0.999
 
@@ -61,7 +63,9 @@ def load() -> Iterator[Callable[..., Adapter]]:
     def make(family: str, folder: Path, device: str, precision: str | None) -> Adapter:
         spec = WorkerSpec(worker_id="gpu", model=f"test/{family}", adapter=family, weights_dir=str(folder),
                           to_worker_endpoint="", from_worker_endpoint="", device=device, compute_precision=precision,
-                          loadtime={"engine": "torch"})
+                          options=DenseOptions(engine="torch") if family == "dense" else None)
+        if device.startswith("cuda"):
+            cuda.prepare_device(spec)  # as the worker does: a precision left None becomes the GPU default, TF32 on
         adapter = build_adapter(spec)
         adapter.load()
         opened.append(adapter)
@@ -154,11 +158,14 @@ def test_ner_logits_on_cuda_match_the_cpu(precision: str, checkpoint, load) -> N
     for device, dtype in (("cpu", None), ("cuda:0", precision)):
         adapter = load("ner", checkpoint("ner"), device, dtype)
         prepared = adapter.prepare(batch)
-        with torch.inference_mode():
-            inputs = {k: v.to(adapter.device) for k, v in prepared.inputs.items()}
-            logits.append(adapter.model(**inputs).logits.float().cpu().numpy())
-    mask = prepared.inputs["attention_mask"].numpy().astype(bool)
-    assert float(row_cosines(logits[1][mask], logits[0][mask]).min()) >= MIN_COSINE
+        per_item: dict[int, np.ndarray] = {}
+        with torch.inference_mode():  # length buckets, cut differently on each device: rows back in item order
+            for indices, tensors in prepared.inputs:
+                out = adapter.model(**{k: v.to(adapter.device) for k, v in tensors.items()}).logits.float().cpu()
+                for row, i in enumerate(indices):
+                    per_item[i] = out[row, :prepared.token_counts[i]].numpy()
+        logits.append(np.concatenate([per_item[i] for i in range(len(TEXTS))]))
+    assert float(row_cosines(logits[1], logits[0]).min()) >= MIN_COSINE
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -178,3 +185,9 @@ def test_gliner_span_logits_on_cuda_match_the_cpu(precision: str, checkpoint, lo
     assert logits[0].shape == logits[1].shape
     assert float(row_cosines(logits[1].reshape(-1, logits[1].shape[-1] * logits[1].shape[-2]),
                              logits[0].reshape(-1, logits[0].shape[-1] * logits[0].shape[-2])).min()) >= MIN_COSINE
+
+
+def test_the_default_on_cuda_is_fp16_for_bert_like_encoders(checkpoint, load) -> None:  # type: ignore[no-untyped-def]
+    adapter = load("dense", checkpoint("minilm"), "cuda:0", None)
+    assert next(adapter.model.parameters()).dtype == torch.float16  # type: ignore[attr-defined]
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"

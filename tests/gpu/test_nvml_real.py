@@ -48,17 +48,20 @@ def test_real_nvml_reads_memory_and_attributes_a_process_pinned_by_uuid() -> Non
         child.wait()
 
 
-def test_a_worker_measures_its_cuda_context() -> None:
+def test_a_worker_measures_its_cuda_context_after_a_matmul_has_loaded_cublas() -> None:
     devices = NvmlDevices()
     device = devices.snapshot()[0]
     uuid = devices.cuda_visible(device.name)
     code = ("import json; from sie_worker import cuda; from sie_worker.protocol import WorkerSpec; "
             "spec = WorkerSpec(worker_id='w', model='m', adapter='dense', weights_dir='', to_worker_endpoint='', "
             f"from_worker_endpoint='', device='cuda:0', env={{'CUDA_VISIBLE_DEVICES': {uuid!r}}}); "
-            "print(json.dumps(cuda.prepare_device(spec)))")
+            "before = cuda.prepare_device(spec); import torch; a = torch.ones(512, 512, device='cuda'); a @ a; "
+            "print(json.dumps([cuda.context_bytes(spec, before), spec.compute_precision, "
+            "torch.backends.cuda.matmul.fp32_precision]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": uuid})
     assert done.returncode == 0, done.stderr
-    context = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"CUDA context on {device.name}: {context / MiB:.0f} MiB")
+    context, precision, matmul = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"CUDA context with cuBLAS on {device.name}: {context / MiB:.0f} MiB")
     assert 100 * MiB < context < 4096 * MiB
+    assert precision == "float16" and matmul == "tf32"  # the GPU defaults: a BERT-like model in fp16, TF32 for the rest

@@ -65,6 +65,9 @@ inputs = (texts | st.lists(texts, max_size=5) | st.lists(st.integers(-5, 2**40),
           | st.lists(st.lists(st.integers(-5, 200_000), max_size=4), max_size=3))
 
 BODIES: dict[str, st.SearchStrategy[Any]] = {
+    "AddModelRequest": obj({"model": either(models)}, {
+        "adapter": either(texts), "served_model_name": either(texts), "loadtime": either(options),
+        "runtime": either(options), "max_batch_tokens": anything, "compute_precision": anything, "load": anything}),
     "EncodeRequest": obj({"items": either(items)}, {"params": either(obj({}, {
         "output_types": either(st.lists(st.sampled_from(["dense", "sparse", "multivector", "x"]), max_size=3)),
         "output_dtype": either(st.sampled_from([*OUTPUT_DTYPES, "float64"])), "instruction": either(texts),
@@ -103,6 +106,8 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     "RerankRequest": obj({"query": texts, "documents": st.lists(texts, min_size=1, max_size=4), "model": likely},
                          {"top_n": st.integers(1, 5), "return_documents": st.booleans()}),
     "ClassifyRequest": obj({"input": st.lists(texts, min_size=1, max_size=3), "model": likely}),
+    "AddModelRequest": obj({"model": models}, {"adapter": st.sampled_from(["dense", "sparse", "bogus"]),
+                                               "load": st.booleans(), "runtime": options}),
 }
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, ScoreBatch
+from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, RunEngine, ScoreBatch
 
 Batch = EncodeBatch | ScoreBatch | ExtractBatch
 
@@ -54,6 +54,7 @@ class LoadInfo:
     dims: dict[str, int]
     capabilities: list[str]
     max_sequence_length: int | None = None
+    engine: RunEngine = "torch"  # what runs the model; the lean dense adapter's graph runtimes say otherwise
 
 
 @dataclass

@@ -23,17 +23,13 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
-
-DEFAULT_TEMPLATE = "This example is {}."
+from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 
-def option(spec: WorkerSpec, batch: ExtractBatch, name: str, default: Any) -> Any:
-    """A request option, else the profile's runtime default, else its loadtime setting, else `default`."""
-    for source in (batch.options, spec.runtime, spec.loadtime):
-        if source.get(name) is not None:
-            return source[name]
-    return default
+def option(batch: ExtractBatch, name: str, configured: Any) -> Any:
+    """The request's option, else the profile's (`configured`: its option Struct's field, defaults included)."""
+    value = batch.options.get(name)
+    return configured if value is None else value
 
 
 def label_index(id2label: dict[int, str], prefix: str) -> int | None:
@@ -62,6 +58,7 @@ class ClassifierAdapter:
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
         self.max_length = spec.max_sequence_length
+        self.options = spec.options_as(ClassifierOptions)
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)
@@ -94,7 +91,7 @@ class ClassifierAdapter:
 
     def zero_shot(self, batch: ExtractBatch) -> bool:
         """Whether this batch is NLI zero-shot: labels given, or asked for, or an NLI head by default."""
-        wanted = option(self.spec, batch, "zero_shot", None)
+        wanted = option(batch, "zero_shot", self.options.zero_shot)
         if batch.labels:
             if self.entailment is None:
                 raise BadInput("this classifier has fixed labels and no entailment label; it takes no labels")
@@ -117,7 +114,7 @@ class ClassifierAdapter:
         return Prepared(batch=batch, inputs=dict(encoded), token_counts=counts, tokenize_ms=clock.ms())
 
     def _tokenize_pairs(self, batch: ExtractBatch, texts: list[str]) -> tuple[Any, list[int]]:
-        template = str(option(self.spec, batch, "hypothesis_template", DEFAULT_TEMPLATE))
+        template = str(option(batch, "hypothesis_template", self.options.hypothesis_template))
         hypotheses = [self._hypothesis(template, label) for label in batch.labels]
         pairs = [(text, hypothesis) for text in texts for hypothesis in hypotheses]
         kwargs: dict[str, Any] = {"padding": True, "max_length": self.max_length, "return_tensors": "pt"}
@@ -143,7 +140,7 @@ class ClassifierAdapter:
         batch = prepared.batch
         assert isinstance(batch, ExtractBatch)
         logits = self._logits(prepared.inputs)
-        raw = bool(option(self.spec, batch, "raw_scores", False))
+        raw = bool(option(batch, "raw_scores", self.options.raw_scores))
         if batch.labels:
             items = self._zero_shot_items(batch, logits, raw)
         else:
@@ -178,7 +175,7 @@ class ClassifierAdapter:
         entail = logits[..., self.entailment]
         if raw:
             scores = entail
-        elif bool(option(self.spec, batch, "multi_label", False)) or len(batch.labels) == 1:
+        elif bool(option(batch, "multi_label", self.options.multi_label)) or len(batch.labels) == 1:
             # Each label on its own: entailment against contradiction.
             scores = torch.softmax(logits[..., [self.contradiction, self.entailment]], dim=-1)[..., 1]
         else:

@@ -27,27 +27,18 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, InputItem, Tensor, WorkerSpec
+from sie_worker.protocol import ClipOptions, EncodeBatch, EncodeResult, InputItem, Tensor, WorkerSpec
 
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_IMAGE_BYTES = 20 * 1024 * 1024
 TEXT_TOKENS = 77
 
 
-def setting(spec: WorkerSpec, name: str, env: str, default: int) -> int:
-    """A limit from the loadtime options, else from the worker's environment in the spec, else the default."""
-    value = spec.loadtime.get(name, spec.env.get(env))
-    return default if value is None else int(value)
-
-
-def allowed_inputs(spec: WorkerSpec) -> set[str]:
-    """Modalities the profile allows: loadtime `inputs` as a list (["image"]) or flags ({text: true, image: false})."""
-    inputs = spec.loadtime.get("inputs")
-    if inputs is None:
+def allowed_inputs(options: ClipOptions) -> set[str]:
+    """Modalities the profile allows: `inputs` as a list (["image"]) or flags ({text: true, image: false})."""
+    if options.inputs is None:
         return {"text", "image"}
-    if isinstance(inputs, dict):
-        return {kind for kind, on in inputs.items() if on}
-    return {str(kind) for kind in inputs}
+    if isinstance(options.inputs, dict):
+        return {kind for kind, on in options.inputs.items() if on}
+    return set(options.inputs)
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -81,11 +72,10 @@ class ClipAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        self.max_pixels = setting(spec, "max_image_pixels", "SIE_MAX_IMAGE_PIXELS", MAX_IMAGE_PIXELS)
-        self.max_bytes = setting(spec, "max_image_bytes", "SIE_MAX_IMAGE_BYTES", MAX_IMAGE_BYTES)
-        self.inputs = allowed_inputs(spec)
-        normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
-        self.normalize = True if normalize is None else bool(normalize)
+        options = spec.options_as(ClipOptions)
+        self.max_pixels, self.max_bytes = options.max_image_pixels, options.max_image_bytes
+        self.inputs = allowed_inputs(options)
+        self.normalize = options.normalize
 
     def load(self) -> LoadInfo:
         self.processor = AutoProcessor.from_pretrained(  # type: ignore[no-untyped-call]

@@ -19,7 +19,6 @@ from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
     memory_bytes,
-    read_json,
     release,
     to_device,
     tokenize_in_buckets,
@@ -27,6 +26,7 @@ from sie_worker.adapters.torch_common import (
     warm_up,
 )
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
+from sie_worker.st_layout import read_layout
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "torch.nn.modules.activation.Sigmoid": torch.sigmoid,
@@ -35,11 +35,8 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
-def declared_activation(weights_dir: Path) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The activation sentence-transformers would apply: `config.json` may name one (v4+ key, or the older one)."""
-    config = read_json(weights_dir / "config.json") or {}
-    name = (config.get("sentence_transformers") or {}).get("activation_fn") or config.get(
-        "sbert_ce_default_activation_function")
+def declared_activation(name: str | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation sentence-transformers would apply, as the checkpoint names it (st_layout); sigmoid if none."""
     return _ACTIVATIONS.get(str(name), torch.sigmoid)
 
 
@@ -58,9 +55,9 @@ class CrossEncoderAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        st_config = read_json(self.weights_dir / "sentence_bert_config.json") or {}
-        self.max_length: int | None = spec.max_sequence_length or st_config.get("max_seq_length")
-        self.activation = declared_activation(self.weights_dir)
+        layout = read_layout(self.weights_dir)
+        self.max_length: int | None = spec.max_sequence_length or layout.max_seq_length
+        self.activation = declared_activation(layout.cross_encoder_activation)
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)

@@ -6,8 +6,8 @@ in well under a second once the graph is cached (bench/README.md, "lean workers"
 exports its graph in a helper process (graph_cache.ensure_graph); a checkpoint that cannot be exported, or whose graph
 disagrees with torch, is served by the torch adapter instead (`build`, then `adapters.build_adapter`).
 
-Engines (loadtime `engine`): `auto` (the default the router passes) takes OpenVINO where it is installed, else ONNX
-Runtime; `openvino`, `onnx` ask for one; `torch` never comes here. OpenVINO computes in bfloat16 where the CPU has it
+Engines (the `engine` option): `auto` (the default) takes OpenVINO where it is installed, else ONNX Runtime; `openvino`,
+`onnx` ask for one; `torch` never comes here. OpenVINO computes in bfloat16 where the CPU has it
 natively unless the model's precision is float32, checked on the cache's probe batch at every load.
 """
 
@@ -35,29 +35,21 @@ from sie_worker.adapters.batching import (
 )
 from sie_worker.adapters.st_config import dense_settings
 from sie_worker.adapters.text_tokenizer import TextTokenizer
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import DenseOptions, EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 
-ENGINES = ("torch", "onnx", "openvino", "auto")
 POOLINGS = ("mean", "cls", "last", "last_token")
 # Padded lengths are multiples of this. OpenVINO keeps compiled kernels and buffers for every input shape it has run:
 # a MiniLM worker grew 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8, -> 380 at 16, -> 329 at 32,
 # -> 272 at 64, at the same throughput; a lone sentence was no slower at 32 (5.5 ms against 6.1 at 8).
 PAD_MULTIPLE = 32
-# The most padded tokens in one forward call. A runtime keeps the working memory of the largest call it has run,
-# about 14 MiB per 256 tokens for MiniLM under OpenVINO; on CPU a token costs no less in a call of 4096 than of 1024
-# (a MiniLM worker after 259 corpus sentences: 1024: 272 MiB, 603 s/s; 2048: 326 MiB, 570 s/s; 4096: 417 MiB, 568 s/s;
-# bench/README.md, "lean workers").
-MICRO_BATCH_TOKENS = 1024
 
 
 def runtime_for(spec: WorkerSpec) -> str | None:
     """The graph runtime a dense worker's spec asks for, or None when it runs torch (`engine: torch`, a GPU, a
     bfloat16 model without OpenVINO, or neither runtime installed)."""
-    engine = str(spec.loadtime.get("engine") or "torch")
-    if engine not in ENGINES:
-        raise ValueError(f"unknown engine {engine!r}; expected one of {ENGINES}")
+    engine = spec.options_as(DenseOptions).engine
     if engine == "torch" or spec.device.startswith("cuda"):
         return None
     openvino = importlib.util.find_spec("openvino") is not None
@@ -73,7 +65,7 @@ def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
     runtime = runtime_for(spec)
     if runtime is None:
         return None
-    graph = graph_cache.ensure_graph(Path(spec.weights_dir), spec.loadtime.get("onnx_cache_dir"))
+    graph = graph_cache.ensure_graph(Path(spec.weights_dir), spec.options_as(DenseOptions).onnx_cache_dir)
     if graph is None:
         return None
     adapter = LeanDenseAdapter(spec, graph, runtime)
@@ -104,12 +96,12 @@ def normalized(vectors: np.ndarray) -> np.ndarray:
 class LeanDenseAdapter:
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str) -> None:
         self.spec, self.graph, self.runtime_kind = spec, graph, runtime
+        self.options = spec.options_as(DenseOptions)
         settings = dense_settings(spec)
         self.max_length = int(settings.max_length or min(graph.model_max_length, 512))
         self.pooling, self.normalize = settings.pooling, settings.normalize
         self.dim = graph.hidden_size
-        self.max_tokens = min(spec.max_batch_tokens, int(spec.loadtime.get("micro_batch_tokens") or
-                                                         MICRO_BATCH_TOKENS))
+        self.max_tokens = min(spec.max_batch_tokens, self.options.micro_batch_tokens)
         self.lanes: graph_runtime.Lanes | None = None
 
     def open(self) -> None:
@@ -117,11 +109,11 @@ class LeanDenseAdapter:
         torch)."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces)
         threads = self.spec.threads or os.cpu_count() or 1
-        lanes = max(1, min(int(self.spec.loadtime.get("onnx_lanes") or 0) or self.default_lanes(threads), threads))
+        lanes = max(1, min(self.options.onnx_lanes or self.default_lanes(threads), threads))
         precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(self.spec.compute_precision or "", "auto")
         try:
             runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
-                                                 precision=precision, arena=bool(self.spec.loadtime.get("onnx_arena")))
+                                                 precision=precision, arena=self.options.onnx_arena)
         finally:
             if self.graph.temporary:
                 shutil.rmtree(self.graph.folder.parent, ignore_errors=True)  # the runtime holds the graph in memory
@@ -132,7 +124,8 @@ class LeanDenseAdapter:
         if self.lanes is None:
             self.open()
         self.warm_up()
-        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length)
+        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length,
+                        engine="onnx" if self.runtime_kind == "onnxruntime" else "openvino")
 
     def default_lanes(self, threads: int) -> int:
         """ORT: one call per thread (a barrier per operator costs more than the lanes' split: bench/README.md,
@@ -140,10 +133,10 @@ class LeanDenseAdapter:
         return threads if self.runtime_kind == "onnxruntime" else 1
 
     def warm_up(self) -> None:
-        """The largest call the token cap allows at the full length (unless loadtime `warm_up: small`), then a small
+        """The largest call the token cap allows at the full length (unless the option `warm_up: small`), then a small
         one: the memory the worker reports at Ready is then its working set."""
         rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // self.max_length))
-        full = self.spec.loadtime.get("warm_up") != "small"
+        full = self.options.warm_up != "small"
         for shape in [*([(rows, self.max_length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
             ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
             self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))])

@@ -1,12 +1,9 @@
 """Deterministic fake model (worker process), for pool and router tests only; it never imports torch.
 
-Vectors and scores are seeded from a hash of the input. Faults are injected through `loadtime` options:
-`load_delay_s`, `fail_load` (a message), `fail_loads` with `fail_loads_file` (the first that many loads fail with
-EMFILE, a transient OS error; the file counts loads across worker processes), `batch_delay_s`,
-`batch_delay_per_item_s`, `oom_on_batch`, `cuda_error_on_batch` (from that batch on, as a broken CUDA context does)
-and `crash_on_batch` (1-based batch numbers), `oom_over_items` (a batch of more items runs out of memory),
-`memory_mb` (MiB to hold from load, so memory budgets can be exercised) and `grow_mb_per_batch` (MiB more held after
-every batch, as a working set that grows under traffic).
+Vectors and scores are seeded from a hash of the input. Faults are injected through its options (`FakeOptions` in the
+protocol): delays, failed loads (`fail_loads` counts transient EMFILE failures across worker processes in a file),
+crashes, OOMs and CUDA errors on given batches, and memory held from load (`memory_mb`, so budgets can be exercised)
+or grown after every batch (`grow_mb_per_batch`, a working set that grows under traffic).
 """
 
 from __future__ import annotations
@@ -29,6 +26,7 @@ from sie_worker.protocol import (
     ExtractBatch,
     ExtractItem,
     ExtractResult,
+    FakeOptions,
     Result,
     ScoreBatch,
     ScoreResult,
@@ -54,23 +52,24 @@ def fake_vector(text: str, dim: int) -> np.ndarray:
 
 class FakeAdapter:
     def __init__(self, spec: WorkerSpec) -> None:
-        self.options: dict[str, Any] = spec.loadtime
-        self.dim = int(self.options.get("dim", 16))
+        self.options = spec.options_as(FakeOptions)
+        self.dim = self.options.dim
         self.batches = 0
         self._ballast = b""
         self._grown: list[bytes] = []
 
     def load(self) -> LoadInfo:
-        time.sleep(float(self.options.get("load_delay_s", 0)))
-        if self.options.get("fail_load"):
-            raise RuntimeError(str(self.options["fail_load"]))
+        time.sleep(self.options.load_delay_s)
+        if self.options.fail_load:
+            raise RuntimeError(self.options.fail_load)
         self._fail_transiently()
         # Written, not just allocated, so the pages are resident and show in RSS.
-        self._ballast = b"\x01" * (int(self.options.get("memory_mb", 0)) * 1024 * 1024)
-        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512)
+        self._ballast = b"\x01" * (self.options.memory_mb * 1024 * 1024)
+        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense", "score", "extract"], max_sequence_length=512,
+                        engine="fake")
 
     def _fail_transiently(self) -> None:
-        counter, failures = self.options.get("fail_loads_file"), int(self.options.get("fail_loads", 0))
+        counter, failures = self.options.fail_loads_file, self.options.fail_loads
         if not counter or not failures:
             return
         path = Path(counter)
@@ -84,17 +83,17 @@ class FakeAdapter:
 
     def forward(self, prepared: Prepared) -> Result:
         self.batches += 1
-        if self.batches == self.options.get("crash_on_batch"):
+        options = self.options
+        if self.batches == options.crash_on_batch:
             os._exit(3)
-        if self.batches >= self.options.get("cuda_error_on_batch", float("inf")):
+        if options.cuda_error_on_batch is not None and self.batches >= options.cuda_error_on_batch:
             raise AcceleratorError("CUDA error: an illegal memory access was encountered (injected)")
         batch = prepared.batch
         size = len(batch.pairs) if isinstance(batch, ScoreBatch) else len(batch.items)
-        if self.batches == self.options.get("oom_on_batch") or size > self.options.get("oom_over_items", size):
+        if self.batches == options.oom_on_batch or size > (options.oom_over_items or size):
             raise InjectedOutOfMemory(f"out of memory on a batch of {size} (injected by the fake adapter)")
-        per_item = float(self.options.get("batch_delay_per_item_s", 0))
-        time.sleep(float(self.options.get("batch_delay_s", 0)) + size * per_item)
-        self._grown.append(b"\x01" * (int(self.options.get("grow_mb_per_batch", 0)) * 1024 * 1024))
+        time.sleep(options.batch_delay_s + size * options.batch_delay_per_item_s)
+        self._grown.append(b"\x01" * (options.grow_mb_per_batch * 1024 * 1024))
         if isinstance(batch, EncodeBatch):
             texts = [item.text or "" for item in batch.items]
             dense = np.stack([fake_vector(t, self.dim) for t in texts]) if texts else np.zeros((0, self.dim))

@@ -25,7 +25,7 @@ from sie_worker.adapters.torch_common import (
     release,
     torch_device,
 )
-from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, GlinerOptions, WorkerSpec
 
 with warnings.catch_warnings():
     # gliner decorates with torch.jit.script, deprecated in torch 2.13; nothing to act on here.
@@ -43,6 +43,7 @@ class GlinerAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
+        self.options = spec.options_as(GlinerOptions)
 
     def load(self) -> LoadInfo:
         dtype = compute_dtype(self.spec.compute_precision, self.device)
@@ -78,9 +79,9 @@ class GlinerAdapter:
     def forward(self, prepared: Prepared) -> ExtractResult:
         batch = prepared.batch
         assert isinstance(batch, ExtractBatch)
-        threshold = float(option(self.spec, batch, "threshold", 0.5))
-        flat_ner = bool(option(self.spec, batch, "flat_ner", True))
-        multi_label = bool(option(self.spec, batch, "multi_label", False))
+        threshold = float(option(batch, "threshold", self.options.threshold))
+        flat_ner = bool(option(batch, "flat_ner", self.options.flat_ner))
+        multi_label = bool(option(batch, "multi_label", self.options.multi_label))
         found = self.model.inference(prepared.inputs, list(batch.labels), flat_ner=flat_ner, threshold=threshold,
                                      multi_label=multi_label, batch_size=max(1, len(prepared.inputs)))
         items = [ExtractItem(entities=[to_entity(e) for e in spans]) for spans in found]

@@ -27,7 +27,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, Tensor, WorkerSpec
 
 OUTPUTS = ("dense", "sparse", "multivector")
 
@@ -92,7 +92,7 @@ class HybridAdapter:
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
         self.max_length: int | None = spec.max_sequence_length
-        self.normalize = bool(spec.loadtime.get("normalize", True))
+        self.normalize = spec.options_as(HybridOptions).normalize
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)

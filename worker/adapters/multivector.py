@@ -35,7 +35,8 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, MultivectorOptions, Tensor, WorkerSpec
+from sie_worker.st_layout import Layout, read_layout
 
 _ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": torch.tanh}
 
@@ -97,39 +98,25 @@ def _safetensor(path: Path, name: str) -> torch.Tensor:
     return tensor
 
 
-def _modules(weights_dir: Path) -> list[dict[str, Any]]:
-    modules = read_json(weights_dir / "modules.json")
-    return modules if isinstance(modules, list) else []
-
-
-def find_projection(weights_dir: Path) -> Projection:
+def find_projection(layout: Layout) -> Projection:
     """The sentence-transformers `Dense` module if `modules.json` names one, else colbert-ir's inline `linear`."""
-    for module in _modules(weights_dir):
-        if str(module.get("type", "")).endswith("Dense"):
-            folder = weights_dir / str(module.get("path", ""))
-            config = read_json(folder / "config.json") or {}
-            found = read_tensors(folder, ("linear.weight", "linear.bias"))
-            activation = str(config.get("activation_function") or "torch.nn.modules.linear.Identity")
-            if activation not in _ACTIVATIONS:
-                raise ValueError(f"unsupported Dense activation {activation!r} in {folder}")
-            return Projection(found["linear.weight"], found.get("linear.bias"), activation)
-    found = read_tensors(weights_dir, ("linear.weight", "linear.bias"))
+    dense = layout.module("Dense")
+    if dense is not None:
+        found = read_tensors(dense.folder, ("linear.weight", "linear.bias"))
+        activation = str(dense.config.get("activation_function") or "torch.nn.modules.linear.Identity")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unsupported Dense activation {activation!r} in {dense.folder}")
+        return Projection(found["linear.weight"], found.get("linear.bias"), activation)
+    found = read_tensors(layout.folder, ("linear.weight", "linear.bias"))
     if "linear.weight" not in found:
-        raise ValueError(f"no ColBERT projection in {weights_dir}: neither a Dense module nor a linear.weight")
+        raise ValueError(f"no ColBERT projection in {layout.folder}: neither a Dense module nor a linear.weight")
     return Projection(found["linear.weight"], found.get("linear.bias"))
 
 
-def encoder_dir(weights_dir: Path) -> Path:
-    for module in _modules(weights_dir):
-        if str(module.get("type", "")).endswith("Transformer"):
-            return weights_dir / str(module.get("path", ""))
-    return weights_dir
-
-
-def checkpoint_defaults(weights_dir: Path) -> dict[str, Any]:
+def checkpoint_defaults(layout: Layout) -> dict[str, Any]:
     """Prefixes and lengths as the checkpoint declares them (colbert-ir `artifact.metadata`, PyLate configs)."""
     found: dict[str, Any] = {}
-    metadata = read_json(weights_dir / "artifact.metadata")
+    metadata = read_json(layout.folder / "artifact.metadata")
     if isinstance(metadata, dict):
         # colbert-ir inserts these vocabulary tokens as markers; a bare "[Q] " would be three word pieces there.
         found["query_prefix"] = str(metadata.get("query_token_id") or "[unused0]") + " "
@@ -139,13 +126,11 @@ def checkpoint_defaults(weights_dir: Path) -> dict[str, Any]:
         found["attend_to_expansion_tokens"] = metadata.get("attend_to_mask_tokens")
         if metadata.get("mask_punctuation") is False:
             found["skiplist_words"] = []
-    st = read_json(weights_dir / "config_sentence_transformers.json") or {}
-    prompts = st.get("prompts") or {}
+    st, prompts = layout.config, layout.prompts
     found["query_prefix"] = st.get("query_prefix") or prompts.get("query") or found.get("query_prefix")
     found["doc_prefix"] = st.get("document_prefix") or prompts.get("document") or found.get("doc_prefix")
     found["query_max_length"] = st.get("query_length") or found.get("query_max_length")
-    found["doc_max_length"] = st.get("document_length") or (read_json(
-        weights_dir / "sentence_bert_config.json") or {}).get("max_seq_length") or found.get("doc_max_length")
+    found["doc_max_length"] = st.get("document_length") or layout.max_seq_length or found.get("doc_max_length")
     for ours, theirs in (("query_expansion", "do_query_expansion"),
                          ("attend_to_expansion_tokens", "attend_to_expansion_tokens"),
                          ("skiplist_words", "skiplist_words")):
@@ -209,19 +194,27 @@ class MultivectorAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        options = {**checkpoint_defaults(self.weights_dir), **spec.loadtime}
-        self.query_prefix = str(options.get("query_prefix", "[Q] "))
-        self.doc_prefix = str(options.get("doc_prefix", "[D] "))
-        self.query_max_length = int(options.get("query_max_length", 32))
-        self.max_length: int | None = spec.max_sequence_length or options.get("doc_max_length")
-        self.normalize = bool(options.get("normalize", True))
-        self.token_dim = options.get("token_dim")
-        self.query_expansion = bool(options.get("query_expansion", True))
-        self.attend_to_expansion = bool(options.get("attend_to_expansion_tokens", False))
-        self.skiplist_words = [str(w) for w in options.get("skiplist_words", list(string.punctuation))]
+        self.layout = read_layout(self.weights_dir)
+        options = spec.options_as(MultivectorOptions)
+        declared = checkpoint_defaults(self.layout)
+
+        def chosen(name: str, fallback: Any) -> Any:
+            """The profile's option, else the checkpoint's, else the adapter's fallback."""
+            value = getattr(options, name)
+            return value if value is not None else declared.get(name, fallback)
+
+        self.query_prefix = str(chosen("query_prefix", "[Q] "))
+        self.doc_prefix = str(chosen("doc_prefix", "[D] "))
+        self.query_max_length = int(chosen("query_max_length", 32))
+        self.max_length: int | None = spec.max_sequence_length or chosen("doc_max_length", None)
+        self.normalize = options.normalize
+        self.token_dim = options.token_dim
+        self.query_expansion = bool(chosen("query_expansion", True))
+        self.attend_to_expansion = bool(chosen("attend_to_expansion_tokens", False))
+        self.skiplist_words = [str(w) for w in chosen("skiplist_words", list(string.punctuation))]
 
     def load(self) -> LoadInfo:
-        encoder = encoder_dir(self.weights_dir)
+        encoder = self.layout.encoder_folder
         self.tokenizer = AutoTokenizer.from_pretrained(encoder, local_files_only=True)
         register_prefix_tokens(self.tokenizer, [self.query_prefix, self.doc_prefix])
         self.expansion_id = expansion_token_id(self.tokenizer)
@@ -229,7 +222,7 @@ class MultivectorAdapter:
         dtype = compute_dtype(self.spec.compute_precision, self.device)
         model = AutoModel.from_pretrained(encoder, local_files_only=True, dtype=dtype)
         self.model = model.to(self.device).eval()
-        projection = find_projection(self.weights_dir).to(self.device, dtype)
+        projection = find_projection(self.layout).to(self.device, dtype)
         self.projection: Projection | None = projection
         self.dim = int(projection.weight.shape[0])
         if self.token_dim is not None and int(self.token_dim) != self.dim:

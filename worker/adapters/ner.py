@@ -19,9 +19,13 @@ from sie_sdk.types import Entity
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.classifier import texts_of
 from sie_worker.adapters.torch_common import (
+    PAD_MULTIPLE,
     Stopwatch,
+    call_overhead_tokens,
     compute_dtype,
+    length_buckets,
     memory_bytes,
+    micro_batch_items,
     release,
     to_device,
     torch_device,
@@ -91,35 +95,54 @@ class NerAdapter:
             limits = [int(self.tokenizer.model_max_length),
                       int(getattr(self.model.config, "max_position_embeddings", 512))]
             self.max_length = min(limits)
-        # A router batch runs as one forward: as many rows as the token budget holds.
+        # Length buckets of at most the token budget each, as the other families: the warm-up's shape is the largest.
         warm_up(lambda t: torch.softmax(self.model(**to_device(t, self.device)).logits.float(), dim=-1),
-                self.tokenizer, self.max_length, self.spec, self.device, max_items=self.spec.max_batch_tokens)
+                self.tokenizer, self.max_length, self.spec, self.device)
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:
+        """Tokenise unpadded, then pad each length bucket on its own: a long text no longer pads the whole batch."""
         if not isinstance(batch, ExtractBatch):
             raise UnsupportedTask("this model only extracts entities")
         clock = Stopwatch()
-        encoded = self.tokenizer(texts_of(batch), padding=True, truncation=True, max_length=self.max_length,
-                                 return_offsets_mapping=True, return_special_tokens_mask=True, return_tensors="pt")
+        encoded = self.tokenizer(texts_of(batch), truncation=True, max_length=self.max_length,
+                                 return_offsets_mapping=True, return_special_tokens_mask=True)
+        counts = [len(ids) for ids in encoded["input_ids"]]
+        buckets = []
+        for indices in length_buckets(counts, micro_batch_items(self.device.type), self.spec.max_batch_tokens,
+                                      call_overhead_tokens(self.device)):
+            features = {key: [encoded[key][i] for i in indices] for key in self.tokenizer.model_input_names
+                        if key in encoded}
+            buckets.append((indices, dict(self.tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE,
+                                                             return_tensors="pt"))))
         # Offsets and the special-token mask stay on the host for grouping; only the model inputs travel.
-        spans = {"offsets": encoded.pop("offset_mapping").tolist(),
-                 "special": (encoded.pop("special_tokens_mask") | (1 - encoded["attention_mask"])).tolist()}
-        counts = encoded["attention_mask"].sum(dim=1).tolist()
-        return Prepared(batch=batch, inputs=dict(encoded), token_counts=counts, tokenize_ms=clock.ms(), extra=spans)
+        spans = {"offsets": encoded["offset_mapping"], "special": encoded["special_tokens_mask"]}
+        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms(), extra=spans)
+
+    def _tag(self, prepared: Prepared) -> tuple[list[list[float]], list[list[int]]]:
+        """Each item's best tag score and tag per token (its own length, padding dropped), bucket by bucket."""
+        scores: list[list[float]] = [[] for _ in prepared.token_counts]
+        tags: list[list[int]] = [[] for _ in prepared.token_counts]
+        left = self.tokenizer.padding_side == "left"
+        with torch.inference_mode():
+            for indices, inputs in prepared.inputs:
+                logits = self.model(**to_device(inputs, self.device)).logits
+                best, tag = torch.softmax(logits.float(), dim=-1).max(dim=-1)
+                best, tag = best.cpu(), tag.cpu()
+                for row, i in enumerate(indices):
+                    n = prepared.token_counts[i]
+                    kept = slice(best.shape[1] - n, None) if left else slice(0, n)
+                    scores[i], tags[i] = best[row, kept].tolist(), tag[row, kept].tolist()
+        return scores, tags
 
     def forward(self, prepared: Prepared) -> ExtractResult:
         batch = prepared.batch
         assert isinstance(batch, ExtractBatch)
-        with torch.inference_mode():
-            logits = self.model(**to_device(prepared.inputs, self.device)).logits
-            probs = torch.softmax(logits.float(), dim=-1).cpu()
-        best, tags = probs.max(dim=-1)
+        scores, tags = self._tag(prepared)
         wanted = set(batch.labels)
         items = []
         for i, item in enumerate(batch.items):
-            tokens = self._tokens(best[i].tolist(), tags[i].tolist(), prepared.extra["offsets"][i],
-                                  prepared.extra["special"][i])
+            tokens = self._tokens(scores[i], tags[i], prepared.extra["offsets"][i], prepared.extra["special"][i])
             found = entities(item.text or "", tokens)
             if wanted:  # labels narrow a fixed tag set down to the types the caller asked for
                 found = [e for e in found if e.label in wanted]

@@ -17,13 +17,13 @@ from sie_worker.adapters.torch_common import (
     compute_dtype,
     memory_bytes,
     prepare_texts,
-    read_json,
     release,
     to_device,
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, Tensor, WorkerSpec
+from sie_worker.st_layout import read_layout
 
 # Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
 # [items, tokens, vocabulary] logits stay bounded.
@@ -49,15 +49,6 @@ def join_sparse(parts: list[SparseRow]) -> tuple[Tensor, Tensor, list[int]]:
     return Tensor.from_numpy(indices), Tensor.from_numpy(values), [int(o) for o in offsets]
 
 
-def splade_pooling_config(weights_dir: Path) -> dict[str, Any]:
-    """The `SpladePooling` settings of a sentence-transformers SPLADE checkpoint (empty for a bare MLM folder)."""
-    modules = read_json(weights_dir / "modules.json")
-    for module in modules if isinstance(modules, list) else []:
-        if str(module.get("type", "")).endswith("SpladePooling"):
-            return dict(read_json(weights_dir / str(module.get("path", "")) / "config.json") or {})
-    return {}
-
-
 def splade_pool(logits: torch.Tensor, mask: torch.Tensor, strategy: str = "max",
                 activation: str = "relu") -> torch.Tensor:
     """[B, T, V] logits -> [B, V] float32 term weights; in place on `logits`, which at vocabulary width dominate
@@ -74,11 +65,13 @@ class SparseAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        st_config = read_json(self.weights_dir / "sentence_bert_config.json") or {}
-        self.max_length: int | None = spec.max_sequence_length or st_config.get("max_seq_length")
-        pooling = splade_pooling_config(self.weights_dir)
-        self.strategy = str(spec.loadtime.get("pooling_strategy", pooling.get("pooling_strategy", "max")))
-        self.activation = str(spec.loadtime.get("activation_function", pooling.get("activation_function", "relu")))
+        layout = read_layout(self.weights_dir)
+        self.max_length: int | None = spec.max_sequence_length or layout.max_seq_length
+        splade = layout.module("SpladePooling")
+        declared = {} if splade is None else splade.config  # a bare MLM folder has none
+        options = spec.options_as(SparseOptions)
+        self.strategy = str(options.pooling_strategy or declared.get("pooling_strategy") or "max")
+        self.activation = str(options.activation_function or declared.get("activation_function") or "relu")
         if self.strategy not in ("max", "sum") or self.activation not in ("relu", "log1p_relu"):
             raise ValueError(f"unsupported SPLADE pooling {self.strategy!r} / activation {self.activation!r}")
 

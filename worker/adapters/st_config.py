@@ -1,37 +1,18 @@
-"""What a checkpoint's sentence-transformers files declare (worker process, free of torch): pooling, normalisation
-and maximum length, read from `modules.json`, `1_Pooling/config.json` and `sentence_bert_config.json`, and the
-settings every dense engine resolves from them and the model config."""
+"""The settings every dense engine resolves (worker process, free of torch): pooling, normalisation and maximum
+length, from the model config's options over what the checkpoint's sentence-transformers files declare
+(`sie_worker.st_layout`) over the defaults."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from sie_worker.adapters.batching import read_json
-from sie_worker.protocol import WorkerSpec
+from sie_worker.adapters.base import BadModelConfig
+from sie_worker.protocol import DenseOptions, WorkerSpec
+from sie_worker.st_layout import read_layout
 
-
-def sentence_transformers_defaults(weights_dir: Path) -> dict[str, Any]:
-    """Pooling, normalisation and max length as the checkpoint's sentence-transformers config declares them."""
-    found: dict[str, Any] = {}
-    modules = read_json(weights_dir / "modules.json")
-    for module in modules if isinstance(modules, list) else []:
-        kind = str(module.get("type", ""))
-        if kind.endswith("Normalize"):
-            found["normalize"] = True
-        if kind.endswith("Pooling"):
-            pooling = read_json(weights_dir / module.get("path", "1_Pooling") / "config.json") or {}
-            if pooling.get("pooling_mode_cls_token"):
-                found["pooling"] = "cls"
-            elif pooling.get("pooling_mode_lasttoken"):
-                found["pooling"] = "last"
-            elif pooling.get("pooling_mode_mean_tokens"):
-                found["pooling"] = "mean"
-    max_len = (read_json(weights_dir / "sentence_bert_config.json") or {}).get("max_seq_length")
-    if max_len:
-        found["max_sequence_length"] = int(max_len)
-    return found
+# sentence-transformers' pooling modes that the dense engines compute, under our names.
+POOLINGS = {"cls": "cls", "mean": "mean", "lasttoken": "last"}
 
 
 @dataclass(frozen=True)
@@ -43,12 +24,23 @@ class DenseSettings:
     normalize: bool
 
 
+def checkpoint_pooling(modes: tuple[str, ...] | None) -> str | None:
+    """Our name for the checkpoint's pooling (None without a Pooling module). A mode the engines do not compute
+    (max, weightedmean, a concatenation of several) is refused: mean pooling in its place would give plausible,
+    wrong vectors."""
+    if modes is None:
+        return None
+    if len(modes) != 1 or modes[0] not in POOLINGS:
+        raise BadModelConfig(f"the checkpoint pools with {'+'.join(modes)}; the dense engines compute "
+                             f"{', '.join(POOLINGS)} (set `pooling` in the model config to override)")
+    return POOLINGS[modes[0]]
+
+
 def dense_settings(spec: WorkerSpec) -> DenseSettings:
     """The model config's options over the checkpoint's sentence-transformers files over the defaults (mean pooling,
     no normalisation), as every dense engine resolves them."""
-    defaults = sentence_transformers_defaults(Path(spec.weights_dir))
-    pooling = spec.loadtime.get("pooling") or spec.runtime.get("pooling")
-    normalize = spec.loadtime.get("normalize", spec.runtime.get("normalize"))
-    return DenseSettings(max_length=spec.max_sequence_length or defaults.get("max_sequence_length"),
-                         pooling=str(pooling or defaults.get("pooling", "mean")),
-                         normalize=bool(defaults.get("normalize", False) if normalize is None else normalize))
+    layout = read_layout(Path(spec.weights_dir))
+    options = spec.options_as(DenseOptions)
+    return DenseSettings(max_length=spec.max_sequence_length or layout.max_seq_length,
+                         pooling=options.pooling or checkpoint_pooling(layout.pooling) or "mean",
+                         normalize=layout.normalize if options.normalize is None else options.normalize)

@@ -17,11 +17,12 @@ from sie_worker.adapters.batching import (  # noqa: F401  (re-exported: the adap
     PAD_MULTIPLE,
     Stopwatch,
     length_buckets,
+    micro_batch_items,
     padded,
     read_json,
     split_for_lanes,
 )
-from sie_worker.protocol import EncodeBatch, WorkerSpec
+from sie_worker.protocol import Common, EncodeBatch, WorkerSpec
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -34,7 +35,8 @@ def torch_device(name: str) -> torch.device:
 
 
 def compute_dtype(precision: str | None, device: torch.device) -> torch.dtype:
-    """The dtype to run in: as configured on a GPU; float32 on CPU unless bfloat16 is asked for explicitly."""
+    """The dtype to run in: as configured on a GPU, where the worker's start resolved None to the family's default
+    (`cuda.default_precision`); float32 on CPU unless bfloat16 is asked for explicitly."""
     if precision is None:
         return torch.float32
     dtype = _PRECISIONS[precision]
@@ -92,7 +94,8 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
     if not truncate:
         refuse_over_length(counts, max_length)
     buckets = []
-    for indices in length_buckets(counts, MICRO_BATCH_ITEMS, max_batch_tokens, call_overhead_tokens(device)):
+    for indices in length_buckets(counts, micro_batch_items(device.type), max_batch_tokens,
+                                  call_overhead_tokens(device)):
         features = {key: [encoded[key][i] for i in indices] for key in encoded}
         buckets.append((indices, dict(tokenizer.pad(features, pad_to_multiple_of=PAD_MULTIPLE, return_tensors="pt"))))
     return buckets, counts
@@ -100,24 +103,25 @@ def tokenize_in_buckets(tokenizer: Any, texts: list[str], max_length: int | None
 
 def full_warm_up(spec: WorkerSpec, device: torch.device, on_cpu: bool = False) -> bool:
     """Whether load() runs a forward at the full budget: always on a GPU, where an out-of-memory must show at start;
-    on the CPU only where `on_cpu` (the family's default) or loadtime `warm_up: budget` says so, as the budget forward
-    of a large model takes minutes on a few cores (BGE-M3 at 2 x 8192 tokens) and host memory has no such cliff.
-    Loadtime `warm_up: small` skips it everywhere."""
-    setting = spec.loadtime.get("warm_up")
+    on the CPU only where `on_cpu` (the family's default) or the option `warm_up: budget` says so, as the budget
+    forward of a large model takes minutes on a few cores (BGE-M3 at 2 x 8192 tokens) and host memory has no such
+    cliff. The option `warm_up: small` skips it everywhere."""
+    setting = spec.options_as(Common).warm_up
     if setting is not None:
-        return str(setting) == "budget"
+        return setting == "budget"
     return device.type == "cuda" or on_cpu
 
 
 def warm_up(run: Callable[[dict[str, torch.Tensor]], object], tokenizer: Any, max_length: int, spec: WorkerSpec,
-            device: torch.device, max_items: int = MICRO_BATCH_ITEMS, on_cpu: bool = False) -> None:
+            device: torch.device, max_items: int | None = None, on_cpu: bool = False) -> None:
     """Run the family's forward at the largest micro-batch it will take (max_length tokens, as many rows as the token
     budget allows; see full_warm_up), then at a small one, with `run(inputs)` on host tensors; on a GPU, synchronise.
 
     Done at load, before `Ready`: an out-of-memory or an asynchronous CUDA error shows at start rather than under
     traffic, and the memory the worker reports is its working set, so the router's ledger accounts what it will hold.
     """
-    rows = max(1, min(max_items, spec.max_batch_tokens // max(1, max_length)))
+    cap = micro_batch_items(device.type) if max_items is None else max_items
+    rows = max(1, min(cap, spec.max_batch_tokens // max(1, max_length)))
     shapes = [(rows, max_length)] if full_warm_up(spec, device, on_cpu) else []
     with torch.inference_mode():
         for shape in [*shapes, (1, min(PAD_MULTIPLE, max_length))]:
