@@ -111,7 +111,7 @@ def parser() -> argparse.ArgumentParser:
                             "with each crash in a row, up to this (default 10)")
     serve.add_argument("--restart-backoff-reset", dest="restart_backoff_reset_s", type=float, metavar="SECONDS",
                        help="a worker that served this long before it crashed starts the back-off again from 0.5 s "
-                            "(default 60)")
+                            "(default 30)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but health, metrics "
                                          "and docs (prefer SIE_API_KEY: command lines are visible to other users)")
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "
