@@ -106,7 +106,8 @@ def server(folders: dict[str, Path], extra: list[str]) -> targets.Server:
     models = [arg for name, folder in folders.items() for arg in ("-m", str(folder), "--served-model-name", name)]
     cmd = [sys.executable, "-m", "sie_router", "serve", *models, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *extra]
-    return targets.Server("chaos", cmd, port, "/v1/embeddings", "/readyz", model=DENSE)
+    return targets.Server("chaos", cmd, port, "/v1/embeddings", "/readyz", model=DENSE,
+                          log_tag=f"-{time.strftime('%Y%m%d-%H%M%S')}")  # each run keeps its server log
 
 
 def request(kind: str, rnd: random.Random, corpus: list[str]) -> tuple[str, bytes, dict[str, str]]:
