@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--offline", dest="hf_offline", action="store_const", const=True,
                        help="never download: models come from folders, the Hugging Face cache and packages only "
                             "(as HF_HUB_OFFLINE=1)")
+    serve.add_argument("--trust-remote-code", action="store_const", const=True,
+                       help="run the custom code a checkpoint's config names (auto_map: NomicBERT, jina, ...), on the "
+                            "torch engine; without it such a model is refused (default: off)")
     serve.add_argument("--url-prefix", help="also serve the Infinity routes under this prefix, e.g. /v1 "
                                             "(Infinity's --url-prefix)")
     serve.add_argument("--preload", action="append", default=[], metavar="MODEL",
@@ -140,7 +143,7 @@ TEI_UNSUPPORTED = {
     "--revision": "pin a revision in the model's SIE config (hf_revision)",
     "--max-batch-tokens": "the token budget is per model: max_batch_tokens in its SIE config",
     "--tokenization-workers": "each worker tokenizes on its own prepare thread",
-    "--dense-path": "dense layers are read from the model's modules.json",
+    "--dense-path": "every Dense module the model's modules.json lists is applied, in order",
     "--hf-token": "set HF_TOKEN in the environment", "--hf-api-token": "set HF_TOKEN in the environment",
     "--huggingface-hub-cache": "set HF_HUB_CACHE in the environment",
     "--prometheus-port": "metrics are served at /metrics on the main port",

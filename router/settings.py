@@ -125,6 +125,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     model_store: Path | None = None
     # Offline: models come only from folders, the cache and packages (HF_HUB_OFFLINE=1 or --offline); else the hub too.
     hf_offline: bool = False
+    # Run the custom code a checkpoint's config names (`auto_map`), on torch; off, such a model is refused.
+    trust_remote_code: bool = False
     # Per -m model, in order: the name it answers under on every API, and the adapter family that overrides inference.
     served_names: tuple[str, ...] = ()
     adapters: tuple[str, ...] = ()

@@ -118,3 +118,22 @@ def test_a_bad_origin_names_its_flag(capsys: pytest.CaptureFixture[str]) -> None
     with pytest.raises(SystemExit):
         settings_from(["--cors-allow-origin", "https://a.example/app"])
     assert "--cors-allow-origin: 'https://a.example/app' is not an origin" in capsys.readouterr().err
+
+
+def test_custom_code_runs_only_when_the_server_trusts_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--trust-remote-code` (or SIE_TRUST_REMOTE_CODE) reaches every worker's spec; off by default."""
+    import asyncio
+
+    from sie_router.models.registry import build_registry
+    from sie_router.pool.devices import detect
+    from sie_router.pool.pool import WorkerPool
+
+    monkeypatch.delenv("SIE_TRUST_REMOTE_CODE", raising=False)
+    for argv, trusted in (([], False), (["--trust-remote-code"], True)):
+        settings = settings_from([*argv, "--bundle", "test"])
+        assert settings.trust_remote_code is trusted
+        pool = WorkerPool(settings, build_registry("test", (), (), offline=True), detect("cpu"))
+        try:
+            assert pool._spec(pool.registry.configs["test/fake-dense"], "", "cpu", None).trust_remote_code is trusted
+        finally:
+            asyncio.run(pool.supervisor.close())

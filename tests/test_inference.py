@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from sie_router.models.inference import CannotInfer, infer_config, infer_family
+from tests import tiny_encoders
 from tests import tiny_extract_models as tiny_extract
 from tests import tiny_models as tiny
 
@@ -75,8 +76,10 @@ def _architecture(folder: Path, name: str) -> Path:
 
 UNKNOWN: dict[str, tuple[Callable[[Path], Path], str]] = {
     "half a BGE-M3": (lambda f: _without(tiny.build_bge_m3(f), "sparse_linear.pt"), "colbert_linear.pt"),
-    "a Dense module after pooling": (lambda f: _modules_with(tiny.build_dense_st(f),
-                                                              "sentence_transformers.models.Dense"), "Dense"),
+    "a LayerNorm after pooling": (lambda f: _modules_with(tiny.build_dense_st(f),
+                                                           "sentence_transformers.models.LayerNorm"), "LayerNorm"),
+    "a custom module": (lambda f: _modules_with(tiny.build_dense_st(f), "custom_st.Projection"),
+                        "custom_st.Projection (3) is not computed"),
     "an inference-free SPLADE": (lambda f: _modules_with(tiny.build_sparse_st(f),
                                                           "sentence_transformers.models.Router"), "Router"),
     "a decoder": (lambda f: _architecture(_without(tiny.build_dense_st(f), "modules.json"), "LlamaForCausalLM"),
@@ -132,3 +135,18 @@ def test_the_layout_sentence_transformers_5_and_6_write_infers_as_the_classic_on
                              "sentence_transformers.sentence_transformer.modules.WeightedLayerPooling")
     with pytest.raises(CannotInfer, match="WeightedLayerPooling"):  # a Pooling by suffix only is not Pooling
         infer_family(weighted)
+
+
+@pytest.mark.parametrize(("case", "dim", "reason"), [
+    (tiny_encoders.Case("labse", pooling="cls", dense=((24, tiny_encoders.TANH),), layout="classic"), 24,
+     "Transformer, Pooling (cls), Dense (32 -> 24, Tanh), Normalize"),
+    (tiny_encoders.Case("concat", pooling=("cls", "max"), normalize=False), 64, "Transformer, Pooling (cls+max)"),
+    (tiny_encoders.Case("t5", arch="t5", include_prompt=False), 32, "Pooling (mean, prompt excluded), Normalize"),
+    (tiny_encoders.Case("distilbert", arch="distilbert"), 32, "Pooling (mean)")])
+def test_a_dense_checkpoint_says_its_steps_and_its_width(tmp_path: Path, case: tiny_encoders.Case, dim: int,
+                                                         reason: str) -> None:
+    """Dense modules, concatenated poolings and encoders whose config names its width otherwise (T5's d_model,
+    DistilBERT's dim): the width is the one the worker will report, and the reason lists what will be computed."""
+    config = infer_config(str(tiny_encoders.build_case(case, tmp_path)), offline=True)
+    assert config.family() == "dense" and config.tasks == {"encode": {"dense": {"dim": dim}}}
+    assert reason in config.source and config.max_sequence_length == (48 if case.layout == "classic" else None)

@@ -89,3 +89,21 @@ async def test_lookup_in_a_task_leaves_the_first_requests_labels_alone() -> None
     finally:
         request_labels.current.reset(token)
     assert labels == {"model": "a"}
+
+
+def test_a_templated_side_asks_the_worker_for_no_checkpoint_prompt_on_top() -> None:
+    """A profile's template is the model config's own formatting: the job tells a dense worker to put none of the
+    checkpoint's prompts before it (a `query` prompt as well as a `query_template` would prefix twice), unless the
+    request names a prompt."""
+    from sie_router.pipeline.inputs import encode_job
+    from sie_router.pipeline.jobs import Resolved
+    from sie_worker.protocol import InputItem
+
+    config = ModelConfig(sie_id="m", hf_id="m", profiles={"default": Profile(adapter="dense")})
+    model, items = Resolved(name="m", config=config), [InputItem(text="berlin")]
+    runtime = {"query_template": "query: {text}"}
+    job = encode_job(model, items, ["dense"], runtime=runtime, options={}, is_query=True)
+    assert job.items[0].text == "query: berlin" and thaw(job.key.options) == {"prompt": ""}
+    assert thaw(encode_job(model, items, ["dense"], runtime=runtime, options={}).key.options) == {}
+    named = encode_job(model, items, ["dense"], runtime=runtime, options={"prompt_name": "q"}, is_query=True)
+    assert thaw(named.key.options) == {"prompt_name": "q"}

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sie_worker.adapters.base import BadModelConfig
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.st_config import dense_settings
 from sie_worker.protocol import DenseOptions, WorkerSpec
@@ -57,7 +56,10 @@ def test_the_classic_layout(tmp_path: Path) -> None:
     assert dense is not None and dense.folder == folder / "2_Dense" and dense.config["out_features"] == 8
     assert layout.encoder_folder == folder
     assert layout.prompts == {"query": "query: "} and layout.default_prompt_name == "query"
-    assert dense_settings(spec(folder)).pooling == "last"
+    settings = dense_settings(spec(folder))
+    assert settings.pipeline.pooling.modes == ("lasttoken",) and settings.default == "query: "
+    assert [type(step).__name__ for step in settings.pipeline.steps] == ["Dense", "Normalize"]
+    assert settings.pipeline.dim(32) == 8 and settings.max_length == 64
 
 
 def test_the_layout_sentence_transformers_5_and_6_write(tmp_path: Path) -> None:
@@ -65,12 +67,14 @@ def test_the_layout_sentence_transformers_5_and_6_write(tmp_path: Path) -> None:
         "modules.json": modules(("", ST6_BASE + "transformer.Transformer"), ("1_Pooling", ST6_POOLING),
                                 ("2_Normalize", ST6_BASE + "normalize.Normalize")),
         "1_Pooling/config.json": {"embedding_dimension": 32, "pooling_mode": "cls", "include_prompt": True},
-        "sentence_bert_config.json": {"transformer_task": "feature-extraction", "module_output_name": "x"}})
+        "sentence_bert_config.json": {"transformer_task": "feature-extraction",
+                                      "module_output_name": "token_embeddings"}})
     layout = read_layout(folder)
     assert layout.kinds == ["Transformer", "Pooling", "Normalize"]
     assert layout.pooling == ("cls",) and layout.normalize and layout.max_seq_length is None
     settings = dense_settings(spec(folder))
-    assert (settings.pooling, settings.normalize, settings.max_length) == ("cls", True, None)
+    pipeline = settings.pipeline
+    assert (pipeline.pooling.modes, pipeline.normalize, settings.max_length) == (("cls",), True, None)
 
 
 def test_a_classic_pooling_config_with_no_flag_is_mean_and_no_files_are_an_empty_layout(tmp_path: Path) -> None:
@@ -79,18 +83,26 @@ def test_a_classic_pooling_config_with_no_flag_is_mean_and_no_files_are_an_empty
     assert read_layout(folder).pooling == ("mean",)
     empty = read_layout(tmp_path / "nothing")
     assert empty.modules == () and empty.pooling is None and not empty.normalize and empty.max_seq_length is None
-    assert dense_settings(spec(tmp_path / "nothing")).pooling == "mean"
+    assert dense_settings(spec(tmp_path / "nothing")).pipeline.pooling.modes == ("mean",)
 
 
-@pytest.mark.parametrize("pooling", [{"pooling_mode": "max"}, {"pooling_mode": ["cls", "mean"]},
-                                     {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True},
-                                     {"pooling_mode_weightedmean_tokens": True}])
-def test_a_pooling_the_engines_do_not_compute_is_refused_unless_the_config_overrides_it(
-        tmp_path: Path, pooling: dict[str, Any]) -> None:
-    folder = write(tmp_path, {"modules.json": modules(("1_Pooling", ST6_POOLING)), "1_Pooling/config.json": pooling})
-    with pytest.raises(BadModelConfig, match="pools with"):
+@pytest.mark.parametrize(("pooling", "modes"), [
+    ({"pooling_mode": "max"}, ("max",)), ({"pooling_mode": ["cls", "mean"]}, ("cls", "mean")),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, ("max", "mean")),
+    ({"pooling_mode_weightedmean_tokens": True}, ("weightedmean",))])
+def test_every_pooling_mode_and_concatenation_is_read_in_sentence_transformers_order(
+        tmp_path: Path, pooling: dict[str, Any], modes: tuple[str, ...]) -> None:
+    folder = write(tmp_path, {"modules.json": modules(("", CLASSIC + "Transformer"), ("1_Pooling", ST6_POOLING)),
+                              "1_Pooling/config.json": pooling})
+    assert dense_settings(spec(folder)).pipeline.pooling.modes == modes
+    assert dense_settings(spec(folder, pooling="last")).pipeline.pooling.modes == ("lasttoken",)
+
+
+def test_a_pooling_mode_no_engine_computes_is_refused_naming_what_is(tmp_path: Path) -> None:
+    folder = write(tmp_path, {"modules.json": modules(("", CLASSIC + "Transformer"), ("1_Pooling", ST6_POOLING)),
+                              "1_Pooling/config.json": {"pooling_mode": "median"}})
+    with pytest.raises(ValueError, match=r"pooling mode 'median' is not computed; .* cls, max, mean"):
         dense_settings(spec(folder))
-    assert dense_settings(spec(folder, pooling="mean")).pooling == "mean"
 
 
 def test_the_cross_encoder_activation_in_either_place(tmp_path: Path) -> None:

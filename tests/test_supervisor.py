@@ -89,13 +89,14 @@ async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_the_router_imports_only_the_shared_torch_free_modules_of_the_worker_package() -> None:
-    """The protocol, the one reader of sentence-transformers files (family inference) and the logs and traces both
-    processes write; none of them pulls torch or transformers."""
+    """The protocol, the readers of sentence-transformers files and of their steps (family inference), and the logs
+    and traces both processes write; none of them pulls torch or transformers."""
     code = ("import sys, sie_router.app, sie_router.pool.supervisor; "
             "print(sorted(m for m in sys.modules if m.startswith('sie_worker')), "
             "[m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['sie_worker', 'sie_worker.protocol', 'sie_worker.st_layout', 'sie_worker.telemetry'] []"
+    assert out.strip() == ("['sie_worker', 'sie_worker.protocol', 'sie_worker.st_layout', 'sie_worker.st_pipeline', "
+                           "'sie_worker.telemetry'] []")
 
 
 def test_spawn_handshake_call_and_stop() -> None:

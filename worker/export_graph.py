@@ -34,6 +34,7 @@ from sie_worker.adapters.graph_cache import (
     graph_meta,
     masked_min_cosine,
 )
+from sie_worker.adapters.torch_common import load_encoder
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -87,6 +88,15 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path) 
         model.eval()  # the exporter restores the training flag of the wrapper onto its children
 
 
+def graph_inputs(path: Path, names: list[str]) -> list[str]:
+    """The inputs the traced graph kept, in `names` order: the exporter drops one the model ignores (DeBERTa-v2's
+    token types when it has no type embeddings)."""
+    import onnxruntime as ort
+
+    kept = {i.name for i in ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()}
+    return [name for name in names if name in kept]
+
+
 def onnx_hidden(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
@@ -120,19 +130,20 @@ def check_tokenizer(tokenizer: Any) -> Any:
 
 def export_folder(weights_dir: Path, folder: Path) -> float:
     """Write the complete graph folder for `weights_dir` at `folder`; the graph's lowest cosine against torch."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load in the server's log says nothing
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, local_files_only=True)
     backend = check_tokenizer(tokenizer)
-    model = AutoModel.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32).eval()
+    model = load_encoder(weights_dir, torch.float32)
     names = input_names(model, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(folder.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder.parent))
     try:
         export(model, tokenizer, names, staging / "model.onnx")
+        names = graph_inputs(staging / "model.onnx", names)
         probe = tokenizer(PROBE_TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
         feed = {name: np.asarray(probe[name], dtype=np.int64) for name in names}
         with torch.inference_mode():
@@ -184,8 +195,12 @@ def main(argv: list[str]) -> int:
     try:
         cosine = export_folder(weights_dir, folder)
     except NotExportable as exc:
-        log.warning("%s cannot be served from a graph: %s", weights_dir, exc)
+        print(exc, flush=True)  # the worker's warning says why (graph_cache.ensure_graph)
         return NOT_EXPORTABLE
+    except Exception as exc:  # the tracer or a runtime refusing the model: the worker serves it with torch
+        log.info("the export of %s failed", weights_dir, exc_info=True)
+        print(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}", flush=True)
+        return 1
     log.info("exported %s in %.1fs (lowest cosine against torch %.6f) to %s", weights_dir,
              time.perf_counter() - started, cosine, folder)
     return 0

@@ -332,11 +332,20 @@ class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defa
     warm_up: Literal["budget", "small"] | None = None
 
 
+PoolingName = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", "last", "last_token"]
+
+
 class DenseOptions(Common, tag="dense"):
     """Dense encoders: torch, or on the CPU an exported graph under OpenVINO or ONNX Runtime."""
 
-    pooling: Literal["mean", "cls", "last", "last_token", "none"] | None = None  # None: the checkpoint's, else mean
+    # sentence-transformers' pooling modes (and our `last`, `last_token` for lasttoken); None: the checkpoint's, else
+    # mean. A mode no engine computes fails the load.
+    pooling: PoolingName | None = None
     normalize: bool | None = None  # None: whether the checkpoint has a Normalize module
+    # The text put before each input (sentence-transformers' prompt), or the name of one of the checkpoint's prompts;
+    # None: the checkpoint's `default_prompt_name`, if any. A request's `prompt` / `prompt_name` wins.
+    prompt: str | None = None
+    prompt_name: str | None = None
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
     onnx_lanes: int = 0  # calls side by side (ORT calls, or OpenVINO streams); 0: the runtime's default
@@ -464,6 +473,9 @@ class WorkerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
     log_format: str = "text"
     otlp_endpoint: str | None = None
     otlp_service_name: str = "sie"
+    # `--trust-remote-code`: a checkpoint whose config names custom code (`auto_map`) loads it, on torch; else the
+    # load is refused, naming the flag.
+    trust_remote_code: bool = False
 
     def options_as(self, kind: type[Options]) -> Options:
         """The options as `kind` (the family's Struct, or `Common`): the defaults where the spec carries none."""

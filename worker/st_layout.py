@@ -10,7 +10,7 @@ maximum length left in the tokenizer's own config).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class Layout:
     modules: tuple[Module, ...]
     max_seq_length: int | None  # `sentence_bert_config.json`'s; the 5/6 layout leaves it to the tokenizer (None)
     config: dict[str, Any]  # `config_sentence_transformers.json`, for the keys a family reads itself (PyLate's)
+    transformer: dict[str, Any] = field(default_factory=dict)  # the input module's `sentence_bert_config.json`
 
     def module(self, *kinds: str) -> Module | None:
         """The first module of one of these kinds."""
@@ -122,6 +123,9 @@ def read_layout(folder: Path) -> Layout:
         module_folder = folder / str(entry.get("path", ""))
         config = {} if kind in INPUT_MODULES else _object(module_folder / "config.json")
         modules.append(Module(kind=kind, type=kind_path, folder=module_folder, config=config))
-    max_len = _object(folder / "sentence_bert_config.json").get("max_seq_length")
+    # The input module's own folder holds its config: the root in most checkpoints, `0_Transformer/` in early ones.
+    encoder = next((m.folder for m in modules if m.kind in INPUT_MODULES), folder)
+    transformer = _object(encoder / "sentence_bert_config.json")
+    max_len = transformer.get("max_seq_length")
     return Layout(folder=folder, modules=tuple(modules), max_seq_length=int(max_len) if max_len else None,
-                  config=_object(folder / "config_sentence_transformers.json"))
+                  config=_object(folder / "config_sentence_transformers.json"), transformer=transformer)

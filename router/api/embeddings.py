@@ -27,6 +27,9 @@ from sie_router.pipeline.resolve import served_model
 from sie_sdk.codes import ErrorCode
 from sie_sdk.types import Item
 
+# A profile's runtime options that reach a dense worker from these routes (the profile the client named may not be the
+# default one, whose options the worker already has).
+PROFILE_OPTIONS = ("pooling", "normalize", "prompt", "prompt_name")
 # Infinity's modalities and the capability each needs (its 400 names the capability).
 MODALITIES = {"text": "embed", "image": "image_embed", "audio": "audio_embed"}
 
@@ -84,7 +87,7 @@ async def embed(request: Request, api: Api) -> Response:
     items = input_items(raw_items, model.config, state.settings, field="input")
     runtime = model.runtime  # the profile the client named (`model:profile`), not always the default
     job = encode_job(model, items, ["dense"], runtime=runtime, is_query=req.is_query, instruction=req.instruction,
-                     options={k: v for k, v in runtime.items() if k in ("pooling", "normalize")},
+                     options={k: v for k, v in runtime.items() if k in PROFILE_OPTIONS},
                      wait_s=state.settings.load_wait_s)
     out = await _encode(request, job, images=req.modality == "image")
     assert out.dense is not None

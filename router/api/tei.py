@@ -113,7 +113,14 @@ async def _texts(call: Call, request: Request, model: Resolved, raw: list[str | 
 
 
 async def _encode(call: Call, request: Request, model: Resolved, texts: list[str], output: str,
-                  options: dict[str, Any]) -> Encoded:
+                  options: dict[str, Any], prompt: str) -> Encoded:
+    """Encode with TEI's prompt: a dense encoder's worker puts it before each text itself, as sentence-transformers
+    does (leaving its tokens out of pooling where the checkpoint says so), and "" keeps the checkpoint's own default
+    prompt off, as TEI does; other families get the texts prefixed here."""
+    if model.config.family(model.profile) == "dense":
+        options = {**options, "prompt": prompt}
+    else:
+        texts = [prompt + t for t in texts]
     items = input_items([Item(text=t) for t in texts], model.config, call.state.settings, field="inputs")
     runtime = model.runtime
     worker = {k: v for k, v in runtime.items() if k == "pooling"} | options
@@ -128,7 +135,7 @@ async def _embedded(call: Call, request: Request, req: inputs.EmbedRequest, mode
     texts = await _texts(call, request, model, raw)
     prompt = inputs.prompt(await call.card(model), req.prompt_name, call.state.settings)
     options = inputs.truncation(req.truncate, req.truncation_direction, call.state.settings) | {"normalize": normalize}
-    return await _encode(call, request, model, [prompt + t for t in texts], output, options)
+    return await _encode(call, request, model, texts, output, options, prompt)
 
 
 async def embed(call: Call, request: Request, body: bytes) -> Any:
@@ -183,8 +190,8 @@ async def similarity(call: Call, request: Request, body: bytes) -> Any:
     params = req.parameters or inputs.SimilarityParameters()
     prompt = inputs.prompt(await call.card(model), params.prompt_name, call.state.settings)
     options = inputs.truncation(params.truncate, params.truncation_direction, call.state.settings)
-    texts = [prompt + t for t in (req.inputs.source_sentence, *sentences)]
-    out = await _encode(call, request, model, texts, "dense", options | {"normalize": False})
+    texts = [req.inputs.source_sentence, *sentences]
+    out = await _encode(call, request, model, texts, "dense", options | {"normalize": False}, prompt)
     assert out.dense is not None
     vectors = out.dense.astype(np.float64)
     norms = np.linalg.norm(vectors, axis=1)

@@ -16,12 +16,11 @@ from typing import Any, NamedTuple
 from sie_router.models.config import ADAPTER_PATH_FAMILIES, ModelConfig, Profile
 from sie_router.models.weights import WeightsQuery, resolve_weights
 from sie_worker.st_layout import Layout, read_json, read_layout
+from sie_worker.st_pipeline import Dense, Pipeline, Unsupported, read_pipeline
 
 log = logging.getLogger("sie.inference")
 
 FAMILIES = ("dense", "sparse", "multivector", "hybrid", "cross_encoder", "classifier", "ner", "gliner", "clip")
-# sentence-transformers modules the dense adapter runs; any other module changes the output, so it is not dense.
-DENSE_MODULES = ("Transformer", "Pooling", "Normalize")
 SPARSE_MODULES = ("MLMTransformer", "SpladePooling")
 HOW_TO_NAME = ("name the adapter with `--adapter FAMILY` after this `-m`, or in a bundle YAML (`profiles: {default: "
                "{adapter: FAMILY}}`); families: " + ", ".join(FAMILIES))
@@ -41,9 +40,11 @@ class Inferred(NamedTuple):
 def tasks_of(family: str, folder: Path) -> tuple[dict[str, Any], dict[str, bool]]:
     """(tasks, inputs) a family offers for the checkpoint in `folder`; widths are filled in where the files say."""
     config = read_json(folder / "config.json") or {}
-    hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
+    # The encoder's width under its config's name for it (T5: d_model; DistilBERT: dim).
+    hidden = config.get("hidden_size") or config.get("d_model") or config.get("dim")
+    vocab = config.get("vocab_size")
     if family == "dense":
-        return {"encode": {"dense": {"dim": hidden}}}, {}
+        return {"encode": {"dense": {"dim": _dense_dim(folder, hidden)}}}, {}
     if family == "sparse":
         return {"encode": {"sparse": {"dim": vocab}}}, {}
     if family == "multivector":
@@ -104,15 +105,37 @@ def _family(folder: Path) -> tuple[str, str]:
     if any(a.endswith("ForMaskedLM") for a in architectures) and not layout.modules:
         return "sparse", f"masked-LM head {architectures} without sentence-transformers modules (SPLADE)"
     if layout.modules:
-        if unknown := _other_modules(layout, DENSE_MODULES):
-            raise CannotInfer(f"found sentence-transformers modules the dense adapter does not run: {unknown}")
-        if not layout.module("Pooling"):
-            raise CannotInfer("found sentence-transformers modules.json without a Pooling module")
-        return "dense", "sentence-transformers modules (Transformer, Pooling) in modules.json"
+        try:
+            pipeline = read_pipeline(layout)
+        except Unsupported as exc:
+            raise CannotInfer(f"found sentence-transformers modules the dense engines do not compute: {exc}") from None
+        return "dense", f"sentence-transformers modules in modules.json: {describe(pipeline)}"
     if architectures and all(a.endswith("Model") and not a.endswith("PreTrainedModel") for a in architectures):
         return "dense", f"bare encoder {architectures} with no pooling config: mean pooling, as Infinity does"
     raise CannotInfer(f"found config.json with architectures {architectures or 'none'} and no file that names a "
                       "family")
+
+
+def describe(pipeline: Pipeline) -> str:
+    """The steps as a line of the log, e.g. `Transformer, Pooling (max), Dense (768 -> 512, Tanh), Normalize`."""
+    pooling = pipeline.pooling
+    steps = [f"Pooling ({'+'.join(pooling.modes)}{'' if pooling.include_prompt else ', prompt excluded'})"]
+    for step in pipeline.steps:
+        steps.append(f"Dense ({step.in_features} -> {step.out_features}, {step.activation})"
+                     if isinstance(step, Dense) else "Normalize")
+    return ", ".join(["Transformer", *steps])
+
+
+def _dense_dim(folder: Path, hidden: int | None) -> int | None:
+    """The width of the sentence embedding: the last Dense module's, else the pooled width (the worker refuses a
+    checkpoint whose steps it cannot compute, and says why)."""
+    try:
+        pipeline = read_pipeline(read_layout(folder))
+    except Unsupported:
+        return hidden
+    width = pipeline.pooling.width or hidden
+    has_dense = any(isinstance(step, Dense) for step in pipeline.steps)
+    return pipeline.dim(int(width or 0)) if width or has_dense else None
 
 
 def _other_modules(layout: Layout, kinds: tuple[str, ...]) -> list[str]:

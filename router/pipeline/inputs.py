@@ -108,9 +108,13 @@ def apply_template(text: str, runtime: dict[str, Any], is_query: bool, instructi
 def encode_job(model: Resolved, items: Sequence[InputItem], output_types: Sequence[str], *, runtime: dict[str, Any],
                options: dict[str, Any], is_query: bool = False, instruction: str | None = None,
                wait_s: float | None = None) -> EncodeJob:
-    """An encode job: texts templated by the profile's `runtime`, `options` for the worker frozen into the key."""
+    """An encode job: texts templated by the profile's `runtime`, `options` for the worker frozen into the key. A
+    template is the model config's own formatting: a dense worker then puts no prompt of the checkpoint's before it,
+    unless the request names one."""
     templated = [InputItem(text=None if i.text is None else apply_template(i.text, runtime, is_query, instruction),
                            images=i.images) for i in items]
+    if runtime.get("query_template" if is_query else "doc_template") and not {"prompt", "prompt_name"} & set(options):
+        options = {**options, "prompt": ""}
     key = BatchKey("encode", tuple(sorted(output_types)), is_query, options=freeze(options))
     return EncodeJob(model, templated, key, wait_s)
 

@@ -353,6 +353,7 @@ class WorkerPool:
             env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **self.settings.extra_env,
                  "CUDA_VISIBLE_DEVICES": visible},
             cpu_fallback=self.settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
+            trust_remote_code=self.settings.trust_remote_code,
             max_batch_tokens=cfg.max_batch_tokens(gpu=device != "cpu"), log_format=self.settings.log_format,
             otlp_endpoint=self.settings.otlp_endpoint, otlp_service_name=self.settings.otlp_service_name)
 

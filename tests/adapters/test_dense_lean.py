@@ -228,12 +228,14 @@ def test_which_runtime_a_spec_gets(minilm_dir: Path) -> None:
                           to_worker_endpoint="a", from_worker_endpoint="b",
                           options=None if engine is None else DenseOptions(engine=engine), **fields)
 
-    assert dense_lean.runtime_for(spec("auto")) == "openvino"
-    assert dense_lean.runtime_for(spec("onnx")) == "onnxruntime"
-    assert dense_lean.runtime_for(spec("onnx", compute_precision="bfloat16")) is None
-    assert dense_lean.runtime_for(spec("auto", device="cuda:0")) is None
-    assert dense_lean.runtime_for(spec("torch")) is None
-    assert dense_lean.runtime_for(spec()) == "openvino", "without options, the default engine (auto) as the server's"
+    assert dense_lean.runtimes_for(spec("auto")) == ["openvino", "onnxruntime"]
+    assert dense_lean.runtimes_for(spec("openvino")) == ["openvino", "onnxruntime"]
+    assert dense_lean.runtimes_for(spec("onnx")) == ["onnxruntime"]
+    assert dense_lean.runtimes_for(spec("onnx", compute_precision="bfloat16")) == []
+    assert dense_lean.runtimes_for(spec("auto", compute_precision="bfloat16")) == ["openvino"]
+    assert dense_lean.runtimes_for(spec("auto", device="cuda:0")) == []
+    assert dense_lean.runtimes_for(spec("torch")) == []
+    assert dense_lean.runtimes_for(spec()) == ["openvino", "onnxruntime"], "without options, the server's default"
     with pytest.raises(msgspec.ValidationError, match="engine"):  # what the router and the spawned worker decode
         msgspec.convert({"engine": "tensorrt"}, DenseOptions)
 
@@ -279,8 +281,8 @@ def test_options_truncation_and_bad_input(make_adapter: MakeAdapter, minilm_dir:
     long_text = " ".join(f"w{i}" for i in range(400))
     with pytest.raises(InputTooLong, match="over this model's maximum of 256"):
         encode(adapter, [long_text], ["dense"], options={"truncate": False})
-    with pytest.raises(BadInput, match=r"options\.pooling"):
-        encode(adapter, ["x"], ["dense"], options={"pooling": "max"})
+    with pytest.raises(BadInput, match=r"options\.pooling: pooling mode 'median' is not computed"):
+        encode(adapter, ["x"], ["dense"], options={"pooling": "median"})
     torch_adapter = make_adapter("dense", minilm_dir, threads=2)  # transformers' own truncation, left side
     assert isinstance(torch_adapter, DenseAdapter)
     left = {"truncation_direction": "left"}

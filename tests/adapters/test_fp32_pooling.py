@@ -31,14 +31,14 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-5) ->
     torch.testing.assert_close(got, want, rtol=rtol, atol=1e-5)
 
 
-@pytest.mark.parametrize("how", ["mean", "cls", "last"])
+@pytest.mark.parametrize("how", ["mean", "cls", "lasttoken", "max", "mean_sqrt_len_tokens", "weightedmean"])
 def test_dense_pooling(how: str) -> None:
     hidden, mask = near_nine(2, TOKENS, HIDDEN), torch.ones(2, TOKENS, dtype=torch.long)
     mask[1, TOKENS // 2:] = 0  # the second item is half padding
-    got = pool(hidden, mask, how)
-    assert_matches(got, pool(hidden.float(), mask, how))
-    assert_matches(F.normalize(got, dim=1), F.normalize(pool(hidden.float(), mask, how), dim=1))
-    if how == "mean":
+    got = pool(hidden, mask, (how,))
+    assert_matches(got, pool(hidden.float(), mask, (how,)))
+    assert_matches(F.normalize(got, dim=1), F.normalize(pool(hidden.float(), mask, (how,)), dim=1))
+    if how in ("mean", "weightedmean"):
         assert float(got.min()) > 8.5 and float(got.max()) < 9.5
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
-from sie_worker.adapters.base import Adapter, UnknownFamily
+from sie_worker.adapters.base import Adapter, BadModelConfig, UnknownFamily
 from sie_worker.protocol import WorkerSpec
 
 # Family name -> "module:Class". Modules import torch lazily through this table, so a family's heavy imports
@@ -23,9 +24,29 @@ FAMILIES: dict[str, str] = {
 }
 
 
+def refuse_custom_code(spec: WorkerSpec) -> None:
+    """A checkpoint whose config names its own code (`auto_map`) loads only where the server trusts remote code, and
+    only as a dense encoder: transformers would otherwise load the stock class of its model type, silently wrong."""
+    if spec.adapter == "fake" or not spec.weights_dir:
+        return
+    from sie_worker.st_layout import read_layout
+    from sie_worker.st_pipeline import custom_code
+
+    names = custom_code(read_layout(Path(spec.weights_dir)).encoder_folder)
+    if names is None:
+        return
+    if spec.adapter != "dense":
+        raise BadModelConfig(f"model {spec.model!r} runs custom code ({names}); SIE runs a checkpoint's own code only "
+                             "for dense encoders, with --trust-remote-code")
+    if not spec.trust_remote_code:
+        raise BadModelConfig(f"model {spec.model!r} runs custom code ({names}); start the server with "
+                             "--trust-remote-code (SIE_TRUST_REMOTE_CODE=true) to run it, on torch")
+
+
 def build_adapter(spec: WorkerSpec) -> Adapter:
     """The adapter for the spec's family, not loaded yet. A dense encoder on CPU is served without torch from an
     exported graph where it can be (`dense_lean.build` exports it first, in a helper process); torch otherwise."""
+    refuse_custom_code(spec)
     if spec.adapter == "dense":
         from sie_worker.adapters import dense_lean
 

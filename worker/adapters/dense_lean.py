@@ -1,13 +1,14 @@
-"""Dense embeddings on CPU without torch (worker process): a cached ONNX graph under OpenVINO or ONNX Runtime, the
-Rust tokenizer, and pooling and normalisation in numpy.
+"""Dense embeddings on CPU without torch (worker process): a cached ONNX graph of the encoder under OpenVINO or ONNX
+Runtime, the Rust tokenizer, and the checkpoint's sentence-transformers steps (Pooling, Dense, Normalize) in numpy.
 
 Such a worker maps neither torch nor transformers: it holds about a third of the memory of a torch worker and starts
 in well under a second once the graph is cached (bench/README.md, "lean workers"). The first load of a checkpoint
 exports its graph in a helper process (graph_cache.ensure_graph); a checkpoint that cannot be exported, or whose graph
-disagrees with torch, is served by the torch adapter instead (`build`, then `adapters.build_adapter`).
+no runtime compiles or agrees with torch on, is served by the torch adapter instead (`build`, then
+`adapters.build_adapter`).
 
-Engines (the `engine` option): `auto` (the default) takes OpenVINO where it is installed, else ONNX Runtime; `openvino`,
-`onnx` ask for one; `torch` never comes here. OpenVINO computes in bfloat16 where the CPU has it
+Engines (the `engine` option): `auto` (the default) tries OpenVINO, then ONNX Runtime; `openvino` the same; `onnx`
+ONNX Runtime alone; `torch` never comes here. OpenVINO computes in bfloat16 where the CPU has it
 natively unless the model's precision is float32, checked on the cache's probe batch at every load.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache, graph_runtime
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
     MICRO_BATCH_ITEMS,
@@ -33,90 +34,101 @@ from sie_worker.adapters.batching import (
     padded,
     split_for_lanes,
 )
-from sie_worker.adapters.st_config import dense_settings
+from sie_worker.adapters.st_config import DenseSettings, dense_settings
+from sie_worker.adapters.st_head import Head, WeightsNeedTorch
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.protocol import DenseOptions, EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.st_layout import read_layout
+from sie_worker.st_pipeline import Pipeline
 
 log = logging.getLogger("sie.worker")
 
-POOLINGS = ("mean", "cls", "last", "last_token")
+# The maximum length when neither the model config nor the checkpoint's files limit it.
+FALLBACK_MAX_LENGTH = 512
 # Padded lengths are multiples of this. OpenVINO keeps compiled kernels and buffers for every input shape it has run:
 # a MiniLM worker grew 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8, -> 380 at 16, -> 329 at 32,
 # -> 272 at 64, at the same throughput; a lone sentence was no slower at 32 (5.5 ms against 6.1 at 8).
 PAD_MULTIPLE = 32
 
 
-def runtime_for(spec: WorkerSpec) -> str | None:
-    """The graph runtime a dense worker's spec asks for, or None when it runs torch (`engine: torch`, a GPU, a
-    bfloat16 model without OpenVINO, or neither runtime installed)."""
+def runtimes_for(spec: WorkerSpec) -> list[str]:
+    """The graph runtimes a dense worker's spec may run on, in the order tried; none when it runs torch
+    (`engine: torch`, a GPU, or no runtime installed). ONNX Runtime computes in float32 only, so it does not serve a
+    model asked to run in bfloat16."""
     engine = spec.options_as(DenseOptions).engine
     if engine == "torch" or spec.device.startswith("cuda"):
-        return None
-    openvino = importlib.util.find_spec("openvino") is not None
-    onnxruntime = importlib.util.find_spec("onnxruntime") is not None and spec.compute_precision != "bfloat16"
-    if engine == "openvino" or (engine == "auto" and openvino):
-        return "openvino" if openvino else None
-    return "onnxruntime" if onnxruntime else None
+        return []
+    installed = [name for name in ("openvino", "onnxruntime") if importlib.util.find_spec(name) is not None]
+    if spec.compute_precision == "bfloat16":
+        installed = [name for name in installed if name != "onnxruntime"]
+    return [name for name in installed if engine != "onnx" or name == "onnxruntime"]
+
+
+def _reason(exc: BaseException) -> str:
+    """An engine's error on one line: OpenVINO's begins with lines naming its own source files, then says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = " ".join(line for line in lines if not line.startswith("Exception from")) or type(exc).__name__
+    return said if len(said) <= 300 else said[:297] + "..."
 
 
 def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
-    """The lean adapter for `spec` with its runtime open and checked, exporting the graph first if needed; None when
-    torch must serve it (no graph to be had, or the runtime disagrees with torch on the probe batch)."""
-    runtime = runtime_for(spec)
-    if runtime is None:
+    """The lean adapter for `spec` with a runtime open and checked, exporting the graph first if needed; None when
+    torch must serve it. A runtime that cannot serve the graph (a compile error, a disagreement with torch on the
+    probe batch) hands it to the next, OpenVINO then ONNX Runtime then torch, with one warning line saying why.
+    A checkpoint whose steps no engine computes fails here (st_pipeline.Unsupported), before any export."""
+    runtimes = runtimes_for(spec)
+    if not runtimes:
         return None
-    graph = graph_cache.ensure_graph(Path(spec.weights_dir), spec.options_as(DenseOptions).onnx_cache_dir)
-    if graph is None:
-        return None
-    adapter = LeanDenseAdapter(spec, graph, runtime)
+    settings = dense_settings(spec)
+    if settings.custom_code:
+        return None  # custom code runs on torch, where it is trusted (adapters.build_adapter)
     try:
-        adapter.open()
-    except graph_runtime.GraphRejected as exc:
+        head = Head(settings.pipeline)
+    except WeightsNeedTorch as exc:
         log.warning("%s; serving %s with torch", exc, spec.model)
         return None
-    return adapter
-
-
-def pool(hidden: np.ndarray, mask: np.ndarray, how: str) -> np.ndarray:
-    """[B, T, H] -> [B, H] in float32."""
-    if how == "cls":
-        return hidden[:, 0].astype(np.float32)
-    if how in ("last", "last_token"):
-        # Last non-padding token, whichever side the tokenizer pads on.
-        last = (np.arange(mask.shape[1])[None, :] * mask).argmax(axis=1)
-        return hidden[np.arange(hidden.shape[0]), last].astype(np.float32)
-    weights = mask[..., None].astype(np.float32)
-    return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
-
-
-def normalized(vectors: np.ndarray) -> np.ndarray:
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    encoder = read_layout(Path(spec.weights_dir)).encoder_folder
+    graph = graph_cache.ensure_graph(encoder, spec.options_as(DenseOptions).onnx_cache_dir)
+    if graph is None:
+        return None
+    try:
+        for runtime, after in zip(runtimes, [*runtimes[1:], "torch"], strict=True):
+            adapter = LeanDenseAdapter(spec, graph, runtime, settings, head)
+            try:
+                adapter.open()
+                return adapter
+            except MemoryError:
+                raise
+            except Exception as exc:  # any failure to compile or to agree with torch hands the graph on
+                log.warning("%s cannot serve %s (%s); serving it with %s", runtime, spec.model, _reason(exc), after)
+        return None
+    finally:
+        if graph.temporary:
+            shutil.rmtree(graph.folder.parent, ignore_errors=True)  # an open runtime holds the graph in memory
 
 
 class LeanDenseAdapter:
-    def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str) -> None:
+    def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, settings: DenseSettings,
+                 head: Head) -> None:
         self.spec, self.graph, self.runtime_kind = spec, graph, runtime
         self.options = spec.options_as(DenseOptions)
-        settings = dense_settings(spec)
-        self.max_length = int(settings.max_length or min(graph.model_max_length, 512))
-        self.pooling, self.normalize = settings.pooling, settings.normalize
-        self.dim = graph.hidden_size
+        self.settings, self.head = settings, head
+        self.max_length = int(settings.max_length or min(graph.model_max_length, FALLBACK_MAX_LENGTH))
+        self.dim = settings.pipeline.dim(graph.hidden_size)
+        self.prompt_lengths: dict[str, int] = {}
         self.max_tokens = min(spec.max_batch_tokens, self.options.micro_batch_tokens)
         self.lanes: graph_runtime.Lanes | None = None
 
     def open(self) -> None:
         """Open the tokenizer and the runtime over the graph, and check it (GraphRejected when it disagrees with
         torch)."""
-        self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces)
+        self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
+                                       lowercase=self.settings.pipeline.do_lower_case)
         threads = self.spec.threads or os.cpu_count() or 1
         lanes = max(1, min(self.options.onnx_lanes or self.default_lanes(threads), threads))
         precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(self.spec.compute_precision or "", "auto")
-        try:
-            runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
-                                                 precision=precision, arena=self.options.onnx_arena)
-        finally:
-            if self.graph.temporary:
-                shutil.rmtree(self.graph.folder.parent, ignore_errors=True)  # the runtime holds the graph in memory
+        runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
+                                             precision=precision, arena=self.options.onnx_arena)
         self.lanes = graph_runtime.Lanes(runtime)
         log.info("engine: %s, graph %s", runtime.describe(), self.graph.folder)
 
@@ -135,9 +147,10 @@ class LeanDenseAdapter:
     def warm_up(self) -> None:
         """The largest call the token cap allows at the full length (unless the option `warm_up: small`), then a small
         one: the memory the worker reports at Ready is then its working set."""
-        rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // self.max_length))
+        length = min(self.max_length, self.max_tokens)  # a longer text runs alone, in a call of its own
+        rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // length))
         full = self.options.warm_up != "small"
-        for shape in [*([(rows, self.max_length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
+        for shape in [*([(rows, length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
             ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
             self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))])
 
@@ -154,9 +167,11 @@ class LeanDenseAdapter:
         if not isinstance(batch, EncodeBatch):
             raise UnsupportedTask("this model only encodes")
         clock = Stopwatch()
+        pipeline = self.settings.batch_pipeline(batch.options)
+        prompt = self.settings.batch_prompt(batch.options, batch.is_query)
         truncate = batch.options.get("truncate", True) is not False
         side = str(batch.options.get("truncation_direction", "right"))
-        encodings = self.tokenizer.encode_batch([item.text or "" for item in batch.items],
+        encodings = self.tokenizer.encode_batch([prompt + (item.text or "") for item in batch.items],
                                                 self.max_length if truncate else None, side)
         counts = [len(encoding.ids) for encoding in encodings]
         if not truncate:
@@ -171,21 +186,26 @@ class LeanDenseAdapter:
                 encoding, n = encodings[i], counts[i]
                 ids[row, :n], mask[row, :n], types[row, :n] = encoding.ids, 1, encoding.type_ids
             buckets.append((indices, self.feed(ids, mask, types)))
-        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
+        return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms(),
+                        extra={"pipeline": pipeline, "prompt_length": self.prompt_length(prompt, pipeline)})
+
+    def prompt_length(self, prompt: str, pipeline: Pipeline) -> int:
+        """The prompt's tokens to leave out of pooling (Pooling's `include_prompt: false`), else 0."""
+        if not prompt or pipeline.pooling.include_prompt:
+            return 0
+        if prompt not in self.prompt_lengths:
+            self.prompt_lengths[prompt] = self.tokenizer.prompt_length(prompt)
+        return self.prompt_lengths[prompt]
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch
         assert isinstance(batch, EncodeBatch)
-        pooling = str(batch.options.get("pooling", self.pooling))
-        if pooling not in POOLINGS:
-            raise BadInput(f"options.pooling must be mean, cls, last or last_token, not {pooling!r}")
-        normalize = bool(batch.options.get("normalize", self.normalize))
+        pipeline, prompt_length = prepared.extra["pipeline"], prepared.extra["prompt_length"]
         assert self.lanes is not None
         buckets = split_for_lanes(prepared.inputs, self.lanes.runtime.lanes)
         out = np.empty((len(batch.items), self.dim), dtype=np.float32)
         for (indices, feed), hidden in zip(buckets, self.run([feed for _, feed in buckets]), strict=True):
-            vectors = pool(hidden, feed["attention_mask"], pooling)
-            out[indices] = normalized(vectors) if normalize else vectors
+            out[indices] = self.head(hidden, feed["attention_mask"], prompt_length, pipeline)
         return EncodeResult(token_counts=prepared.token_counts, dense=Tensor.from_numpy(out))
 
     def memory_bytes(self) -> int:

@@ -34,6 +34,8 @@ OPSET = 17
 # Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
 KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
 EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
+# sentence-transformers' files beside the encoder: what runs after the graph, read at every load, not baked into it.
+NOT_GRAPH_FILES = frozenset({"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"})
 FILES = ("model.onnx", "tokenizer.json", "graph.json", "probe.npz")
 # OpenVINO's own format of the same graph (float16 weights), written where the exporter had OpenVINO.
 OPENVINO_IR = "openvino.xml"
@@ -90,7 +92,8 @@ def _version(package: str) -> str:
 
 
 def _key_files(weights_dir: Path) -> list[Path]:
-    return [path for path in sorted(weights_dir.iterdir()) if path.is_file() and path.suffix in KEY_SUFFIXES]
+    return [path for path in sorted(weights_dir.iterdir())
+            if path.is_file() and path.suffix in KEY_SUFFIXES and path.name not in NOT_GRAPH_FILES]
 
 
 def _versions() -> str:
@@ -201,13 +204,15 @@ def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | Non
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
     command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
     try:
-        # The helper's log goes to our stderr, the server's log.
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, timeout=EXPORT_TIMEOUT_S, check=False)
+        # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                              timeout=EXPORT_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         log.warning("the graph export of %s took over %.0fs; serving it with torch", weights_dir, EXPORT_TIMEOUT_S)
         return None
     if done.returncode != 0:
         how = "cannot be served from a graph" if done.returncode == NOT_EXPORTABLE else "export failed"
-        log.warning("%s: %s (helper exit %s); serving it with torch", weights_dir, how, done.returncode)
+        why = (done.stdout.strip().splitlines() or [f"helper exit {done.returncode}"])[-1]
+        log.warning("%s: %s (%s); serving it with torch", weights_dir, how, why)
         return None
     return read_graph(folder, temporary)

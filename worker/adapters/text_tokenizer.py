@@ -8,19 +8,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding, Tokenizer, normalizers
 
 # transformers' `clean_up_tokenization`, applied on decode when the checkpoint's tokenizer config asks for it.
 _CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
               (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
 
 
+def lowercase_first(backend: Tokenizer) -> None:
+    """sentence-transformers' `do_lower_case`: a Lowercase normalizer before the tokenizer's own, unless it has one."""
+    normalizer = backend.normalizer
+    own = list(normalizer) if isinstance(normalizer, normalizers.Sequence) else [normalizer]
+    if not any(isinstance(n, normalizers.Lowercase) for n in own):
+        backend.normalizer = normalizers.Sequence([normalizers.Lowercase(), *(n for n in own if n is not None)])
+
+
 class TextTokenizer:
     is_fast = True  # offsets come from the Rust tokenizer
 
-    def __init__(self, path: Path, clean_up_tokenization_spaces: bool) -> None:
+    def __init__(self, path: Path, clean_up_tokenization_spaces: bool, lowercase: bool = False) -> None:
         self.backend = Tokenizer.from_file(str(path))
         self.backend.no_padding()  # the adapter pads each length bucket itself
+        if lowercase:
+            lowercase_first(self.backend)
         self.clean_up = clean_up_tokenization_spaces
 
     def encode_batch(self, texts: list[str], max_length: int | None, side: str = "right") -> list[Encoding]:
@@ -30,6 +40,12 @@ class TextTokenizer:
         else:
             self.backend.enable_truncation(max_length, direction=side)
         return self.backend.encode_batch(texts)
+
+    def prompt_length(self, prompt: str) -> int:
+        """The prompt's tokens as sentence-transformers counts them: special tokens included but a trailing one."""
+        self.backend.no_truncation()
+        encoding = self.backend.encode(prompt)
+        return len(encoding.ids) - (1 if encoding.special_tokens_mask[-1:] == [1] else 0)
 
     def __len__(self) -> int:
         return int(self.backend.get_vocab_size(with_added_tokens=True))

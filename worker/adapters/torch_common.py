@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -25,6 +26,25 @@ from sie_worker.adapters.batching import (  # noqa: F401  (re-exported: the adap
 from sie_worker.protocol import Common, EncodeBatch, WorkerSpec
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# Encoder-decoder families whose encoder alone embeds, loaded as sentence-transformers loads them (AutoModel would
+# build the whole model, whose forward wants decoder inputs).
+ENCODER_ONLY = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
+                "longt5": "LongT5EncoderModel"}
+
+
+def load_encoder(folder: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Any:
+    """The checkpoint's encoder in eval mode, as sentence-transformers' Transformer module loads it."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True,
+                                                     trust_remote_code=trust_remote_code)
+    name = ENCODER_ONLY.get(str(config.model_type))
+    if name is not None:
+        model = getattr(transformers, name).from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
+    else:
+        model = transformers.AutoModel.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype,
+                                                       trust_remote_code=trust_remote_code)
+    return model.eval()
 
 
 def torch_device(name: str) -> torch.device:
@@ -121,8 +141,9 @@ def warm_up(run: Callable[[dict[str, torch.Tensor]], object], tokenizer: Any, ma
     traffic, and the memory the worker reports is its working set, so the router's ledger accounts what it will hold.
     """
     cap = micro_batch_items(device.type) if max_items is None else max_items
-    rows = max(1, min(cap, spec.max_batch_tokens // max(1, max_length)))
-    shapes = [(rows, max_length)] if full_warm_up(spec, device, on_cpu) else []
+    length = min(max_length, spec.max_batch_tokens)  # a text over the budget runs alone, in a call of its own
+    rows = max(1, min(cap, spec.max_batch_tokens // max(1, length)))
+    shapes = [(rows, length)] if full_warm_up(spec, device, on_cpu) else []
     with torch.inference_mode():
         for shape in [*shapes, (1, min(PAD_MULTIPLE, max_length))]:
             run(placeholder_inputs(tokenizer, shape))
@@ -140,10 +161,11 @@ def placeholder_inputs(tokenizer: Any, shape: tuple[int, int]) -> dict[str, torc
 
 
 def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, max_batch_tokens: int,
-                  device: torch.device) -> Prepared:
-    """The `prepare` step of a plain text encoder: its items' texts in length buckets, honouring `truncate`."""
+                  device: torch.device, prefix: str = "") -> Prepared:
+    """The `prepare` step of a plain text encoder: its items' texts, after `prefix`, in length buckets, honouring
+    `truncate`."""
     clock = Stopwatch()
-    texts = [item.text or "" for item in batch.items]
+    texts = [prefix + (item.text or "") for item in batch.items]
     buckets, counts = tokenize_in_buckets(tokenizer, texts, max_length, max_batch_tokens=max_batch_tokens,
                                           device=device, truncate=batch.options.get("truncate", True) is not False,
                                           truncation_side=str(batch.options.get("truncation_direction", "right")))
