@@ -4,7 +4,7 @@ VENV := .venv
 COMPAT := .venv-compat
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install install-test serve test test-gpu test-slow bench bench-density soak lint image test-container clean
+.PHONY: install install-test serve test test-gpu test-slow bench bench-density soak chaos lint image test-container clean
 
 # The torch build this host needs (cpu or cuda); the install stamp is named after it, so a venv moved to a host that
 # needs the other build is installed again.
@@ -29,7 +29,7 @@ test-container: install-test
 	SIE_CONTAINER_TESTS=1 $(VENV)/bin/python -m pytest tests/container $(PYTEST_ARGS)
 
 test-slow: install-test
-	$(VENV)/bin/python -m pytest -m slow $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
 
 test-gpu: install-test
 	$(VENV)/bin/python -m pytest -m gpu $(PYTEST_ARGS)
@@ -42,6 +42,9 @@ bench-density: install-test
 
 soak: install-test
 	$(VENV)/bin/python bench/soak.py $(ARGS)
+
+chaos: install-test
+	$(VENV)/bin/python bench/chaos.py $(ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check router worker sdk tests bench

@@ -109,6 +109,12 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--batch-timeout", dest="batch_timeout_s", type=float, metavar="SECONDS",
                        help="a worker whose batch makes no progress this long is hung: killed and restarted (default "
                             "30; sooner for models whose batches are fast: 20 times their pace, at least 10)")
+    serve.add_argument("--restart-backoff-max", dest="restart_backoff_max_s", type=float, metavar="SECONDS",
+                       help="a worker that died or hung is replaced after a back-off that starts at 0.5 s and doubles "
+                            "with each crash in a row, up to this (default 10)")
+    serve.add_argument("--restart-backoff-reset", dest="restart_backoff_reset_s", type=float, metavar="SECONDS",
+                       help="a worker that served this long before it crashed starts the back-off again from 0.5 s "
+                            "(default 30)")
     serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but health, metrics "
                                          "and docs (prefer SIE_API_KEY: command lines are visible to other users)")
     serve.add_argument("--admin-token", help="require this bearer token on the admin API, which never takes the API "

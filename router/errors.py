@@ -68,13 +68,16 @@ TABLE: dict[ErrorCode, Code] = {
 
 
 class SIEError(Exception):
-    """A failure with a code from `TABLE`; `param` names the offending field, `extra` adds body keys."""
+    """A failure with a code from `TABLE`; `param` names the offending field, `extra` adds body keys, `retry_after`
+    (seconds) replaces the code's Retry-After where the server knows better (the back-off left)."""
 
-    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, **extra: Any) -> None:
+    def __init__(self, code: ErrorCode, message: str, *, param: str | None = None, retry_after: float | None = None,
+                 **extra: Any) -> None:
         super().__init__(message)
         self.code = ErrorCode(code)  # a code outside the enum is a bug in the router: ValueError at once
         self.message = message
         self.param = param
+        self.retry_after = retry_after
         self.extra = extra
 
     @property
@@ -166,7 +169,7 @@ def render_error(error: SIEError, api: Api) -> Response:
     code = entry.native_code or error.code
     headers: dict[str, str] = {"X-SIE-Error-Code": code}
     if entry.retry_after is not None:
-        headers["Retry-After"] = f"{entry.retry_after:g}"
+        headers["Retry-After"] = f"{error.retry_after if error.retry_after is not None else entry.retry_after:g}"
     if api is Api.TEI:
         return _render_tei(error, headers)
     if api is Api.NATIVE:

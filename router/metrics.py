@@ -15,7 +15,8 @@ query and the Grafana dashboards in deploy/ depend on them, and tests/deploy che
 - `sie_model_load_duration_seconds{model}` histogram: time from starting a worker to the model being ready.
 - `sie_evictions_total{model,reason}` counter: unloads; `reason` in memory|idle|admin.
 - `sie_worker_restarts_total{model}` counter: worker processes that exited unexpectedly and were restarted.
-- `sie_worker_hangs_total{model}` counter: workers killed for letting a batch outlive its deadline (or for garbage).
+- `sie_worker_hangs_total{model}` counter: workers killed for letting a batch outlive its deadline, leaving a ping
+  unanswered (frozen), or sending garbage.
 - `sie_device_memory_used_bytes{device}` gauge: memory in use per GPU, or host memory on CPU (device "cpu").
 - `sie_device_memory_total_bytes{device}` gauge: memory per GPU, or host memory (or the budget) on CPU.
 - `http_requests_total{handler,method,status}` counter: Infinity-compatible; `status` grouped as 2xx|4xx|5xx.
@@ -72,8 +73,8 @@ EVICTIONS = Counter("sie_evictions", "Models unloaded, by reason (memory, idle, 
                     registry=REGISTRY)
 WORKER_RESTARTS = Counter("sie_worker_restarts", "Workers restarted after an unexpected exit.", ["model"],
                           registry=REGISTRY)
-WORKER_HANGS = Counter("sie_worker_hangs", "Workers killed for missing a batch deadline or sending garbage.",
-                       ["model"], registry=REGISTRY)
+WORKER_HANGS = Counter("sie_worker_hangs", "Workers killed for missing a batch deadline, leaving a ping unanswered "
+                       "or sending garbage.", ["model"], registry=REGISTRY)
 DEVICE_MEMORY_USED = Gauge("sie_device_memory_used_bytes", "Memory in use per GPU, or host memory on CPU.",
                            ["device"], registry=REGISTRY)
 DEVICE_MEMORY_TOTAL = Gauge("sie_device_memory_total_bytes", "Memory per GPU, or host memory on CPU.", ["device"],

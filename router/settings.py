@@ -91,9 +91,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     cuda_visible_devices: str | None = None
     pinned: tuple[str, ...] = ()
     idle_ttl_s: float = 0.0
-    # Crash budget: this many unexpected worker exits within the window make the model fail until the cooldown.
-    crash_budget: int = 3
-    crash_window_s: float = 600.0
+    # A ready worker that dies or hangs is replaced after a back-off: restart_backoff_s, doubling with each crash in a
+    # row up to restart_backoff_max_s; a worker that served restart_backoff_reset_s before it crashed starts again
+    # from restart_backoff_s. Requests during a back-off get 503 MODEL_LOADING with Retry-After the time left. The cap
+    # bounds an outage: a fault, the cap and a torch worker's load (~12 s on a busy 2-core node) fit in 30 s; a model
+    # that crashes on every batch costs one load every 10 s. Half a minute of serving is a healthy run: when a node's
+    # bad day kills a worker every minute or so, a longer reset would never forget (bench/chaos.py).
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    restart_backoff_reset_s: float = 30.0
+    # Liveness: a ready worker is pinged every ping_interval_s (0: never); one that does not answer within
+    # ping_timeout_s is frozen, killed and replaced like a hung one.
+    ping_interval_s: float = 1.0
+    ping_timeout_s: float = 5.0
     api_key: str | None = None  # secret: kept out of repr
     admin_token: str | None = None  # secret: kept out of repr
     log_level: LogLevel = "info"

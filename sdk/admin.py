@@ -23,7 +23,8 @@ class Fetch(Protocol):
     def __call__(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, bytes]: ...
 
 
-WORKER_COLUMNS = ("MODEL", "STATE", "PID", "DEVICE", "MEMORY", "QUEUE", "SERVED", "LAST-USED", "UPTIME")
+WORKER_COLUMNS = ("MODEL", "STATE", "PID", "DEVICE", "MEMORY", "QUEUE", "SERVED", "LAST-USED", "UPTIME", "RESTARTS",
+                  "BACKOFF")
 DEVICE_COLUMNS = ("DEVICE", "USED", "TOTAL", "BUDGET", "RESERVED")
 MODEL_COLUMNS = ("MODEL", "FAMILY", "STATE", "OUTPUTS", "DIMS", "DEVICE", "ENGINE", "MEMORY")
 _UNITS = ("Ki", "Mi", "Gi", "Ti", "Pi")
@@ -121,7 +122,8 @@ def worker_cells(row: dict[str, Any]) -> list[str]:
     memory = f"{human_bytes(row.get('memory_bytes'))}/{human_bytes(row.get('memory_budget_bytes'))}"
     return [_text(row.get("model")), state, _text(row.get("pid")), _text(row.get("device")), memory,
             _text(row.get("queue_depth")), _text(row.get("requests_served")),
-            human_duration(row.get("last_used_s_ago")), human_duration(row.get("uptime_s"))]
+            human_duration(row.get("last_used_s_ago")), human_duration(row.get("uptime_s")),
+            _text(row.get("restarts", 0)), human_duration(row.get("backoff_s"))]
 
 
 def device_cells(row: dict[str, Any]) -> list[str]:

@@ -36,7 +36,7 @@ class ModelLoadingError(ServerError):
 
 
 class ModelLoadFailedError(ServerError):
-    """The model cannot load (terminal): missing weights, bad config, or its crash budget is spent."""
+    """The model cannot load (terminal): missing weights, bad config, or a passing failure within its cooldown."""
 
 
 class QueueFullError(ServerError):

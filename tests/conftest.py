@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests import precision
+from tests import declared, precision
 from tests.deploy.helm_child import HELM
 from tests.server import MINILM, Server, make_bundle
+
+_declared_skips: list[str] = []  # where a test skipped for a missing declared dependency, and why
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,6 +24,32 @@ def pytest_configure(config: pytest.Config) -> None:
     if mode == "bfloat16" and not precision.has_native_bf16():
         raise pytest.UsageError("SIE_TEST_PRECISION=bfloat16 needs a CPU with native bf16 (AVX512-BF16 or AMX); "
                                 "this one has neither, so the engines compute float32: run the default mode")
+
+
+def _note_declared_skip(report: pytest.CollectReport | pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple) and declared.DECLARED in str(report.longrepr[2]):
+        _declared_skips.append(f"{report.nodeid or report.longrepr[0]}: {report.longrepr[2]}")
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_declared_skip(report)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _note_declared_skip(report)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _declared_skips and os.environ.get(declared.FAIL_ENV):
+        terminalreporter.section(f"skipped for a missing declared dependency ({declared.FAIL_ENV} is set)", red=True)
+        for line in _declared_skips:
+            terminalreporter.line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # In CI a declared dependency that is missing is a broken install, not a reason to skip.
+    if _declared_skips and os.environ.get(declared.FAIL_ENV) and exitstatus in (0, 5):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_report_header() -> str:

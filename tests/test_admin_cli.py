@@ -21,6 +21,7 @@ import pytest
 
 from sie_sdk import admin
 from sie_sdk.admin_k8s import ADMIN_TOKEN_HEADER
+from tests import declared
 from tests.server import MINILM, Server
 
 MIB = 1 << 20
@@ -30,7 +31,7 @@ TOKEN = "s3cret"
 def worker(model: str, **fields: Any) -> dict[str, Any]:
     row = {"model": model, "state": "loaded", "pid": 4242, "device": "cpu", "memory_bytes": 421 * MIB,
            "memory_budget_bytes": 512 * MIB, "queue_depth": 3, "requests_served": 17, "last_used_s_ago": 125.4,
-           "uptime_s": 3725.0, "pinned": False}
+           "uptime_s": 3725.0, "pinned": False, "restarts": 0, "backoff_s": None}
     return row | fields
 
 
@@ -41,6 +42,8 @@ WORKERS = {
                last_used_s_ago=None, uptime_s=2.0, pinned=True),
         worker("model-c", state="failed", pid=None, device=None, memory_bytes=None, memory_budget_bytes=None,
                queue_depth=0, requests_served=0, last_used_s_ago=None, uptime_s=None, last_error="no weights"),
+        worker("model-d", state="available", pid=None, device=None, memory_bytes=None, memory_budget_bytes=None,
+               queue_depth=0, requests_served=0, last_used_s_ago=None, uptime_s=None, restarts=4, backoff_s=3.5),
     ],
     "devices": [{"device": "cpu", "total_bytes": 16 << 30, "used_bytes": 3 << 29, "budget_bytes": 8 << 30,
                  "reserved_bytes": 1024 * MIB}],
@@ -129,13 +132,16 @@ def test_ls_prints_an_aligned_table_with_human_units(api: tuple[str, type[AdminA
     lines = out.splitlines()
     assert lines[0].split() == list(admin.WORKER_COLUMNS)
     rows = lines_by_first_cell(out)
-    assert rows["org/model-a"] == ["org/model-a", "loaded", "4242", "cpu", "421Mi/512Mi", "3", "17", "2m5s", "1h2m"]
-    assert rows["model-b"] == ["model-b", "loading,pinned", "-", "cpu", "-/512Mi", "0", "0", "-", "2s"]
-    assert rows["model-c"] == ["model-c", "failed", "-", "-", "-/-", "0", "0", "-", "-"]
+    assert rows["org/model-a"] == ["org/model-a", "loaded", "4242", "cpu", "421Mi/512Mi", "3", "17", "2m5s", "1h2m",
+                                   "0", "-"]
+    assert rows["model-b"] == ["model-b", "loading,pinned", "-", "cpu", "-/512Mi", "0", "0", "-", "2s", "0", "-"]
+    assert rows["model-c"] == ["model-c", "failed", "-", "-", "-/-", "0", "0", "-", "-", "0", "-"]
+    # a model whose worker crashed four times, its next worker 3.5 s away
+    assert rows["model-d"] == ["model-d", "available", "-", "-", "-/-", "0", "0", "-", "-", "4", "4s"]
     assert "model-c: last error: no weights" in out
     # aligned: every column of the worker table starts at the same offset on every line
-    header_at = [lines[0].index(col) for col in ("STATE", "MEMORY", "UPTIME")]
-    for line in lines[1:4]:
+    header_at = [lines[0].index(col) for col in ("STATE", "MEMORY", "UPTIME", "RESTARTS", "BACKOFF")]
+    for line in lines[1:5]:
         assert all(line[at - 1] == " " and line[at] != " " for at in header_at)
     assert rows["DEVICE"] == list(admin.DEVICE_COLUMNS) and rows["cpu"] == ["cpu", "1.5Gi", "16Gi", "8Gi", "1Gi"]
 
@@ -339,8 +345,8 @@ def write_kubeconfig(path: Path, server: str) -> Path:
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    kmock = pytest.importorskip("kmock")
-    pytest.importorskip("kubernetes")
+    kmock = declared.module("kmock")
+    declared.module("kubernetes")
     async with kmock.KubernetesEmulator() as k, kmock.Server(k) as srv:
         pods = kmock.resource("", "v1", "pods")
         for name, (labels, phase) in PODS.items():

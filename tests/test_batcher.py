@@ -25,6 +25,26 @@ class Recorder:
         return BatchReport([f"out:{item}" for item in items], busy_s=self.delay)
 
 
+class Gated(Recorder):
+    """A worker whose batches finish only while the test holds its gate open; each reports `busy_s` as its time."""
+
+    def __init__(self, busy_s: float = 0.0) -> None:
+        super().__init__(busy_s)
+        self.gate = asyncio.Event()
+
+    async def __call__(self, key: object, items: list[str]) -> BatchReport:
+        self.batches.append(list(items))
+        await self.gate.wait()
+        return BatchReport([f"out:{item}" for item in items], busy_s=self.delay)
+
+
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
+
+
 def make(recorder: Recorder, **limits: float) -> Batcher:
     batcher = Batcher("m", recorder, BatchLimits(**limits))  # type: ignore[arg-type]
     batcher.start()
@@ -82,15 +102,18 @@ async def test_full_queue_is_retryable_and_oversized_request_is_invalid() -> Non
 
 
 async def test_cancelled_requests_are_never_sent() -> None:
-    recorder = Recorder(delay=0.05)
+    recorder = Gated()
     batcher = make(recorder, max_items=1, max_wait_ms=0, in_flight=1)
     keep = asyncio.create_task(batcher.submit("k", ["first"], [1]))
+    await until(lambda: recorder.batches == [["first"]])  # at the worker, which holds it
     gone = asyncio.create_task(batcher.submit("k", ["abandoned"], [1]))
-    await asyncio.sleep(0.01)
+    await until(lambda: batcher.queued_items == 1)  # queued behind it
     gone.cancel()
+    recorder.gate.set()
     assert await keep == ["out:first"]
-    await asyncio.sleep(0.1)
-    assert ["abandoned"] not in recorder.batches
+    # The queue is FIFO: once a later request is answered, the abandoned one was dropped or sent before it.
+    assert await batcher.submit("k", ["probe"], [1]) == ["out:probe"]
+    assert recorder.batches == [["first"], ["probe"]]
     assert batcher.queued_items == 0
     await batcher.close()
 
@@ -138,29 +161,38 @@ async def test_a_bad_input_fails_only_its_own_request_when_batched_with_others()
 
 
 async def test_while_the_worker_is_busy_the_next_batch_leaves_when_the_worker_is_about_to_need_it() -> None:
-    recorder = Recorder(delay=0.08)
+    recorder = Gated(busy_s=30.0)  # each batch reports 30 s of work: the pacer holds the next one back that long
     batcher = make(recorder, max_wait_ms=2)
-    await batcher.submit("k", ["warm"], [10])  # the pacer learns 8 ms per unit of cost
+    recorder.gate.set()
+    await batcher.submit("k", ["warm"], [10])  # the pacer learns 3 s per unit of cost
+    recorder.gate.clear()
     first = asyncio.create_task(batcher.submit("k", ["first"], [10]))  # an idle worker: sent at once
+    await until(lambda: recorder.batches[-1] == ["first"])
     late = []
-    for i in range(5):  # arrive while `first` runs; without pacing the first of them would leave alone after 2 ms
-        await asyncio.sleep(0.01)
+    for i in range(5):  # arrive while `first` runs, further apart than max_wait_ms
         late.append(asyncio.create_task(batcher.submit("k", [f"late{i}"], [10])))
+        await asyncio.sleep(0.01)
+    await until(lambda: batcher.queued_items == 5)
+    # Without pacing the first of them would have left alone, 2 ms after it arrived: held back, they are all here.
+    assert recorder.batches == [["warm"], ["first"]]
+    recorder.gate.set()  # `first` is done: the worker needs the next batch now
     await asyncio.gather(first, *late)
-    assert recorder.batches[1] == ["first"]
     assert sorted(recorder.batches[2]) == [f"late{i}" for i in range(5)] and len(recorder.batches) == 3
     await batcher.close()
 
 
 async def test_a_full_batch_does_not_wait_for_the_pace() -> None:
-    recorder = Recorder(delay=0.2)
+    recorder = Gated(busy_s=30.0)  # the pace would hold a batch back for 30 s
     batcher = make(recorder, max_items=2)
+    recorder.gate.set()
     await batcher.submit("k", ["warm"], [1])
+    recorder.gate.clear()
     running = asyncio.create_task(batcher.submit("k", ["a"], [1]))
-    await asyncio.sleep(0.01)
+    await until(lambda: recorder.batches[-1] == ["a"])
     full = asyncio.create_task(batcher.submit("k", ["b", "c"], [1, 1]))
-    await asyncio.sleep(0.05)  # far less than the 200 ms `a` takes
-    assert sorted(recorder.batches[-1]) == ["b", "c"]  # sent while `a` still runs
+    await until(lambda: len(recorder.batches) == 3)  # sent while `a` still runs, long before the pace says
+    assert sorted(recorder.batches[-1]) == ["b", "c"] and not running.done()
+    recorder.gate.set()
     await asyncio.gather(running, full)
     await batcher.close()
 

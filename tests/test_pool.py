@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sie_router.errors import SIEError
+from sie_router.errors import LoadError, SIEError
 from sie_router.models.registry import build_registry
 from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, TokenizeJob
 from sie_router.pipeline.service import Service
@@ -27,6 +27,7 @@ from sie_worker.protocol import (
     EncodeBatch,
     EncodeResult,
     InputItem,
+    LoadErrorClass,
     Ready,
     Tensor,
     TokenizeBatch,
@@ -171,3 +172,40 @@ async def test_one_clock_of_use_and_a_batch_after_the_worker_went_is_retryable(p
     with pytest.raises(SIEError) as gone:
         pool.ready_worker(MODEL)
     assert gone.value.code is ErrorCode.MODEL_LOADING
+
+
+async def test_a_crashed_worker_s_model_answers_its_back_off_then_the_pool_loads_it_again(
+        pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    loads: list[tuple[str, bool]] = []
+    monkeypatch.setattr(pool, "_start_load", lambda slot, evict: loads.append((slot.key, evict)))
+    worker = loaded(pool, MODEL)
+    worker.backoff_s = pool.supervisor.restarts.crashed(MODEL, served_s=1.0)  # as the sentinel does for a crash
+    pool._on_exit(worker, -9)
+    with pytest.raises(SIEError) as refused:
+        await pool.ensure(MODEL, wait_s=30)  # even a route that waits for loads is told to come back
+    left = refused.value.extra["backoff_s"]
+    assert refused.value.code is ErrorCode.MODEL_LOADING and 0 < left <= pool.settings.restart_backoff_s
+    assert refused.value.retry_after == 1 and refused.value.extra["restarts"] == 1  # Retry-After: whole seconds
+    assert loads == []
+    deadline = time.monotonic() + 10
+    while not loads:  # the back-off ends: the pool starts the next worker itself, evicting nothing for it
+        assert time.monotonic() < deadline, "no restart after the back-off"
+        await asyncio.sleep(0.01)
+    assert loads == [(MODEL, False)]
+
+
+async def test_a_permanent_load_failure_stays_failed_until_the_operator_evicts(pool: WorkerPool) -> None:
+    slot = pool.slots[MODEL]
+    for error_class, permanent in ((LoadErrorClass.CONFIG, True), (LoadErrorClass.STORAGE, False)):
+        slot.state, slot.load_error = ModelState.FAILED, LoadError(error_class, "injected")
+        slot.failed_at = time.monotonic() - 10 * pool.cooldown(slot.load_error)  # long past any cooldown
+        if permanent:
+            with pytest.raises(LoadError) as failed:
+                pool._check_failed(slot)
+            assert failed.value.permanent and failed.value.code is ErrorCode.MODEL_LOAD_FAILED
+        else:
+            pool._check_failed(slot)  # a passing failure: the next request loads again
+    slot.load_error = LoadError(LoadErrorClass.CONFIG, "injected")
+    await pool.evict(MODEL, reason="admin")
+    assert slot.state == ModelState.AVAILABLE and slot.load_error is None
+    pool._check_failed(slot)

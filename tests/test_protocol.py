@@ -19,8 +19,8 @@ def test_importing_the_protocol_pulls_in_no_torch() -> None:
 def test_every_message_is_in_the_unions_and_names_tell_direction() -> None:
     subclasses = set(protocol.Message.__subclasses__())
     assert subclasses == set(protocol.ALL_MESSAGES)
-    to_worker = {"EncodeBatch", "ScoreBatch", "ExtractBatch", "TokenizeBatch", "DecodeBatch", "Shutdown"}
-    to_router = {"Ready", "LoadFailed", "BatchDone", "BatchFailed"}
+    to_worker = {"EncodeBatch", "ScoreBatch", "ExtractBatch", "TokenizeBatch", "DecodeBatch", "Ping", "Shutdown"}
+    to_router = {"Ready", "LoadFailed", "Alive", "BatchDone", "BatchFailed"}
     assert {c.cls.__name__ for c in msgspec.inspect.type_info(protocol.RouterToWorker).types} == to_worker  # type: ignore[attr-defined]
     assert {c.cls.__name__ for c in msgspec.inspect.type_info(protocol.WorkerToRouter).types} == to_router  # type: ignore[attr-defined]
     for cls in protocol.ALL_MESSAGES:

@@ -1,5 +1,6 @@
 """The supervisor with real worker processes (`python -m sie_worker`, fake adapter) over real ZeroMQ sockets:
-spawn and handshake, load failures by class, a hung worker killed at its deadline, the crash budget, stop."""
+spawn and handshake, load failures by class, a hung worker killed at its deadline, a frozen one found by its ping, a
+frozen load killed at the load deadline, the restart back-off, and a clean stop."""
 
 from __future__ import annotations
 
@@ -14,16 +15,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import psutil
 import pytest
 
 from sie_router.errors import LoadError
 from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.pacing import BusyTimeFit
-from sie_router.pool.supervisor import HUNG_FACTOR, MIN_FACTOR, Supervisor, Worker, batch_deadline
+from sie_router.pool.restarts import Restarts
+from sie_router.pool.supervisor import (
+    HUNG_FACTOR,
+    MIN_FACTOR,
+    STOP_MIN_S,
+    TERM_GRACE_S,
+    Supervisor,
+    Worker,
+    batch_deadline,
+)
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
+from sie_worker.cuda import EXIT_DEVICE_FAULT
 from sie_worker.protocol import (
     BatchDone,
+    BatchFailed,
     BatchTiming,
     EncodeBatch,
     EncodeResult,
@@ -33,7 +47,8 @@ from sie_worker.protocol import (
     WorkerSpec,
 )
 
-SETTINGS = Settings(batch_timeout_s=2.0, batch_timeout_floor_s=1.0, crash_budget=1, load_timeout_s=60)
+# Pings off unless a test turns them on: a worker frozen on purpose must be found by the mechanism under test.
+SETTINGS = Settings(batch_timeout_s=2.0, batch_timeout_floor_s=1.0, load_timeout_s=60, ping_interval_s=0)
 
 
 def spec(supervisor: Supervisor, **faults: Any) -> WorkerSpec:
@@ -94,10 +109,10 @@ def test_spawn_handshake_call_and_stop() -> None:
         await supervisor.stop([worker], 10)
         await until(lambda: bool(exits))
         assert not psutil.pid_exists(worker.process.pid)
-        assert supervisor.recent_crashes("test/fake") == 0  # a stop is no crash
+        assert supervisor.restarts.of("test/fake").restarts == 0 and worker.backoff_s is None  # a stop is no crash
 
     [(_, code)] = run(scenario)
-    assert code in (0, -signal.SIGTERM)  # Shutdown, then SIGTERM at once: it may still be tearing down when hit
+    assert code == 0  # Shutdown, then a wait for the exit: no signal reaches a worker that stops when told
 
 
 def test_a_load_failure_is_classified_by_type_and_is_no_crash(tmp_path: Path) -> None:
@@ -110,12 +125,12 @@ def test_a_load_failure_is_classified_by_type_and_is_no_crash(tmp_path: Path) ->
         worker = await supervisor.spawn(spec(supervisor, fail_loads=1, fail_loads_file=str(tmp_path / "n")),
                                         "test/fake")  # the second load succeeds
         assert worker.info is not None
-        supervisor.check_crash_budget("test/fake")  # the failed load did not spend the budget of 1
+        assert supervisor.restarts.left("test/fake") == 0  # the failed load started no back-off
 
     run(scenario)
 
 
-def test_a_hung_worker_is_killed_at_its_deadline_and_spends_the_crash_budget() -> None:
+def test_a_hung_worker_is_killed_at_its_deadline_and_its_model_backs_off() -> None:
     async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
         worker = await supervisor.spawn(spec(supervisor), "test/fake")
         pace = BusyTimeFit()
@@ -130,12 +145,107 @@ def test_a_hung_worker_is_killed_at_its_deadline_and_spends_the_crash_budget() -
         assert 1.0 <= time.monotonic() - started < 10
         await until(lambda: bool(exits))
         assert not psutil.pid_exists(worker.process.pid)
-        with pytest.raises(LoadError, match="crashed 1 times") as spent:
-            supervisor.check_crash_budget("test/fake")
-        assert spent.value.error_class is LoadErrorClass.ENGINE and not spent.value.permanent
+        backoff = supervisor.restarts.of("test/fake")
+        assert worker.backoff_s == SETTINGS.restart_backoff_s and backoff.restarts == 1
+        assert 0 < backoff.left() <= SETTINGS.restart_backoff_s
 
     [(_, code)] = run(scenario)
     assert code == -signal.SIGKILL
+
+
+def test_a_frozen_idle_worker_is_found_by_its_ping_and_killed() -> None:
+    settings = msgspec.structs.replace(SETTINGS, ping_interval_s=0.2, ping_timeout_s=1.0)
+
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        worker = await supervisor.spawn(spec(supervisor), "test/fake")
+        pinged_before = supervisor.client.answered[worker.worker_id]
+        await until(lambda: supervisor.client.answered.get(worker.worker_id, 0) > pinged_before)  # it answers
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        await until(lambda: bool(exits))  # no batch was sent: only the ping can find it
+        assert time.monotonic() - stopped < 10
+        assert worker.backoff_s is not None
+
+    [(_, code)] = run(scenario, settings)
+    assert code == -signal.SIGKILL
+
+
+def test_a_busy_worker_answers_pings_beside_its_batch() -> None:
+    """A batch that runs for seconds is no freeze: the thread that receives batches answers pings meanwhile."""
+    settings = msgspec.structs.replace(SETTINGS, ping_interval_s=0.1, ping_timeout_s=1.0, batch_timeout_s=30)
+
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        worker = await supervisor.spawn(spec(supervisor, batch_delay_s=3.0), "test/fake")
+        call = asyncio.create_task(supervisor.call(worker, encode, BusyTimeFit(), 1))
+        answers = []
+        while not call.done():
+            answers.append(supervisor.client.answered[worker.worker_id])
+            await asyncio.sleep(0.05)
+        assert isinstance(call.result(), BatchDone) and not exits
+        assert len(set(answers)) >= 3  # answered pings while the 3 s batch ran
+
+    run(scenario, settings)
+
+
+def test_the_answer_a_worker_flushed_before_it_exited_is_read_before_its_calls_fail() -> None:
+    """A broken CUDA context answers its batch, then the worker exits: the answer, not the exit, is what the caller
+    gets, though the exit may be seen first."""
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        worker = await supervisor.spawn(spec(supervisor, cuda_error_on_batch=1), "test/fake")
+        reply = await supervisor.call(worker, encode, BusyTimeFit(), 1)
+        assert isinstance(reply, BatchFailed) and reply.code is ErrorCode.INFERENCE_ERROR
+        assert "illegal memory access" in reply.message
+        await until(lambda: bool(exits))
+        assert worker.backoff_s is not None  # its exit is a crash all the same
+
+    [(_, code)] = run(scenario)
+    assert code == EXIT_DEVICE_FAULT
+
+
+def test_a_frozen_load_is_killed_at_the_load_deadline() -> None:
+    settings = msgspec.structs.replace(SETTINGS, load_timeout_s=3.0)
+
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        loading = asyncio.create_task(supervisor.spawn(spec(supervisor, load_delay_s=60), "test/fake"))
+        await until(lambda: bool(supervisor.workers))
+        (worker,) = supervisor.workers.values()
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(LoadError) as failed:
+            await loading
+        assert failed.value.error_class is LoadErrorClass.TIMEOUT and not failed.value.permanent
+        await until(lambda: bool(exits))
+        assert time.monotonic() - started < settings.load_timeout_s + 5  # at the deadline, not after a grace
+        assert not psutil.pid_exists(worker.process.pid)
+        assert supervisor.restarts.left("test/fake") == 0  # a load failure, not a crash
+
+    [(_, code)] = run(scenario, settings)
+    assert code == -signal.SIGKILL
+
+
+def test_a_worker_that_ignores_shutdown_gets_sigterm_then_sigkill_after_the_wait() -> None:
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        worker = await supervisor.spawn(spec(supervisor), "test/fake")
+        os.kill(worker.process.pid, signal.SIGSTOP)  # it cannot read Shutdown, nor act on SIGTERM
+        started = time.monotonic()
+        await supervisor.stop([worker], 0.5)
+        assert STOP_MIN_S <= time.monotonic() - started < STOP_MIN_S + TERM_GRACE_S + 5
+        await until(lambda: bool(exits))
+        assert worker.backoff_s is None  # stopped: no crash
+
+    [(_, code)] = run(scenario)
+    assert code == -signal.SIGKILL
+
+
+def test_the_back_off_doubles_to_its_cap_and_resets_after_a_healthy_run() -> None:
+    restarts = Restarts(Settings(restart_backoff_s=0.5, restart_backoff_max_s=4, restart_backoff_reset_s=60))
+    delays = [restarts.crashed("m", served_s=1.0, now=100.0) for _ in range(6)]
+    assert delays == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert restarts.of("m").left(now=101.0) == 3.0 and restarts.of("m").restarts == 6
+    assert restarts.crashed("m", served_s=60.0, now=200.0) == 0.5  # served a minute: a new sequence
+    assert restarts.of("m").in_a_row == 1 and restarts.of("m").restarts == 7
+    restarts.forget("m")
+    assert restarts.of("m").restarts == 0 and restarts.left("m") == 0
 
 
 def test_the_deadline_scales_with_the_batch_within_floor_and_cap() -> None:

@@ -1,5 +1,6 @@
-"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER` (a short-lived helper process): export a dense encoder to
-an ONNX graph that a lean worker serves without torch.
+"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID]` (a short-lived helper process): export a dense
+encoder to an ONNX graph that a lean worker serves without torch. It dies with the worker that started it (PARENT_PID):
+a worker killed mid-export leaves no helper behind, and the next export removes the staging folder it left.
 
 It loads the checkpoint with transformers in float32, traces it (opset 17, dynamic batch and sequence), checks the
 graph under ONNX Runtime against torch on probe texts of unlike lengths and padding, and writes the folder that
@@ -12,7 +13,9 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,6 +35,7 @@ from sie_worker.adapters.graph_cache import (
     masked_min_cosine,
 )
 from sie_worker.adapters.torch_common import load_encoder
+from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
 
@@ -135,7 +139,8 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
     model = load_encoder(weights_dir, torch.float32)
     names = input_names(model, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
+    remove_stale_staging(folder.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder.parent))
     try:
         export(model, tokenizer, names, staging / "model.onnx")
         names = graph_inputs(staging / "model.onnx", names)
@@ -163,7 +168,27 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def remove_stale_staging(root: Path) -> None:
+    """Staging folders (`.export-<pid>-*`) of helpers that are gone: killed with their worker mid-export."""
+    for staging in root.glob(".export-*-*"):
+        pid = staging.name.split("-")[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) > 2:
+        die_with_parent(signal.SIGKILL, int(argv[2]))  # nothing here is worth finishing once the worker is gone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s sie-export %(message)s")
     weights_dir, folder = Path(argv[0]), Path(argv[1])
     started = time.perf_counter()

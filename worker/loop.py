@@ -2,13 +2,13 @@
 
 Two threads: the prepare thread receives batches and tokenises them (CPU), the main thread runs the forward pass
 and sends results, so tokenising batch n+1 overlaps the forward of batch n. Each ZeroMQ socket belongs to one thread.
+The prepare thread also answers the router's `Ping` at once, busy or idle: a frozen process is found in seconds.
 SIGTERM only sets a flag; the batch in hand finishes first.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import queue
@@ -28,12 +28,15 @@ from sie_worker import cuda, protocol, telemetry, tokens
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
+from sie_worker.parent import die_with_parent
 from sie_worker.protocol import (
+    Alive,
     BatchDone,
     BatchFailed,
     BatchTiming,
     DecodeBatch,
     LoadFailed,
+    Ping,
     Ready,
     Shutdown,
     TokenizeBatch,
@@ -42,7 +45,6 @@ from sie_worker.protocol import (
 
 log = logging.getLogger("sie.worker")
 _POLL_MS = 100
-_PR_SET_PDEATHSIG = 1
 # Test-only faults, off unless the environment names one: `bad_frame` sends an undecodable frame before the first
 # reply, `garbage` before every reply, `unknown_code` answers the first batch with a code no router knows.
 FAULT_ENV = "SIE_WORKER_FAULT"
@@ -69,12 +71,6 @@ class _Answered(_Failed):
 _STOP = object()
 
 
-def _die_with_parent() -> None:
-    # If the router is SIGKILLed it cannot stop us: ask the kernel to SIGTERM us when it goes (Linux only).
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _injected_fault(model: str) -> str:
     """Test-only: the fault `SIE_WORKER_FAULT=<fault>:<model>[,...]` names for this model, or "" (in production)."""
     for entry in os.environ.get(FAULT_ENV, "").split(","):
@@ -89,7 +85,9 @@ class Worker:
         self.spec = spec
         self.stopping = threading.Event()
         self.device_fault: BaseException | None = None  # a CUDA error that broke the context: serve no more
-        self.ready_batches: queue.Queue[Any] = queue.Queue(maxsize=2)
+        # Unbounded, so that the prepare thread never blocks on it and always answers pings: the router bounds what
+        # it sends (two batches per model at a time, and tokenize calls between them).
+        self.ready_batches: queue.Queue[Any] = queue.Queue()
         self.context = zmq.Context()
         self.recv_from_router = self.context.socket(zmq.DEALER)
         self.recv_from_router.setsockopt(zmq.IDENTITY, spec.worker_id.encode())
@@ -117,8 +115,9 @@ class Worker:
             message = BatchFailed(batch_id=message.batch_id, code="NO_SUCH_CODE", message="injected")  # type: ignore[arg-type]
         self.send_to_router.send_multipart([self.identity, protocol.encode(message)], copy=False)
 
-    def send_handshake(self, message: Ready | LoadFailed) -> None:
-        # The handshake goes over the DEALER: once the router reads it, it can route batches to this identity.
+    def send_handshake(self, message: Ready | LoadFailed | Alive) -> None:
+        # The handshake goes over the DEALER: once the router reads it, it can route batches to this identity. The
+        # DEALER is the main thread's until `Ready`, then the prepare thread's, which answers pings on it.
         self.recv_from_router.send(protocol.encode(message))
 
     def load(self) -> Adapter | None:
@@ -161,6 +160,9 @@ class Worker:
                 continue
             if isinstance(message, Shutdown):
                 break
+            if isinstance(message, Ping):
+                self.send_handshake(Alive())
+                continue
             trace = getattr(message, "trace", None)
             _trace_id.set(telemetry.trace_id_of(trace))
             started = time.time_ns()
@@ -236,7 +238,7 @@ class Worker:
 
     def stop_preparing(self, preparer: threading.Thread, deadline_s: float = 2.0) -> bool:
         """Stop the prepare thread before its batches are served (they fail with this worker's exit); whether it
-        stopped. Batches it has queued are dropped, so that a put blocked on the full queue returns."""
+        stopped. Batches it has queued are dropped."""
         self.stopping.set()
         deadline = time.monotonic() + deadline_s
         while preparer.is_alive() and time.monotonic() < deadline:
@@ -287,7 +289,7 @@ def entry(spec_bytes: bytes) -> None:
     """The process entry (`python -m sie_worker`, spec bytes from stdin): environment first, then heavy imports."""
     spec = msgspec.msgpack.decode(spec_bytes, type=WorkerSpec)
     os.environ.update(spec.env)
-    _die_with_parent()
+    die_with_parent(signal.SIGTERM)  # a SIGKILLed router cannot stop us: the kernel does
     telemetry.configure_logging("INFO", spec.log_format == "json", lambda: {"model": spec.model,
                                                                             "trace_id": _trace_id.get()},
                                 text_format=f"%(asctime)s %(levelname)s sie-worker[{spec.model}] %(message)s")

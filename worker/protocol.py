@@ -1,8 +1,8 @@
 """Every message that crosses ZeroMQ between the router and a worker. Imported by both processes.
 
 Router to worker: imperatives (`EncodeBatch`, `ScoreBatch`, `ExtractBatch`, `TokenizeBatch`, `DecodeBatch`,
-`Shutdown`).
-Worker to router: facts (`Ready`, `LoadFailed`, `BatchDone`, `BatchFailed`).
+`Ping`, `Shutdown`).
+Worker to router: facts (`Ready`, `LoadFailed`, `Alive`, `BatchDone`, `BatchFailed`).
 Also the spawn argument `WorkerSpec`, with each family's adapter options (`DenseOptions` and the rest).
 This module imports only msgspec, numpy, the standard library and `sie_sdk.types`; arrays cross as `Tensor`, never
 pickle.
@@ -194,8 +194,12 @@ class DecodeBatch(Message):
     skip_special_tokens: bool = True
 
 
+class Ping(Message):
+    """Answer `Alive` at once, busy or idle: the router's liveness check."""
+
+
 class Shutdown(Message):
-    """Finish the batch in hand, then exit 0."""
+    """Finish the batches already received, then exit 0."""
 
 
 # The engine a worker runs its model on: torch, or an exported graph under ONNX Runtime or OpenVINO ("fake": the test
@@ -230,6 +234,10 @@ class LoadFailed(Message):
     message: str
 
 
+class Alive(Message):
+    """The answer to `Ping`, from the thread that receives batches, sent beside any batch in hand."""
+
+
 class BatchDone(Message, gc=False):
     """The batch succeeded."""
 
@@ -250,10 +258,10 @@ class BatchFailed(Message):
     message: str
 
 
-RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | TokenizeBatch | DecodeBatch | Shutdown
-WorkerToRouter = Ready | LoadFailed | BatchDone | BatchFailed
-ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, TokenizeBatch, DecodeBatch,
-                                           Shutdown, Ready, LoadFailed, BatchDone, BatchFailed)
+RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | TokenizeBatch | DecodeBatch | Ping | Shutdown
+WorkerToRouter = Ready | LoadFailed | Alive | BatchDone | BatchFailed
+ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, TokenizeBatch, DecodeBatch, Ping,
+                                           Shutdown, Ready, LoadFailed, Alive, BatchDone, BatchFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(RouterToWorker)

@@ -25,6 +25,7 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
     worker = slot.worker
     info = worker.info if worker else None
     used = pool.placement.last_used(slot.key) if worker else None
+    backoff = pool.supervisor.restarts.of(slot.key)
     return {
         "model": slot.key,
         "state": slot.state,
@@ -38,6 +39,9 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
         "last_used_s_ago": round(time.monotonic() - used, 3) if used is not None else None,
         "uptime_s": round(time.time() - worker.started_at, 3) if worker else None,
         "pinned": pool.pinned(slot.key),
+        # Crashes and hangs of its ready workers, each followed by a restart; the back-off left before the next.
+        "restarts": backoff.restarts,
+        "backoff_s": round(backoff.left(), 3) or None,
         "last_error": slot.last_error,
     }
 
@@ -45,7 +49,8 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
 async def list_workers(request: Request) -> Response:
     pool = app_state(request).pool
     pool.remeasure()
-    rows = [worker_row(pool, s) for s in pool.slots.values() if s.worker or s.state != "available"]
+    rows = [worker_row(pool, s) for s in pool.slots.values()
+            if s.worker or s.state != "available" or pool.supervisor.restarts.of(s.key).restarts]
     readings = {d.name: d for d in pool.devices.snapshot()}
     devices = [{"device": name, "total_bytes": readings[name].total if name in readings else budget.budget,
                 "used_bytes": readings[name].used if name in readings else 0, "budget_bytes": budget.budget,

@@ -6,13 +6,16 @@ every worker's replies, each as two frames: the worker's id, then the message. T
 private 0700 folder: only this user reaches them.
 
 Every call has a deadline, counted from when the worker could start on it (its previous reply, or the send if it was
-idle): a worker that lets a batch outlive it is hung. Neither receive loop dies on a bad frame: it is logged with the
-worker's id and dropped, and a worker that keeps sending them is treated as hung.
+idle): a worker that lets a batch outlive it is hung. Every ready worker is also pinged (`Ping`, answered `Alive` on
+the DEALER by the thread that receives its batches, busy or idle): one that lets a ping go unanswered past its
+deadline is frozen, and treated as hung before a request waits on it. Neither receive loop dies on a bad frame: it is
+logged with the worker's id and dropped, and a worker that keeps sending them is treated as hung.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import shutil
@@ -30,13 +33,16 @@ import zmq.asyncio
 from sie_router.loops import Loop
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
-from sie_worker.protocol import BatchDone, BatchFailed, LoadFailed, Ready
+from sie_worker.protocol import Alive, BatchDone, BatchFailed, LoadFailed, Ping, Ready
 
 log = logging.getLogger("sie.ipc")
 
 WATCH_S = 0.1  # how often deadlines are checked
 GARBAGE_LIMIT = 3  # undecodable frames from one worker within GARBAGE_WINDOW_S that make it count as broken
 GARBAGE_WINDOW_S = 60.0
+# A worker that exited by itself may have flushed replies just before: they are read, for this long at most, before
+# its calls still open fail (a broken CUDA context answers its batch, then exits).
+REPLY_GRACE_S = 0.25
 
 Reply = BatchDone | BatchFailed
 Handshake = Ready | LoadFailed
@@ -57,10 +63,15 @@ class Call:
 
 
 class WorkerClient:
-    """Talks to every worker. `on_broken(worker_id, why)` is told of a hung or garbling worker, after its calls fail."""
+    """Talks to every worker. `on_broken(worker_id, why)` is told of a hung, frozen or garbling worker, after its calls
+    fail. A ready worker is pinged once `ping_interval_s` passed since it last answered (0: never), and is frozen when
+    a ping goes unanswered for `ping_timeout_s`."""
 
-    def __init__(self, on_broken: Callable[[str, str], None]) -> None:
+    def __init__(self, on_broken: Callable[[str, str], None], ping_interval_s: float = 0.0,
+                 ping_timeout_s: float = 5.0) -> None:
         self.on_broken = on_broken
+        self.ping_interval_s = ping_interval_s
+        self.ping_timeout_s = ping_timeout_s
         self.folder = Path(tempfile.mkdtemp(prefix="sie-ipc-"))  # mkdtemp creates it 0700
         self.context = zmq.asyncio.Context()
         self.send_to_workers = self.context.socket(zmq.ROUTER)
@@ -77,10 +88,12 @@ class WorkerClient:
         self.handshakes: dict[str, asyncio.Future[Handshake]] = {}
         self.progress: dict[str, float] = {}  # worker id -> when it last answered, or was given work while idle
         self.garbage: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.answered: dict[str, float] = {}  # ready worker id -> when it said Ready or last answered a ping
+        self.pinged: dict[str, float] = {}  # worker id -> when its unanswered ping was sent
         # Each loop also survives anything one message can do by itself; the supervision is for the rest.
-        self.loops = [Loop(self._receive_handshakes, "sie-handshakes", "worker handshakes"),
+        self.loops = [Loop(self._receive_handshakes, "sie-handshakes", "worker handshakes and pings"),
                       Loop(self._receive_replies, "sie-replies", "worker replies"),
-                      Loop(self._watch_deadlines, "sie-deadlines", "call deadlines")]
+                      Loop(self._watch_deadlines, "sie-deadlines", "call deadlines and pings")]
 
     def start(self) -> None:
         for loop in self.loops:
@@ -124,6 +137,11 @@ class WorkerClient:
     def calls_in_flight(self) -> int:
         return len(self.in_flight)
 
+    def retire(self, worker_id: str) -> None:
+        """The worker is being told to stop: it answers no more pings, and must not be found frozen for that."""
+        self.answered.pop(worker_id, None)
+        self.pinged.pop(worker_id, None)
+
     def forget(self, worker_id: str, error: Exception) -> None:
         """The worker is gone: fail its handshake and its calls with `error`."""
         handshake = self.handshakes.pop(worker_id, None)
@@ -134,6 +152,16 @@ class WorkerClient:
                 call.future.set_exception(error)
         self.progress.pop(worker_id, None)
         self.garbage.pop(worker_id, None)
+        self.retire(worker_id)
+
+    async def forget_after_replies(self, worker_id: str, error: Exception) -> None:
+        """`forget`, once the replies a worker that exited by itself flushed before its exit have been read (they
+        travel on another socket than the one its exit is seen on), or after REPLY_GRACE_S."""
+        self.retire(worker_id)
+        deadline = time.monotonic() + REPLY_GRACE_S
+        while self.busy(worker_id) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self.forget(worker_id, error)
 
     # -- receive loops ----------------------------------------------------------------------------------------------
 
@@ -158,10 +186,17 @@ class WorkerClient:
         except msgspec.DecodeError as exc:
             self._bad_frame(worker_id, exc)
             return
+        if isinstance(message, Alive):
+            if worker_id in self.answered:  # not when it was retired meanwhile
+                self.answered[worker_id] = time.monotonic()
+            self.pinged.pop(worker_id, None)
+            return
         future = self.handshakes.pop(worker_id, None)
         if not isinstance(message, (Ready, LoadFailed)) or future is None or future.done():
             log.warning("ignoring an unexpected %s from worker %s", type(message).__name__, worker_id)
             return
+        if isinstance(message, Ready):
+            self.answered[worker_id] = time.monotonic()
         future.set_result(message)
 
     async def _receive_replies(self) -> None:
@@ -219,14 +254,27 @@ class WorkerClient:
         while True:
             await asyncio.sleep(WATCH_S)
             try:
-                for worker_id, why in self.overdue(time.monotonic()):
+                now = time.monotonic()
+                for worker_id, why in self.overdue(now):
                     self._give_up(worker_id, why)
+                if self.ping_interval_s > 0:
+                    await self._ping(now)
             except Exception:
                 log.exception("checking call deadlines failed")
 
+    async def _ping(self, now: float) -> None:
+        """Ping each ready worker whose last answer is older than the interval and that has no ping pending."""
+        due = [w for w, at in self.answered.items() if w not in self.pinged and now - at >= self.ping_interval_s]
+        for worker_id in due:
+            self.pinged[worker_id] = now
+            # A frozen worker's queue takes the ping (up to its high-water mark); the wait only bounds a full one.
+            with contextlib.suppress(WorkerLost, TimeoutError):
+                await asyncio.wait_for(self.send(worker_id, Ping()), WATCH_S)
+
     def overdue(self, now: float) -> list[tuple[str, str]]:
-        """Workers whose oldest call has outlived its deadline. A worker runs its batches in order, so a call's clock
-        starts at the worker's last sign of progress: a batch queued behind a slow one is not blamed for its wait."""
+        """Workers whose oldest call has outlived its deadline, or whose ping went unanswered past its deadline. A
+        worker runs its batches in order, so a call's clock starts at the worker's last sign of progress: a batch
+        queued behind a slow one is not blamed for its wait."""
         oldest: dict[str, Call] = {}
         for call in self.in_flight.values():  # in batch id order, so the first seen is the oldest
             oldest.setdefault(call.worker_id, call)
@@ -236,6 +284,9 @@ class WorkerClient:
             if now - started > call.deadline_s:
                 found.append((worker_id, f"made no progress for {now - started:.1f}s on a batch whose deadline is "
                                          f"{call.deadline_s:.1f}s"))
+        for worker_id, sent in self.pinged.items():
+            if now - sent > self.ping_timeout_s and worker_id not in {w for w, _ in found}:
+                found.append((worker_id, f"did not answer a ping for {now - sent:.1f}s (frozen?)"))
         return found
 
     def _give_up(self, worker_id: str, why: str) -> None:

@@ -2,15 +2,18 @@
 
 `ensure` loads a model on demand (weights lookup, placement, then the supervisor's spawn); `evict` unloads one;
 idle models are evicted after their TTL. Each model's slot also holds its queue (`queue`) and its one pace model,
-which its queue learns and `run_batch` reads for the batch deadline. Processes, deadlines and the crash budget are
-the supervisor's (`supervisor.py`), memory and the recency of use are placement's (`placement.py`). States:
-available -> loading -> loaded -> (unloading ->) available, or failed.
+which its queue learns and `run_batch` reads for the batch deadline. A model whose ready worker died or hung is
+loaded again once its back-off is over, by the pool itself; meanwhile requests get 503 `MODEL_LOADING` with
+Retry-After the time left. Processes, deadlines and the back-off are the supervisor's (`supervisor.py`), memory and
+the recency of use are placement's (`placement.py`). States: available -> loading -> loaded -> (unloading ->)
+available, or failed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 import uuid
@@ -91,6 +94,7 @@ class WorkerPool:
         self.accepting = True
         self.started_at = time.time()
         self._loops: list[Loop] = []
+        self._restarts: dict[str, asyncio.TimerHandle] = {}  # model key -> its restart once the back-off is over
         # One load at a time per GPU: a worker measures its CUDA context as the GPU's free memory before and after
         # its load, which a neighbour loading beside it would distort.
         self._gpu_loads: dict[str, asyncio.Lock] = {}
@@ -131,9 +135,8 @@ class WorkerPool:
         slot.removing = True
         if slot.loading is not None:
             await asyncio.wait([slot.loading], timeout=self.settings.load_timeout_s)
-        await self.evict(key, reason="admin")
+        await self.evict(key, reason="admin")  # which also forgets its back-off
         self.slots.pop(key, None)
-        self.supervisor.forget_crashes(key)
         self.placement.release(key)
 
     def busy(self, key: str) -> bool:
@@ -194,7 +197,8 @@ class WorkerPool:
             raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
         if slot.loading is None:
-            slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
+            self._start_load(slot, evict)
+        assert slot.loading is not None
         if wait_s is None or wait_s <= 0:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is loading; retry shortly")
         try:
@@ -204,16 +208,27 @@ class WorkerPool:
 
     def ready_worker(self, key: str) -> Worker:
         """The model's ready worker, for a batch of a job that `ensure`d it; MODEL_LOADING (retryable) when the
-        worker has gone since: the next request's `ensure` starts another."""
+        worker has gone since: the pool starts another once its back-off is over."""
         worker = self.slots[key].worker
         if worker is None or worker.info is None:
-            raise SIEError(ErrorCode.MODEL_LOADING, f"model '{key}' is restarting; retry shortly")
+            raise self.restarting(key, "its worker has gone")
         return worker
 
+    def restarting(self, key: str, why: str) -> SIEError:
+        """503 MODEL_LOADING for a model whose worker died or hung: Retry-After is the back-off left (at least 1 s,
+        the header's unit), and the native body says how many restarts and how long."""
+        backoff = self.supervisor.restarts.of(key)
+        left = backoff.left()
+        return SIEError(ErrorCode.MODEL_LOADING, f"{why}; model '{key}' is restarting" +
+                        (f" in {left:.1f}s" if left else "") + ", retry shortly",
+                        retry_after=max(1, math.ceil(left)), restarts=backoff.restarts, backoff_s=round(left, 3))
+
     def _check_failed(self, slot: Slot) -> None:
-        """Terminal answers (502, no Retry-After): a spent crash budget, a permanent load failure, or a transient
-        one within its cooldown. After the cooldown the next request tries again, with no operator."""
-        self.supervisor.check_crash_budget(slot.key)
+        """A model in its restart back-off answers 503 MODEL_LOADING (Retry-After the time left). Terminal answers
+        (502, no Retry-After): a permanent load failure, or a transient one within its cooldown. After the cooldown
+        the next request tries again, with no operator."""
+        if slot.loading is None and slot.worker is None and self.supervisor.restarts.left(slot.key) > 0:
+            raise self.restarting(slot.key, "its last worker died or hung")
         error = slot.load_error
         if slot.state != ModelState.FAILED or error is None or slot.loading is not None:
             return
@@ -222,6 +237,22 @@ class WorkerPool:
 
     def cooldown(self, error: LoadError) -> float:
         return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
+
+    def _start_load(self, slot: Slot, evict: bool) -> None:
+        slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
+        # Its failure is the slot's state and the answer of the requests that wait; nobody else reads it.
+        slot.loading.add_done_callback(lambda task: task.cancelled() or task.exception())
+
+    def _restart(self, key: str) -> None:
+        """The back-off of a model whose worker crashed is over: load it again, unless something already did, or
+        it was evicted or removed or the server is stopping meanwhile. It evicts nothing: a request that needs room
+        does."""
+        self._restarts.pop(key, None)
+        slot = self.slots.get(key)
+        if (self.accepting and slot is not None and not slot.removing and slot.worker is None and slot.loading is None
+                and slot.state == ModelState.AVAILABLE):
+            log.info("restarting %s after its back-off", key)
+            self._start_load(slot, evict=False)
 
     async def _load(self, slot: Slot, evict: bool) -> Worker:
         slot.state, slot.load_started = ModelState.LOADING, time.monotonic()
@@ -338,12 +369,19 @@ class WorkerPool:
         return options if isinstance(options, FamilyOptions) else None
 
     def _on_exit(self, worker: Worker, code: int | None) -> None:
-        """A worker exited (crashed, was killed as hung, or was stopped): the next request starts a new one."""
+        """A worker exited. Crashed or killed as hung or frozen: a new one starts after the back-off. Stopped: the
+        next request starts a new one."""
         slot = self.slots.get(worker.key)
         if slot is None or slot.worker is not worker:
             return
         slot.worker, slot.state = None, ModelState.AVAILABLE
         self.placement.release(slot.key)
+        if worker.backoff_s is not None and self.accepting:
+            timer = self._restarts.pop(slot.key, None)
+            if timer is not None:
+                timer.cancel()
+            self._restarts[slot.key] = asyncio.get_running_loop().call_later(worker.backoff_s, self._restart,
+                                                                              slot.key)
 
     # -- batches ----------------------------------------------------------------------------------------------------
 
@@ -353,8 +391,7 @@ class WorkerPool:
         try:
             reply = await self.supervisor.call(worker, make, self.slots[worker.key].pace, cost)
         except WorkerLost as exc:
-            raise SIEError(ErrorCode.MODEL_LOADING,
-                           f"{exc}; model '{worker.key}' is restarting, retry shortly") from None
+            raise self.restarting(worker.key, str(exc)) from None
         worker.batches_served += 1
         worker.items_served += items
         if isinstance(reply, BatchFailed):
@@ -385,9 +422,13 @@ class WorkerPool:
 
     async def evict(self, key: str, reason: str) -> bool:
         """Stop a model's worker: queued requests fail retryably, in-flight batches finish within the deadline.
-        An operator's eviction also forgets the model's crashes and failed load, so the next request loads it."""
+        An operator's eviction also forgets the model's back-off and failed load, so the next request loads it."""
         slot = self.slots[key]
-        self.supervisor.forget_crashes(key)
+        if reason == "admin":
+            self.supervisor.restarts.forget(key)
+            timer = self._restarts.pop(key, None)
+            if timer is not None:
+                timer.cancel()
         if slot.state == ModelState.FAILED:
             slot.state, slot.load_error = ModelState.AVAILABLE, None
         worker = slot.worker
@@ -427,6 +468,8 @@ class WorkerPool:
         within the deadline, then stop every worker."""
         await asyncio.gather(*(slot.batcher.close() for slot in self.slots.values() if slot.batcher is not None))
         self.accepting = False
+        for timer in self._restarts.values():
+            timer.cancel()
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
         while self.supervisor.calls_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -1,11 +1,12 @@
-"""The worker supervisor (router process): spawn, handshake, sentinel, hang kill, crash budget and stop.
+"""The worker supervisor (router process): spawn, handshake, sentinel, hang kill, restart back-off and stop.
 
 Workers start as `python -m sie_worker` with their spec on stdin, so the router imports only the protocol from the
-worker package. A worker is found dead by its process sentinel (a pidfd) and hung by a batch deadline: the deadline
-is many times the model's fitted busy time for a batch of that cost (its pace, which the model's queue learns), at
-least a floor, at most `batch_timeout_s` (unless a healthy batch that costly takes longer than a third of it). A
-hung worker is SIGKILLed and then handled exactly like one that crashed: its calls fail retryably and the exit
-counts against the model's crash budget.
+worker package. A worker is found dead by its process sentinel (a pidfd), frozen by a ping it leaves unanswered (the
+worker client pings every ready worker), and hung by a batch deadline: the deadline is many times the model's fitted
+busy time for a batch of that cost (its pace, which the model's queue learns), at least a floor, at most
+`batch_timeout_s` (unless a healthy batch that costly takes longer than a third of it). A frozen or hung worker is
+SIGKILLed and then handled exactly like one that crashed: its calls fail retryably and the model's next worker waits
+out a back-off (`restarts.py`). A clean stop sends `Shutdown` and waits for the exit before any signal.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import subprocess
 import sys
 import time
-from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from sie_router import metrics
 from sie_router.errors import LoadError
 from sie_router.pool.ipc import Reply, WorkerClient, WorkerLost
 from sie_router.pool.pacing import BusyTimeFit
+from sie_router.pool.restarts import Restarts
 from sie_router.settings import Settings
 from sie_worker.protocol import (
     LoadErrorClass,
@@ -42,8 +43,12 @@ log = logging.getLogger("sie.supervisor")
 # A batch may take this many times the worker's fitted busy time for its size before the worker counts as hung.
 HUNG_FACTOR = 20.0
 # ... and never less than this many times, whatever the cap: a cap below a healthy batch's time would kill healthy
-# workers until the crash budget takes the model down, which is worse than finding a hang late.
+# workers again and again, each restart after a longer back-off, which is worse than finding a hang late.
 MIN_FACTOR = 3.0
+# A worker told to stop (`Shutdown`) gets at least this long to exit by itself, whatever is left of the deadline ...
+STOP_MIN_S = 3.0
+# ... then SIGTERM, and SIGKILL after this long.
+TERM_GRACE_S = 2.0
 
 
 class WorkerProcess:
@@ -116,9 +121,12 @@ class Worker:
     device: str
     info: Ready | None = None
     started_at: float = field(default_factory=time.time)
+    ready_at: float = 0.0  # monotonic time of its Ready
     batches_served: int = 0
     items_served: int = 0
     stopping: bool = False  # evicted or shut down: its exit is not a crash
+    backoff_s: float | None = None  # set when it crashed: the back-off before the model's next worker
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def batch_deadline(pace: BusyTimeFit, cost: int, floor_s: float, cap_s: float) -> float:
@@ -136,9 +144,11 @@ class Supervisor:
     def __init__(self, settings: Settings, on_exit: Callable[[Worker, int | None], None]) -> None:
         self.settings = settings
         self.on_exit = on_exit
-        self.client = WorkerClient(on_broken=self._kill_broken)
+        self.client = WorkerClient(on_broken=self._kill_broken, ping_interval_s=settings.ping_interval_s,
+                                   ping_timeout_s=settings.ping_timeout_s)
         self.workers: dict[str, Worker] = {}
-        self.crashes: defaultdict[str, deque[float]] = defaultdict(deque)
+        self.restarts = Restarts(settings)
+        self._draining: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
         self.client.start()
@@ -158,16 +168,18 @@ class Supervisor:
         try:
             message = await asyncio.wait_for(handshake, self.settings.load_timeout_s)
         except TimeoutError:
+            # SIGKILL at the deadline: a frozen load never acts on SIGTERM, and a slow one has nothing to save. Its
+            # graph-export helper, if any, dies with it (the helper asks the kernel for that).
             worker.stopping = True
-            await asyncio.to_thread(stop_processes, [worker.process], 5.0)
+            worker.process.kill()
             raise LoadError(LoadErrorClass.TIMEOUT, f"model '{key}' did not load within "
-                            f"{self.settings.load_timeout_s:g}s") from None
+                            f"{self.settings.load_timeout_s:g}s; its worker was killed") from None
         except WorkerLost as exc:
             raise LoadError(LoadErrorClass.ENGINE, f"model '{key}' failed to load: {exc}") from None
         if isinstance(message, LoadFailed):
             worker.stopping = True  # it exits by itself after saying so; that is no crash
             raise LoadError(message.error_class, f"model '{key}' failed to load: {message.message}")
-        worker.info = message
+        worker.info, worker.ready_at = message, time.monotonic()
         return worker
 
     # -- calls ------------------------------------------------------------------------------------------------------
@@ -191,7 +203,7 @@ class Supervisor:
         """Batches sent to any worker and not yet answered."""
         return self.client.calls_in_flight
 
-    # -- exits, hangs and the crash budget --------------------------------------------------------------------------
+    # -- exits, hangs and restarts ----------------------------------------------------------------------------------
 
     def _kill_broken(self, worker_id: str, why: str) -> None:
         worker = self.workers.get(worker_id)
@@ -202,48 +214,61 @@ class Supervisor:
         worker.process.kill()  # SIGKILL: a hung process may never act on SIGTERM; the sentinel does the rest
 
     def _on_sentinel(self, worker: Worker) -> None:
-        """The worker exited: fail what it held, count the crash unless it was told to stop, tell the pool."""
+        """The worker exited: fail what it held, start the model's back-off unless it was told to stop, tell the
+        pool."""
         asyncio.get_running_loop().remove_reader(worker.process.sentinel)
         worker.process.join(1.0)
         worker.process.close()
         code = worker.process.exitcode
         self.workers.pop(worker.worker_id, None)
-        self.client.forget(worker.worker_id, WorkerLost(f"the worker for '{worker.key}' stopped (exit status {code})"))
         # An exit while loading is that load's failure (`spawn` raises it); a crash is the exit of a ready worker.
         if not worker.stopping and worker.info is not None:
-            self.crashes[worker.key].append(time.monotonic())
+            served = time.monotonic() - worker.ready_at
+            worker.backoff_s = self.restarts.crashed(worker.key, served)
             metrics.WORKER_RESTARTS.labels(worker.key).inc()
-            log.warning("worker for %s (pid %s) exited with status %s (%d recent crashes)", worker.key,
-                        worker.process.pid, code, self.recent_crashes(worker.key))
+            log.warning("worker for %s (pid %s) exited with status %s after %.0fs ready; its next worker starts in "
+                        "%.1fs (%d crashes in a row)", worker.key, worker.process.pid, code, served, worker.backoff_s,
+                        self.restarts.of(worker.key).in_a_row)
+        lost = WorkerLost(f"the worker for '{worker.key}' stopped (exit status {code})")
+        if code is not None and code >= 0 and self.client.busy(worker.worker_id):
+            # It exited by itself, and may have flushed the answer to its last batch just before (a broken CUDA
+            # context answers its batch, then exits): read that before failing what is left.
+            drain = asyncio.create_task(self.client.forget_after_replies(worker.worker_id, lost),
+                                        name=f"sie-drain:{worker.worker_id}")
+            self._draining.add(drain)
+            drain.add_done_callback(self._draining.discard)
+        else:
+            self.client.forget(worker.worker_id, lost)
+        worker.exited.set()
         self.on_exit(worker, code)
-
-    def recent_crashes(self, key: str) -> int:
-        crashes, now = self.crashes[key], time.monotonic()
-        while crashes and now - crashes[0] > self.settings.crash_window_s:
-            crashes.popleft()
-        return len(crashes)
-
-    def forget_crashes(self, key: str) -> None:
-        """An operator's eviction: the model starts with its whole crash budget again."""
-        self.crashes.pop(key, None)
-
-    def check_crash_budget(self, key: str) -> None:
-        """Raise once the model spent its crash budget (a hang counts as a crash), until the window forgets."""
-        count = self.recent_crashes(key)
-        if count >= self.settings.crash_budget:
-            raise LoadError(LoadErrorClass.ENGINE, f"model '{key}' crashed {count} times in "
-                            f"{self.settings.crash_window_s:g}s; evict it (sie-admin workers evict) to retry now",
-                            attempts=count)
 
     # -- stopping ---------------------------------------------------------------------------------------------------
 
     async def stop(self, workers: list[Worker], deadline_s: float) -> None:
-        """Ask the workers to stop, then SIGTERM and SIGKILL whatever is left at the deadline."""
+        """Send each worker `Shutdown` and wait for it to exit (at least STOP_MIN_S, else until the deadline); only
+        then SIGTERM what is left, and SIGKILL it TERM_GRACE_S later. A worker still loading reads no `Shutdown`
+        until its load ends: it goes straight to the signals."""
         for worker in workers:
             worker.stopping = True
-            with contextlib.suppress(WorkerLost, TimeoutError):  # a hung worker may not take it: SIGTERM follows
-                await asyncio.wait_for(self.client.send(worker.worker_id, Shutdown()), 1.0)
-        await asyncio.to_thread(stop_processes, [w.process for w in workers], max(1.0, deadline_s))
+            self.client.retire(worker.worker_id)
+            if worker.info is not None and worker.process.is_alive():
+                with contextlib.suppress(WorkerLost, TimeoutError):  # gone, or its queue is full: the signals follow
+                    await asyncio.wait_for(self.client.send(worker.worker_id, Shutdown()), 1.0)
+        told = [w for w in workers if w.info is not None and w.process.is_alive() and not w.exited.is_set()]
+        if told:
+            waits = [asyncio.create_task(w.exited.wait()) for w in told]
+            _, pending = await asyncio.wait(waits, timeout=max(STOP_MIN_S, deadline_s))
+            for wait in pending:
+                wait.cancel()
+        late = [w for w in workers if w.process.is_alive()]
+        for worker in late:
+            if worker.info is not None:
+                log.warning("the worker for %s (pid %d) did not exit after Shutdown; terminating it", worker.key,
+                            worker.process.pid)
+        if late:
+            await asyncio.to_thread(stop_processes, [w.process for w in late], TERM_GRACE_S)
 
     async def close(self) -> None:
+        for drain in list(self._draining):
+            await drain
         await self.client.close()

@@ -3,19 +3,26 @@ MiniLM), the graph cache and its export helper process, the fallbacks to torch, 
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import numpy as np
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
+from sie_router.errors import LoadError
+from sie_router.pool.supervisor import Supervisor
+from sie_router.settings import Settings
 from sie_worker import tokens
 from sie_worker.adapters import dense_lean, graph_cache, graph_runtime
 from sie_worker.adapters.base import BadInput, InputTooLong
@@ -23,12 +30,12 @@ from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.protocol import DecodeBatch, DenseOptions, EncodeBatch, Engine, InputItem, TokenizeBatch, WorkerSpec
-from tests import precision
+from tests import declared, precision, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode
 from tests.sentences import SENTENCES
 
-pytest.importorskip("openvino")
-pytest.importorskip("onnxruntime")
+declared.module("openvino")
+declared.module("onnxruntime")
 
 # Varied lengths and scripts, more than two micro-batches, so bucketing and padding are exercised.
 TEXTS = ["berlin", "what is the capital of france?", "Ünïcödé, emoji 🙂 and 数字 123", "a " * 300,
@@ -121,6 +128,44 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers", "httpx
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[-2] == "LeanDenseAdapter []"
+
+
+def test_a_worker_killed_during_its_export_leaves_no_helper_and_the_next_load_succeeds(tmp_path: Path) -> None:
+    """A real worker (`python -m sie_worker`, under the router's supervisor) SIGKILLed while its helper writes the
+    graph: the helper dies with it, and the next worker exports again, removing the dead helper's staging folder."""
+    weights, cache = tiny_models.build_dense_st(tmp_path / "tiny"), tmp_path / "graphs"
+
+    async def scenario() -> None:
+        supervisor = Supervisor(Settings(load_timeout_s=300, ping_interval_s=0), on_exit=lambda *_: None)
+        supervisor.start()
+        client = supervisor.client
+        spec = functools.partial(
+            WorkerSpec, model="test/tiny", adapter="dense", weights_dir=str(weights), threads=1,
+            to_worker_endpoint=client.to_worker_endpoint, from_worker_endpoint=client.from_worker_endpoint,
+            options=DenseOptions(engine="onnx", onnx_cache_dir=str(cache)))
+        try:
+            loading = asyncio.create_task(supervisor.spawn(spec(worker_id="first"), "test/tiny"))
+            deadline = time.monotonic() + 240
+            while not list(cache.glob(".export-*")):  # the helper is writing the graph
+                assert time.monotonic() < deadline and not loading.done(), "no export started"
+                await asyncio.sleep(0.05)
+            worker = psutil.Process(supervisor.workers["first"].process.pid)
+            (helper,) = [p for p in worker.children() if "sie_worker.export_graph" in p.cmdline()]
+            worker.kill()
+            with pytest.raises(LoadError):
+                await loading
+            helper.wait(timeout=30)  # raises if it outlives its worker
+            # Killed with its worker, not left to finish its export as an orphan: no graph yet, its staging left.
+            assert [p.name for p in cache.iterdir() if not p.name.startswith(".export-")] == ["index"]
+            ready = await supervisor.spawn(spec(worker_id="second"), "test/tiny")
+            assert ready.info is not None and ready.info.dims["dense"] == 32
+            assert not list(cache.glob(".export-*")), "the dead helper's staging folder is left behind"
+            assert len([p for p in cache.iterdir() if p.name != "index"]) == 1  # one complete graph
+        finally:
+            await supervisor.stop(list(supervisor.workers.values()), 10)
+            await supervisor.close()
+
+    asyncio.run(scenario())
 
 
 def test_a_checkpoint_the_helper_cannot_export_is_served_by_torch(make_adapter: MakeAdapter, tmp_path: Path,
@@ -250,7 +295,6 @@ def test_micro_batches_are_capped_by_tokens_and_a_long_batch_leaves_no_high_wate
         make_adapter: MakeAdapter, minilm_dir: Path, cache: Path) -> None:
     """A runtime keeps the working memory of the largest call it ran; calls are capped at 1024 padded tokens and
     the worker warms up at the cap, so a 64 x 256 batch adds nothing to what it held at Ready."""
-    psutil = pytest.importorskip("psutil")
     adapter = lean(make_adapter, minilm_dir, cache, max_sequence_length=256)
     before = psutil.Process().memory_info().rss
     batch = [f"word{i} " * 300 for i in range(64)]

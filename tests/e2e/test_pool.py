@@ -1,4 +1,4 @@
-"""Many models in one server: LRU eviction under a memory budget, crash isolation, crash budget, idle TTL."""
+"""Many models in one server: LRU eviction under a memory budget, crash isolation, restart back-off, idle TTL."""
 
 from __future__ import annotations
 
@@ -85,25 +85,39 @@ def test_a_working_set_that_grows_after_ready_counts_against_the_budget(budget_s
     assert 'sie_evictions_total{model="test/fake-growing",reason="memory"} 1.0' in metrics
 
 
-def test_admin_evict_and_crash_budget(budget_server: Server) -> None:
-    srv = budget_server
+def test_a_crashing_model_backs_off_and_never_locks_out_until_an_operator_evicts_it(tmp_path: Path) -> None:
+    """test/fake-crashy's every worker exits on its first batch. Each crash doubles the back-off (2, 4, 8 s here);
+    meanwhile requests get 503 MODEL_LOADING with Retry-After the time left, and after it the pool starts the next
+    worker by itself: never the 502 lock-out of a crash budget. The operator's eviction forgets the back-off."""
+    srv = Server(["--bundle", str(make_bundle(tmp_path / "b", "fake.yaml")), "--restart-backoff-max", "8"],
+                 env={"SIE_RESTART_BACKOFF_S": "2"}, log=tmp_path / "log").wait_ready()
     url = f"{srv.url}/v1/encode/test/fake-crashy"
-    codes = []
-    for _ in range(12):
-        response = httpx.post(url, json={"items": [{"text": "x"}]})
-        codes.append(response.json()["detail"]["code"])
-        if response.status_code == 502:
-            break
-        time.sleep(0.3)
-    assert codes[-1] == "MODEL_LOAD_FAILED" and "retry-after" not in response.headers
-    assert "crashed 3 times" in response.json()["detail"]["message"]
-    assert set(codes[:-1]) <= {"MODEL_LOADING"}
-    evicted = httpx.post(f"{srv.url}/admin/workers/test/fake-crashy/evict").json()
-    assert evicted["model"] == "test/fake-crashy"
-    assert httpx.post(url, json={"items": [{"text": "x"}]}).json()["detail"]["code"] == "MODEL_LOADING"
-    encode(srv, "test/fake-a")
-    assert httpx.post(f"{srv.url}/admin/workers/test/fake-a/evict").json()["evicted"] is True
-    assert "test/fake-a" not in loaded(srv)
+    try:
+        longest: dict[int, float] = {}  # restarts so far -> the longest back-off left answered meanwhile
+        codes: set[tuple[int, str]] = set()
+        deadline = time.monotonic() + 90
+        while 4 not in longest and time.monotonic() < deadline:
+            response = httpx.post(url, json={"items": [{"text": "x"}]}, timeout=60)
+            detail = response.json()["detail"]
+            codes.add((response.status_code, detail["code"]))
+            if detail.get("backoff_s"):
+                left = detail["backoff_s"]
+                longest[detail["restarts"]] = max(left, longest.get(detail["restarts"], 0))
+                retry_after = int(response.headers["retry-after"])  # the time left, in whole seconds
+                assert retry_after - 1 - 1e-3 <= left <= retry_after, (left, retry_after)
+            time.sleep(0.1)
+        assert codes == {(503, "MODEL_LOADING")}, codes  # never 502, never anything uncoded
+        for restarts, first in ((1, 2), (2, 4), (3, 8), (4, 8)):  # doubling up to the cap of 8 s
+            assert first / 2 < longest[restarts] <= first, longest
+        row = workers(srv)["test/fake-crashy"]
+        assert row["restarts"] >= 3
+        shown = next(line for line in admin_table(srv).splitlines() if line.startswith("test/fake-crashy"))
+        assert shown.split()[-2] == str(row["restarts"])  # the RESTARTS column
+        evicted = httpx.post(f"{srv.url}/admin/workers/test/fake-crashy/evict").json()
+        assert evicted["model"] == "test/fake-crashy"
+        assert "test/fake-crashy" not in workers(srv) or workers(srv)["test/fake-crashy"]["restarts"] == 0
+    finally:
+        srv.stop()
 
 
 def test_idle_ttl_evicts_unused_models(tmp_path: Path) -> None:

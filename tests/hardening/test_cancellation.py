@@ -13,12 +13,23 @@ from tests.server import Server, make_bundle
 MODEL = "test/fake-very-slow"
 
 
+def batches_sent(url: str) -> float:
+    """Batches the model's queue has sent to its worker (`sie_batch_size` counts one per batch at its send)."""
+    line = f'sie_batch_size_count{{model="{MODEL}"}} '
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return next((float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line)), 0.0)
+
+
 async def _scenario(url: str) -> list[object]:
     body = {"items": [{"text": "x"}]}
     async with httpx.AsyncClient(timeout=30) as patient, httpx.AsyncClient(timeout=0.5) as impatient:
+        before = await asyncio.to_thread(batches_sent, url)
         first = asyncio.create_task(patient.post(f"{url}/v1/encode/{MODEL}", json=body))
         second = asyncio.create_task(patient.post(f"{url}/v1/encode/{MODEL}", json=body))
-        await asyncio.sleep(0.2)  # both are now at the worker (two batches in flight); the next one queues
+        deadline = time.monotonic() + 30
+        while await asyncio.to_thread(batches_sent, url) < before + 2:  # both at the worker: the next one queues
+            assert time.monotonic() < deadline, "the two batches never left"
+            await asyncio.sleep(0.01)
         gone = asyncio.create_task(impatient.post(f"{url}/v1/encode/{MODEL}", json=body))
         return list(await asyncio.gather(first, second, gone, return_exceptions=True))
 
@@ -31,9 +42,11 @@ def test_a_disconnected_client_is_dropped_before_the_model_and_deadlines_answer_
         assert isinstance(first, httpx.Response) and first.status_code == 200
         assert isinstance(second, httpx.Response) and second.status_code == 200
         assert isinstance(gone, httpx.TimeoutException)
-        time.sleep(2.5)  # long enough for the abandoned request to have run, had it not been dropped
+        # The queue is FIFO: once a later request is answered, the abandoned one was dropped or ran before it.
+        assert httpx.post(f"{srv.url}/v1/encode/{MODEL}", json={"items": [{"text": "probe"}]},
+                          timeout=30).status_code == 200
         (row,) = [w for w in httpx.get(f"{srv.url}/admin/workers").json()["workers"] if w["model"] == MODEL]
-        assert row["requests_served"] == 2
+        assert row["requests_served"] == 3  # the first two and the probe
 
         async def four_at_once() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=30) as client:

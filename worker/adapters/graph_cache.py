@@ -202,7 +202,7 @@ def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | Non
     if graph is not None:
         return graph
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
-    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder)]
+    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
