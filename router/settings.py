@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from sie_worker.protocol import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, Engine
+from sie_worker.protocol import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RUNTIME_LANES, Engine
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"
@@ -47,7 +47,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Forward calls side by side (0: the runtime's default: ONNX Runtime one call per worker thread, OpenVINO one
     # stream on every thread). ORT with 1 gives a lone request every thread: lower latency at concurrency 1, less
     # throughput under load (bench/README.md, "lanes").
-    onnx_lanes: int = 0
+    onnx_lanes: int = RUNTIME_LANES
     # Compute precision for every model, over the model configs' own `compute_precision` (auto: theirs, else on a GPU
     # float16, bfloat16 where fp16 overflows (DeBERTa-v2/v3, GLiNER) or the checkpoint was saved in it, with TF32 for
     # the float32 matmuls left (worker/cuda.py); else float32). On the CPU, dense encoders under OpenVINO already run

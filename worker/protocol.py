@@ -315,6 +315,7 @@ MAX_IMAGE_BYTES = 20 * 1024 * 1024  # the server's image limits (Settings), unde
 MAX_IMAGE_PIXELS = 40_000_000
 Engine = Literal["auto", "torch", "onnx", "openvino"]
 DEFAULT_ENGINE: Engine = "auto"  # the server's dense engine on the CPU (Settings), under a profile's own
+RUNTIME_LANES = 0  # lean workers' forward calls side by side; 0: the runtime's default (one OpenVINO stream)
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -348,7 +349,7 @@ class DenseOptions(Common, tag="dense"):
     prompt_name: str | None = None
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
-    onnx_lanes: int = 0  # calls side by side (ORT calls, or OpenVINO streams); 0: the runtime's default
+    onnx_lanes: int = RUNTIME_LANES  # calls side by side (ORT calls, or OpenVINO streams)
     onnx_cache_dir: str | None = None  # where exported graphs are cached; None: ~/.cache/sie/graphs
     onnx_arena: bool = False  # ORT's CPU memory arena; off, as it keeps the longest batch's memory
     # The most padded tokens in one forward call of a lean worker. A runtime keeps the working memory of the largest
