@@ -9,6 +9,7 @@ the only things rewritten, to that port on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,17 @@ def quantity(text: str | int) -> float:
     found = _QUANTITY.match(str(text))
     assert found, f"unreadable quantity {text!r}"
     return float(found.group(1)) * _FACTORS[found.group(2)]
+
+
+def resource_field(container: dict[str, Any], ref: dict[str, Any]) -> int:
+    """A `resourceFieldRef` as the kubelet resolves it: `requests.cpu` or `limits.memory` of this container, divided
+    by the divisor and rounded up (a request that is not set is the limit, as Kubernetes defaults it)."""
+    assert ref.get("containerName", container["name"]) == container["name"], ref
+    kind, resource = ref["resource"].split(".", 1)
+    resources = container.get("resources", {})
+    value = resources.get(kind, {}).get(resource, resources.get("limits", {}).get(resource))
+    assert value is not None, f"{ref['resource']} is not set on the container"
+    return math.ceil(quantity(value) / quantity(ref.get("divisor", 1)))
 
 
 @dataclass
@@ -121,6 +133,10 @@ def plan(deployment: dict[str, Any], configmaps: dict[str, dict[str, Any]], port
     if "cpu" in resources.get("requests", {}):  # the kubelet turns a CPU request into cgroup CPU shares
         argv += ["--cpu-shares", str(int(quantity(resources["requests"]["cpu"]) * 1024))]
     for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("resourceFieldRef")
+        if ref is not None:  # the kubelet's downward API: the container's own request or limit
+            argv += ["-e", f"{e['name']}={resource_field(c, ref)}"]
+            continue
         assert "value" in e, f"env {e['name']} comes from {e.get('valueFrom')}: give these values no secret"
         argv += ["-e", f"{e['name']}={e['value']}"]
 
