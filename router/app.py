@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 
+from sie_router import telemetry
 from sie_router.api import health, openapi
 from sie_router.api.disconnect import ClientGone
 from sie_router.api.routes import ENDPOINTS, ROUTES, api_of
@@ -69,7 +70,13 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path)
-    return render_error(SIEError(ErrorCode.INTERNAL_ERROR, "internal server error"), _api(request))
+    response = render_error(SIEError(ErrorCode.INTERNAL_ERROR, "internal server error"), _api(request))
+    # Starlette answers an unhandled error from its outermost middleware, outside RequestContext, which therefore
+    # never sees this response: the id the operator greps the log for is added here.
+    request_id = telemetry.request_id.get()
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    return response
 
 
 STARTUP_LOAD_ATTEMPTS = 2  # an -m model's transient load failures (worker crash, timeout, hub down) are retried
