@@ -41,7 +41,7 @@ KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model"
 EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
 # sentence-transformers' files beside the encoder: what runs after the graph, read at every load, not baked into it.
 NOT_GRAPH_FILES = frozenset({"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"})
-# The files every graph folder has; graph.json lists these and any other the export wrote (OpenVINO's IR).
+# The files every graph folder has. graph.json lists the others with their sizes, OpenVINO's IR too where written.
 FILES = ("model.onnx", "tokenizer.json", "graph.json", "probe.npz")
 # probe.npz holds one batch per prefix: short texts of unlike lengths and padding, and a long text at the model's
 # maximum length (capped at PROBE_MAX_LENGTH), where bf16's rounding accumulates most.
