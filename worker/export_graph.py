@@ -106,11 +106,11 @@ def graph_inputs(path: Path, names: list[str]) -> list[str]:
     return [name for name in names if name in kept]
 
 
-def onnx_hidden(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+def onnx_hidden(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feed)[0])
+    return [np.asarray(session.run(None, feed)[0]) for feed in feeds]
 
 
 def save_openvino_ir(onnx_path: Path, out: Path) -> None:
@@ -182,10 +182,9 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
                  long_probe(tokenizer, names, probe_length(model, tokenizer))]
         probe: dict[str, np.ndarray] = {}
         cosine = 1.0
-        for prefix, feed in zip(PROBE_BATCHES, feeds, strict=True):
+        for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds), strict=True):
             with torch.inference_mode():
                 hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.float().numpy()
-            onnx = onnx_hidden(staging / "model.onnx", feed)
             cosine = min(cosine, masked_min_cosine(hidden, onnx, feed["attention_mask"]))
             probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
         if cosine < MIN_COSINE:
