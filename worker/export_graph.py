@@ -148,7 +148,7 @@ def long_probe(tokenizer: Any, names: list[str], length: int) -> dict[str, np.nd
     """Two rows of LONG_TEXT, one of `length` tokens and one of three quarters of it, padded: bf16's error grows with
     the length attended over, so the check must see the longest input a worker serves."""
     text = LONG_TEXT
-    while len(tokenizer(text)["input_ids"]) < length:
+    while len(tokenizer(text, truncation=True, max_length=length)["input_ids"]) < length:  # truncated: no warning
         text = f"{text} {LONG_TEXT}"
     rows = [tokenizer(text, truncation=True, max_length=n) for n in (length, max(2, 3 * length // 4))]
     feed = {name: np.zeros((2, length), dtype=np.int64) for name in names}
