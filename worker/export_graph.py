@@ -1,19 +1,19 @@
 """`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID]` (a short-lived helper process): export a dense
 encoder to an ONNX graph that a lean worker serves without torch. It dies with the worker that started it (PARENT_PID):
-a worker killed mid-export leaves no helper behind, and the next export removes the staging folder it left.
+a worker killed mid-export leaves no helper behind, and the next export removes the staging folder it left
+(export_lock).
 
 It loads the checkpoint with transformers in float32, traces it (opset 17, dynamic batch and sequence), checks the
-graph under ONNX Runtime against torch on probe texts of unlike lengths and padding, and writes the folder that
-`graph_cache.read_graph` reads, atomically: a concurrent helper for the same weights sees all of it or none. Exit 0 on
-success, `NOT_EXPORTABLE` when the model cannot be served from a graph (the worker then serves it with torch).
+graph under ONNX Runtime against torch on probe texts of unlike lengths and padding and on a long text at the model's
+maximum length, and writes the folder that `graph_cache.read_graph` reads, atomically: a reader sees all of it or
+none. Exit 0 on success, `NOT_EXPORTABLE` when the model cannot be served from a graph (the worker then serves it
+with torch).
 """
 
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import os
 import shutil
 import signal
 import sys
@@ -26,13 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from sie_worker.adapters.export_lock import staging_prefix
 from sie_worker.adapters.graph_cache import (
     MIN_COSINE,
     NOT_EXPORTABLE,
     OPENVINO_IR,
     OPSET,
-    graph_meta,
+    PROBE_BATCHES,
+    PROBE_MAX_LENGTH,
     masked_min_cosine,
+    write_graph_meta,
 )
 from sie_worker.adapters.torch_common import load_encoder
 from sie_worker.parent import die_with_parent
@@ -45,6 +48,12 @@ EXPORT_TEXTS = ["a short sentence", "another, somewhat longer sentence used to t
 PROBE_TEXTS = ["hi", "The quick brown fox jumps over the lazy dog near the river bank, twice.",
                "Embedding servers batch sentences of very different lengths together.",
                "Ünïcödé, emoji 🙂 and 数字 123"]
+# Real-ish prose, repeated up to the long probe's length: words, punctuation, digits and accents as texts have them.
+LONG_TEXT = ("Search engines rank documents by how well their meaning matches a query, not only by the words they "
+             "share. In 2024 a retrieval stack often combined dense vectors, sparse weights and a cross-encoder; each "
+             "stage trades cost (CPU time, memory) against recall@10 and nDCG. Café menus, naïve résumés and Zürich's "
+             "three rivers still tokenise into many pieces, and a long report repeats itself more than its authors "
+             "would admit.")
 
 
 class NotExportable(Exception):
@@ -97,11 +106,11 @@ def graph_inputs(path: Path, names: list[str]) -> list[str]:
     return [name for name in names if name in kept]
 
 
-def onnx_hidden(path: Path, feed: dict[str, np.ndarray]) -> np.ndarray:
+def onnx_hidden(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return np.asarray(session.run(None, feed)[0])
+    return [np.asarray(session.run(None, feed)[0]) for feed in feeds]
 
 
 def save_openvino_ir(onnx_path: Path, out: Path) -> None:
@@ -128,6 +137,31 @@ def check_tokenizer(tokenizer: Any) -> Any:
     return backend
 
 
+def probe_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """The long probe's length: the model's maximum (its tokenizer's and its position table's), capped."""
+    bounds = [PROBE_MAX_LENGTH, int(min(tokenizer.model_max_length, 1 << 20))]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    return min([*bounds, *([int(positions)] if positions else [])])
+
+
+def long_probe(tokenizer: Any, names: list[str], length: int) -> dict[str, np.ndarray]:
+    """Two rows of LONG_TEXT, one of `length` tokens and one of three quarters of it, padded: bf16's error grows with
+    the length attended over, so the check must see the longest input a worker serves."""
+    text = LONG_TEXT
+    while len(tokenizer(text, truncation=True, max_length=length)["input_ids"]) < length:  # truncated: no warning
+        text = f"{text} {LONG_TEXT}"
+    rows = [tokenizer(text, truncation=True, max_length=n) for n in (length, max(2, 3 * length // 4))]
+    feed = {name: np.zeros((2, length), dtype=np.int64) for name in names}
+    feed["input_ids"][:] = int(tokenizer.pad_token_id or 0)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        feed["attention_mask"][i, :n] = 1
+        for name in names:
+            if name != "attention_mask":
+                feed[name][i, :n] = row[name]
+    return feed
+
+
 def export_folder(weights_dir: Path, folder: Path) -> float:
     """Write the complete graph folder for `weights_dir` at `folder`; the graph's lowest cosine against torch."""
     from transformers import AutoTokenizer
@@ -139,25 +173,28 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
     model = load_encoder(weights_dir, torch.float32)
     names = input_names(model, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(folder.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=folder.parent))
+    staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
         export(model, tokenizer, names, staging / "model.onnx")
         names = graph_inputs(staging / "model.onnx", names)
-        probe = tokenizer(PROBE_TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
-        feed = {name: np.asarray(probe[name], dtype=np.int64) for name in names}
-        with torch.inference_mode():
-            hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.float().numpy()
-        cosine = masked_min_cosine(hidden, onnx_hidden(staging / "model.onnx", feed), feed["attention_mask"])
+        short = tokenizer(PROBE_TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
+        feeds = [{name: np.asarray(short[name], dtype=np.int64) for name in names},
+                 long_probe(tokenizer, names, probe_length(model, tokenizer))]
+        probe: dict[str, np.ndarray] = {}
+        cosine = 1.0
+        for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds), strict=True):
+            with torch.inference_mode():
+                hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.float().numpy()
+            cosine = min(cosine, masked_min_cosine(hidden, onnx, feed["attention_mask"]))
+            probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
         if cosine < MIN_COSINE:
             raise NotExportable(f"the graph disagrees with torch (lowest cosine {cosine:.6f} < {MIN_COSINE})")
         save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
         backend.save(str(staging / "tokenizer.json"))
-        np.savez(staging / "probe.npz", hidden=hidden, **feed)
-        meta = graph_meta(names, int(model.config.hidden_size), int(tokenizer.pad_token_id or 0),
-                          int(min(tokenizer.model_max_length, 1 << 20)),
-                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine)
-        (staging / "graph.json").write_text(json.dumps(meta, indent=1))
+        np.savez(staging / "probe.npz", **probe)
+        write_graph_meta(staging, names, int(model.config.hidden_size), int(tokenizer.pad_token_id or 0),
+                         int(min(tokenizer.model_max_length, 1 << 20)),
+                         bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine)
         try:
             staging.rename(folder)  # atomic; fails when a concurrent helper got there first, whose folder serves
         except OSError:
@@ -166,24 +203,6 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
         return cosine
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def remove_stale_staging(root: Path) -> None:
-    """Staging folders (`.export-<pid>-*`) of helpers that are gone: killed with their worker mid-export."""
-    for staging in root.glob(".export-*-*"):
-        pid = staging.name.split("-")[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str]) -> int:

@@ -316,6 +316,12 @@ MAX_IMAGE_PIXELS = 40_000_000
 Engine = Literal["auto", "torch", "onnx", "openvino"]
 DEFAULT_ENGINE: Engine = "auto"  # the server's dense engine on the CPU (Settings), under a profile's own
 RUNTIME_LANES = 0  # lean workers' forward calls side by side; 0: the runtime's default (one OpenVINO stream)
+# The graph-export helper's peak memory (RSS), beside the worker that started it, for placement to reserve while it
+# runs: its libraries (torch, transformers, ONNX, OpenVINO) plus about four times the weight files (the float32 model,
+# its trace, the ONNX and IR serialisations). Measured peaks (GNU time, 2 cores): a tiny BERT 513 MiB, MiniLM-L6
+# (87 MiB of weights) 914 MiB, a random BERT-base (418 MiB) 2184 MiB.
+EXPORT_HELPER_BASE_BYTES = 576 * 2**20
+EXPORT_HELPER_WEIGHTS_FACTOR = 4
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):

@@ -9,7 +9,7 @@ no runtime compiles or agrees with torch on, is served by the torch adapter inst
 
 Engines (the `engine` option): `auto` (the default) tries OpenVINO, then ONNX Runtime; `openvino` the same; `onnx`
 ONNX Runtime alone; `torch` never comes here. OpenVINO computes in bfloat16 where the CPU has it
-natively unless the model's precision is float32, checked on the cache's probe batch at every load.
+natively unless the model's precision is float32, checked on the cache's probe batches once per cache entry.
 """
 
 from __future__ import annotations

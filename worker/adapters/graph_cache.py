@@ -3,21 +3,25 @@ how a lean worker gets one it lacks.
 
 A cached graph is a folder named by a key over the checkpoint's files and the exporter's versions. It holds
 everything a worker needs to serve the encoder without torch or transformers: the ONNX graph, the same graph in
-OpenVINO's format, the fast tokenizer as one `tokenizer.json`, `graph.json` (input names, sizes, special ids), and
-`probe.npz`, torch's float32 hidden states for a few probe texts, which every runtime is checked against when it
-loads. The export itself runs in a short-lived
-helper process (`python -m sie_worker.export_graph`) so that the worker that serves never maps torch's libraries.
+OpenVINO's format, the fast tokenizer as one `tokenizer.json`, `graph.json` (input names, sizes, special ids, and
+every file the export wrote with its size), and `probe.npz`, torch's float32 hidden states for a few short probe texts
+and for a long one at the model's maximum length, which each runtime is checked against once per cache entry
+(probe_record). The export itself runs in a short-lived helper process (`python -m sie_worker.export_graph`) so that
+the worker that serves never maps torch's libraries; one per key at a time (export_lock).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,25 +29,38 @@ from typing import Any
 import numpy as np
 
 from sie_worker.adapters.batching import read_json
+from sie_worker.adapters.export_lock import export_lock, remove_stale_staging
 
 log = logging.getLogger("sie.worker.graph")
 
 # Bumped whenever the folder's contents change meaning, so that an older cache is exported again, not misread.
-GRAPH_FORMAT = 2
+GRAPH_FORMAT = 3
 OPSET = 17
 # Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
 KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
 EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
 # sentence-transformers' files beside the encoder: what runs after the graph, read at every load, not baked into it.
 NOT_GRAPH_FILES = frozenset({"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"})
+# The files every graph folder has. graph.json lists the others with their sizes, OpenVINO's IR too where written.
 FILES = ("model.onnx", "tokenizer.json", "graph.json", "probe.npz")
+# probe.npz holds one batch per prefix: short texts of unlike lengths and padding, and a long text at the model's
+# maximum length (capped at PROBE_MAX_LENGTH), where bf16's rounding accumulates most.
+PROBE_BATCHES = ("", "long_")
+# The long probe's length cap: 512 covers the common encoders' whole range; longer ones (8192) would cost the export
+# seconds of float32 attention and gigabytes for one check.
+PROBE_MAX_LENGTH = 512
 # OpenVINO's own format of the same graph (float16 weights), written where the exporter had OpenVINO.
 OPENVINO_IR = "openvino.xml"
 # The lowest cosine, over every real token of the probe batch, that a runtime may have against torch in float32.
 MIN_COSINE = 0.999
 # The helper exits with this when the model cannot be served from a graph (a slow tokenizer, a disagreeing export).
 NOT_EXPORTABLE = 3
-EXPORT_TIMEOUT_S = 1800.0
+# The most one ensure_graph waits for a graph: another worker's export of the key, then its own. Below the router's
+# load timeout (Settings.load_timeout_s, 600 s), so a slow export ends in a warning and torch, with time left to load
+# the model on torch, rather than in the router killing the worker (tests/adapters/test_graph_cache.py asserts it).
+EXPORT_TIMEOUT_S = 420.0
+# The router's load timeout leaves the worker at least this long after EXPORT_TIMEOUT_S to load the model on torch.
+LOAD_AFTER_EXPORT_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -73,10 +90,11 @@ class Graph:
     def tokenizer_path(self) -> Path:
         return self.folder / "tokenizer.json"
 
-    def probe(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The probe batch's inputs and torch's float32 last hidden state for them."""
+    def probes(self) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+        """Each probe batch's inputs and torch's float32 last hidden state for them: the short texts, then the long."""
         with np.load(self.folder / "probe.npz") as data:
-            return {name: data[name] for name in self.input_names}, data["hidden"]
+            return [({name: data[prefix + name] for name in self.input_names}, data[prefix + "hidden"])
+                    for prefix in PROBE_BATCHES]
 
 
 def default_cache_dir() -> Path:
@@ -114,13 +132,15 @@ def cache_key(weights_dir: Path) -> str:
 
 
 def fingerprint(weights_dir: Path) -> str:
-    """Where the checkpoint is and its files' names, sizes, inodes and modification times: a cheap stand-in for
-    their contents, which any rewrite of a file changes."""
+    """Where the checkpoint is and its files' names, sizes, inodes, modification and change times: a cheap stand-in
+    for their contents. The change time is set by the kernel on every write and cannot be set back, so a rewrite that
+    keeps size and mtime (`cp -p`, `rsync -t`) changes it too."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(f"{_versions()} {weights_dir.resolve()}".encode())
     for path in _key_files(weights_dir):
         stat = path.stat()
-        digest.update(f"{path.name} {stat.st_size} {stat.st_ino} {stat.st_mtime_ns}".encode())
+        digest.update(f"{path.name} {stat.st_size} {stat.st_dev} {stat.st_ino} {stat.st_mtime_ns} "
+                      f"{stat.st_ctime_ns}".encode())
     return digest.hexdigest()
 
 
@@ -154,12 +174,24 @@ def writable_dir(path: Path) -> bool:
         return False
 
 
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_size for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def complete(folder: Path, files: Any) -> bool:
+    """Whether `folder` holds every file `graph.json` lists, each of the size the export wrote."""
+    if not isinstance(files, dict) or not set(FILES) - {"graph.json"} <= set(files):
+        return False
+    try:
+        return all((folder / name).stat().st_size == size for name, size in files.items())
+    except (OSError, TypeError):
+        return False
+
+
 def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
-    """The graph in `folder`, or None unless every file is there and `graph.json` is of this format."""
+    """The graph in `folder`, or None unless `graph.json` is of this format and every file it lists is there."""
     meta = read_json(folder / "graph.json")
-    if not isinstance(meta, dict) or meta.get("format") != GRAPH_FORMAT:
-        return None
-    if not all((folder / name).is_file() for name in FILES):
+    if not isinstance(meta, dict) or meta.get("format") != GRAPH_FORMAT or not complete(folder, meta.get("files")):
         return None
     try:
         return Graph(folder=folder, input_names=list(meta["input_names"]), hidden_size=int(meta["hidden_size"]),
@@ -170,11 +202,14 @@ def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
         return None
 
 
-def graph_meta(input_names: list[str], hidden_size: int, pad_token_id: int, model_max_length: int,
-               clean_up_tokenization_spaces: bool, export_cosine: float) -> dict[str, Any]:
-    return {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
+def write_graph_meta(folder: Path, input_names: list[str], hidden_size: int, pad_token_id: int,
+                     model_max_length: int, clean_up_tokenization_spaces: bool, export_cosine: float) -> None:
+    """Write `graph.json`, last: it lists every other file in `folder` with its size."""
+    meta = {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
             "pad_token_id": pad_token_id, "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine}
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine,
+            "files": _file_sizes(folder)}
+    (folder / "graph.json").write_text(json.dumps(meta, indent=1))
 
 
 def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
@@ -188,31 +223,57 @@ def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -
     return float(((a * b).sum(axis=1) / np.maximum(norms, 1e-12)).min())
 
 
-def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | None:
-    """The checkpoint's cached graph, exported first by the helper process when missing; None when it cannot be had
-    (the caller serves the model with torch instead)."""
+def _cache_root(cache_dir: str | Path | None) -> tuple[Path, bool]:
+    """The cache's folder, and whether it is a temporary one because the cache is not writable."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    temporary = not writable_dir(root)
-    if temporary:
-        root = Path(tempfile.mkdtemp(prefix="sie-graph-"))
-        log.warning("graph cache %s is not writable; exporting into %s for this load only", cache_dir or
-                    default_cache_dir(), root)
-    folder = root / indexed_key(weights_dir, root)
-    graph = read_graph(folder, temporary)
+    if writable_dir(root):
+        return root, False
+    temporary = Path(tempfile.mkdtemp(prefix="sie-graph-"))
+    log.warning("graph cache %s is not writable; exporting into %s for this load only", root, temporary)
+    return temporary, True
+
+
+def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | None:
+    """The checkpoint's cached graph, exported first by the helper process when missing or incomplete; None when it
+    cannot be had within EXPORT_TIMEOUT_S (the caller serves the model with torch instead). A worker that finds
+    another exporting the same key waits for its graph instead of exporting it again."""
+    root, temporary = _cache_root(cache_dir)
+    key = indexed_key(weights_dir, root)
+    remove_stale_staging(root)
+    graph = read_graph(root / key, temporary)
     if graph is not None:
         return graph
+    deadline = time.monotonic() + EXPORT_TIMEOUT_S
+    with export_lock(root, key, deadline) as lock:
+        if lock is None:
+            log.warning("another worker's export of %s took over %.0fs; serving it with torch", weights_dir,
+                        EXPORT_TIMEOUT_S)
+            return None
+        remove_stale_staging(root, held=key)
+        graph = read_graph(root / key, temporary)  # another worker's export, finished while this one waited
+        if graph is None and _export(weights_dir, root / key, lock, deadline):
+            graph = read_graph(root / key, temporary)
+        return graph
+
+
+def _export(weights_dir: Path, folder: Path, lock: int, deadline: float) -> bool:
+    """Run the helper process under the key's `lock`, which it inherits (the key stays locked while it lives);
+    whether it wrote the graph."""
+    if folder.exists():  # a file gone or rewritten since the export: not trusted, exported again
+        log.warning("graph %s is incomplete; exporting it again", folder)
+        shutil.rmtree(folder, ignore_errors=True)
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
     command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                              timeout=EXPORT_TIMEOUT_S, check=False)
+                              timeout=max(1.0, deadline - time.monotonic()), check=False, pass_fds=(lock,))
     except subprocess.TimeoutExpired:
         log.warning("the graph export of %s took over %.0fs; serving it with torch", weights_dir, EXPORT_TIMEOUT_S)
-        return None
+        return False
     if done.returncode != 0:
         how = "cannot be served from a graph" if done.returncode == NOT_EXPORTABLE else "export failed"
         why = (done.stdout.strip().splitlines() or [f"helper exit {done.returncode}"])[-1]
         log.warning("%s: %s (%s); serving it with torch", weights_dir, how, why)
-        return None
-    return read_graph(folder, temporary)
+        return False
+    return True

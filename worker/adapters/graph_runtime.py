@@ -1,9 +1,10 @@
 """Runtimes that serve a cached encoder graph on CPU without torch (worker process): OpenVINO and ONNX Runtime.
 
 Both take padded numpy buckets and return last hidden states, running up to `lanes` buckets side by side (one
-OpenVINO stream or one ORT call per lane). Each is checked when it opens against torch's float32 hidden states for
-the cache's probe batch. OpenVINO computes in bfloat16 where the CPU has it natively (AVX512-BF16, AMX) unless told
-float32; when bf16 falls under the bar on the probe, it is reopened in float32.
+OpenVINO stream or one ORT call per lane). Each is checked against torch's float32 hidden states for the cache's
+probe batches (short texts, and a long one at the model's maximum length) once per cache entry, runtime, precision
+and CPU kind (probe_record). OpenVINO computes in bfloat16 where the CPU has it natively (AVX512-BF16, AMX) unless
+told float32; when bf16 falls under the bar on the probe, it is reopened in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sie_worker.adapters import probe_record
 from sie_worker.adapters.graph_cache import MIN_COSINE, Graph, masked_min_cosine
 
 log = logging.getLogger("sie.worker.graph")
@@ -51,6 +53,8 @@ class Runtime(Protocol):
     def run(self, feed: Feed) -> np.ndarray: ...
 
     def describe(self) -> str: ...
+
+    def computes(self) -> str: ...
 
 
 class Lanes:
@@ -115,6 +119,9 @@ class OpenVinoRuntime:
     def describe(self) -> str:
         return f"openvino ({self.precision}, {self.lanes} stream(s))"
 
+    def computes(self) -> str:
+        return str(self.precision)
+
 
 class OrtRuntime:
     """One ONNX Runtime session, float32; `lanes` calls side by side on threads // lanes threads each. ORT's CPU
@@ -139,27 +146,42 @@ class OrtRuntime:
     def describe(self) -> str:
         return f"onnxruntime (float32, {self.lanes} lane(s))"
 
+    def computes(self) -> str:
+        return "f32"
+
 
 def probe_cosine(runtime: Runtime, graph: Graph) -> float:
-    feed, expected = graph.probe()
-    return masked_min_cosine(expected, runtime.run(feed), feed["attention_mask"])
+    """The runtime's lowest cosine against torch over every probe batch: the short texts and the long one."""
+    return min(masked_min_cosine(expected, runtime.run(feed), feed["attention_mask"])
+               for feed, expected in graph.probes())
+
+
+def checked_cosine(kind: str, runtime: Runtime, graph: Graph, precision: str) -> float:
+    """`probe_cosine`, run once per graph folder, runtime version, precision and CPU kind, and recorded there."""
+    what = probe_record.identity(kind, precision, runtime.computes())
+    cosine = probe_record.recorded(graph.folder, what)
+    if cosine is None:
+        cosine = probe_cosine(runtime, graph)
+        probe_record.record(graph.folder, what, cosine)
+    return cosine
 
 
 def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision: str = "auto",
                  arena: bool = False) -> Runtime:
-    """`kind` (openvino or onnxruntime) over the graph, checked on the probe batch; GraphRejected if it disagrees."""
+    """`kind` (openvino or onnxruntime) over the graph, checked on the probe batches; GraphRejected if it
+    disagrees."""
     runtime: Runtime
     if kind == "openvino":
         runtime = OpenVinoRuntime(graph, threads, lanes, precision)
-        cosine = probe_cosine(runtime, graph)
-        if cosine < MIN_COSINE and precision == "auto" and runtime.precision != "f32":
+        cosine = checked_cosine(kind, runtime, graph, precision)
+        if cosine < MIN_COSINE and precision == "auto" and runtime.computes() != "f32":
             log.warning("openvino in %s is under the bar on the probe (lowest cosine %.6f < %s); using float32",
-                        runtime.precision, cosine, MIN_COSINE)
+                        runtime.computes(), cosine, MIN_COSINE)
             runtime = OpenVinoRuntime(graph, threads, lanes, "float32")
-            cosine = probe_cosine(runtime, graph)
+            cosine = checked_cosine(kind, runtime, graph, "float32")
     elif kind == "onnxruntime":
         runtime = OrtRuntime(graph, threads, lanes, arena)
-        cosine = probe_cosine(runtime, graph)
+        cosine = checked_cosine(kind, runtime, graph, precision)
     else:
         raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")
     if cosine < MIN_COSINE:
