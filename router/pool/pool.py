@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from sie_router import metrics
@@ -38,7 +39,15 @@ from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import BatchDone, BatchFailed, FamilyOptions, LoadErrorClass, Message, WorkerSpec
+from sie_worker.protocol import (
+    DEFAULT_ENGINE,
+    BatchDone,
+    BatchFailed,
+    FamilyOptions,
+    LoadErrorClass,
+    Message,
+    WorkerSpec,
+)
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 
@@ -58,6 +67,27 @@ class ModelState(StrEnum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A load that placement refused for memory. While it stands, every request for the model is answered with it
+    (503 RESOURCE_EXHAUSTED, Retry-After the time left) and no new load starts: it stands until memory is freed (the
+    ledger's `freed` count moves: a worker stopped or evicted, a reservation settled lower) or its hold passes. A
+    refusal of a load that could not evict (a preload, a restart) does not hold back a request that may evict. The
+    hold (`Settings.load_refusal_hold_s`) bounds it because models that were busy may be idle by then, and so
+    evictable, and a GPU's free memory may have grown without this server freeing any."""
+
+    error: SIEError
+    freed: int  # the ledger's `freed` count when it was refused
+    until: float  # time.monotonic() when the hold ends
+    evicting: bool
+
+    def left(self, freed: int, evict: bool) -> float:
+        """Seconds it still stands for a request that may (`evict`) or may not evict; 0 when it no longer does."""
+        if freed != self.freed or (evict and not self.evicting):
+            return 0.0
+        return max(0.0, self.until - time.monotonic())
+
+
 @dataclass
 class Slot:
     """A model as the pool sees it: its config, its worker if any, its load state, its queue and its pace."""
@@ -70,6 +100,7 @@ class Slot:
     load_error: LoadError | None = None
     load_started: float = 0.0
     failed_at: float = 0.0
+    refusal: Refusal | None = None  # its last load was refused for memory
     batcher: Batcher | None = None
     # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
     pace: BusyTimeFit = field(default_factory=BusyTimeFit)
@@ -197,6 +228,7 @@ class WorkerPool:
             raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
         if slot.loading is None:
+            self._check_refused(slot, evict)
             self._start_load(slot, evict)
         assert slot.loading is not None
         if wait_s is None or wait_s <= 0:
@@ -235,6 +267,24 @@ class WorkerPool:
         if error.permanent or time.monotonic() - slot.failed_at < self.cooldown(error):
             raise error.again(error.attempts)
 
+    def _check_refused(self, slot: Slot, evict: bool) -> None:
+        """A model whose last load was refused for memory answers that refusal, with Retry-After the time it still
+        stands, and starts no load while it stands (`Refusal`)."""
+        refusal = slot.refusal
+        if refusal is None:
+            return
+        left = refusal.left(self.ledger.freed, evict)
+        if left <= 0:
+            slot.refusal = None
+            return
+        raise SIEError(ErrorCode.RESOURCE_EXHAUSTED, refusal.error.message, retry_after=max(1, math.ceil(left)))
+
+    def _refused(self, slot: Slot, error: SIEError, evict: bool) -> None:
+        """Placement refused the model's load for memory: count it, and let the refusal stand (`Refusal`)."""
+        metrics.MODEL_LOADS.labels(slot.key, "refused").inc()
+        slot.refusal = Refusal(error, self.ledger.freed, time.monotonic() + self.settings.load_refusal_hold_s, evict)
+        log.warning("not loading %s: %s", slot.key, error.message)
+
     def cooldown(self, error: LoadError) -> float:
         return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
 
@@ -264,20 +314,22 @@ class WorkerPool:
             slot.load_error = exc.again((slot.load_error.attempts if slot.load_error else 0) + 1)
             self.placement.release(slot.key)
             raise slot.load_error from None
-        except SIEError:
-            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
-            slot.state = ModelState.AVAILABLE  # no room right now (RESOURCE_EXHAUSTED): retryable, nothing held
+        except SIEError as exc:  # no room right now (RESOURCE_EXHAUSTED): retryable
+            slot.state = ModelState.AVAILABLE
+            self.placement.release(slot.key)  # what it held while its worker loaded (refused during an export)
+            self._refused(slot, exc, evict)
             raise
         finally:
             slot.loading = None
-        slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
+        slot.state, slot.worker, slot.load_error, slot.refusal = ModelState.LOADED, worker, None, None
         slot.pace.reset()  # a new process learns its own pace; until then its batches get the full deadline
         info = worker.info
         assert info is not None
         if info.device != worker.device:  # --device auto, and the worker's torch had no CUDA: it runs on the CPU
             self.placement.move(slot.key, info.device)
             worker.device = info.device
-        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
+        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes,
+                                         engine=info.engine)
         await self._fit(slot, worker.device, evict)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
@@ -290,9 +342,9 @@ class WorkerPool:
         none can go and the overrun is beyond the tolerance, stop this worker and fail the load (retryable)."""
         try:
             victims = self.placement.fit(slot.key, device, lambda k: evict and self._evictable(k))
-        except SIEError:
-            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+        except SIEError as exc:
             await self.evict(slot.key, reason="memory")
+            self._refused(slot, exc, evict)
             raise
         for victim in victims:
             await self.evict(victim, reason="memory")
@@ -328,14 +380,25 @@ class WorkerPool:
             retry = exc.transient or exc.unreachable
             raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
         options = self._options(cfg)  # before the reservation: a refused setting fails here, holding nothing
-        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
+        engine = getattr(options, "engine", DEFAULT_ENGINE)
+        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder), engine), evict)
         spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
+        on_export = partial(self._reserve_export, slot, evict)
         if device == "cpu":
-            return await self.supervisor.spawn(spec, slot.key)
+            return await self.supervisor.spawn(spec, slot.key, on_export)
         async with self._gpu_loads.setdefault(device, asyncio.Lock()):
-            return await self.supervisor.spawn(spec, slot.key)
+            return await self.supervisor.spawn(spec, slot.key, on_export)
+
+    async def _reserve_export(self, slot: Slot, evict: bool) -> None:
+        """The loading worker starts a graph export: reserve the helper's memory beside the worker's until its Ready,
+        evicting LRU idle models if needed; RESOURCE_EXHAUSTED (the worker is then stopped) when it cannot fit."""
+        extra, victims = self.placement.plan_export(slot.key, lambda k: evict and self._evictable(k))
+        for victim in victims:
+            await self.evict(victim, reason="memory")
+        self.placement.grow(slot.key, extra)
+        log.info("%s exports its graph first: %.0f MiB more reserved until it is ready", slot.key, extra / 2**20)
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]

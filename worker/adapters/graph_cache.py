@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ MIN_COSINE = 0.999
 # The helper exits with this when the model cannot be served from a graph (a slow tokenizer, a disagreeing export).
 NOT_EXPORTABLE = 3
 EXPORT_TIMEOUT_S = 1800.0
+# Called just before the export helper starts: the worker's loop sets it to tell the router, whose placement reserves
+# the helper's memory (torch and the checkpoint) until the worker is ready.
+on_export_start: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -202,6 +206,8 @@ def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | Non
     if graph is not None:
         return graph
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
+    if on_export_start is not None:
+        on_export_start()
     command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
