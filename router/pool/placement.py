@@ -22,17 +22,18 @@ from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
 from sie_worker.protocol import DEFAULT_ENGINE, LEAN_FAMILIES
 
-# Estimate for a model whose config gives none: a per-process base, plus its weight files times this factor (the
-# weights and a working set of half their size).
+# Estimate for a model whose config gives none: a per-process base, plus its weight files times a factor (the weights
+# and a working set). The base before any worker of the same engine on a device has measured itself (RSS on the CPU):
+# a torch worker that has imported its libraries (sie_worker, torch, transformers) holds 405 MiB before any weights
+# (measured, issue 14), and its working set is half its weights. A lean worker (no torch: OpenVINO or ONNX Runtime)
+# holds 120 MiB at Ready for a tiny dense checkpoint (2 layers, 32 wide, 0.13 MB of weights; measured here on
+# 2026-12-06) and 273-276 MiB for MiniLM (87 MiB of weights; bench/README.md, "lean workers"): 120 MiB plus 1.75
+# times the weights, with 4 MiB to spare. On a GPU, the CUDA context and the caching allocator's first blocks: not
+# measured here, so generous.
 WEIGHTS_MEMORY_FACTOR = 1.5
-# The base before any worker of the same engine on a device has measured itself (RSS on the CPU). A torch worker that
-# has imported its libraries (sie_worker, torch, transformers) holds 405 MiB before any weights (measured, issue 14).
-# A lean worker (no torch: OpenVINO or ONNX Runtime) holds 120 MiB at Ready for a tiny dense checkpoint (2 layers, 32
-# wide, 0.13 MB of weights; measured here on 2026-12-06) and 273-276 MiB for MiniLM (87 MiB of weights, 130 with the
-# working set; bench/README.md, "lean workers"): a base of 144 MiB covers both. On a GPU, the CUDA context and the
-# caching allocator's first blocks: not measured here, so generous.
 DEFAULT_BASE = {"cpu": 400 * 2**20}
-LEAN_CPU_BASE = 144 * 2**20
+LEAN_CPU_BASE = 124 * 2**20
+LEAN_WEIGHTS_FACTOR = 1.75
 DEFAULT_GPU_BASE = 768 * 2**20
 # A lean worker's first load of a checkpoint exports its graph in a helper process that imports torch, transformers
 # and the exporters and loads the checkpoint in float32. Its peak RSS, measured here (2026-12-06): 511 MiB for the
@@ -107,7 +108,7 @@ class Placement:
         self.kinds[key] = WorkerKind(config.family(), engine_kind(device, config.family(), engine))
         if key in self.measured:
             return self.measured[key]
-        return self.base(device, self.kinds[key]) + int(weights * WEIGHTS_MEMORY_FACTOR)
+        return self.base(device, self.kinds[key]) + self.working_set(key)
 
     def base(self, device: str, kind: WorkerKind | None = None) -> int:
         """What a worker on `device` holds beyond its weights and working set: the median over the workers of the same
@@ -122,6 +123,12 @@ class Placement:
         if device != "cpu":
             return DEFAULT_GPU_BASE
         return LEAN_CPU_BASE if engine == "lean" else DEFAULT_BASE["cpu"]
+
+    def working_set(self, key: str) -> int:
+        """Bytes a model's worker holds for its weights: theirs and a working set, by its kind of worker."""
+        kind = self.kinds.get(key)
+        factor = LEAN_WEIGHTS_FACTOR if kind is not None and kind.engine == "lean" else WEIGHTS_MEMORY_FACTOR
+        return int(self.weights.get(key, 0) * factor)
 
     def export_estimate(self, key: str) -> int:
         """Bytes a graph-export helper holds while it exports the model's checkpoint."""
@@ -202,7 +209,7 @@ class Placement:
         self.ledger.touch(key)  # idle time counts from readiness, not from the reservation before the spawn
         self.measured[key] = measured
         if key in self.weights:  # a model whose estimate came from its weights teaches the device's base
-            self.bases.setdefault(device, {})[key] = max(0, measured - int(self.weights[key] * WEIGHTS_MEMORY_FACTOR))
+            self.bases.setdefault(device, {})[key] = max(0, measured - self.working_set(key))
         return measured
 
     def remeasure(self, loaded: Iterable[tuple[str, int, str, int, int]]) -> None:
