@@ -4,9 +4,10 @@
 idle models are evicted after their TTL. Each model's slot also holds its queue (`queue`) and its one pace model,
 which its queue learns and `run_batch` reads for the batch deadline. A model whose ready worker died or hung is
 loaded again once its back-off is over, by the pool itself; meanwhile requests get 503 `MODEL_LOADING` with
-Retry-After the time left. Processes, deadlines and the back-off are the supervisor's (`supervisor.py`), memory and
-the recency of use are placement's (`placement.py`). States: available -> loading -> loaded -> (unloading ->)
-available, or failed.
+Retry-After the time left. A load refused for memory is every request's answer (503 `RESOURCE_EXHAUSTED`) until memory
+is freed or its hold passes (`Refusal`), and no request starts another meanwhile. Processes, deadlines and the
+back-off are the supervisor's (`supervisor.py`), memory and the recency of use are placement's (`placement.py`).
+States: available -> loading -> loaded -> (unloading ->) available, or failed.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.pacing import BusyTimeFit, Pacer
 from sie_router.pool.placement import Placement
+from sie_router.pool.refusals import Refusal
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_router.telemetry import Tracing
@@ -65,27 +67,6 @@ class ModelState(StrEnum):
     LOADED = "loaded"
     UNLOADING = "unloading"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A load that placement refused for memory. While it stands, every request for the model is answered with it
-    (503 RESOURCE_EXHAUSTED, Retry-After the time left) and no new load starts: it stands until memory is freed (the
-    ledger's `freed` count moves: a worker stopped or evicted, a reservation settled lower) or its hold passes. A
-    refusal of a load that could not evict (a preload, a restart) does not hold back a request that may evict. The
-    hold (`Settings.load_refusal_hold_s`) bounds it because models that were busy may be idle by then, and so
-    evictable, and a GPU's free memory may have grown without this server freeing any."""
-
-    error: SIEError
-    freed: int  # the ledger's `freed` count when it was refused
-    until: float  # time.monotonic() when the hold ends
-    evicting: bool
-
-    def left(self, freed: int, evict: bool) -> float:
-        """Seconds it still stands for a request that may (`evict`) or may not evict; 0 when it no longer does."""
-        if freed != self.freed or (evict and not self.evicting):
-            return 0.0
-        return max(0.0, self.until - time.monotonic())
 
 
 @dataclass
