@@ -238,20 +238,20 @@ def record_loads(pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> list[tupl
     def start(slot: Slot, evict: bool) -> None:
         loads.append((slot.key, evict))
         slot.loading = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+        slot.placed.set()  # as if placement had reserved its memory
 
     monkeypatch.setattr(pool, "_start_load", start)
     return loads
 
 
 async def refuse_first_load(pool: WorkerPool, key: str, evict: bool = True) -> None:
-    """The first request starts the load (503 MODEL_LOADING at once on the native route); placement refuses it."""
+    """The request that starts the load (one that waits for no load, as the native route's) is answered with
+    placement's refusal, not MODEL_LOADING: a client coming back after MODEL_LOADING's Retry-After would find the
+    refusal's hold over, start the next load, and be told MODEL_LOADING again, forever."""
     with pytest.raises(SIEError) as first:
         await pool.ensure(key, None, evict=evict)
-    assert first.value.code is ErrorCode.MODEL_LOADING
-    load = pool.slots[key].loading
-    assert load is not None
-    await asyncio.wait([load])
-    assert isinstance(load.exception(), SIEError)
+    assert first.value.code is ErrorCode.RESOURCE_EXHAUSTED, first.value
+    assert pool.slots[key].loading is None
 
 
 async def test_a_load_refused_for_memory_is_every_polls_answer_until_memory_is_freed(

@@ -57,6 +57,8 @@ log = logging.getLogger("sie.pool")
 
 IDLE_CHECK_S = 1.0
 MAX_COOLDOWN_FACTOR = 16  # a transient load failure that repeats waits twice as long each time, up to this factor
+# The request that starts a load waits this long at most for placement's decision (see `WorkerPool._placed`).
+PLACEMENT_WAIT_S = 2.0
 
 
 class ModelState(StrEnum):
@@ -82,6 +84,7 @@ class Slot:
     load_started: float = 0.0
     failed_at: float = 0.0
     refusal: Refusal | None = None  # its last load was refused for memory
+    placed: asyncio.Event = field(default_factory=asyncio.Event)  # set once its load in progress has memory reserved
     batcher: Batcher | None = None
     # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
     pace: BusyTimeFit = field(default_factory=BusyTimeFit)
@@ -208,16 +211,34 @@ class WorkerPool:
         if slot.removing:
             raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
-        if slot.loading is None:
+        loading = slot.loading
+        if loading is None:
             self._check_refused(slot, evict)
             self._start_load(slot, evict)
-        assert slot.loading is not None
+            loading = slot.loading
+            assert loading is not None
+            if await self._placed(slot, loading):
+                return loading.result()  # it ended at once: refused for memory, or failed (or, fast, loaded)
         if wait_s is None or wait_s <= 0:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is loading; retry shortly")
         try:
-            return await asyncio.wait_for(asyncio.shield(slot.loading), wait_s)
+            return await asyncio.wait_for(asyncio.shield(loading), wait_s)
         except TimeoutError:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is still loading after {wait_s:g}s") from None
+
+    @staticmethod
+    async def _placed(slot: Slot, loading: asyncio.Future[Worker]) -> bool:
+        """Wait, up to PLACEMENT_WAIT_S, until placement has reserved memory for the load just started; whether the
+        load has ended meanwhile. So the request that starts a load placement refuses is answered with the refusal,
+        not MODEL_LOADING: a client told to come back after MODEL_LOADING's Retry-After would otherwise arrive once
+        the refusal's hold is over, start the next load, and be told MODEL_LOADING again, forever. A download of the
+        weights can outlast the wait; then the answer is MODEL_LOADING, as before."""
+        placed = asyncio.ensure_future(slot.placed.wait())
+        try:
+            await asyncio.wait([loading, placed], timeout=PLACEMENT_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            placed.cancel()
+        return loading.done()
 
     def ready_worker(self, key: str) -> Worker:
         """The model's ready worker, for a batch of a job that `ensure`d it; MODEL_LOADING (retryable) when the
@@ -270,6 +291,7 @@ class WorkerPool:
         return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
 
     def _start_load(self, slot: Slot, evict: bool) -> None:
+        slot.placed.clear()
         slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
         # Its failure is the slot's state and the answer of the requests that wait; nobody else reads it.
         slot.loading.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -363,6 +385,7 @@ class WorkerPool:
         options = self._options(cfg)  # before the reservation: a refused setting fails here, holding nothing
         engine = getattr(options, "engine", DEFAULT_ENGINE)
         device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder), engine), evict)
+        slot.placed.set()
         spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
