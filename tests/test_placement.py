@@ -242,3 +242,28 @@ def test_with_gpus_only_a_worker_that_fell_back_to_the_cpu_moves_off_the_gpu_bud
     assert placement.ledger.placement["m"] == "cpu" and not gpu.reserved and gpu.free == 1024 * MiB
     assert placement.ledger.devices["cpu"].free == 8 * 1024 * MiB - 300 * MiB
     assert placement.plan("n", 500 * MiB, lambda _k: False) == ("cuda:0", [])
+
+
+def test_a_model_whose_export_was_refused_is_estimated_with_its_helper_until_a_worker_of_it_is_ready(
+        tmp_path: Path) -> None:
+    """Else each retry would spawn a worker, start its export, and be refused only then (and a client told
+    MODEL_LOADING meanwhile would come back for the next one, forever)."""
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * TINY_WEIGHTS)
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=294_000_000), host)
+    alone = placement.estimate("m", config(family="dense"), str(tmp_path))
+    placement.reserve("m", "cpu", alone)
+    with pytest.raises(SIEError):
+        placement.plan_export("m", lambda k: True)  # 280 MiB cannot hold the 512 MiB helper
+    placement.release("m")
+    again = placement.estimate("m", config(family="dense"), str(tmp_path))
+    assert again == alone + placement.export_estimate("m")
+    with pytest.raises(SIEError) as refused:
+        placement.plan("m", again, lambda k: True)
+    assert "with the export of its graph" in refused.value.message
+    placement.ledger.devices["cpu"].budget = 2000 * MiB
+    placement.reserve("m", "cpu", again)
+    assert placement.plan_export("m", lambda k: True) == (0, []), "its reservation holds the helper already"
+    host.held[1] = 120 * MiB
+    placement.settle("m", 1, "cpu", reported=0, engine="openvino")
+    assert placement.estimate("m", config(family="dense"), str(tmp_path)) == 120 * MiB, "its graph is cached now"

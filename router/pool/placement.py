@@ -89,6 +89,10 @@ class Placement:
         # model key -> its kind of worker: on the CPU a lean worker runs without torch and costs a fraction of a
         # torch one, so each kind's base is learned from its own
         self.kinds: dict[str, WorkerKind] = {}
+        # Models whose worker said it exports its graph and has not been ready since: their next estimate includes the
+        # helper, so a load that cannot fit it is refused before it spawns; and the models whose reservation does.
+        self.exporting: set[str] = set()
+        self.with_export: set[str] = set()
 
     @property
     def has_gpus(self) -> bool:
@@ -98,7 +102,16 @@ class Placement:
     def estimate(self, key: str, config: ModelConfig, folder: str, engine: str = DEFAULT_ENGINE) -> int:
         """Bytes to reserve before the worker has measured itself: the config's figure, else what the model's last
         worker measured, else the per-process base of its kind of worker (family and engine) on the device with the
-        most room, plus the weights and their working set. `engine` is the family's engine option."""
+        most room, plus the weights and their working set. `engine` is the family's engine option. A model whose last
+        worker started a graph export and never got ready needs the export helper beside it again."""
+        nbytes = self._worker_estimate(key, config, folder, engine)
+        if key not in self.exporting:
+            self.with_export.discard(key)
+            return nbytes
+        self.with_export.add(key)
+        return nbytes + self.export_estimate(key)
+
+    def _worker_estimate(self, key: str, config: ModelConfig, folder: str, engine: str) -> int:
         if config.memory_mb:
             return config.memory_mb * 2**20
         weights = sum(p.stat().st_size for p in Path(folder).rglob("*")
@@ -168,8 +181,9 @@ class Placement:
         victims = self.ledger.eviction_plan(device, nbytes, lambda k: k != key and evictable(k))
         if victims is None:
             free = self.ledger.devices[device].free
+            with_export = " with the export of its graph" if key in self.with_export else ""
             raise SIEError(ErrorCode.RESOURCE_EXHAUSTED,
-                           f"model '{key}' needs about {nbytes / 2**20:.0f} MiB on {device}, "
+                           f"model '{key}' needs about {nbytes / 2**20:.0f} MiB{with_export} on {device}, "
                            f"{free / 2**20:.0f} MiB is free and no idle model can be evicted")
         return device, victims
 
@@ -179,6 +193,9 @@ class Placement:
     def plan_export(self, key: str, evictable: Callable[[str], bool]) -> tuple[int, list[str]]:
         """While `key`'s worker loads: the bytes its graph-export helper needs beside its reservation, and the LRU
         models to evict on its device so they fit; 503 RESOURCE_EXHAUSTED (retryable) when no such plan exists."""
+        if key in self.with_export:
+            return 0, []
+        self.exporting.add(key)
         device, extra = self.ledger.placement[key], self.export_estimate(key)
         victims = self.ledger.eviction_plan(device, extra, lambda k: k != key and evictable(k))
         if victims is None:
@@ -203,6 +220,8 @@ class Placement:
         that fell back to torch teaches torch's base."""
         measured = self.devices.process_memory(pid, device, reported, context_bytes) or reported
         self.ledger.settle(key, measured)
+        self.exporting.discard(key)  # its graph is cached now
+        self.with_export.discard(key)
         kind = self.kinds.get(key)
         if kind is not None and engine in LEAN_ENGINES | {"torch"}:
             self.kinds[key] = WorkerKind(kind.family, "lean" if engine in LEAN_ENGINES else "torch")
@@ -234,6 +253,7 @@ class Placement:
             self.ledger.reserve(key, device, nbytes)
 
     def release(self, key: str) -> None:
+        self.with_export.discard(key)
         self.ledger.release(key)  # its base sample stays: it still tells what a worker there costs
 
     def touch(self, key: str) -> None:

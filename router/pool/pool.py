@@ -399,6 +399,8 @@ class WorkerPool:
         """The loading worker starts a graph export: reserve the helper's memory beside the worker's until its Ready,
         evicting LRU idle models if needed; RESOURCE_EXHAUSTED (the worker is then stopped) when it cannot fit."""
         extra, victims = self.placement.plan_export(slot.key, lambda k: evict and self._evictable(k))
+        if not extra:
+            return  # its reservation has held the helper from the start (its last load exported and never got ready)
         for victim in victims:
             await self.evict(victim, reason="memory")
         self.placement.grow(slot.key, extra)
