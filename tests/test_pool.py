@@ -4,6 +4,7 @@ worker (its loops, its queues and pace, the one clock of use, and a job's one `e
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -251,6 +252,7 @@ async def refuse_first_load(pool: WorkerPool, key: str, evict: bool = True) -> N
     with pytest.raises(SIEError) as first:
         await pool.ensure(key, None, evict=evict)
     assert first.value.code is ErrorCode.RESOURCE_EXHAUSTED, first.value
+    assert first.value.retry_after == max(1, math.ceil(pool.settings.load_refusal_hold_s))
     assert pool.slots[key].loading is None
 
 

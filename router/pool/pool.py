@@ -284,7 +284,9 @@ class WorkerPool:
     def _refused(self, slot: Slot, error: SIEError, evict: bool) -> None:
         """Placement refused the model's load for memory: count it, and let the refusal stand (`Refusal`)."""
         metrics.MODEL_LOADS.labels(slot.key, "refused").inc()
-        slot.refusal = Refusal(error, self.ledger.freed, time.monotonic() + self.settings.load_refusal_hold_s, evict)
+        hold = self.settings.load_refusal_hold_s
+        slot.refusal = Refusal(error, self.ledger.freed, time.monotonic() + hold, evict)
+        error.retry_after = max(1, math.ceil(hold))  # for the requests that waited on this load: when it may lift
         log.warning("not loading %s: %s", slot.key, error.message)
 
     def cooldown(self, error: LoadError) -> float:
