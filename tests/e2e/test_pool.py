@@ -346,7 +346,10 @@ def test_an_export_helper_is_reserved_while_it_runs_and_refused_when_it_cannot_f
                 continue
             assert response.status_code == 200, response.text
             row = workers(srv)["test/exports"]
-            assert row["memory_budget_bytes"] == row["memory_bytes"] < 512 * 2**20, "after Ready: what it measured"
+            # After Ready the ledger holds what the worker measured then (the listing's figure is read now), not
+            # the helper's 512 MiB beside it.
+            assert row["memory_budget_bytes"] < 512 * 2**20, row
+            assert abs(row["memory_budget_bytes"] - row["memory_bytes"]) < 0.1 * row["memory_bytes"], row
             assert "512 MiB more reserved until it is ready" in srv.log_path.read_text()
         finally:
             srv.stop()
