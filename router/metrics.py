@@ -65,8 +65,8 @@ TOKENS = Counter("sie_tokens", "Input tokens processed.", ["model"], registry=RE
 MODELS_LOADED = Gauge("sie_models_loaded", "Models loaded in workers, per device.", ["device"], registry=REGISTRY)
 MODEL_MEMORY = Gauge("sie_model_memory_bytes", "Memory accounted to a loaded model.", ["model", "device"],
                      registry=REGISTRY)
-MODEL_LOADS = Counter("sie_model_loads", "Model loads, by result (success, failure).", ["model", "result"],
-                      registry=REGISTRY)
+MODEL_LOADS = Counter("sie_model_loads", "Model loads, by result (success, failure, refused for memory).",
+                      ["model", "result"], registry=REGISTRY)
 MODEL_LOAD_DURATION = Histogram("sie_model_load_duration_seconds", "Time to start a worker and load its model.",
                                 ["model"], buckets=_LOAD_BUCKETS, registry=REGISTRY)
 EVICTIONS = Counter("sie_evictions", "Models unloaded, by reason (memory, idle, admin).", ["model", "reason"],

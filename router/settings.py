@@ -78,6 +78,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # A transient load failure (EMFILE, a crash while loading) is answered 502 for this long, then retried; each
     # failure in a row doubles the wait (up to 16 times this).
     load_retry_cooldown_s: float = 30.0
+    # A load refused for memory (503 RESOURCE_EXHAUSTED) is every request's answer, with no new load, until memory is
+    # freed (a worker stopped or evicted, a reservation settled lower) or this long has passed.
+    load_refusal_hold_s: float = 5.0
     # A worker is hung, killed and restarted when a batch makes no progress for 20 times its expected busy time, at
     # least batch_timeout_floor_s and at most batch_timeout_s (batch_timeout_s while its pace is still unknown; never
     # under 3 times the expected time, so a low bound cannot kill healthy workers of a slow model).

@@ -60,7 +60,7 @@ async def test_models_load_one_at_a_time_per_gpu(pools, monkeypatch: pytest.Monk
     overlaps: list[set[str]] = []
     release = asyncio.Event()
 
-    async def spawn(spec: Any, key: str) -> Worker:
+    async def spawn(spec: Any, key: str, on_export: Any = None) -> Worker:
         running.append(key)
         overlaps.append(set(running))
         await release.wait()

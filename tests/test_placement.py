@@ -9,7 +9,13 @@ import pytest
 from sie_router.errors import SIEError
 from sie_router.models.config import ModelConfig, Profile
 from sie_router.pool.devices import DeviceMemory
-from sie_router.pool.placement import DEFAULT_BASE, WEIGHTS_MEMORY_FACTOR, Placement
+from sie_router.pool.placement import (
+    DEFAULT_BASE,
+    LEAN_CPU_BASE,
+    LEAN_WEIGHTS_FACTOR,
+    WEIGHTS_MEMORY_FACTOR,
+    Placement,
+)
 from sie_router.settings import Settings
 
 MiB = 2**20
@@ -77,19 +83,80 @@ def test_the_median_base_ignores_one_odd_worker_and_outlives_its_eviction() -> N
     assert placement.estimate("huge", config(memory_mb=50), "") == 50 * MiB, "the config's figure still wins"
 
 
-def test_the_base_is_learned_per_family_so_lean_dense_workers_do_not_shrink_torch_estimates() -> None:
-    """On the CPU a dense worker runs without torch (~60 MiB of libraries) while a sparse one imports torch (~400):
-    each family's estimate comes from its own kind of worker once one has measured itself, else from any."""
+def test_the_base_is_learned_per_kind_of_worker_so_lean_workers_do_not_shrink_torch_estimates() -> None:
+    """On the CPU a lean dense worker runs without torch while a sparse one imports torch (~400 MiB): each estimate
+    comes from workers of its own family and engine once one has measured itself, else from those of its engine."""
     host = FakeHost()
     placement = Placement(Settings(memory_budget=10_000 * MiB), host)
-    for pid, (key, family, held) in enumerate((("d1", "dense", 70), ("d2", "dense", 90), ("s1", "sparse", 480))):
+    for pid, (key, family, held, engine) in enumerate((("d1", "dense", 70, "openvino"), ("d2", "dense", 90, "onnx"),
+                                                       ("s1", "sparse", 480, "torch"))):
         placement.estimate(key, config(family=family), "")
         placement.reserve(key, "cpu", 1)
         host.held[pid] = held * MiB
-        placement.settle(key, pid, "cpu", reported=0)
+        placement.settle(key, pid, "cpu", reported=0, engine=engine)
     assert placement.estimate("d3", config(family="dense"), "") == 80 * MiB
     assert placement.estimate("s2", config(family="sparse"), "") == 480 * MiB
-    assert placement.estimate("c1", config(family="cross_encoder"), "") == 90 * MiB, "no such worker yet: all of them"
+    assert placement.estimate("c1", config(family="cross_encoder"), "") == 480 * MiB, "no such worker yet: torch's"
+    assert placement.estimate("d4", config(family="dense"), "", engine="torch") == 480 * MiB, "engine: torch"
+
+
+TINY_WEIGHTS = 132_504  # tests/tiny_models.py's build_dense_st: its model.safetensors
+
+
+def test_a_lean_workers_first_estimate_is_a_lean_workers_size_so_tiny_models_fit_a_small_budget(
+        tmp_path: Path) -> None:
+    """The issue's case: --memory-budget 294M (280 MiB) and tiny dense models whose lean workers hold ~120 MiB. The
+    first estimate is a lean worker's, not a torch worker's 400 MiB, so the first fits, and once it measured itself
+    the second fits beside it; a torch worker's estimate stays torch's."""
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * TINY_WEIGHTS)
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=294_000_000), host)
+    first = placement.estimate("a", config(family="dense"), str(tmp_path))
+    assert first == LEAN_CPU_BASE + int(TINY_WEIGHTS * LEAN_WEIGHTS_FACTOR)
+    assert 120 * MiB <= first <= 140 * MiB, "honest, and two fit: a tiny lean worker measured 120 MiB RSS at Ready"
+    assert 2 * first <= placement.ledger.devices["cpu"].free, "two loads started together fit"
+    assert placement.estimate("t", config(family="sparse"), str(tmp_path)) > DEFAULT_BASE["cpu"]
+    assert placement.plan("a", first, lambda k: True) == ("cpu", [])
+    placement.reserve("a", "cpu", first)
+    host.held[1] = 120 * MiB
+    placement.settle("a", 1, "cpu", reported=0, engine="openvino")
+    second = placement.estimate("b", config(family="dense"), str(tmp_path))
+    assert second == 120 * MiB, "learned from the first lean worker"
+    assert placement.plan("b", second, lambda k: False) == ("cpu", [])
+
+
+def test_a_lean_family_that_fell_back_to_torch_teaches_torchs_base(tmp_path: Path) -> None:
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=10_000 * MiB), host)
+    placement.estimate("a", config(family="dense"), "")
+    placement.reserve("a", "cpu", 1)
+    host.held[1] = 500 * MiB
+    placement.settle("a", 1, "cpu", reported=0, engine="torch")  # its export failed: the torch adapter serves it
+    assert placement.estimate("s", config(family="sparse"), "") == 500 * MiB
+    assert placement.estimate("b", config(family="dense"), "") == LEAN_CPU_BASE, "no lean worker measured yet"
+
+
+def test_an_export_reserves_the_helper_beside_the_worker_until_ready_and_is_refused_when_it_cannot_fit(
+        tmp_path: Path) -> None:
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * TINY_WEIGHTS)
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=1000 * MiB), host)
+    placement.reserve("idle", "cpu", 400 * MiB)
+    estimate = placement.estimate("new", config(family="dense"), str(tmp_path))
+    placement.reserve("new", "cpu", estimate)
+    extra, victims = placement.plan_export("new", lambda k: True)
+    assert extra == placement.export_estimate("new") >= 511 * MiB  # the helper measured 511 MiB RSS at its peak
+    assert victims == ["idle"], "1000 - 400 - the worker's estimate leaves less than the helper needs"
+    placement.release("idle")
+    placement.grow("new", extra)
+    assert placement.ledger.reserved("new") == estimate + extra
+    host.held[1] = 120 * MiB
+    placement.settle("new", 1, "cpu", reported=0, engine="openvino")
+    assert placement.ledger.reserved("new") == 120 * MiB, "after Ready the ledger holds the measured size"
+    placement.reserve("other", "cpu", 500 * MiB)
+    with pytest.raises(SIEError) as refused:
+        placement.plan_export("new", lambda k: False)
+    assert refused.value.code == "RESOURCE_EXHAUSTED" and "exporting its graph" in refused.value.message
 
 
 def test_after_ready_an_overrun_evicts_lru_idle_models_or_fails_beyond_the_tolerance() -> None:
@@ -175,3 +242,28 @@ def test_with_gpus_only_a_worker_that_fell_back_to_the_cpu_moves_off_the_gpu_bud
     assert placement.ledger.placement["m"] == "cpu" and not gpu.reserved and gpu.free == 1024 * MiB
     assert placement.ledger.devices["cpu"].free == 8 * 1024 * MiB - 300 * MiB
     assert placement.plan("n", 500 * MiB, lambda _k: False) == ("cuda:0", [])
+
+
+def test_a_model_whose_export_was_refused_is_estimated_with_its_helper_until_a_worker_of_it_is_ready(
+        tmp_path: Path) -> None:
+    """Else each retry would spawn a worker, start its export, and be refused only then (and a client told
+    MODEL_LOADING meanwhile would come back for the next one, forever)."""
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * TINY_WEIGHTS)
+    host = FakeHost()
+    placement = Placement(Settings(memory_budget=294_000_000), host)
+    alone = placement.estimate("m", config(family="dense"), str(tmp_path))
+    placement.reserve("m", "cpu", alone)
+    with pytest.raises(SIEError):
+        placement.plan_export("m", lambda k: True)  # 280 MiB cannot hold the 512 MiB helper
+    placement.release("m")
+    again = placement.estimate("m", config(family="dense"), str(tmp_path))
+    assert again == alone + placement.export_estimate("m")
+    with pytest.raises(SIEError) as refused:
+        placement.plan("m", again, lambda k: True)
+    assert "with the export of its graph" in refused.value.message
+    placement.ledger.devices["cpu"].budget = 2000 * MiB
+    placement.reserve("m", "cpu", again)
+    assert placement.plan_export("m", lambda k: True) == (0, []), "its reservation holds the helper already"
+    host.held[1] = 120 * MiB
+    placement.settle("m", 1, "cpu", reported=0, engine="openvino")
+    assert placement.estimate("m", config(family="dense"), str(tmp_path)) == 120 * MiB, "its graph is cached now"

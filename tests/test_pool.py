@@ -4,20 +4,23 @@ worker (its loops, its queues and pace, the one clock of use, and a job's one `e
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 
+from sie_router import metrics
 from sie_router.errors import LoadError, SIEError
 from sie_router.models.registry import build_registry
 from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, TokenizeJob
 from sie_router.pipeline.service import Service
 from sie_router.pool import pool as pool_module
 from sie_router.pool.devices import detect
-from sie_router.pool.pool import ModelState, WorkerPool
+from sie_router.pool.pool import ModelState, Slot, WorkerPool
 from sie_router.pool.supervisor import Worker
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
@@ -209,3 +212,104 @@ async def test_a_permanent_load_failure_stays_failed_until_the_operator_evicts(p
     await pool.evict(MODEL, reason="admin")
     assert slot.state == ModelState.AVAILABLE and slot.load_error is None
     pool._check_failed(slot)
+
+
+def refused_loads(key: str) -> float:
+    return metrics.REGISTRY.get_sample_value("sie_model_loads_total", {"model": key, "result": "refused"}) or 0.0
+
+
+@pytest.fixture
+async def small_pool() -> AsyncIterator[WorkerPool]:
+    """350 MiB, of which test/fake-b (pinned, so never evicted) holds 100: test/fake-a's 300 MiB does not fit. A
+    refusal holds an hour, so that how fast a test runs cannot matter."""
+    started = WorkerPool(Settings(bundle="test", memory_budget=350 * 2**20, pinned=("test/fake-b",),
+                                  load_refusal_hold_s=3600.0),
+                         build_registry("test", (), (), offline=True), detect("cpu"))
+    await started.start()
+    worker = loaded(started, "test/fake-b")
+    started.placement.reserve(worker.key, "cpu", 100 * 2**20)
+    yield started
+    await started.shutdown()
+
+
+def record_loads(pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bool]]:
+    """Loads the pool starts from now on, recorded instead of run (each stays loading)."""
+    loads: list[tuple[str, bool]] = []
+
+    def start(slot: Slot, evict: bool) -> None:
+        loads.append((slot.key, evict))
+        slot.loading = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
+        slot.placed.set()  # as if placement had reserved its memory
+
+    monkeypatch.setattr(pool, "_start_load", start)
+    return loads
+
+
+async def refuse_first_load(pool: WorkerPool, key: str, evict: bool = True) -> None:
+    """The request that starts the load (one that waits for no load, as the native route's) is answered with
+    placement's refusal, not MODEL_LOADING: a client coming back after MODEL_LOADING's Retry-After would find the
+    refusal's hold over, start the next load, and be told MODEL_LOADING again, forever."""
+    with pytest.raises(SIEError) as first:
+        await pool.ensure(key, None, evict=evict)
+    assert first.value.code is ErrorCode.RESOURCE_EXHAUSTED, first.value
+    assert first.value.retry_after == max(1, math.ceil(pool.settings.load_refusal_hold_s))
+    assert pool.slots[key].loading is None
+
+
+async def test_a_load_refused_for_memory_is_every_polls_answer_until_memory_is_freed(
+        small_pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's loop: each poll of a cold model started a load that placement refused again, and the native route
+    answered MODEL_LOADING 239 times in a row. Now the refusal is the answer, and no poll starts a load while it
+    stands; freeing memory lifts it."""
+    pool, key, before = small_pool, "test/fake-a", refused_loads("test/fake-a")
+    await refuse_first_load(pool, key)
+    for wait_s in [None] * 20 + [30.0]:  # polls, then a route that waits out loads
+        with pytest.raises(SIEError) as refused:
+            await pool.ensure(key, wait_s)
+        assert refused.value.code is ErrorCode.RESOURCE_EXHAUSTED and refused.value.retry_after >= 1
+        assert "needs about 300 MiB on cpu, 250 MiB is free" in refused.value.message
+        assert pool.slots[key].loading is None
+    assert refused_loads(key) - before == 1
+    loads = record_loads(pool, monkeypatch)
+    pool.placement.release("test/fake-b")  # its worker stopped: memory freed
+    with pytest.raises(SIEError):
+        await pool.ensure(key, None)
+    assert loads == [(key, True)]
+
+
+async def test_a_refusal_stands_no_longer_than_its_hold(small_pool: WorkerPool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no hold left, each poll tries placement again (busy models may have become idle, and evictable)."""
+    small_pool.settings = msgspec.structs.replace(small_pool.settings, load_refusal_hold_s=0.0)
+    pool, key, before = small_pool, "test/fake-a", refused_loads("test/fake-a")
+    for attempt in range(1, 4):
+        await refuse_first_load(pool, key)
+        assert refused_loads(key) - before == attempt
+
+
+async def test_a_refusal_without_eviction_does_not_hold_back_a_request_that_may_evict(
+        small_pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool, key = small_pool, "test/fake-a"
+    await refuse_first_load(pool, key, evict=False)  # a preload, or a restart after a crash's back-off
+    with pytest.raises(SIEError) as held:
+        await pool.ensure(key, None, evict=False)
+    assert held.value.code is ErrorCode.RESOURCE_EXHAUSTED
+    loads = record_loads(pool, monkeypatch)
+    with pytest.raises(SIEError):
+        await pool.ensure(key, None)
+    assert loads == [(key, True)]
+
+
+async def test_an_export_reserves_its_helper_evicting_idle_models_or_is_refused(small_pool: WorkerPool) -> None:
+    pool, key = small_pool, "test/fake-a"
+    pool.placement.release("test/fake-b")
+    pool.placement.reserve(loaded(pool, "test/fake-growing").key, "cpu", 100 * 2**20)  # idle, so evictable
+    pool.placement.reserve(key, "cpu", 10 * 2**20)
+    with pytest.raises(SIEError) as refused:  # 350 MiB cannot hold a 512 MiB helper whatever goes
+        await pool._reserve_export(pool.slots[key], evict=True)
+    assert refused.value.code is ErrorCode.RESOURCE_EXHAUSTED and "exporting its graph" in refused.value.message
+    assert pool.ledger.reserved(key) == 10 * 2**20
+    pool.ledger.devices["cpu"].budget = pool.ledger.devices["cpu"].limit = 530 * 2**20
+    await pool._reserve_export(pool.slots[key], evict=True)
+    assert pool.ledger.reserved(key) == 10 * 2**20 + pool.placement.export_estimate(key)
+    assert pool.slots["test/fake-growing"].worker is None, "the idle model made room for the helper"

@@ -20,7 +20,7 @@ def test_every_message_is_in_the_unions_and_names_tell_direction() -> None:
     subclasses = set(protocol.Message.__subclasses__())
     assert subclasses == set(protocol.ALL_MESSAGES)
     to_worker = {"EncodeBatch", "ScoreBatch", "ExtractBatch", "TokenizeBatch", "DecodeBatch", "Ping", "Shutdown"}
-    to_router = {"Ready", "LoadFailed", "Alive", "BatchDone", "BatchFailed"}
+    to_router = {"Ready", "LoadFailed", "Alive", "ExportStarting", "BatchDone", "BatchFailed"}
     assert {c.cls.__name__ for c in msgspec.inspect.type_info(protocol.RouterToWorker).types} == to_worker  # type: ignore[attr-defined]
     assert {c.cls.__name__ for c in msgspec.inspect.type_info(protocol.WorkerToRouter).types} == to_router  # type: ignore[attr-defined]
     for cls in protocol.ALL_MESSAGES:

@@ -25,7 +25,7 @@ import zmq
 
 from sie_sdk.codes import ErrorCode
 from sie_worker import cuda, protocol, telemetry, tokens
-from sie_worker.adapters import build_adapter
+from sie_worker.adapters import build_adapter, graph_cache
 from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
 from sie_worker.failures import batch_failure_code, load_error_class
 from sie_worker.parent import die_with_parent
@@ -35,6 +35,7 @@ from sie_worker.protocol import (
     BatchFailed,
     BatchTiming,
     DecodeBatch,
+    ExportStarting,
     LoadFailed,
     Ping,
     Ready,
@@ -115,7 +116,7 @@ class Worker:
             message = BatchFailed(batch_id=message.batch_id, code="NO_SUCH_CODE", message="injected")  # type: ignore[arg-type]
         self.send_to_router.send_multipart([self.identity, protocol.encode(message)], copy=False)
 
-    def send_handshake(self, message: Ready | LoadFailed | Alive) -> None:
+    def send_handshake(self, message: Ready | LoadFailed | Alive | ExportStarting) -> None:
         # The handshake goes over the DEALER: once the router reads it, it can route batches to this identity. The
         # DEALER is the main thread's until `Ready`, then the prepare thread's, which answers pings on it.
         self.recv_from_router.send(protocol.encode(message))
@@ -126,6 +127,7 @@ class Worker:
                  self.spec.weights_dir, self.spec.device)
         try:
             free_before = cuda.prepare_device(self.spec) if self.spec.adapter != "fake" else None
+            graph_cache.on_export_start = lambda: self.send_handshake(ExportStarting())
             adapter = build_adapter(self.spec)
             if "torch" in sys.modules:  # a torch adapter: its threads before its first op; a lean one never maps it
                 configure_torch_threads(self.spec.threads)

@@ -238,6 +238,10 @@ class Alive(Message):
     """The answer to `Ping`, from the thread that receives batches, sent beside any batch in hand."""
 
 
+class ExportStarting(Message):
+    """The load is about to export the model's graph in a helper process (torch); the router reserves its memory."""
+
+
 class BatchDone(Message, gc=False):
     """The batch succeeded."""
 
@@ -259,9 +263,10 @@ class BatchFailed(Message):
 
 
 RouterToWorker = EncodeBatch | ScoreBatch | ExtractBatch | TokenizeBatch | DecodeBatch | Ping | Shutdown
-WorkerToRouter = Ready | LoadFailed | Alive | BatchDone | BatchFailed
+WorkerToRouter = Ready | LoadFailed | Alive | ExportStarting | BatchDone | BatchFailed
 ALL_MESSAGES: tuple[type[Message], ...] = (EncodeBatch, ScoreBatch, ExtractBatch, TokenizeBatch, DecodeBatch, Ping,
-                                           Shutdown, Ready, LoadFailed, Alive, BatchDone, BatchFailed)
+                                           Shutdown, Ready, LoadFailed, Alive, ExportStarting, BatchDone,
+                                           BatchFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 _to_worker = msgspec.msgpack.Decoder(RouterToWorker)
@@ -322,6 +327,10 @@ RUNTIME_LANES = 0  # lean workers' forward calls side by side; 0: the runtime's 
 # (87 MiB of weights) 914 MiB, a random BERT-base (418 MiB) 2184 MiB.
 EXPORT_HELPER_BASE_BYTES = 576 * 2**20
 EXPORT_HELPER_WEIGHTS_FACTOR = 4
+# The families a CPU worker serves without torch, from an exported graph under OpenVINO or ONNX Runtime, unless its
+# `engine` option is torch: the worker builds them so (adapters.build_adapter), and the router's placement estimates
+# their workers so before the first one has measured itself.
+LEAN_FAMILIES = frozenset({"dense"})
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -445,6 +454,7 @@ class FakeOptions(Common, tag="fake"):
     oom_on_batch: int | None = None
     oom_over_items: int | None = None  # a batch of more items runs out of memory
     cuda_error_on_batch: int | None = None  # from that batch on, as a broken CUDA context does
+    announce_export: bool = False  # say `ExportStarting` before the load, as a lean worker's first load does
 
 
 FamilyOptions = (DenseOptions | SparseOptions | MultivectorOptions | HybridOptions | ClipOptions | CrossEncoderOptions

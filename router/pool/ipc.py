@@ -33,7 +33,7 @@ import zmq.asyncio
 from sie_router.loops import Loop
 from sie_sdk.codes import ErrorCode
 from sie_worker import protocol
-from sie_worker.protocol import Alive, BatchDone, BatchFailed, LoadFailed, Ping, Ready
+from sie_worker.protocol import Alive, BatchDone, BatchFailed, ExportStarting, LoadFailed, Ping, Ready
 
 log = logging.getLogger("sie.ipc")
 
@@ -86,6 +86,7 @@ class WorkerClient:
         self.in_flight: dict[int, Call] = {}
         self.batch_ids = itertools.count(1)
         self.handshakes: dict[str, asyncio.Future[Handshake]] = {}
+        self.exports: dict[str, asyncio.Future[None]] = {}  # loading worker id -> resolved by its `ExportStarting`
         self.progress: dict[str, float] = {}  # worker id -> when it last answered, or was given work while idle
         self.garbage: defaultdict[str, deque[float]] = defaultdict(deque)
         self.answered: dict[str, float] = {}  # ready worker id -> when it said Ready or last answered a ping
@@ -105,6 +106,12 @@ class WorkerClient:
         """The future the worker's `Ready` or `LoadFailed` will resolve."""
         future: asyncio.Future[Handshake] = asyncio.get_running_loop().create_future()
         self.handshakes[worker_id] = future
+        return future
+
+    def expect_export(self, worker_id: str) -> asyncio.Future[None]:
+        """The future a loading worker's `ExportStarting` will resolve (it may never come: the graph was cached)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.exports[worker_id] = future
         return future
 
     async def call(self, worker_id: str, make: Callable[[int], protocol.Message], deadline_s: float) -> Reply:
@@ -147,6 +154,9 @@ class WorkerClient:
         handshake = self.handshakes.pop(worker_id, None)
         if handshake is not None and not handshake.done():
             handshake.set_exception(error)
+        export = self.exports.pop(worker_id, None)
+        if export is not None:
+            export.cancel()
         for call in [c for c in self.in_flight.values() if c.worker_id == worker_id]:
             if not call.future.done():
                 call.future.set_exception(error)
@@ -190,6 +200,11 @@ class WorkerClient:
             if worker_id in self.answered:  # not when it was retired meanwhile
                 self.answered[worker_id] = time.monotonic()
             self.pinged.pop(worker_id, None)
+            return
+        if isinstance(message, ExportStarting):
+            export = self.exports.pop(worker_id, None)
+            if export is not None and not export.done():
+                export.set_result(None)
             return
         future = self.handshakes.pop(worker_id, None)
         if not isinstance(message, (Ready, LoadFailed)) or future is None or future.done():

@@ -45,6 +45,9 @@ class MemoryLedger:
                         for name, budget in budgets.items()}
         self.placement: dict[str, str] = {}
         self.recency: OrderedDict[str, float] = OrderedDict()  # model -> when last used, least recent first
+        # Counts the times memory was freed (a reservation released or settled lower, a budget grown back): a load
+        # refused for memory is tried again only once this has moved (WorkerPool's refusals).
+        self.freed = 0
 
     def best_device(self) -> str:
         """The placeable device with the most room."""
@@ -54,7 +57,8 @@ class MemoryLedger:
         """Shrink the device's budget to what this server holds there plus what is free on it now, so memory another
         process took since start is not promised twice; it grows back to the start budget as that memory returns."""
         budget = self.devices[device]
-        budget.budget = min(budget.limit, sum(budget.reserved.values()) + max(0, free_now))
+        before, budget.budget = budget.budget, min(budget.limit, sum(budget.reserved.values()) + max(0, free_now))
+        self.freed += budget.budget > before
 
     def reserve(self, key: str, device: str, nbytes: int) -> None:
         self.release(key)
@@ -66,12 +70,14 @@ class MemoryLedger:
         """Replace the estimate with the measured figure."""
         device = self.placement.get(key)
         if device is not None:
-            self.devices[device].reserved[key] = measured
+            reserved = self.devices[device].reserved
+            self.freed += measured < reserved.get(key, 0)
+            reserved[key] = measured
 
     def release(self, key: str) -> None:
         device = self.placement.pop(key, None)
         if device is not None:
-            self.devices[device].reserved.pop(key, None)
+            self.freed += self.devices[device].reserved.pop(key, None) is not None
         self.recency.pop(key, None)
 
     def touch(self, key: str) -> None:

@@ -4,9 +4,10 @@
 idle models are evicted after their TTL. Each model's slot also holds its queue (`queue`) and its one pace model,
 which its queue learns and `run_batch` reads for the batch deadline. A model whose ready worker died or hung is
 loaded again once its back-off is over, by the pool itself; meanwhile requests get 503 `MODEL_LOADING` with
-Retry-After the time left. Processes, deadlines and the back-off are the supervisor's (`supervisor.py`), memory and
-the recency of use are placement's (`placement.py`). States: available -> loading -> loaded -> (unloading ->)
-available, or failed.
+Retry-After the time left. A load refused for memory is every request's answer (503 `RESOURCE_EXHAUSTED`) until memory
+is freed or its hold passes (`Refusal`), and no request starts another meanwhile. Processes, deadlines and the
+back-off are the supervisor's (`supervisor.py`), memory and the recency of use are placement's (`placement.py`).
+States: available -> loading -> loaded -> (unloading ->) available, or failed.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from typing import Any
 
 from sie_router import metrics
@@ -34,11 +36,20 @@ from sie_router.pool.ipc import WorkerLost
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.pacing import BusyTimeFit, Pacer
 from sie_router.pool.placement import Placement
+from sie_router.pool.refusals import Refusal
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_router.telemetry import Tracing
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import BatchDone, BatchFailed, FamilyOptions, LoadErrorClass, Message, WorkerSpec
+from sie_worker.protocol import (
+    DEFAULT_ENGINE,
+    BatchDone,
+    BatchFailed,
+    FamilyOptions,
+    LoadErrorClass,
+    Message,
+    WorkerSpec,
+)
 
 __all__ = ["ModelState", "Slot", "Worker", "WorkerPool"]
 
@@ -46,6 +57,8 @@ log = logging.getLogger("sie.pool")
 
 IDLE_CHECK_S = 1.0
 MAX_COOLDOWN_FACTOR = 16  # a transient load failure that repeats waits twice as long each time, up to this factor
+# The request that starts a load waits this long at most for placement's decision (see `WorkerPool._placed`).
+PLACEMENT_WAIT_S = 2.0
 
 
 class ModelState(StrEnum):
@@ -70,6 +83,8 @@ class Slot:
     load_error: LoadError | None = None
     load_started: float = 0.0
     failed_at: float = 0.0
+    refusal: Refusal | None = None  # its last load was refused for memory
+    placed: asyncio.Event = field(default_factory=asyncio.Event)  # set once its load in progress has memory reserved
     batcher: Batcher | None = None
     # Busy seconds per batch by its cost: learned by the batcher from the worker's own timing, read for deadlines.
     pace: BusyTimeFit = field(default_factory=BusyTimeFit)
@@ -196,15 +211,34 @@ class WorkerPool:
         if slot.removing:
             raise SIEError(ErrorCode.MODEL_NOT_FOUND, f"model '{model}' was removed", param="model")
         self._check_failed(slot)
-        if slot.loading is None:
+        loading = slot.loading
+        if loading is None:
+            self._check_refused(slot, evict)
             self._start_load(slot, evict)
-        assert slot.loading is not None
+            loading = slot.loading
+            assert loading is not None
+            if await self._placed(slot, loading):
+                return loading.result()  # it ended at once: refused for memory, or failed (or, fast, loaded)
         if wait_s is None or wait_s <= 0:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is loading; retry shortly")
         try:
-            return await asyncio.wait_for(asyncio.shield(slot.loading), wait_s)
+            return await asyncio.wait_for(asyncio.shield(loading), wait_s)
         except TimeoutError:
             raise SIEError(ErrorCode.MODEL_LOADING, f"model '{model}' is still loading after {wait_s:g}s") from None
+
+    @staticmethod
+    async def _placed(slot: Slot, loading: asyncio.Future[Worker]) -> bool:
+        """Wait, up to PLACEMENT_WAIT_S, until placement has reserved memory for the load just started; whether the
+        load has ended meanwhile. So the request that starts a load placement refuses is answered with the refusal,
+        not MODEL_LOADING: a client told to come back after MODEL_LOADING's Retry-After would otherwise arrive once
+        the refusal's hold is over, start the next load, and be told MODEL_LOADING again, forever. A download of the
+        weights can outlast the wait; then the answer is MODEL_LOADING, as before."""
+        placed = asyncio.ensure_future(slot.placed.wait())
+        try:
+            await asyncio.wait([loading, placed], timeout=PLACEMENT_WAIT_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            placed.cancel()
+        return loading.done()
 
     def ready_worker(self, key: str) -> Worker:
         """The model's ready worker, for a batch of a job that `ensure`d it; MODEL_LOADING (retryable) when the
@@ -235,10 +269,31 @@ class WorkerPool:
         if error.permanent or time.monotonic() - slot.failed_at < self.cooldown(error):
             raise error.again(error.attempts)
 
+    def _check_refused(self, slot: Slot, evict: bool) -> None:
+        """A model whose last load was refused for memory answers that refusal, with Retry-After the time it still
+        stands, and starts no load while it stands (`Refusal`)."""
+        refusal = slot.refusal
+        if refusal is None:
+            return
+        left = refusal.left(self.ledger.freed, evict)
+        if left <= 0:
+            slot.refusal = None
+            return
+        raise SIEError(ErrorCode.RESOURCE_EXHAUSTED, refusal.error.message, retry_after=max(1, math.ceil(left)))
+
+    def _refused(self, slot: Slot, error: SIEError, evict: bool) -> None:
+        """Placement refused the model's load for memory: count it, and let the refusal stand (`Refusal`)."""
+        metrics.MODEL_LOADS.labels(slot.key, "refused").inc()
+        hold = self.settings.load_refusal_hold_s
+        slot.refusal = Refusal(error, self.ledger.freed, time.monotonic() + hold, evict)
+        error.retry_after = max(1, math.ceil(hold))  # for the requests that waited on this load: when it may lift
+        log.warning("not loading %s: %s", slot.key, error.message)
+
     def cooldown(self, error: LoadError) -> float:
         return self.settings.load_retry_cooldown_s * min(MAX_COOLDOWN_FACTOR, 2 ** (error.attempts - 1))
 
     def _start_load(self, slot: Slot, evict: bool) -> None:
+        slot.placed.clear()
         slot.loading = asyncio.create_task(self._load(slot, evict), name=f"sie-load:{slot.key}")
         # Its failure is the slot's state and the answer of the requests that wait; nobody else reads it.
         slot.loading.add_done_callback(lambda task: task.cancelled() or task.exception())
@@ -264,20 +319,22 @@ class WorkerPool:
             slot.load_error = exc.again((slot.load_error.attempts if slot.load_error else 0) + 1)
             self.placement.release(slot.key)
             raise slot.load_error from None
-        except SIEError:
-            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
-            slot.state = ModelState.AVAILABLE  # no room right now (RESOURCE_EXHAUSTED): retryable, nothing held
+        except SIEError as exc:  # no room right now (RESOURCE_EXHAUSTED): retryable
+            slot.state = ModelState.AVAILABLE
+            self.placement.release(slot.key)  # what it held while its worker loaded (refused during an export)
+            self._refused(slot, exc, evict)
             raise
         finally:
             slot.loading = None
-        slot.state, slot.worker, slot.load_error = ModelState.LOADED, worker, None
+        slot.state, slot.worker, slot.load_error, slot.refusal = ModelState.LOADED, worker, None, None
         slot.pace.reset()  # a new process learns its own pace; until then its batches get the full deadline
         info = worker.info
         assert info is not None
         if info.device != worker.device:  # --device auto, and the worker's torch had no CUDA: it runs on the CPU
             self.placement.move(slot.key, info.device)
             worker.device = info.device
-        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes)
+        measured = self.placement.settle(slot.key, info.pid, worker.device, info.memory_bytes, info.context_bytes,
+                                         engine=info.engine)
         await self._fit(slot, worker.device, evict)
         metrics.MODEL_LOADS.labels(slot.key, "success").inc()
         metrics.MODEL_LOAD_DURATION.labels(slot.key).observe(time.monotonic() - slot.load_started)
@@ -290,9 +347,9 @@ class WorkerPool:
         none can go and the overrun is beyond the tolerance, stop this worker and fail the load (retryable)."""
         try:
             victims = self.placement.fit(slot.key, device, lambda k: evict and self._evictable(k))
-        except SIEError:
-            metrics.MODEL_LOADS.labels(slot.key, "failure").inc()
+        except SIEError as exc:
             await self.evict(slot.key, reason="memory")
+            self._refused(slot, exc, evict)
             raise
         for victim in victims:
             await self.evict(victim, reason="memory")
@@ -328,14 +385,28 @@ class WorkerPool:
             retry = exc.transient or exc.unreachable
             raise LoadError(LoadErrorClass.NETWORK if retry else LoadErrorClass.NOT_FOUND, str(exc)) from None
         options = self._options(cfg)  # before the reservation: a refused setting fails here, holding nothing
-        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder)), evict)
+        engine = getattr(options, "engine", DEFAULT_ENGINE)
+        device = await self._reserve(slot, self.placement.estimate(slot.key, cfg, str(folder), engine), evict)
+        slot.placed.set()
         spec = self._spec(cfg, str(folder), device, options)
         log.info("loading %s: %s adapter, weights from %s (%s), on %s", cfg.sie_id, spec.adapter, folder or "-",
                  origin, device)
+        on_export = partial(self._reserve_export, slot, evict)
         if device == "cpu":
-            return await self.supervisor.spawn(spec, slot.key)
+            return await self.supervisor.spawn(spec, slot.key, on_export)
         async with self._gpu_loads.setdefault(device, asyncio.Lock()):
-            return await self.supervisor.spawn(spec, slot.key)
+            return await self.supervisor.spawn(spec, slot.key, on_export)
+
+    async def _reserve_export(self, slot: Slot, evict: bool) -> None:
+        """The loading worker starts a graph export: reserve the helper's memory beside the worker's until its Ready,
+        evicting LRU idle models if needed; RESOURCE_EXHAUSTED (the worker is then stopped) when it cannot fit."""
+        extra, victims = self.placement.plan_export(slot.key, lambda k: evict and self._evictable(k))
+        if not extra:
+            return  # its reservation has held the helper from the start (its last load exported and never got ready)
+        for victim in victims:
+            await self.evict(victim, reason="memory")
+        self.placement.grow(slot.key, extra)
+        log.info("%s exports its graph first: %.0f MiB more reserved until it is ready", slot.key, extra / 2**20)
 
     def _spec(self, cfg: ModelConfig, folder: str, device: str, options: FamilyOptions | None) -> WorkerSpec:
         profile = cfg.profiles["default"]

@@ -18,14 +18,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
 from sie_router import metrics
 from sie_router.errors import LoadError
-from sie_router.pool.ipc import Reply, WorkerClient, WorkerLost
+from sie_router.pool.ipc import Handshake, Reply, WorkerClient, WorkerLost
 from sie_router.pool.pacing import BusyTimeFit
 from sie_router.pool.restarts import Restarts
 from sie_router.settings import Settings
@@ -155,18 +155,23 @@ class Supervisor:
 
     # -- starting ---------------------------------------------------------------------------------------------------
 
-    async def spawn(self, spec: WorkerSpec, key: str) -> Worker:
-        """Start a worker and wait for its `Ready`; raises `LoadError` if it fails, dies or times out first."""
+    async def spawn(self, spec: WorkerSpec, key: str,
+                    on_export: Callable[[], Awaitable[None]] | None = None) -> Worker:
+        """Start a worker and wait for its `Ready`; raises `LoadError` if it fails, dies or times out first. If the
+        worker says it starts a graph export first, `on_export()` runs (placement reserves the helper's memory); what
+        it raises stops the worker and fails the load."""
         try:
             process = spawn_worker(spec)
         except OSError as exc:  # EMFILE, ENOMEM, EAGAIN: the system refuses for now; a later try may succeed
             raise LoadError(LoadErrorClass.STORAGE, f"cannot start a worker for '{key}': {exc}") from None
         handshake = self.client.expect(spec.worker_id)
+        export = self.client.expect_export(spec.worker_id)
         worker = Worker(worker_id=spec.worker_id, key=key, process=process, device=spec.device)
         self.workers[worker.worker_id] = worker
         asyncio.get_running_loop().add_reader(worker.process.sentinel, self._on_sentinel, worker)
         try:
-            message = await asyncio.wait_for(handshake, self.settings.load_timeout_s)
+            message = await asyncio.wait_for(self._handshake(worker, handshake, export, on_export),
+                                             self.settings.load_timeout_s)
         except TimeoutError:
             # SIGKILL at the deadline: a frozen load never acts on SIGTERM, and a slow one has nothing to save. Its
             # graph-export helper, if any, dies with it (the helper asks the kernel for that).
@@ -181,6 +186,24 @@ class Supervisor:
             raise LoadError(message.error_class, f"model '{key}' failed to load: {message.message}")
         worker.info, worker.ready_at = message, time.monotonic()
         return worker
+
+    async def _handshake(self, worker: Worker, handshake: asyncio.Future[Handshake], export: asyncio.Future[None],
+                         on_export: Callable[[], Awaitable[None]] | None) -> Handshake:
+        """The worker's `Ready` or `LoadFailed`, after `on_export()` if the worker announced an export before it."""
+        try:
+            await asyncio.wait([handshake, export], return_when=asyncio.FIRST_COMPLETED)
+            if export.done() and not export.cancelled() and not handshake.done() and on_export is not None:
+                try:
+                    await on_export()
+                except BaseException:
+                    # SIGKILL: a loading worker reads no Shutdown; its export helper dies with it.
+                    worker.stopping = True
+                    worker.process.kill()
+                    raise
+            return await handshake
+        finally:
+            self.client.exports.pop(worker.worker_id, None)
+            export.cancel()
 
     # -- calls ------------------------------------------------------------------------------------------------------
 

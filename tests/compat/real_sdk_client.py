@@ -81,6 +81,20 @@ def load_failed(url: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 @scenario
+def refused_for_memory(url: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A model that does not fit the memory budget: the client waits out the first answer (MODEL_LOADING), then
+    retries the refusal once (max_oom_retries=1, to keep the test short) and raises it."""
+    from sie_sdk.client.errors import ResourceExhaustedError
+
+    started = time.monotonic()
+    try:
+        SIEClient(url).encode(args["model"], {"text": "x"}, max_oom_retries=1)
+    except ResourceExhaustedError as exc:
+        return {"error": np.array(type(exc).__name__), "seconds": np.array(time.monotonic() - started)}
+    return {"error": np.array("none"), "seconds": np.array(time.monotonic() - started)}
+
+
+@scenario
 def extract_with_labels(url: str, args: dict[str, Any]) -> dict[str, Any]:
     """NLI zero-shot (single- and multi-label) and GLiNER with labels; results as JSON; a label-less call's error."""
     client = SIEClient(url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +51,24 @@ def test_real_sdk_retries_through_a_cold_load(server: Server, real_sdk: RunScena
     got = real_sdk(server.url, "cold_load", model="test/fake-cold-sdk")
     assert int(got["retries"]) >= 1
     np.testing.assert_allclose(got["dense"], fake_vector("wake up", 16), atol=1e-6)
+
+
+def test_real_sdk_gets_a_refusal_for_a_model_that_does_not_fit_not_an_endless_load(
+        tmp_path: Path, real_sdk: RunScenario) -> None:
+    """The issue: each poll started a new load that placement refused again, so the client saw MODEL_LOADING and
+    retried forever. Now it sees RESOURCE_EXHAUSTED, which it retries a bounded number of times, then raises."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "big.yaml").write_text(
+        "sie_id: test/too-big\npackage_backed: true\nmemory_mb: 400\ntasks: {encode: {dense: {dim: 16}}}\n"
+        "profiles: {default: {adapter: fake, max_batch_tokens: 16384, adapter_options: {loadtime: {dim: 16}}}}\n")
+    srv = Server(["--bundle", str(bundle), "--memory-budget", "294M"], log=tmp_path / "log").wait_ready()
+    try:
+        got = real_sdk(srv.url, "refused_for_memory", model="test/too-big")
+    finally:
+        srv.stop()
+    assert str(got["error"]) == "ResourceExhaustedError"
+    assert float(got["seconds"]) < 60
 
 
 def test_real_sdk_fails_fast_on_a_load_failure(server: Server, real_sdk: RunScenario) -> None:

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,8 @@ import pytest
 
 from sie_sdk import SIEClient, admin
 from sie_sdk.types import Item
-from tests.server import MINILM, Server, make_bundle
+from sie_worker.adapters import graph_cache
+from tests.server import MINILM, ROOT, Server, make_bundle
 
 
 def workers(srv: Server) -> dict[str, dict]:
@@ -227,9 +230,10 @@ def test_a_worker_over_the_budget_with_nothing_to_evict_fails_its_load_and_the_n
         tmp_path: Path) -> None:
     """The heavy model's default estimate (400 MiB) fits a 400 MiB budget; its measure (~650 MiB) does not, and no
     other model can go: its worker is stopped and the load answers a retryable 503. Its measure is remembered, so the
-    next try is refused without a spawn, and a lean model still loads (the refused worker taught no base)."""
+    next try (the refusal does not stand here) is refused without a spawn, and a lean model still loads (the refused
+    worker taught no base)."""
     srv = Server(["--bundle", str(lean_bundle(tmp_path)), "--memory-budget", "400MiB"],
-                 log=tmp_path / "log").wait_ready()
+                 log=tmp_path / "log", env={"SIE_LOAD_REFUSAL_HOLD_S": "0"}).wait_ready()
     body = {"model": "test/heavy", "input": "x"}
     try:
         # The OpenAI route waits out a load (--load-wait-s), so it sees how the load ended.
@@ -241,5 +245,141 @@ def test_a_worker_over_the_budget_with_nothing_to_evict_fails_its_load_and_the_n
         assert again.status_code == 503 and "needs about" in again.json()["error"]["message"]
         encode(srv, "test/lean-a")
         assert loaded(srv) == {"test/lean-a"}
+    finally:
+        srv.stop()
+
+
+def _fake_model(key: str, memory_mb: int, loadtime: str = "{dim: 16}") -> str:
+    return (f"sie_id: {key}\npackage_backed: true\nmemory_mb: {memory_mb}\n"
+            "tasks: {encode: {dense: {dim: 16}}, score: {}, extract: {}}\n"
+            "profiles: {default: {adapter: fake, max_batch_tokens: 16384, "
+            f"adapter_options: {{loadtime: {loadtime}}}}}}}\n")
+
+
+TOO_BIG = "test/too-big"
+# Three models loaded on first use under the issue's 294M (280 MiB) budget: two fit, the third's 400 MiB never does.
+# A fourth says it exports a graph first, as a lean worker's first load does: its worker fits, the export helper's
+# 512 MiB does not.
+REFUSAL_BUNDLE = "---\n".join([_fake_model("test/small-a", 100), _fake_model("test/small-b", 100),
+                               _fake_model(TOO_BIG, 400),
+                               _fake_model("test/exports", 60, "{dim: 16, announce_export: true}")])
+# One request per API family for a model; each is answered in its own envelope.
+ROUTES = [
+    ("native", "/v1/encode/{m}", {"items": [{"text": "x"}]}),
+    ("native", "/v1/score/{m}", {"query": {"text": "q"}, "items": [{"text": "d"}]}),
+    ("native", "/v1/extract/{m}", {"items": [{"text": "x"}], "params": {"labels": ["a"]}}),
+    ("openai", "/v1/embeddings", {"model": "{m}", "input": "x"}),
+    ("cohere", "/v1/rerank", {"model": "{m}", "query": "q", "documents": ["d"]}),
+    ("infinity", "/embeddings", {"model": "{m}", "input": ["x"]}),
+    ("infinity", "/rerank", {"model": "{m}", "query": "q", "documents": ["d"]}),
+    ("tei", "/tei/{m}/rerank", {"query": "q", "texts": ["d"]}),
+]
+
+
+def _ask(srv: Server, path: str, body: dict, model: str) -> httpx.Response:
+    filled = json.loads(json.dumps(body).replace("{m}", model))
+    return httpx.post(srv.url + path.replace("{m}", model), json=filled, timeout=150)
+
+
+def _refused_loads(srv: Server, model: str) -> float:
+    metrics = httpx.get(f"{srv.url}/metrics").text
+    line = f'sie_model_loads_total{{model="{model}",result="refused"}} '
+    return sum(float(row.split()[-1]) for row in metrics.splitlines() if row.startswith(line))
+
+
+def _code(api: str, response: httpx.Response) -> object:
+    """The error code as the API's own envelope carries it."""
+    body = response.json()
+    return {"native": lambda: body["detail"]["code"], "openai": lambda: body["error"]["code"],
+            "cohere": lambda: body["error"]["code"], "infinity": lambda: body["error"]["code"],
+            "tei": lambda: body["error_type"]}[api]()
+
+
+def test_a_load_refused_for_memory_is_every_routes_answer_and_is_tried_once(tmp_path: Path) -> None:
+    """The issue: a model that does not fit, served from a bundle, answered the native route's polls 503
+    MODEL_LOADING 239 times in a row, each poll a new load that placement refused again; the SDK retries
+    MODEL_LOADING forever. Now every API answers the refusal, with Retry-After, and one load was tried while the
+    refusal stands (held 600 s here, so that the test's pace cannot matter)."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "models.yaml").write_text(REFUSAL_BUNDLE)
+    srv = Server(["--bundle", str(bundle), "--memory-budget", "294M"], log=tmp_path / "log",
+                 env={"SIE_LOAD_REFUSAL_HOLD_S": "600"}).wait_ready()
+    try:
+        encode(srv, "test/small-a")
+        encode(srv, "test/small-b")
+        # The native route waits for no load, yet the request that starts one is told placement's answer.
+        first = _ask(srv, *ROUTES[0][1:], TOO_BIG)
+        assert first.status_code == 503 and first.headers["x-sie-error-code"] == "RESOURCE_EXHAUSTED", first.text
+        expected = {"native": "RESOURCE_EXHAUSTED", "openai": "resource_exhausted", "cohere": "resource_exhausted",
+                    "infinity": 503, "tei": "Overloaded"}
+        for _ in range(3):
+            for api, path, body in ROUTES:
+                response = _ask(srv, path, body, TOO_BIG)
+                assert response.status_code == (429 if api == "tei" else 503), (path, response.text)
+                assert response.headers["x-sie-error-code"] == "RESOURCE_EXHAUSTED", path
+                assert int(response.headers["retry-after"]) >= 1, path
+                assert _code(api, response) == expected[api], (path, response.text)
+                assert "needs about 400 MiB on cpu" in response.text, path
+        assert _refused_loads(srv, TOO_BIG) == 1
+        assert loaded(srv) == {"test/small-a", "test/small-b"}, "the refusal evicted nothing and loaded nothing"
+    finally:
+        srv.stop()
+
+
+def test_an_export_helper_is_reserved_while_it_runs_and_refused_when_it_cannot_fit(tmp_path: Path) -> None:
+    """A worker that says it exports first (a lean worker's first load) gets the helper's memory reserved beside its
+    own until Ready, when the ledger holds what it measured; where the helper cannot fit, the load is refused."""
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    (bundle / "models.yaml").write_text(REFUSAL_BUNDLE)
+    body = {"model": "test/exports", "input": "x"}
+    for budget, fits in (("294M", False), ("700MiB", True)):
+        srv = Server(["--bundle", str(bundle), "--memory-budget", budget], log=tmp_path / f"log-{budget}",
+                     env={"SIE_LOAD_REFUSAL_HOLD_S": "600"}).wait_ready()
+        try:
+            response = httpx.post(f"{srv.url}/v1/embeddings", json=body, timeout=150)  # waits out the load
+            if not fits:
+                assert response.status_code == 503 and "exporting its graph" in response.text, response.text
+                assert response.headers["x-sie-error-code"] == "RESOURCE_EXHAUSTED"
+                assert loaded(srv) == set() and _refused_loads(srv, "test/exports") == 1
+                continue
+            assert response.status_code == 200, response.text
+            row = workers(srv)["test/exports"]
+            # After Ready the ledger holds what the worker measured then (the listing's figure is read now), not
+            # the helper's 512 MiB beside it.
+            assert row["memory_budget_bytes"] < 512 * 2**20, row
+            assert abs(row["memory_budget_bytes"] - row["memory_bytes"]) < 0.1 * row["memory_bytes"], row
+            assert "512 MiB more reserved until it is ready" in srv.log_path.read_text()
+        finally:
+            srv.stop()
+
+
+# Runs in child processes, so that torch stays out of this one.
+BUILD_TINY = ("import sys; from pathlib import Path; from tests.tiny_models import build_dense_st; "
+              "[build_dense_st(Path(p)) for p in sys.argv[1:]]")
+
+
+def test_tiny_lean_models_start_under_the_issues_294M_budget(tmp_path: Path) -> None:
+    """Before, the first estimate on the CPU was a torch worker's (400 MiB) and a server with tiny dense models under
+    --memory-budget 294M (280 MiB) refused to start: "needs about 400 MiB on cpu, 280 MiB is free". A lean worker is
+    estimated as one from the start (~144 MiB), and once one measured itself (~120 MiB) the next fits beside it.
+    Their graphs are exported beforehand: the export helper alone needs more than this budget."""
+    folders = [tmp_path / "tiny-0", tmp_path / "tiny-1"]
+    subprocess.run([sys.executable, "-c", BUILD_TINY, *map(str, folders)], cwd=ROOT, check=True)
+    graphs = tmp_path / "xdg" / "sie" / "graphs"  # the workers' default cache under XDG_CACHE_HOME
+    for folder in folders:
+        target = graphs / graph_cache.indexed_key(folder, graphs)
+        subprocess.run([sys.executable, "-m", "sie_worker.export_graph", str(folder), str(target), str(os.getpid())],
+                       check=True)
+    args = ["--memory-budget", "294M"]
+    for i, folder in enumerate(folders):
+        args += ["-m", str(folder), "--served-model-name", f"tiny-{i}"]
+    srv = Server(args, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")}, log=tmp_path / "log").wait_ready(timeout=120)
+    try:
+        table = workers(srv)
+        assert len(table) == 2 and all(w["state"] == "loaded" for w in table.values()), table
+        assert all(w["memory_bytes"] < 160 * 2**20 for w in table.values()), table
+        assert "exports its graph first" not in srv.log_path.read_text()
     finally:
         srv.stop()

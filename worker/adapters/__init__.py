@@ -6,7 +6,7 @@ import importlib
 from pathlib import Path
 
 from sie_worker.adapters.base import Adapter, BadModelConfig, UnknownFamily
-from sie_worker.protocol import WorkerSpec
+from sie_worker.protocol import LEAN_FAMILIES, WorkerSpec
 
 # Family name -> "module:Class". Modules import torch lazily through this table, so a family's heavy imports
 # (gliner, PIL) are paid only by the workers that serve it.
@@ -47,7 +47,7 @@ def build_adapter(spec: WorkerSpec) -> Adapter:
     """The adapter for the spec's family, not loaded yet. A dense encoder on CPU is served without torch from an
     exported graph where it can be (`dense_lean.build` exports it first, in a helper process); torch otherwise."""
     refuse_custom_code(spec)
-    if spec.adapter == "dense":
+    if spec.adapter in LEAN_FAMILIES:  # the router's placement estimates these workers as lean ones
         from sie_worker.adapters import dense_lean
 
         lean = dense_lean.build(spec)

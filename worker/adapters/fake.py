@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 
 from sie_sdk.types import Classification
+from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import LoadInfo, OutOfMemory, Prepared
 from sie_worker.protocol import (
     EncodeBatch,
@@ -59,6 +60,8 @@ class FakeAdapter:
         self._grown: list[bytes] = []
 
     def load(self) -> LoadInfo:
+        if self.options.announce_export and graph_cache.on_export_start is not None:
+            graph_cache.on_export_start()
         time.sleep(self.options.load_delay_s)
         if self.options.fail_load:
             raise RuntimeError(self.options.fail_load)

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,9 @@ NOT_EXPORTABLE = 3
 EXPORT_TIMEOUT_S = 420.0
 # The router's load timeout leaves the worker at least this long after EXPORT_TIMEOUT_S to load the model on torch.
 LOAD_AFTER_EXPORT_S = 120.0
+# Called just before the export helper starts: the worker's loop sets it to tell the router, whose placement reserves
+# the helper's memory (torch and the checkpoint) until the worker is ready.
+on_export_start: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -263,6 +267,8 @@ def _export(weights_dir: Path, folder: Path, lock: int, deadline: float) -> bool
         log.warning("graph %s is incomplete; exporting it again", folder)
         shutil.rmtree(folder, ignore_errors=True)
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
+    if on_export_start is not None:
+        on_export_start()
     command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
