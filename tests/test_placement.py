@@ -254,7 +254,7 @@ def test_a_model_whose_export_was_refused_is_estimated_with_its_helper_until_a_w
     alone = placement.estimate("m", config(family="dense"), str(tmp_path))
     placement.reserve("m", "cpu", alone)
     with pytest.raises(SIEError):
-        placement.plan_export("m", lambda k: True)  # 280 MiB cannot hold the 512 MiB helper
+        placement.plan_export("m", lambda k: True)  # 280 MiB cannot hold the helper (over 512 MiB)
     placement.release("m")
     again = placement.estimate("m", config(family="dense"), str(tmp_path))
     assert again == alone + placement.export_estimate("m")
