@@ -33,7 +33,8 @@ GRAPH_FORMAT = 2
 OPSET = 17
 # Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
 KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
-EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
+# OpenVINO writes the IR in the export, so its version is part of what the folder means.
+EXPORTER_PACKAGES = ("torch", "transformers", "onnx", "openvino")
 # sentence-transformers' files beside the encoder: what runs after the graph, read at every load, not baked into it.
 NOT_GRAPH_FILES = frozenset({"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"})
 FILES = ("model.onnx", "tokenizer.json", "graph.json", "probe.npz")
@@ -44,6 +45,24 @@ MIN_COSINE = 0.999
 # The helper exits with this when the model cannot be served from a graph (a slow tokenizer, a disagreeing export).
 NOT_EXPORTABLE = 3
 EXPORT_TIMEOUT_S = 1800.0
+# What the graph computes after the backbone (`export_graph.head_module` builds each): `hidden`, the last hidden state
+# [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
+# logits [B, labels] over single texts or pairs (cross-encoders); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's
+# SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it.
+HIDDEN = "hidden"
+SEQUENCE_LOGITS = "sequence_logits"
+# How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
+# the reference's, and sigmoid or softmax move less than the logit does.
+MAX_LOGIT_ERROR = 0.02
+
+
+def splade_head(strategy: str, activation: str) -> str:
+    return f"splade-{strategy}-{activation}"
+
+
+def pair_head(head: str) -> bool:
+    """Whether the graph's inputs are (text, text) pairs, so its probe batch is made of pairs."""
+    return head == SEQUENCE_LOGITS
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,9 @@ class Graph:
     clean_up_tokenization_spaces: bool
     export_cosine: float
     temporary: bool = False  # in a temporary folder (the cache was not writable): remove it once the runtime opened
+    head: str = HIDDEN
+    output_width: int = 0  # the head's last dimension: hidden size, labels or vocabulary
+    special_ids: dict[str, int] | None = None  # the tokenizer's special tokens by role (mask, pad, unk, cls, sep)
 
     @property
     def model_path(self) -> Path:
@@ -74,7 +96,7 @@ class Graph:
         return self.folder / "tokenizer.json"
 
     def probe(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """The probe batch's inputs and torch's float32 last hidden state for them."""
+        """The probe batch's inputs and torch's float32 output of the head for them."""
         with np.load(self.folder / "probe.npz") as data:
             return {name: data[name] for name in self.input_names}, data["hidden"]
 
@@ -96,16 +118,16 @@ def _key_files(weights_dir: Path) -> list[Path]:
             if path.is_file() and path.suffix in KEY_SUFFIXES and path.name not in NOT_GRAPH_FILES]
 
 
-def _versions() -> str:
+def _versions(head: str = HIDDEN) -> str:
     versions = " ".join(f"{name}={_version(name)}" for name in EXPORTER_PACKAGES)
-    return f"format{GRAPH_FORMAT} opset{OPSET} {versions}"
+    return f"format{GRAPH_FORMAT} opset{OPSET} head={head} {versions}"
 
 
-def cache_key(weights_dir: Path) -> str:
-    """A digest of the checkpoint's defining files and the exporter's versions (read from package metadata: the
-    serving worker never imports the exporter)."""
+def cache_key(weights_dir: Path, head: str = HIDDEN) -> str:
+    """A digest of the checkpoint's defining files, the head and the exporter's versions (read from package metadata:
+    the serving worker never imports the exporter)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(_versions().encode())
+    digest.update(_versions(head).encode())
     for path in _key_files(weights_dir):
         digest.update(path.name.encode())
         with path.open("rb") as f:
@@ -113,28 +135,28 @@ def cache_key(weights_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(weights_dir: Path) -> str:
+def fingerprint(weights_dir: Path, head: str = HIDDEN) -> str:
     """Where the checkpoint is and its files' names, sizes, inodes and modification times: a cheap stand-in for
     their contents, which any rewrite of a file changes."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_versions()} {weights_dir.resolve()}".encode())
+    digest.update(f"{_versions(head)} {weights_dir.resolve()}".encode())
     for path in _key_files(weights_dir):
         stat = path.stat()
         digest.update(f"{path.name} {stat.st_size} {stat.st_ino} {stat.st_mtime_ns}".encode())
     return digest.hexdigest()
 
 
-def indexed_key(weights_dir: Path, root: Path) -> str:
+def indexed_key(weights_dir: Path, root: Path, head: str = HIDDEN) -> str:
     """`cache_key`, remembered under `root/index` by the files' fingerprint: hashing MiniLM's 90 MB took 0.37 s of
     a 1 s reload. A fingerprint whose files changed misses, and the contents are hashed again."""
-    index = root / "index" / fingerprint(weights_dir)
+    index = root / "index" / fingerprint(weights_dir, head)
     try:
         key = index.read_text().strip()
         if key:
             return key
     except OSError:
         pass
-    key = cache_key(weights_dir)
+    key = cache_key(weights_dir, head) if head != HIDDEN else cache_key(weights_dir)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         staging = index.with_name(f".{index.name}.{os.getpid()}")
@@ -165,16 +187,39 @@ def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
         return Graph(folder=folder, input_names=list(meta["input_names"]), hidden_size=int(meta["hidden_size"]),
                      pad_token_id=int(meta["pad_token_id"]), model_max_length=int(meta["model_max_length"]),
                      clean_up_tokenization_spaces=bool(meta["clean_up_tokenization_spaces"]),
-                     export_cosine=float(meta["export_cosine"]), temporary=temporary)
+                     export_cosine=float(meta["export_cosine"]), temporary=temporary,
+                     head=str(meta.get("head", HIDDEN)), output_width=int(meta.get("output_width", 0)),
+                     special_ids={str(k): int(v) for k, v in (meta.get("special_ids") or {}).items()})
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def graph_meta(input_names: list[str], hidden_size: int, pad_token_id: int, model_max_length: int,
-               clean_up_tokenization_spaces: bool, export_cosine: float) -> dict[str, Any]:
+               clean_up_tokenization_spaces: bool, export_cosine: float, **head: Any) -> dict[str, Any]:
+    """`graph.json`; `head` adds the head's fields (head, output_width, special_ids)."""
     return {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
             "pad_token_id": pad_token_id, "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine}
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine, **head}
+
+
+def min_agreement(head: str) -> float:
+    """The bar `agreement` must reach for a runtime to serve a graph of this head."""
+    return 1.0 - MAX_LOGIT_ERROR if head == SEQUENCE_LOGITS else MIN_COSINE
+
+
+def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+    """How closely a runtime's output of the probe batch matches torch's, on the scale `min_agreement` judges: the
+    lowest cosine per real token (hidden states) or per item (SPLADE weights); for logits, 1 minus the largest error
+    relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing."""
+    if head == HIDDEN:
+        return masked_min_cosine(expected, got, mask)
+    if expected.shape != got.shape:
+        return -1.0
+    a, b = expected.astype(np.float64), got.astype(np.float64)
+    if head == SEQUENCE_LOGITS:
+        return 1.0 - float(np.abs(a - b).max() / max(1.0, float(np.abs(a).max())))
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(((a * b).sum(axis=1) / np.maximum(norms, 1e-12)).min())
 
 
 def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
@@ -188,21 +233,22 @@ def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -
     return float(((a * b).sum(axis=1) / np.maximum(norms, 1e-12)).min())
 
 
-def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | None:
-    """The checkpoint's cached graph, exported first by the helper process when missing; None when it cannot be had
-    (the caller serves the model with torch instead)."""
+def ensure_graph(weights_dir: Path, cache_dir: str | Path | None, head: str = HIDDEN) -> Graph | None:
+    """The checkpoint's cached graph of `head`, exported first by the helper process when missing; None when it cannot
+    be had (the caller serves the model with torch instead)."""
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     temporary = not writable_dir(root)
     if temporary:
         root = Path(tempfile.mkdtemp(prefix="sie-graph-"))
         log.warning("graph cache %s is not writable; exporting into %s for this load only", cache_dir or
                     default_cache_dir(), root)
-    folder = root / indexed_key(weights_dir, root)
+    folder = root / indexed_key(weights_dir, root, head)
     graph = read_graph(folder, temporary)
     if graph is not None:
         return graph
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
-    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
+    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid()),
+               *(["--head", head] if head != HIDDEN else [])]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,

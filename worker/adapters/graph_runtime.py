@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sie_worker.adapters.graph_cache import MIN_COSINE, Graph, masked_min_cosine
+from sie_worker.adapters.graph_cache import Graph, agreement, min_agreement
 
 log = logging.getLogger("sie.worker.graph")
 
@@ -141,20 +141,22 @@ class OrtRuntime:
 
 
 def probe_cosine(runtime: Runtime, graph: Graph) -> float:
+    """The runtime's agreement with torch on the probe batch (`graph_cache.agreement`: a cosine for hidden states)."""
     feed, expected = graph.probe()
-    return masked_min_cosine(expected, runtime.run(feed), feed["attention_mask"])
+    return agreement(graph.head, expected, runtime.run(feed), feed["attention_mask"])
 
 
 def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision: str = "auto",
                  arena: bool = False) -> Runtime:
     """`kind` (openvino or onnxruntime) over the graph, checked on the probe batch; GraphRejected if it disagrees."""
     runtime: Runtime
+    bar = min_agreement(graph.head)
     if kind == "openvino":
         runtime = OpenVinoRuntime(graph, threads, lanes, precision)
         cosine = probe_cosine(runtime, graph)
-        if cosine < MIN_COSINE and precision == "auto" and runtime.precision != "f32":
-            log.warning("openvino in %s is under the bar on the probe (lowest cosine %.6f < %s); using float32",
-                        runtime.precision, cosine, MIN_COSINE)
+        if cosine < bar and precision == "auto" and runtime.precision != "f32":
+            log.warning("openvino in %s is under the bar on the probe (agreement %.6f < %s); using float32",
+                        runtime.precision, cosine, bar)
             runtime = OpenVinoRuntime(graph, threads, lanes, "float32")
             cosine = probe_cosine(runtime, graph)
     elif kind == "onnxruntime":
@@ -162,8 +164,8 @@ def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision
         cosine = probe_cosine(runtime, graph)
     else:
         raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")
-    if cosine < MIN_COSINE:
-        raise GraphRejected(f"{runtime.describe()} disagrees with torch on the probe batch (lowest cosine "
-                            f"{cosine:.6f} < {MIN_COSINE})")
-    log.info("graph runtime: %s, lowest probe cosine against torch float32 %.6f", runtime.describe(), cosine)
+    if cosine < bar:
+        raise GraphRejected(f"{runtime.describe()} disagrees with torch on the probe batch (agreement "
+                            f"{cosine:.6f} < {bar})")
+    log.info("graph runtime: %s, agreement with torch float32 on the probe %.6f", runtime.describe(), cosine)
     return runtime
