@@ -193,7 +193,7 @@ def test_the_helper_refuses_a_graph_that_disagrees_with_torch(minilm_dir: Path, 
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from sie_worker import export_graph
 
-    monkeypatch.setattr(export_graph, "masked_min_cosine", lambda *args: 0.5)
+    monkeypatch.setattr(export_graph, "agreement", lambda *args: 0.5)
     assert export_graph.main([str(minilm_dir), str(tmp_path / "graph")]) == graph_cache.NOT_EXPORTABLE
     assert not (tmp_path / "graph").exists() and not list(tmp_path.iterdir()), "the staging folder is removed"
 

@@ -2,7 +2,7 @@
 
 Reads both checkpoint layouts: colbert-ir's (`linear.weight` inside the Hugging Face checkpoint, settings in
 `artifact.metadata`) and sentence-transformers/PyLate's (`modules.json` with a `Dense` folder). Also owns
-`token_rows`/`join_rows`, the per-token row packing the hybrid family shares.
+`token_rows`, the per-token rows the hybrid family shares (packed by `packing.join_rows`).
 
 Encodes as colbert-ir and PyLate do: a query is padded to its fixed length with [MASK] tokens, which the real tokens
 do not attend to but which are encoded and returned (query augmentation: every query has `query_max_length` rows);
@@ -24,6 +24,7 @@ from safetensors import safe_open
 from transformers import AddedToken, AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.packing import join_rows
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -35,7 +36,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, MultivectorOptions, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, MultivectorOptions, WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
 
 _ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": torch.tanh}
@@ -51,12 +52,6 @@ def project(hidden: torch.Tensor, projection: Callable[[torch.Tensor], torch.Ten
     """Token vectors [B, T, D] through the projection, normalised in float32 (fp16 squares overflow in the norm)."""
     vectors = projection(hidden).float()
     return F.normalize(vectors, p=2, dim=-1) if normalize else vectors
-
-
-def join_rows(parts: list[np.ndarray], dim: int) -> tuple[Tensor, list[int]]:
-    """Per-item rows in item order as one [sum rows, D] array plus CSR offsets (item i owns offsets[i]:offsets[i+1])."""
-    offsets = np.cumsum([0] + [len(rows) for rows in parts]).tolist()
-    return Tensor.from_numpy(np.concatenate([np.empty((0, dim), np.float32), *parts])), [int(o) for o in offsets]
 
 
 @dataclass
