@@ -1,6 +1,7 @@
-"""The lean engine beyond dense: cross-encoders and SPLADE served from exported graphs under OpenVINO and ONNX Runtime,
-against sentence-transformers' `CrossEncoder` and `SparseEncoder` on the same checkpoints; the shared fallback over
-runtimes (a corrupt IR, a broken graph); and a worker per family that never imports torch or transformers."""
+"""The lean engine beyond dense: cross-encoders, SPLADE and ColBERT served from exported graphs under OpenVINO and
+ONNX Runtime, against sentence-transformers' `CrossEncoder`, `SparseEncoder` and the ColBERT formula on the same
+checkpoints; the shared fallback over runtimes (a corrupt IR, a broken graph); and a worker per family that never
+imports torch or transformers."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import InputTooLong
 from sie_worker.adapters.cross_encoder import CrossEncoderAdapter
 from sie_worker.adapters.lean_cross_encoder import LeanCrossEncoderAdapter
+from sie_worker.adapters.lean_multivector import LeanMultivectorAdapter
 from sie_worker.adapters.lean_sparse import LeanSparseAdapter
 from tests import declared, precision, tiny_models
-from tests.adapters.conftest import MakeAdapter, encode, score, sparse_items
+from tests.adapters.conftest import MakeAdapter, encode, multivector_items, score, sparse_items
+from tests.references import colbert as colbert_reference
 from tests.sentences import SENTENCES
 
 declared.module("openvino")
@@ -30,6 +33,7 @@ declared.module("onnxruntime")
 PAIRS = [("what is the capital of france", doc) for doc in ["paris is the capital and largest city of france",
                                                              "berlin is in germany", *SENTENCES[:30]]]
 TEXTS = ["what is the capital of france", *SENTENCES[:30], "berlin"]
+COLBERT_QUERIES = ["what is the capital of france", "berlin", "query document passage search retrieval and more words"]
 REPO = Path(__file__).resolve().parents[2]
 ENGINES = [*(("openvino", p) for p in precision.cpu_precisions()), ("onnx", "float32")]
 
@@ -125,6 +129,24 @@ def test_lean_splade_follows_the_checkpoint_pooling(strategy: str, activation: s
     precision.assert_vectors_close(got, expected, precision.tolerance("float32"))
 
 
+@pytest.mark.numeric
+@pytest.mark.parametrize(("engine", "dtype"), ENGINES)
+@pytest.mark.parametrize("layout", ["stanford", "pylate"])
+@pytest.mark.parametrize("is_query", [True, False], ids=["query", "doc"])
+def test_lean_colbert_matches_the_colbert_formula(layout: str, is_query: bool, engine: str,
+                                                  dtype: precision.Precision, make_adapter: MakeAdapter, cache: Path,
+                                                  request: pytest.FixtureRequest) -> None:
+    """Both checkpoint layouts; queries expanded with [MASK] to their cap, documents' punctuation rows dropped."""
+    weights = request.getfixturevalue(f"colbert_{layout}_dir")
+    texts = COLBERT_QUERIES if is_query else TEXTS
+    adapter = lean(make_adapter, "multivector", weights, cache, engine, compute_precision=dtype)
+    assert isinstance(adapter, LeanMultivectorAdapter)
+    got = multivector_items(encode(adapter, texts, ["multivector"], is_query=is_query))
+    expected = colbert_reference(layout, weights, texts, is_query)
+    assert [len(rows) for rows in got] == [len(rows) for rows in expected]
+    precision.assert_vectors_close(np.concatenate(got), np.concatenate(expected), precision.tolerance(dtype))
+
+
 def test_the_cache_key_covers_the_head(mlm_dir: Path) -> None:
     keys = {graph_cache.cache_key(mlm_dir, head) for head in (graph_cache.HIDDEN, graph_cache.SEQUENCE_LOGITS,
                                                                graph_cache.splade_head("max", "relu"),
@@ -174,17 +196,22 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
 
 
 @pytest.mark.parametrize(("family", "adapter_name"), [("cross_encoder", "LeanCrossEncoderAdapter"),
-                                                      ("sparse", "LeanSparseAdapter")])
+                                                      ("sparse", "LeanSparseAdapter"),
+                                                      ("multivector", "LeanMultivectorAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
-        family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, cache: Path) -> None:
+        family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
+        cache: Path) -> None:
     """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
-    weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir}[family]
-    head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu")}[family]
+    weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir}[family]
+    head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
+            "multivector": graph_cache.HIDDEN}[family]
     assert graph_cache.ensure_graph(weights, cache, head) is not None
+    encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
-            "sparse": 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=["sparse"])'}[family]
-    options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions"}[family]
-    batch = {"cross_encoder": "ScoreBatch", "sparse": "EncodeBatch, InputItem"}[family]
+            "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector")}[family]
+    options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
+               "multivector": "MultivectorOptions"}[family]
+    batch = "ScoreBatch" if family == "cross_encoder" else "EncodeBatch, InputItem"
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),
                                   cache=str(cache), call=call)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -29,6 +29,7 @@ LEAN: dict[str, str] = {
     "dense": "sie_worker.adapters.dense_lean:build",
     "cross_encoder": "sie_worker.adapters.lean_cross_encoder:build",
     "sparse": "sie_worker.adapters.lean_sparse:build",
+    "multivector": "sie_worker.adapters.lean_multivector:build",
 }
 
 
