@@ -68,8 +68,8 @@ def post(url: str, body: dict[str, Any], timeout: float = 120.0) -> None:
 def drive(url: str, model: str, corpus: list[str], docs: int, concurrency: int, duration_s: float) -> dict[str, float]:
     """Requests of one query and `docs` documents from `concurrency` threads for `duration_s`: pairs/s, p50 ms."""
     latencies: list[float] = []
+    errors: list[str] = []
     lock = threading.Lock()
-    deadline = time.monotonic() + duration_s
 
     def loop(worker: int) -> None:
         i = worker
@@ -77,7 +77,12 @@ def drive(url: str, model: str, corpus: list[str], docs: int, concurrency: int, 
             start = (i * (docs + 1)) % (len(corpus) - docs - 1)
             body = {"model": model, "query": corpus[start], "documents": corpus[start + 1:start + 1 + docs]}
             t0 = time.perf_counter()
-            post(url, body)
+            try:
+                post(url, body)
+            except OSError as exc:
+                with lock:
+                    errors.append(str(exc))
+                return
             with lock:
                 latencies.append(time.perf_counter() - t0)
             i += concurrency
@@ -85,12 +90,15 @@ def drive(url: str, model: str, corpus: list[str], docs: int, concurrency: int, 
     for _ in range(3):  # warm-up, not counted
         post(url, {"model": model, "query": corpus[0], "documents": corpus[1:1 + docs]})
     t0 = time.monotonic()
+    deadline = t0 + duration_s
     threads = [threading.Thread(target=loop, args=(w,)) for w in range(concurrency)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - t0
+    if errors or not latencies:
+        raise RuntimeError(f"{len(errors)} failed requests ({errors[:1]}), {len(latencies)} answered")
     return {"pairs_per_s": len(latencies) * docs / elapsed, "p50_ms": statistics.median(latencies) * 1000,
             "requests": len(latencies)}
 

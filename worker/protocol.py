@@ -408,7 +408,7 @@ class CrossEncoderOptions(GraphEngineOptions, tag="cross_encoder"):
     raw_scores: bool | None = None
 
 
-class ClassifierOptions(Common, tag="classifier"):
+class ClassifierOptions(GraphEngineOptions, tag="classifier"):
     """Sequence classification and NLI zero-shot; a request's option wins over these."""
 
     hypothesis_template: str = "This example is {}."

@@ -19,10 +19,12 @@ from sentence_transformers import CrossEncoder, SparseEncoder
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import InputTooLong
 from sie_worker.adapters.cross_encoder import CrossEncoderAdapter
+from sie_worker.adapters.lean_classifier import LeanClassifierAdapter
 from sie_worker.adapters.lean_cross_encoder import LeanCrossEncoderAdapter
 from sie_worker.adapters.lean_multivector import LeanMultivectorAdapter
 from sie_worker.adapters.lean_sparse import LeanSparseAdapter
-from tests import declared, precision, tiny_models
+from sie_worker.protocol import ExtractBatch, InputItem, ScoreBatch
+from tests import declared, precision, tiny_extract_models, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items, score, sparse_items
 from tests.references import colbert as colbert_reference
 from tests.sentences import SENTENCES
@@ -41,6 +43,11 @@ ENGINES = [*(("openvino", p) for p in precision.cpu_precisions()), ("onnx", "flo
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("graphs")
+
+
+@pytest.fixture(scope="module")
+def sentiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_extract_models.build_sentiment(tmp_path_factory.mktemp("sentiment") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +99,7 @@ def test_pairs_are_tokenised_and_truncated_as_transformers_does(make_adapter: Ma
         score(adapter, long_pairs, options={"truncate": False})
 
 
-def score_batch(pairs: list[tuple[str, str]]) -> Any:
-    from sie_worker.protocol import ScoreBatch
-
+def score_batch(pairs: list[tuple[str, str]]) -> ScoreBatch:
     return ScoreBatch(batch_id=1, pairs=pairs)
 
 
@@ -147,6 +152,23 @@ def test_lean_colbert_matches_the_colbert_formula(layout: str, is_query: bool, e
     precision.assert_vectors_close(np.concatenate(got), np.concatenate(expected), precision.tolerance(dtype))
 
 
+@pytest.mark.numeric
+@pytest.mark.parametrize("dtype", precision.cpu_precisions())
+def test_a_lean_classifier_scores_as_the_pipeline_in_each_precision(make_adapter: MakeAdapter, sentiment_dir: Path,
+                                                                   cache: Path, dtype: precision.Precision) -> None:
+    from transformers import pipeline
+
+    adapter = lean(make_adapter, "classifier", sentiment_dir, cache, "openvino", compute_precision=dtype)
+    assert isinstance(adapter, LeanClassifierAdapter)
+    batch = ExtractBatch(batch_id=1, items=[InputItem(text=t) for t in TEXTS])
+    result = adapter.forward(adapter.prepare(batch))
+    classify = pipeline("text-classification", model=str(sentiment_dir), top_k=None, device="cpu")
+    for item, want in zip(result.items, classify(TEXTS), strict=True):
+        assert [c.label for c in item.classifications] == [d["label"] for d in want]
+        precision.assert_scores_close([c.score for c in item.classifications], [d["score"] for d in want],
+                                      precision.tolerance(dtype))
+
+
 def test_the_cache_key_covers_the_head(mlm_dir: Path) -> None:
     keys = {graph_cache.cache_key(mlm_dir, head) for head in (graph_cache.HIDDEN, graph_cache.SEQUENCE_LOGITS,
                                                                graph_cache.splade_head("max", "relu"),
@@ -197,21 +219,25 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
 
 @pytest.mark.parametrize(("family", "adapter_name"), [("cross_encoder", "LeanCrossEncoderAdapter"),
                                                       ("sparse", "LeanSparseAdapter"),
-                                                      ("multivector", "LeanMultivectorAdapter")])
+                                                      ("multivector", "LeanMultivectorAdapter"),
+                                                      ("classifier", "LeanClassifierAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        cache: Path) -> None:
+        sentiment_dir: Path, cache: Path) -> None:
     """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
-    weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir}[family]
+    weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
+               "classifier": sentiment_dir}[family]
     head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
-            "multivector": graph_cache.HIDDEN}[family]
+            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS}[family]
     assert graph_cache.ensure_graph(weights, cache, head) is not None
     encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
-            "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector")}[family]
+            "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector"),
+            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])'}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
-               "multivector": "MultivectorOptions"}[family]
-    batch = "ScoreBatch" if family == "cross_encoder" else "EncodeBatch, InputItem"
+               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions"}[family]
+    batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem"}.get(family,
+                                                                             "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),
                                   cache=str(cache), call=call)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -30,6 +30,7 @@ LEAN: dict[str, str] = {
     "cross_encoder": "sie_worker.adapters.lean_cross_encoder:build",
     "sparse": "sie_worker.adapters.lean_sparse:build",
     "multivector": "sie_worker.adapters.lean_multivector:build",
+    "classifier": "sie_worker.adapters.lean_classifier:build",
 }
 
 
