@@ -45,7 +45,7 @@ MIN_COSINE = 0.999
 # The helper exits with this when the model cannot be served from a graph (a slow tokenizer, a disagreeing export).
 NOT_EXPORTABLE = 3
 EXPORT_TIMEOUT_S = 1800.0
-# What the graph computes after the backbone (`export_graph.head_module` builds each): `hidden`, the last hidden state
+# What the graph computes after the backbone (`export_heads.head_model` builds each): `hidden`, the last hidden state
 # [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
 # logits [B, labels] over single texts or pairs (cross-encoders); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's
 # SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it.
@@ -160,7 +160,7 @@ def indexed_key(weights_dir: Path, root: Path, head: str = HIDDEN) -> str:
             return key
     except OSError:
         pass
-    key = cache_key(weights_dir, head) if head != HIDDEN else cache_key(weights_dir)
+    key = cache_key(weights_dir, head)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         staging = index.with_name(f".{index.name}.{os.getpid()}")
