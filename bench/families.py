@@ -104,9 +104,11 @@ def drive(url: str, model: str, corpus: list[str], docs: int, concurrency: int, 
             "requests": len(latencies)}
 
 
-def rerank_servers(model_dir: Path, threads: int) -> list[tuple[str, targets.Server]]:
-    ok, why = infinity_env.ensure("torch")
+def rerank_servers(model_dir: Path, threads: int, peers: bool) -> list[tuple[str, targets.Server]]:
     servers = [("ours", ours([("-m", str(model_dir)), ("--served-model-name", "reranker")], threads))]
+    if not peers:
+        return servers
+    ok, why = infinity_env.ensure("torch")
     if not ok:
         print(f"# Infinity not available: {why}", flush=True)
         return servers
@@ -133,7 +135,7 @@ def rerank(a: argparse.Namespace) -> dict[str, Any]:
     model_dir = build("reranker", WORK / "ce-minilm-l6")
     corpus = make_corpus(2048)
     results: dict[str, Any] = {}
-    for label, server in rerank_servers(model_dir, a.threads):
+    for label, server in rerank_servers(model_dir, a.threads, not a.skip_infinity):
         ok, why = server.start(a.start_timeout)
         if not ok:
             print(f"# {label}: did not start: {why}", flush=True)
@@ -295,6 +297,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="families for density")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
                                                                      "e.g. --server-arg=--engine=torch")
+    p.add_argument("--skip-infinity", action="store_true", help="rerank: our server alone")
     p.add_argument("--start-timeout", type=float, default=600.0)
     p.add_argument("--settle", type=float, default=5.0, help="seconds for the tree's PSS to stop moving")
     p.add_argument("--json", metavar="OUT", help="write the results here")
