@@ -4,7 +4,7 @@ VENV := .venv
 COMPAT := .venv-compat
 export HF_HUB_DISABLE_PROGRESS_BARS ?= 1
 
-.PHONY: install install-test serve test test-gpu test-slow bench bench-density soak chaos lint image test-container clean
+.PHONY: install install-test serve test test-gpu test-slow bench bench-density bench-families soak chaos lint image test-container clean
 
 # The torch build this host needs (cpu or cuda); the install stamp is named after it, so a venv moved to a host that
 # needs the other build is installed again.
@@ -39,6 +39,9 @@ bench: install-test
 
 bench-density: install-test
 	$(VENV)/bin/python bench/density.py $(ARGS)
+
+bench-families: install-test
+	$(VENV)/bin/python bench/families.py $(ARGS)
 
 soak: install-test
 	$(VENV)/bin/python bench/soak.py $(ARGS)

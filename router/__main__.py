@@ -80,13 +80,14 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", metavar=_one_of("device"), help="where workers run (default auto: a GPU "
                                                                           "when NVML finds one, else the CPU)")
     serve.add_argument("--engine", metavar=_one_of("engine"),
-                       help="dense encoders' engine on CPU: auto (a worker without torch serving the graph exported "
+                       help="the CPU engine of dense, sparse (SPLADE), ColBERT, cross-encoder and classifier models: "
+                            "auto (a worker without torch serving the graph exported "
                             "and cached at first load, under OpenVINO in bf16 where the CPU has it natively, else ONNX "
                             "Runtime), openvino, onnx (ONNX Runtime in float32; Infinity's 'optimum' means the same) "
                             "or torch; GPUs always run torch (default auto)")
     serve.add_argument("--dtype", metavar=_one_of("dtype"),
                        help="compute precision for every model, over each model config's own (default auto: the "
-                            "config's, else float32; dense encoders under OpenVINO take bf16 where the CPU has it, "
+                            "config's, else float32; models under OpenVINO take bf16 where the CPU has it, "
                             "checked at load); float16 is for GPUs")
     serve.add_argument("--worker-threads", type=int, help="torch threads per worker (default: all cores)")
     serve.add_argument("--onnx-lanes", type=int, metavar="N",

@@ -184,3 +184,17 @@ def build_sparse_st(folder: Path) -> Path:
                                                              "word_embedding_dimension": vocab})
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": 128, "do_lower_case": False})
     return folder
+
+
+def build_cross_encoder_like(folder: Path, tokenizer_dir: Path, layers: int = 2, hidden: int = 32,
+                             labels: int = 1) -> Path:
+    """A reranker of BERT's shape with a real BERT tokenizer (from `tokenizer_dir`: pairs with token types), random
+    weights. `layers=6, hidden=384` is the shape of cross-encoder/ms-marco-MiniLM-L-6-v2."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden,
+                        max_position_embeddings=512, num_labels=labels)
+    return _save(BertForSequenceClassification(config).eval(), tokenizer, folder)

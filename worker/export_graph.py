@@ -1,7 +1,7 @@
-"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID]` (a short-lived helper process): export a dense
-encoder to an ONNX graph that a lean worker serves without torch. It dies with the worker that started it (PARENT_PID):
-a worker killed mid-export leaves no helper behind, and the next export removes the staging folder it left
-(export_lock).
+"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID] [--head HEAD]` (a short-lived helper process):
+export an encoder and its head (`graph_cache.HIDDEN` by default; the heads are listed there) to an ONNX graph that a
+lean worker serves without torch. It dies with the worker that started it (PARENT_PID): a worker killed mid-export
+leaves no helper behind, and the next export removes the staging folder it left (export_lock).
 
 It loads the checkpoint with transformers in float32, traces it (opset 17, dynamic batch and sequence), checks the
 graph under ONNX Runtime against torch on probe texts of unlike lengths and padding and on a long text at the model's
@@ -28,16 +28,18 @@ import torch
 
 from sie_worker.adapters.export_lock import staging_prefix
 from sie_worker.adapters.graph_cache import (
-    MIN_COSINE,
+    HIDDEN,
     NOT_EXPORTABLE,
     OPENVINO_IR,
     OPSET,
     PROBE_BATCHES,
     PROBE_MAX_LENGTH,
-    masked_min_cosine,
+    agreement,
+    min_agreement,
+    pair_head,
     write_graph_meta,
 )
-from sie_worker.adapters.torch_common import load_encoder
+from sie_worker.export_heads import head_model, special_ids
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -60,15 +62,30 @@ class NotExportable(Exception):
     """The checkpoint cannot be served from a graph; the message says why."""
 
 
-class _LastHidden(torch.nn.Module):
-    """The encoder as a positional function of its inputs returning last_hidden_state, which the tracer needs."""
+# Pairs for the heads that read two texts (cross-encoders): one pair long enough to be truncated in the tokenizer check.
+PROBE_PAIRS = [("hi", "The quick brown fox jumps over the lazy dog near the river bank, twice."),
+               ("what do embedding servers do?", "Embedding servers batch sentences of very different lengths."),
+               ("Ünïcödé, emoji 🙂", "and 数字 123"), ("a question", "a rather long answer " * 40)]
+EXPORT_PAIRS = [("a short question", "a short answer"), ("another question", "another, somewhat longer answer")]
+
+
+class _Positional(torch.nn.Module):
+    """The head model as a positional function of its inputs, which the tracer needs."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
         super().__init__()
         self.model, self.names = model, names
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, args, strict=True))).last_hidden_state
+        out: torch.Tensor = self.model(**dict(zip(self.names, args, strict=True)))
+        return out
+
+
+def tokenize(tokenizer: Any, head: str, texts: list[str], pairs: list[tuple[str, str]], **kwargs: Any) -> Any:
+    """The probe or export batch for `head`: pairs for a pair head, single texts otherwise."""
+    if pair_head(head):
+        return tokenizer([q for q, _ in pairs], [d for _, d in pairs], truncation=True, max_length=64, **kwargs)
+    return tokenizer(texts, **kwargs)
 
 
 def input_names(model: torch.nn.Module, tokenizer: Any) -> list[str]:
@@ -80,18 +97,19 @@ def input_names(model: torch.nn.Module, tokenizer: Any) -> list[str]:
     return names
 
 
-def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path) -> None:
-    """Trace the encoder to `out`, leaving the model in eval mode."""
-    sample = tokenizer(EXPORT_TEXTS, padding=True, return_tensors="pt")
-    axes = {name: {0: "batch", 1: "sequence"} for name in [*names, "last_hidden_state"]}
-    wrapper = _LastHidden(model, names).eval()
+def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, head: str = HIDDEN) -> None:
+    """Trace the encoder and its head to `out`, leaving the model in eval mode."""
+    sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
+    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
+    axes["output"] = {0: "batch", 1: "sequence"} if head == HIDDEN else {0: "batch"}
+    wrapper = _Positional(model, names).eval()
     try:
         # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what
         # decides whether the graph is right.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(wrapper, tuple(sample[name] for name in names), str(out), input_names=names,
-                              output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET,
+                              output_names=["output"], dynamic_axes=axes, opset_version=OPSET,
                               dynamo=False)
     finally:
         model.eval()  # the exporter restores the training flag of the wrapper onto its children
@@ -124,8 +142,24 @@ def save_openvino_ir(onnx_path: Path, out: Path) -> None:
     ov.save_model(ov.Core().read_model(onnx_path), out, compress_to_fp16=True)
 
 
-def check_tokenizer(tokenizer: Any) -> Any:
-    """The fast tokenizer's Rust backend, after checking it tokenises the probe texts exactly as transformers does."""
+def check_pairs(tokenizer: Any, backend: Any) -> None:
+    """The Rust tokenizer must tokenise pairs as transformers does, token types included, and truncate a long pair
+    the same way (longest first, from the right, as `CrossEncoder` asks)."""
+    expected = tokenizer([q for q, _ in PROBE_PAIRS], [d for _, d in PROBE_PAIRS], truncation=True, max_length=48)
+    backend.enable_truncation(48, strategy="longest_first", direction="right")
+    try:
+        got = backend.encode_batch(PROBE_PAIRS)
+    finally:
+        backend.no_truncation()
+    if [e.ids for e in got] != expected["input_ids"]:
+        raise NotExportable("its Rust tokenizer alone does not tokenise pairs as transformers does")
+    if "token_type_ids" in expected and [e.type_ids for e in got] != expected["token_type_ids"]:
+        raise NotExportable("its Rust tokenizer alone does not give pairs transformers' token types")
+
+
+def check_tokenizer(tokenizer: Any, head: str = HIDDEN) -> Any:
+    """The fast tokenizer's Rust backend, after checking it tokenises the probe texts (or pairs, for a pair head)
+    exactly as transformers does."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if not getattr(tokenizer, "is_fast", False) or backend is None:
         raise NotExportable("its tokenizer is a slow (Python) one, with no tokenizer.json")
@@ -134,6 +168,8 @@ def check_tokenizer(tokenizer: Any) -> Any:
     expected = tokenizer(PROBE_TEXTS)["input_ids"]
     if [encoding.ids for encoding in backend.encode_batch(PROBE_TEXTS)] != expected:
         raise NotExportable("its Rust tokenizer alone does not tokenise as transformers does")
+    if pair_head(head):
+        check_pairs(tokenizer, backend)
     return backend
 
 
@@ -162,39 +198,44 @@ def long_probe(tokenizer: Any, names: list[str], length: int) -> dict[str, np.nd
     return feed
 
 
-def export_folder(weights_dir: Path, folder: Path) -> float:
-    """Write the complete graph folder for `weights_dir` at `folder`; the graph's lowest cosine against torch."""
+def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
+    """Write the complete graph folder for `weights_dir` and `head` at `folder`; the graph's agreement with torch
+    (`graph_cache.agreement`)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a bar per load in the server's log says nothing
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, local_files_only=True)
-    backend = check_tokenizer(tokenizer)
-    model = load_encoder(weights_dir, torch.float32)
-    names = input_names(model, tokenizer)
+    backend = check_tokenizer(tokenizer, head)
+    model = head_model(weights_dir, head)
+    names = input_names(model.model, tokenizer)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
-        export(model, tokenizer, names, staging / "model.onnx")
+        export(model, tokenizer, names, staging / "model.onnx", head)
         names = graph_inputs(staging / "model.onnx", names)
-        short = tokenizer(PROBE_TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
+        short = tokenize(tokenizer, head, PROBE_TEXTS, PROBE_PAIRS, padding=True, pad_to_multiple_of=8,
+                         return_tensors="np")
+        # The long probe is one text (one segment, for a pair head too): it checks the numbers at length, where a
+        # runtime's rounding accumulates most.
         feeds = [{name: np.asarray(short[name], dtype=np.int64) for name in names},
-                 long_probe(tokenizer, names, probe_length(model, tokenizer))]
+                 long_probe(tokenizer, names, probe_length(model.model, tokenizer))]
         probe: dict[str, np.ndarray] = {}
         cosine = 1.0
         for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds), strict=True):
             with torch.inference_mode():
-                hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).last_hidden_state.float().numpy()
-            cosine = min(cosine, masked_min_cosine(hidden, onnx, feed["attention_mask"]))
+                hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).float().numpy()
+            cosine = min(cosine, agreement(head, hidden, onnx, feed["attention_mask"]))
             probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
-        if cosine < MIN_COSINE:
-            raise NotExportable(f"the graph disagrees with torch (lowest cosine {cosine:.6f} < {MIN_COSINE})")
+        if cosine < min_agreement(head):
+            raise NotExportable(f"the graph disagrees with torch (agreement {cosine:.6f} < {min_agreement(head)})")
         save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
         backend.save(str(staging / "tokenizer.json"))
         np.savez(staging / "probe.npz", **probe)
-        write_graph_meta(staging, names, int(model.config.hidden_size), int(tokenizer.pad_token_id or 0),
+        write_graph_meta(staging, names, int(model.model.config.hidden_size), int(tokenizer.pad_token_id or 0),
                          int(min(tokenizer.model_max_length, 1 << 20)),
-                         bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine)
+                         bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine, head=head,
+                         output_width=int(probe["hidden"].shape[-1]), special_ids=special_ids(tokenizer))
         try:
             staging.rename(folder)  # atomic; fails when a concurrent helper got there first, whose folder serves
         except OSError:
@@ -206,13 +247,14 @@ def export_folder(weights_dir: Path, folder: Path) -> float:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) > 2:
+    if len(argv) > 2 and argv[2].isdigit():
         die_with_parent(signal.SIGKILL, int(argv[2]))  # nothing here is worth finishing once the worker is gone
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s sie-export %(message)s")
+    head = argv[argv.index("--head") + 1] if "--head" in argv else HIDDEN
     weights_dir, folder = Path(argv[0]), Path(argv[1])
     started = time.perf_counter()
     try:
-        cosine = export_folder(weights_dir, folder)
+        cosine = export_folder(weights_dir, folder, head)
     except NotExportable as exc:
         print(exc, flush=True)  # the worker's warning says why (graph_cache.ensure_graph)
         return NOT_EXPORTABLE
@@ -220,7 +262,7 @@ def main(argv: list[str]) -> int:
         log.info("the export of %s failed", weights_dir, exc_info=True)
         print(f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}", flush=True)
         return 1
-    log.info("exported %s in %.1fs (lowest cosine against torch %.6f) to %s", weights_dir,
+    log.info("exported %s (head %s) in %.1fs (agreement with torch %.6f) to %s", weights_dir, head,
              time.perf_counter() - started, cosine, folder)
     return 0
 

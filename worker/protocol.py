@@ -330,7 +330,7 @@ EXPORT_HELPER_WEIGHTS_FACTOR = 4
 # The families a CPU worker serves without torch, from an exported graph under OpenVINO or ONNX Runtime, unless its
 # `engine` option is torch: the worker builds them so (adapters.build_adapter), and the router's placement estimates
 # their workers so before the first one has measured itself.
-LEAN_FAMILIES = frozenset({"dense"})
+LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier"})
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -351,17 +351,10 @@ class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defa
 PoolingName = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", "last", "last_token"]
 
 
-class DenseOptions(Common, tag="dense"):
-    """Dense encoders: torch, or on the CPU an exported graph under OpenVINO or ONNX Runtime."""
+class GraphEngineOptions(Common):
+    """The engine options of every family a lean worker serves from an exported graph on the CPU (dense, sparse,
+    ColBERT, cross-encoders): which runtime, how many calls side by side, where graphs are cached."""
 
-    # sentence-transformers' pooling modes (and our `last`, `last_token` for lasttoken); None: the checkpoint's, else
-    # mean. A mode no engine computes fails the load.
-    pooling: PoolingName | None = None
-    normalize: bool | None = None  # None: whether the checkpoint has a Normalize module
-    # The text put before each input (sentence-transformers' prompt), or the name of one of the checkpoint's prompts;
-    # None: the checkpoint's `default_prompt_name`, if any. A request's `prompt` / `prompt_name` wins.
-    prompt: str | None = None
-    prompt_name: str | None = None
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
     onnx_lanes: int = RUNTIME_LANES  # calls side by side (ORT calls, or OpenVINO streams)
@@ -374,14 +367,27 @@ class DenseOptions(Common, tag="dense"):
     micro_batch_tokens: int = 1024
 
 
-class SparseOptions(Common, tag="sparse"):
+class DenseOptions(GraphEngineOptions, tag="dense"):
+    """Dense encoders: torch, or on the CPU an exported graph under OpenVINO or ONNX Runtime."""
+
+    # sentence-transformers' pooling modes (and our `last`, `last_token` for lasttoken); None: the checkpoint's, else
+    # mean. A mode no engine computes fails the load.
+    pooling: PoolingName | None = None
+    normalize: bool | None = None  # None: whether the checkpoint has a Normalize module
+    # The text put before each input (sentence-transformers' prompt), or the name of one of the checkpoint's prompts;
+    # None: the checkpoint's `default_prompt_name`, if any. A request's `prompt` / `prompt_name` wins.
+    prompt: str | None = None
+    prompt_name: str | None = None
+
+
+class SparseOptions(GraphEngineOptions, tag="sparse"):
     """SPLADE: None takes the checkpoint's SpladePooling, else max pooling of relu."""
 
     pooling_strategy: Literal["max", "sum"] | None = None
     activation_function: Literal["relu", "log1p_relu"] | None = None
 
 
-class MultivectorOptions(Common, tag="multivector"):
+class MultivectorOptions(GraphEngineOptions, tag="multivector"):
     """ColBERT: None takes what the checkpoint declares (colbert-ir metadata, PyLate configs), else the adapter's
     fallback ([Q] / [D] markers, 32 query tokens, query expansion on, punctuation skipped)."""
 
@@ -411,13 +417,13 @@ class ClipOptions(Common, tag="clip"):
     max_image_bytes: int = MAX_IMAGE_BYTES
 
 
-class CrossEncoderOptions(Common, tag="cross_encoder"):
+class CrossEncoderOptions(GraphEngineOptions, tag="cross_encoder"):
     """Rerankers; `raw_scores` is the router's."""
 
     raw_scores: bool | None = None
 
 
-class ClassifierOptions(Common, tag="classifier"):
+class ClassifierOptions(GraphEngineOptions, tag="classifier"):
     """Sequence classification and NLI zero-shot; a request's option wins over these."""
 
     hypothesis_template: str = "This example is {}."

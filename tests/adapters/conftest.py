@@ -81,11 +81,12 @@ def splade_dir() -> Path:
 @pytest.fixture
 def make_adapter() -> Iterator[MakeAdapter]:
     """`make_adapter(family, weights_dir, options={...}, **spec_fields)`: a loaded adapter, closed when the test ends.
-    Dense runs the torch engine here unless `options` name another."""
+    Every family with a lean engine runs torch here unless `options` name another engine."""
     made: list[Adapter] = []
 
     def make(family: str, weights_dir: Path, options: dict[str, Any] | None = None, **fields: Any) -> Adapter:
-        values = {"engine": "torch", **(options or {})} if family == "dense" else options
+        lean = "engine" in FAMILY_OPTIONS[family].__struct_fields__
+        values = {"engine": "torch", **(options or {})} if lean else options
         spec = WorkerSpec(worker_id="w0", model=f"test/{family}", adapter=family, weights_dir=str(weights_dir),
                           to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused",
                           options=family_options(family, values), **fields)

@@ -104,7 +104,7 @@ def test_the_key_is_remembered_by_fingerprint_and_rehashed_when_a_file_changes(
     assert key == graph_cache.cache_key(weights) and (root / "index" / graph_cache.fingerprint(weights)).is_file()
     hashed: list[Path] = []
     real = graph_cache.cache_key
-    monkeypatch.setattr(graph_cache, "cache_key", lambda path: hashed.append(path) or real(path))
+    monkeypatch.setattr(graph_cache, "cache_key", lambda path, *head: hashed.append(path) or real(path, *head))
     assert graph_cache.indexed_key(weights, root) == key and hashed == [], "the second load hashes nothing"
     config = weights / "config.json"
     config.write_text(config.read_text().replace("}", ', "note": "changed"}', 1))
@@ -194,7 +194,7 @@ def test_the_helper_refuses_a_graph_that_disagrees_with_torch(minilm_dir: Path, 
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from sie_worker import export_graph
 
-    monkeypatch.setattr(export_graph, "masked_min_cosine", lambda *args: 0.5)
+    monkeypatch.setattr(export_graph, "agreement", lambda *args: 0.5)
     assert export_graph.main([str(minilm_dir), str(tmp_path / "graph")]) == graph_cache.NOT_EXPORTABLE
     assert not (tmp_path / "graph").exists() and not list(tmp_path.iterdir()), "the staging folder is removed"
 

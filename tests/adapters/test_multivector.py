@@ -15,7 +15,7 @@ import torch
 
 from sie_sdk.scoring import maxsim
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
-from sie_worker.adapters.multivector import checkpoint_defaults
+from sie_worker.adapters.colbert_config import checkpoint_defaults
 from sie_worker.st_layout import read_layout
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items
 from tests.references import colbert as reference

@@ -23,7 +23,7 @@ CALLS = [{"model": SPLADE, "output_types": ["sparse"]},
          {"model": COLBERT, "output_types": ["multivector"], "is_query": True},
          {"model": COLBERT, "output_types": ["multivector"]},
          {"model": BGE_M3, "output_types": ["dense", "sparse", "multivector"]}]
-ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
+ATOL = precision.TORCH_FLOAT32_ATOL  # not `numeric`: float32 mode only, where lean and torch families agree to this
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from tests.extract_server import (
 
 RESULT_KEYS = ["id", "entities", "relations", "classifications", "objects", "data"]
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
-ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
+ATOL = precision.TORCH_FLOAT32_ATOL  # not `numeric`: float32 mode only, where lean and torch families agree to this
 
 
 def post_msgpack(url: str, body: dict[str, Any]) -> httpx.Response:

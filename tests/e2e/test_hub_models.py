@@ -29,7 +29,7 @@ from tests.hub import LoopbackHub
 from tests.retrieval_server import BGE_M3_COLBERT_DIM, vocab_size
 from tests.server import FamilyServer, Server, make_bundle
 
-ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
+ATOL = precision.TORCH_FLOAT32_ATOL  # not `numeric`: float32 mode only, where lean and torch families agree to this
 DOCS = ["paris is the capital and largest city of france", "berlin is in germany", *TEXTS[1:6]]
 
 

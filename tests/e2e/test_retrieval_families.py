@@ -36,7 +36,7 @@ from tests.sentences import SENTENCES
 from tests.tiny_models import COLBERT_DIM
 
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
-ATOL = precision.TORCH_FLOAT32_ATOL  # torch families: float32 in every precision mode
+ATOL = precision.TORCH_FLOAT32_ATOL  # not `numeric`: float32 mode only, where lean and torch families agree to this
 ALL = ["dense", "sparse", "multivector"]
 # More than one micro-batch (16 items) of mixed lengths, so the worker's length bucketing and reordering take part.
 TEXTS = ["what is the capital of france", *SENTENCES[:20], "berlin"]

@@ -15,7 +15,7 @@ import pytest
 
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import WorkerSpec
+from sie_worker.protocol import FAMILY_OPTIONS, WorkerSpec
 from tests import tiny_extract_models as tiny
 from tests.adapters.conftest import family_options
 
@@ -37,6 +37,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     return get
 
 
+def with_torch_engine(family: str, options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A family the lean engine serves runs torch here unless `options` name another engine."""
+    if "engine" not in FAMILY_OPTIONS[family].__struct_fields__:
+        return options
+    return {"engine": "torch", **(options or {})}
+
+
 @pytest.fixture
 def load() -> Iterator[Callable[..., Adapter]]:
     """`load(family, weights_dir, options={...}, **spec_fields)`: an adapter built and loaded through
@@ -46,7 +53,7 @@ def load() -> Iterator[Callable[..., Adapter]]:
     def make(family: str, weights_dir: Path, options: dict[str, Any] | None = None, **fields: Any) -> Adapter:
         spec = WorkerSpec(worker_id="w0", model=f"test/{family}", adapter=family, weights_dir=str(weights_dir),
                           to_worker_endpoint="inproc://unused", from_worker_endpoint="inproc://unused",
-                          options=family_options(family, options), **fields)
+                          options=family_options(family, with_torch_engine(family, options)), **fields)
         adapter = build_adapter(spec)
         adapter.load()
         opened.append(adapter)

@@ -11,11 +11,31 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
 from sie_worker.adapters.base import Adapter, BadInput, UnsupportedTask
+from sie_worker.adapters.lean_classifier import LeanClassifierAdapter
 from sie_worker.protocol import EncodeBatch, ExtractBatch, ExtractResult, InputItem
 
 TEXTS = ["The weather is great today, I love sunny days.", "This movie was terrible and boring.",
          "Alice lives in Paris and works for Acme Corporation, a large company with offices in Berlin and London."]
 LABELS = ["travel", "sports", "politics", "weather"]
+
+
+@pytest.fixture(params=["torch", "openvino", "onnx"])
+def load(load: Callable[..., Adapter], request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Adapter]:
+    """Every test here runs on torch and on both lean runtimes, in float32 (the lean classifier is
+    `lean_classifier`; its bf16 is checked in tests/adapters/test_lean_families.py)."""
+    engine = str(request.param)
+    if engine == "torch":
+        return load
+    cache = tmp_path_factory.getbasetemp() / "classifier-graphs"
+
+    def lean(family: str, weights_dir: Path, options: dict[str, Any] | None = None, **fields: Any) -> Adapter:
+        adapter = load(family, weights_dir, {"engine": engine, "onnx_cache_dir": str(cache), **(options or {})},
+                       compute_precision="float32", **fields)
+        assert isinstance(adapter, LeanClassifierAdapter)
+        return adapter
+
+    return lean
 
 
 def extract(adapter: Adapter, texts: list[str], labels: list[str] | None = None, **options: Any) -> ExtractResult:

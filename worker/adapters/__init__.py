@@ -23,6 +23,19 @@ FAMILIES: dict[str, str] = {
     "clip": "sie_worker.adapters.clip:ClipAdapter",
 }
 
+# Families a lean worker serves on the CPU without torch where it can: family -> "module:build", whose `build(spec)`
+# returns the lean adapter or None for torch (lean_engine says when).
+LEAN: dict[str, str] = {
+    "dense": "sie_worker.adapters.dense_lean:build",
+    "cross_encoder": "sie_worker.adapters.lean_cross_encoder:build",
+    "sparse": "sie_worker.adapters.lean_sparse:build",
+    "multivector": "sie_worker.adapters.lean_multivector:build",
+    "classifier": "sie_worker.adapters.lean_classifier:build",
+}
+# Placement estimates a worker by LEAN_FAMILIES (the router cannot import this module's table): both name the same.
+if set(LEAN) != LEAN_FAMILIES:
+    raise ImportError(f"adapters.LEAN {sorted(LEAN)} and protocol.LEAN_FAMILIES {sorted(LEAN_FAMILIES)} differ")
+
 
 def refuse_custom_code(spec: WorkerSpec) -> None:
     """A checkpoint whose config names its own code (`auto_map`) loads only where the server trusts remote code, and
@@ -44,15 +57,16 @@ def refuse_custom_code(spec: WorkerSpec) -> None:
 
 
 def build_adapter(spec: WorkerSpec) -> Adapter:
-    """The adapter for the spec's family, not loaded yet. A dense encoder on CPU is served without torch from an
-    exported graph where it can be (`dense_lean.build` exports it first, in a helper process); torch otherwise."""
+    """The adapter for the spec's family, not loaded yet. A family in LEAN is served on the CPU without torch from an
+    exported graph where it can be (its `build` exports it first, in a helper process); torch otherwise."""
     refuse_custom_code(spec)
-    if spec.adapter in LEAN_FAMILIES:  # the router's placement estimates these workers as lean ones
-        from sie_worker.adapters import dense_lean
+    if spec.adapter in LEAN:  # the router's placement estimates these workers as lean (LEAN_FAMILIES)
+        from sie_worker.adapters.lean_engine import runtimes_for
 
-        lean = dense_lean.build(spec)
+        module_name, function = LEAN[spec.adapter].split(":")
+        lean = getattr(importlib.import_module(module_name), function)(spec) if runtimes_for(spec) else None
         if lean is not None:
-            return lean
+            return lean  # type: ignore[no-any-return]
     try:
         target = FAMILIES[spec.adapter]
     except KeyError:

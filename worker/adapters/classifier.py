@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sie_sdk.types import Classification
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -24,32 +24,6 @@ from sie_worker.adapters.torch_common import (
     warm_up,
 )
 from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
-
-
-def option(batch: ExtractBatch, name: str, configured: Any) -> Any:
-    """The request's option, else the profile's (`configured`: its option Struct's field, defaults included)."""
-    value = batch.options.get(name)
-    return configured if value is None else value
-
-
-def label_index(id2label: dict[int, str], prefix: str) -> int | None:
-    for index, label in id2label.items():
-        if label.lower().startswith(prefix):
-            return int(index)
-    return None
-
-
-def texts_of(batch: ExtractBatch) -> list[str]:
-    texts = [item.text for item in batch.items]
-    for i, text in enumerate(texts):
-        if text is None:
-            raise BadInput(f"item {i} has no text; this model classifies text")
-    return [t for t in texts if t is not None]
-
-
-def sorted_classifications(labels: list[str], scores: list[float]) -> list[Classification]:
-    pairs = sorted(zip(labels, scores, strict=True), key=lambda pair: pair[1], reverse=True)
-    return [Classification(label=label, score=float(score)) for label, score in pairs]
 
 
 class ClassifierAdapter:
@@ -115,7 +89,7 @@ class ClassifierAdapter:
 
     def _tokenize_pairs(self, batch: ExtractBatch, texts: list[str]) -> tuple[Any, list[int]]:
         template = str(option(batch, "hypothesis_template", self.options.hypothesis_template))
-        hypotheses = [self._hypothesis(template, label) for label in batch.labels]
+        hypotheses = [hypothesis(template, label) for label in batch.labels]
         pairs = [(text, hypothesis) for text in texts for hypothesis in hypotheses]
         kwargs: dict[str, Any] = {"padding": True, "max_length": self.max_length, "return_tensors": "pt"}
         try:
@@ -125,16 +99,6 @@ class ClassifierAdapter:
             encoded = self.tokenizer(pairs, truncation="longest_first", **kwargs)
         per_pair = encoded["attention_mask"].sum(dim=1).view(len(texts), len(hypotheses))
         return encoded, per_pair.sum(dim=1).tolist()
-
-    @staticmethod
-    def _hypothesis(template: str, label: str) -> str:
-        try:
-            hypothesis = template.format(label)
-        except (IndexError, KeyError, ValueError) as exc:
-            raise BadInput(f"hypothesis_template {template!r} does not format: {exc}") from None
-        if hypothesis == template:
-            raise BadInput(f"hypothesis_template {template!r} has no {{}} for the label")
-        return hypothesis
 
     def forward(self, prepared: Prepared) -> ExtractResult:
         batch = prepared.batch

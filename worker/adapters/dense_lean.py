@@ -14,17 +14,15 @@ natively unless the model's precision is float32, checked on the cache's probe b
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psutil
 
-from sie_worker.adapters import graph_cache, graph_runtime
+from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
@@ -51,24 +49,8 @@ FALLBACK_MAX_LENGTH = 512
 PAD_MULTIPLE = 32
 
 
-def runtimes_for(spec: WorkerSpec) -> list[str]:
-    """The graph runtimes a dense worker's spec may run on, in the order tried; none when it runs torch
-    (`engine: torch`, a GPU, or no runtime installed). ONNX Runtime computes in float32 only, so it does not serve a
-    model asked to run in bfloat16."""
-    engine = spec.options_as(DenseOptions).engine
-    if engine == "torch" or spec.device.startswith("cuda"):
-        return []
-    installed = [name for name in ("openvino", "onnxruntime") if importlib.util.find_spec(name) is not None]
-    if spec.compute_precision == "bfloat16":
-        installed = [name for name in installed if name != "onnxruntime"]
-    return [name for name in installed if engine != "onnx" or name == "onnxruntime"]
-
-
-def _reason(exc: BaseException) -> str:
-    """An engine's error on one line: OpenVINO's begins with lines naming its own source files, then says why."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    said = " ".join(line for line in lines if not line.startswith("Exception from")) or type(exc).__name__
-    return said if len(said) <= 300 else said[:297] + "..."
+# The runtimes a spec may run on: one rule for every lean family (lean_engine).
+runtimes_for = lean_engine.runtimes_for
 
 
 def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
@@ -76,8 +58,7 @@ def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
     torch must serve it. A runtime that cannot serve the graph (a compile error, a disagreement with torch on the
     probe batch) hands it to the next, OpenVINO then ONNX Runtime then torch, with one warning line saying why.
     A checkpoint whose steps no engine computes fails here (st_pipeline.Unsupported), before any export."""
-    runtimes = runtimes_for(spec)
-    if not runtimes:
+    if not runtimes_for(spec):
         return None
     settings = dense_settings(spec)
     if settings.custom_code:
@@ -88,23 +69,8 @@ def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
         log.warning("%s; serving %s with torch", exc, spec.model)
         return None
     encoder = read_layout(Path(spec.weights_dir)).encoder_folder
-    graph = graph_cache.ensure_graph(encoder, spec.options_as(DenseOptions).onnx_cache_dir)
-    if graph is None:
-        return None
-    try:
-        for runtime, after in zip(runtimes, [*runtimes[1:], "torch"], strict=True):
-            adapter = LeanDenseAdapter(spec, graph, runtime, settings, head)
-            try:
-                adapter.open()
-                return adapter
-            except MemoryError:
-                raise
-            except Exception as exc:  # any failure to compile or to agree with torch hands the graph on
-                log.warning("%s cannot serve %s (%s); serving it with %s", runtime, spec.model, _reason(exc), after)
-        return None
-    finally:
-        if graph.temporary:
-            shutil.rmtree(graph.folder.parent, ignore_errors=True)  # an open runtime holds the graph in memory
+    return lean_engine.build_lean(spec, encoder, graph_cache.HIDDEN,
+                                  lambda graph, runtime: LeanDenseAdapter(spec, graph, runtime, settings, head))
 
 
 class LeanDenseAdapter:

@@ -15,7 +15,7 @@ import torch
 
 from sie_sdk.types import Entity
 from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.classifier import option, texts_of
+from sie_worker.adapters.classifier_rules import option, texts_of
 from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
     Stopwatch,

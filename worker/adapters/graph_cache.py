@@ -35,11 +35,12 @@ from sie_worker.adapters.export_lock import export_lock, remove_stale_staging
 log = logging.getLogger("sie.worker.graph")
 
 # Bumped whenever the folder's contents change meaning, so that an older cache is exported again, not misread.
-GRAPH_FORMAT = 3
+GRAPH_FORMAT = 4
 OPSET = 17
 # Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
 KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
-EXPORTER_PACKAGES = ("torch", "transformers", "onnx")
+# OpenVINO writes the IR in the export, so its version is part of what the folder means.
+EXPORTER_PACKAGES = ("torch", "transformers", "onnx", "openvino")
 # sentence-transformers' files beside the encoder: what runs after the graph, read at every load, not baked into it.
 NOT_GRAPH_FILES = frozenset({"modules.json", "sentence_bert_config.json", "config_sentence_transformers.json"})
 # The files every graph folder has. graph.json lists the others with their sizes, OpenVINO's IR too where written.
@@ -65,6 +66,28 @@ LOAD_AFTER_EXPORT_S = 120.0
 # Called just before the export helper starts: the worker's loop sets it to tell the router, whose placement reserves
 # the helper's memory (torch and the checkpoint) until the worker is ready.
 on_export_start: Callable[[], None] | None = None
+# What the graph computes after the backbone (`export_heads.head_model` builds each): `hidden`, the last hidden state
+# [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
+# logits [B, labels] over single texts or pairs (cross-encoders); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's
+# SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it.
+HIDDEN = "hidden"
+SEQUENCE_LOGITS = "sequence_logits"
+# How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
+# the reference's, and sigmoid or softmax move less than the logit does.
+MAX_LOGIT_ERROR = 0.02
+# How far a SPLADE term weight (of order 1) may be from torch's. Cosine alone is too lenient a bar here: bf16 keeps
+# MiniLM-sized SPLADE at cosine 0.9997 but moves weights by up to 0.08 (its vocabulary logits run to 20), so bf16
+# falls under this bar and the graph runs in float32.
+MAX_SPLADE_ERROR = 2e-3
+
+
+def splade_head(strategy: str, activation: str) -> str:
+    return f"splade-{strategy}-{activation}"
+
+
+def pair_head(head: str) -> bool:
+    """Whether the graph's inputs are (text, text) pairs, so its probe batch is made of pairs."""
+    return head == SEQUENCE_LOGITS
 
 
 @dataclass(frozen=True)
@@ -79,6 +102,9 @@ class Graph:
     clean_up_tokenization_spaces: bool
     export_cosine: float
     temporary: bool = False  # in a temporary folder (the cache was not writable): remove it once the runtime opened
+    head: str = HIDDEN
+    output_width: int = 0  # the head's last dimension: hidden size, labels or vocabulary
+    special_ids: dict[str, int] | None = None  # the tokenizer's special tokens by role (mask, pad, unk, cls, sep)
 
     @property
     def model_path(self) -> Path:
@@ -95,7 +121,8 @@ class Graph:
         return self.folder / "tokenizer.json"
 
     def probes(self) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
-        """Each probe batch's inputs and torch's float32 last hidden state for them: the short texts, then the long."""
+        """Each probe batch's inputs and torch's float32 output of the head for them: the short texts (or pairs),
+        then the long text."""
         with np.load(self.folder / "probe.npz") as data:
             return [({name: data[prefix + name] for name in self.input_names}, data[prefix + "hidden"])
                     for prefix in PROBE_BATCHES]
@@ -118,16 +145,16 @@ def _key_files(weights_dir: Path) -> list[Path]:
             if path.is_file() and path.suffix in KEY_SUFFIXES and path.name not in NOT_GRAPH_FILES]
 
 
-def _versions() -> str:
+def _versions(head: str = HIDDEN) -> str:
     versions = " ".join(f"{name}={_version(name)}" for name in EXPORTER_PACKAGES)
-    return f"format{GRAPH_FORMAT} opset{OPSET} {versions}"
+    return f"format{GRAPH_FORMAT} opset{OPSET} head={head} {versions}"
 
 
-def cache_key(weights_dir: Path) -> str:
-    """A digest of the checkpoint's defining files and the exporter's versions (read from package metadata: the
-    serving worker never imports the exporter)."""
+def cache_key(weights_dir: Path, head: str = HIDDEN) -> str:
+    """A digest of the checkpoint's defining files, the head and the exporter's versions (read from package metadata:
+    the serving worker never imports the exporter)."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(_versions().encode())
+    digest.update(_versions(head).encode())
     for path in _key_files(weights_dir):
         digest.update(path.name.encode())
         with path.open("rb") as f:
@@ -135,12 +162,12 @@ def cache_key(weights_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(weights_dir: Path) -> str:
+def fingerprint(weights_dir: Path, head: str = HIDDEN) -> str:
     """Where the checkpoint is and its files' names, sizes, inodes, modification and change times: a cheap stand-in
     for their contents. The change time is set by the kernel on every write and cannot be set back, so a rewrite that
     keeps size and mtime (`cp -p`, `rsync -t`) changes it too."""
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{_versions()} {weights_dir.resolve()}".encode())
+    digest.update(f"{_versions(head)} {weights_dir.resolve()}".encode())
     for path in _key_files(weights_dir):
         stat = path.stat()
         digest.update(f"{path.name} {stat.st_size} {stat.st_dev} {stat.st_ino} {stat.st_mtime_ns} "
@@ -148,17 +175,17 @@ def fingerprint(weights_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def indexed_key(weights_dir: Path, root: Path) -> str:
+def indexed_key(weights_dir: Path, root: Path, head: str = HIDDEN) -> str:
     """`cache_key`, remembered under `root/index` by the files' fingerprint: hashing MiniLM's 90 MB took 0.37 s of
     a 1 s reload. A fingerprint whose files changed misses, and the contents are hashed again."""
-    index = root / "index" / fingerprint(weights_dir)
+    index = root / "index" / fingerprint(weights_dir, head)
     try:
         key = index.read_text().strip()
         if key:
             return key
     except OSError:
         pass
-    key = cache_key(weights_dir)
+    key = cache_key(weights_dir, head)
     try:
         index.parent.mkdir(parents=True, exist_ok=True)
         staging = index.with_name(f".{index.name}.{os.getpid()}")
@@ -201,19 +228,45 @@ def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
         return Graph(folder=folder, input_names=list(meta["input_names"]), hidden_size=int(meta["hidden_size"]),
                      pad_token_id=int(meta["pad_token_id"]), model_max_length=int(meta["model_max_length"]),
                      clean_up_tokenization_spaces=bool(meta["clean_up_tokenization_spaces"]),
-                     export_cosine=float(meta["export_cosine"]), temporary=temporary)
+                     export_cosine=float(meta["export_cosine"]), temporary=temporary,
+                     head=str(meta.get("head", HIDDEN)), output_width=int(meta.get("output_width", 0)),
+                     special_ids={str(k): int(v) for k, v in (meta.get("special_ids") or {}).items()})
     except (KeyError, TypeError, ValueError):
         return None
 
 
 def write_graph_meta(folder: Path, input_names: list[str], hidden_size: int, pad_token_id: int,
-                     model_max_length: int, clean_up_tokenization_spaces: bool, export_cosine: float) -> None:
-    """Write `graph.json`, last: it lists every other file in `folder` with its size."""
+                     model_max_length: int, clean_up_tokenization_spaces: bool, export_cosine: float,
+                     **head: Any) -> None:
+    """Write `graph.json`, last: it lists every other file in `folder` with its size; `head` adds the head's fields
+    (head, output_width, special_ids)."""
     meta = {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
             "pad_token_id": pad_token_id, "model_max_length": model_max_length,
-            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine,
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine, **head,
             "files": _file_sizes(folder)}
     (folder / "graph.json").write_text(json.dumps(meta, indent=1))
+
+
+def min_agreement(head: str) -> float:
+    """The bar `agreement` must reach for a runtime to serve a graph of this head."""
+    if head == SEQUENCE_LOGITS:
+        return 1.0 - MAX_LOGIT_ERROR
+    return 1.0 - MAX_SPLADE_ERROR if head.startswith("splade-") else MIN_COSINE
+
+
+def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+    """How closely a runtime's output of the probe batch matches torch's, on the scale `min_agreement` judges: the
+    lowest cosine per real token (hidden states) or per item (SPLADE weights); for logits, 1 minus the largest error
+    relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing; for SPLADE
+    weights, 1 minus the largest error."""
+    if head == HIDDEN:
+        return masked_min_cosine(expected, got, mask)
+    if expected.shape != got.shape:
+        return -1.0
+    a, b = expected.astype(np.float64), got.astype(np.float64)
+    if head == SEQUENCE_LOGITS:
+        return 1.0 - float(np.abs(a - b).max() / max(1.0, float(np.abs(a).max())))
+    return 1.0 - float(np.abs(a - b).max())
 
 
 def masked_min_cosine(expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
@@ -237,12 +290,12 @@ def _cache_root(cache_dir: str | Path | None) -> tuple[Path, bool]:
     return temporary, True
 
 
-def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | None:
-    """The checkpoint's cached graph, exported first by the helper process when missing or incomplete; None when it
-    cannot be had within EXPORT_TIMEOUT_S (the caller serves the model with torch instead). A worker that finds
+def ensure_graph(weights_dir: Path, cache_dir: str | Path | None, head: str = HIDDEN) -> Graph | None:
+    """The checkpoint's cached graph of `head`, exported first by the helper process when missing or incomplete; None
+    when it cannot be had within EXPORT_TIMEOUT_S (the caller serves the model with torch instead). A worker that finds
     another exporting the same key waits for its graph instead of exporting it again."""
     root, temporary = _cache_root(cache_dir)
-    key = indexed_key(weights_dir, root)
+    key = indexed_key(weights_dir, root, head)
     remove_stale_staging(root)
     graph = read_graph(root / key, temporary)
     if graph is not None:
@@ -255,12 +308,12 @@ def ensure_graph(weights_dir: Path, cache_dir: str | Path | None) -> Graph | Non
             return None
         remove_stale_staging(root, held=key)
         graph = read_graph(root / key, temporary)  # another worker's export, finished while this one waited
-        if graph is None and _export(weights_dir, root / key, lock, deadline):
+        if graph is None and _export(weights_dir, root / key, lock, deadline, head):
             graph = read_graph(root / key, temporary)
         return graph
 
 
-def _export(weights_dir: Path, folder: Path, lock: int, deadline: float) -> bool:
+def _export(weights_dir: Path, folder: Path, lock: int, deadline: float, head: str) -> bool:
     """Run the helper process under the key's `lock`, which it inherits (the key stays locked while it lives);
     whether it wrote the graph."""
     if folder.exists():  # a file gone or rewritten since the export: not trusted, exported again
@@ -269,7 +322,8 @@ def _export(weights_dir: Path, folder: Path, lock: int, deadline: float) -> bool
     log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
     if on_export_start is not None:
         on_export_start()
-    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid())]
+    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid()),
+               *(["--head", head] if head != HIDDEN else [])]
     try:
         # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
         done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,

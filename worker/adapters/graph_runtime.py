@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sie_worker.adapters import probe_record
-from sie_worker.adapters.graph_cache import MIN_COSINE, Graph, masked_min_cosine
+from sie_worker.adapters.graph_cache import Graph, agreement, min_agreement
 
 log = logging.getLogger("sie.worker.graph")
 
@@ -151,8 +151,9 @@ class OrtRuntime:
 
 
 def probe_cosine(runtime: Runtime, graph: Graph) -> float:
-    """The runtime's lowest cosine against torch over every probe batch: the short texts and the long one."""
-    return min(masked_min_cosine(expected, runtime.run(feed), feed["attention_mask"])
+    """The runtime's lowest agreement with torch over every probe batch, the short texts and the long one
+    (`graph_cache.agreement`: a cosine for hidden states)."""
+    return min(agreement(graph.head, expected, runtime.run(feed), feed["attention_mask"])
                for feed, expected in graph.probes())
 
 
@@ -171,12 +172,13 @@ def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision
     """`kind` (openvino or onnxruntime) over the graph, checked on the probe batches; GraphRejected if it
     disagrees."""
     runtime: Runtime
+    bar = min_agreement(graph.head)
     if kind == "openvino":
         runtime = OpenVinoRuntime(graph, threads, lanes, precision)
         cosine = checked_cosine(kind, runtime, graph, precision)
-        if cosine < MIN_COSINE and precision == "auto" and runtime.computes() != "f32":
-            log.warning("openvino in %s is under the bar on the probe (lowest cosine %.6f < %s); using float32",
-                        runtime.computes(), cosine, MIN_COSINE)
+        if cosine < bar and precision == "auto" and runtime.computes() != "f32":
+            log.warning("openvino in %s is under the bar on the probe (agreement %.6f < %s); using float32",
+                        runtime.computes(), cosine, bar)
             runtime = OpenVinoRuntime(graph, threads, lanes, "float32")
             cosine = checked_cosine(kind, runtime, graph, "float32")
     elif kind == "onnxruntime":
@@ -184,8 +186,8 @@ def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision
         cosine = checked_cosine(kind, runtime, graph, precision)
     else:
         raise ValueError(f"unknown runtime {kind!r}; expected one of {RUNTIMES}")
-    if cosine < MIN_COSINE:
-        raise GraphRejected(f"{runtime.describe()} disagrees with torch on the probe batch (lowest cosine "
-                            f"{cosine:.6f} < {MIN_COSINE})")
-    log.info("graph runtime: %s, lowest probe cosine against torch float32 %.6f", runtime.describe(), cosine)
+    if cosine < bar:
+        raise GraphRejected(f"{runtime.describe()} disagrees with torch on the probe batch (agreement "
+                            f"{cosine:.6f} < {bar})")
+    log.info("graph runtime: %s, agreement with torch float32 on the probe %.6f", runtime.describe(), cosine)
     return runtime

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.multivector import join_rows, token_rows
-from sie_worker.adapters.sparse import SparseRow, join_sparse, sparse_rows
+from sie_worker.adapters.multivector import token_rows
+from sie_worker.adapters.packing import SparseRow, join_rows, join_sparse
+from sie_worker.adapters.sparse import sparse_rows
 from sie_worker.adapters.torch_common import (
     compute_dtype,
     memory_bytes,

@@ -2,7 +2,7 @@
 
 Reads both checkpoint layouts: colbert-ir's (`linear.weight` inside the Hugging Face checkpoint, settings in
 `artifact.metadata`) and sentence-transformers/PyLate's (`modules.json` with a `Dense` folder). Also owns
-`token_rows`/`join_rows`, the per-token row packing the hybrid family shares.
+`token_rows`, the per-token rows the hybrid family shares (packed by `packing.join_rows`).
 
 Encodes as colbert-ir and PyLate do: a query is padded to its fixed length with [MASK] tokens, which the real tokens
 do not attend to but which are encoded and returned (query augmentation: every query has `query_max_length` rows);
@@ -11,7 +11,6 @@ a document's punctuation tokens are encoded but their rows dropped (the skiplist
 
 from __future__ import annotations
 
-import string
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from safetensors import safe_open
 from transformers import AddedToken, AutoModel, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.colbert_config import colbert_settings
+from sie_worker.adapters.packing import join_rows
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -35,7 +36,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, MultivectorOptions, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
 
 _ACTIVATIONS = {"torch.nn.modules.linear.Identity": None, "torch.nn.modules.activation.Tanh": torch.tanh}
@@ -51,12 +52,6 @@ def project(hidden: torch.Tensor, projection: Callable[[torch.Tensor], torch.Ten
     """Token vectors [B, T, D] through the projection, normalised in float32 (fp16 squares overflow in the norm)."""
     vectors = projection(hidden).float()
     return F.normalize(vectors, p=2, dim=-1) if normalize else vectors
-
-
-def join_rows(parts: list[np.ndarray], dim: int) -> tuple[Tensor, list[int]]:
-    """Per-item rows in item order as one [sum rows, D] array plus CSR offsets (item i owns offsets[i]:offsets[i+1])."""
-    offsets = np.cumsum([0] + [len(rows) for rows in parts]).tolist()
-    return Tensor.from_numpy(np.concatenate([np.empty((0, dim), np.float32), *parts])), [int(o) for o in offsets]
 
 
 @dataclass
@@ -111,32 +106,6 @@ def find_projection(layout: Layout) -> Projection:
     if "linear.weight" not in found:
         raise ValueError(f"no ColBERT projection in {layout.folder}: neither a Dense module nor a linear.weight")
     return Projection(found["linear.weight"], found.get("linear.bias"))
-
-
-def checkpoint_defaults(layout: Layout) -> dict[str, Any]:
-    """Prefixes and lengths as the checkpoint declares them (colbert-ir `artifact.metadata`, PyLate configs)."""
-    found: dict[str, Any] = {}
-    metadata = read_json(layout.folder / "artifact.metadata")
-    if isinstance(metadata, dict):
-        # colbert-ir inserts these vocabulary tokens as markers; a bare "[Q] " would be three word pieces there.
-        found["query_prefix"] = str(metadata.get("query_token_id") or "[unused0]") + " "
-        found["doc_prefix"] = str(metadata.get("doc_token_id") or "[unused1]") + " "
-        found["query_max_length"] = metadata.get("query_maxlen")
-        found["doc_max_length"] = metadata.get("doc_maxlen")
-        found["attend_to_expansion_tokens"] = metadata.get("attend_to_mask_tokens")
-        if metadata.get("mask_punctuation") is False:
-            found["skiplist_words"] = []
-    st, prompts = layout.config, layout.prompts
-    found["query_prefix"] = st.get("query_prefix") or prompts.get("query") or found.get("query_prefix")
-    found["doc_prefix"] = st.get("document_prefix") or prompts.get("document") or found.get("doc_prefix")
-    found["query_max_length"] = st.get("query_length") or found.get("query_max_length")
-    found["doc_max_length"] = st.get("document_length") or layout.max_seq_length or found.get("doc_max_length")
-    for ours, theirs in (("query_expansion", "do_query_expansion"),
-                         ("attend_to_expansion_tokens", "attend_to_expansion_tokens"),
-                         ("skiplist_words", "skiplist_words")):
-        if st.get(theirs) is not None:
-            found[ours] = st[theirs]
-    return {k: v for k, v in found.items() if v is not None}
 
 
 def expansion_token_id(tokenizer: Any) -> int:
@@ -195,23 +164,12 @@ class MultivectorAdapter:
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
         self.layout = read_layout(self.weights_dir)
-        options = spec.options_as(MultivectorOptions)
-        declared = checkpoint_defaults(self.layout)
-
-        def chosen(name: str, fallback: Any) -> Any:
-            """The profile's option, else the checkpoint's, else the adapter's fallback."""
-            value = getattr(options, name)
-            return value if value is not None else declared.get(name, fallback)
-
-        self.query_prefix = str(chosen("query_prefix", "[Q] "))
-        self.doc_prefix = str(chosen("doc_prefix", "[D] "))
-        self.query_max_length = int(chosen("query_max_length", 32))
-        self.max_length: int | None = spec.max_sequence_length or chosen("doc_max_length", None)
-        self.normalize = options.normalize
-        self.token_dim = options.token_dim
-        self.query_expansion = bool(chosen("query_expansion", True))
-        self.attend_to_expansion = bool(chosen("attend_to_expansion_tokens", False))
-        self.skiplist_words = [str(w) for w in chosen("skiplist_words", list(string.punctuation))]
+        settings = colbert_settings(spec, self.layout)
+        self.query_prefix, self.doc_prefix = settings.query_prefix, settings.doc_prefix
+        self.query_max_length, self.max_length = settings.query_max_length, settings.max_length
+        self.normalize, self.token_dim = settings.normalize, settings.token_dim
+        self.query_expansion, self.attend_to_expansion = settings.query_expansion, settings.attend_to_expansion
+        self.skiplist_words = settings.skiplist_words
 
     def load(self) -> LoadInfo:
         encoder = self.layout.encoder_folder

@@ -17,7 +17,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from sie_sdk.types import Entity
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
-from sie_worker.adapters.classifier import texts_of
+from sie_worker.adapters.classifier_rules import texts_of
 from sie_worker.adapters.torch_common import (
     PAD_MULTIPLE,
     Stopwatch,

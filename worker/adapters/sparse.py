@@ -1,6 +1,6 @@
 """SPLADE sparse embeddings (worker process): masked-LM logits -> log1p(relu) -> max over tokens -> CSR rows.
 
-Also owns the helpers the other text families share: `tokenize_in_buckets` and the CSR packing of sparse rows.
+The checkpoint's SPLADE settings are read in `lean_sparse.splade_settings`, for this adapter and the lean one alike.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.lean_sparse import splade_settings
+from sie_worker.adapters.packing import SparseRow, join_sparse
 from sie_worker.adapters.torch_common import (
     compute_dtype,
     memory_bytes,
@@ -22,14 +24,11 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, Tensor, WorkerSpec
+from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 from sie_worker.st_layout import read_layout
 
 # Items per forward pass inside one router batch, as the dense family: length buckets keep padding small, and the
 # [items, tokens, vocabulary] logits stay bounded.
-SparseRow = tuple[np.ndarray, np.ndarray]
-
-
 
 
 def sparse_rows(weights: torch.Tensor) -> list[SparseRow]:
@@ -39,14 +38,6 @@ def sparse_rows(weights: torch.Tensor) -> list[SparseRow]:
     values = weights[rows, cols].float().cpu().numpy()
     bounds = np.cumsum(keep.sum(dim=1).cpu().numpy())[:-1]
     return list(zip(np.split(cols.to(torch.int32).cpu().numpy(), bounds), np.split(values, bounds), strict=True))
-
-
-def join_sparse(parts: list[SparseRow]) -> tuple[Tensor, Tensor, list[int]]:
-    """Rows in item order, packed CSR: indices, values, offsets (item i owns offsets[i]:offsets[i + 1])."""
-    offsets = np.cumsum([0] + [len(indices) for indices, _ in parts]).tolist()
-    indices = np.concatenate([np.empty(0, np.int32)] + [i for i, _ in parts])
-    values = np.concatenate([np.empty(0, np.float32)] + [v for _, v in parts])
-    return Tensor.from_numpy(indices), Tensor.from_numpy(values), [int(o) for o in offsets]
 
 
 def splade_pool(logits: torch.Tensor, mask: torch.Tensor, strategy: str = "max",
@@ -65,15 +56,8 @@ class SparseAdapter:
         self.spec = spec
         self.device = torch_device(spec.device)
         self.weights_dir = Path(spec.weights_dir)
-        layout = read_layout(self.weights_dir)
-        self.max_length: int | None = spec.max_sequence_length or layout.max_seq_length
-        splade = layout.module("SpladePooling")
-        declared = {} if splade is None else splade.config  # a bare MLM folder has none
-        options = spec.options_as(SparseOptions)
-        self.strategy = str(options.pooling_strategy or declared.get("pooling_strategy") or "max")
-        self.activation = str(options.activation_function or declared.get("activation_function") or "relu")
-        if self.strategy not in ("max", "sum") or self.activation not in ("relu", "log1p_relu"):
-            raise ValueError(f"unsupported SPLADE pooling {self.strategy!r} / activation {self.activation!r}")
+        self.max_length: int | None = spec.max_sequence_length or read_layout(self.weights_dir).max_seq_length
+        self.strategy, self.activation = splade_settings(spec)
 
     def load(self) -> LoadInfo:
         self.tokenizer = AutoTokenizer.from_pretrained(self.weights_dir, local_files_only=True)

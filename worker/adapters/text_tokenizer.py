@@ -41,6 +41,15 @@ class TextTokenizer:
             self.backend.enable_truncation(max_length, direction=side)
         return self.backend.encode_batch(texts)
 
+    def encode_pairs(self, pairs: list[tuple[str, str]], max_length: int | None, side: str = "right") -> list[Encoding]:
+        """(text, text) pairs with special tokens and token types, cut to `max_length` tokens longest first (a token at
+        a time from the longer of the two), as transformers' `truncation=True` asks of this same Rust tokenizer."""
+        if max_length is None:
+            self.backend.no_truncation()
+        else:
+            self.backend.enable_truncation(max_length, strategy="longest_first", direction=side)
+        return self.backend.encode_batch(pairs)
+
     def prompt_length(self, prompt: str) -> int:
         """The prompt's tokens as sentence-transformers counts them: special tokens included but a trailing one."""
         self.backend.no_truncation()

@@ -1,0 +1,172 @@
+"""The one engine seam of the lean workers (worker process, free of torch): which graph runtimes a spec may run on,
+the fallback over them, and `GraphSession`, what every lean family shares once its graph is open (the Rust
+tokenizer, the runtime behind `Lanes`, padding length buckets into feeds, the warm-up).
+
+A family is a tokenizer (single texts or pairs), a graph (`graph_cache` head kinds) and a numpy step after it. Its
+`build(spec)` returns a lean adapter, or None for torch to serve it: a GPU, `engine: torch`, no runtime installed,
+custom code, an export that fails. Any failure of a runtime to open the graph (a compile error, a corrupt IR, an
+unsupported operator, a disagreement with torch on the probe batch) hands it to the next runtime, OpenVINO then ONNX
+Runtime then torch, with one warning line naming the reason; a load that torch would serve never fails here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+from tokenizers import Encoding
+
+from sie_worker.adapters import graph_cache, graph_runtime
+from sie_worker.adapters.batching import CPU_CALL_OVERHEAD_TOKENS, MICRO_BATCH_ITEMS, Bucket, length_buckets, padded
+from sie_worker.adapters.text_tokenizer import TextTokenizer
+from sie_worker.protocol import GraphEngineOptions, RunEngine, WorkerSpec
+
+log = logging.getLogger("sie.worker")
+
+# The maximum length when neither the model config nor the checkpoint's files limit it.
+FALLBACK_MAX_LENGTH = 512
+# Padded lengths are multiples of this: OpenVINO keeps compiled kernels and buffers for every input shape it has run
+# (dense_lean.PAD_MULTIPLE says what it costs).
+PAD_MULTIPLE = 32
+
+
+class Openable(Protocol):
+    def open(self) -> None: ...
+
+
+AdapterT = TypeVar("AdapterT", bound=Openable)
+
+
+def runtimes_for(spec: WorkerSpec) -> list[str]:
+    """The graph runtimes a spec may run on, in the order tried; none when it runs torch (`engine: torch`, a GPU, a
+    family without engine options, or no runtime installed). ONNX Runtime computes in float32 only, so it does not
+    serve a model asked to run in bfloat16."""
+    if not isinstance(spec.options, GraphEngineOptions) and spec.options is not None:
+        return []
+    engine = spec.options.engine if spec.options is not None else GraphEngineOptions().engine
+    if engine == "torch" or spec.device.startswith("cuda"):
+        return []
+    installed = [name for name in ("openvino", "onnxruntime") if importlib.util.find_spec(name) is not None]
+    if spec.compute_precision == "bfloat16":
+        installed = [name for name in installed if name != "onnxruntime"]
+    return [name for name in installed if engine != "onnx" or name == "onnxruntime"]
+
+
+def engine_options(spec: WorkerSpec) -> GraphEngineOptions:
+    return spec.options if isinstance(spec.options, GraphEngineOptions) else GraphEngineOptions()
+
+
+def reason(exc: BaseException) -> str:
+    """An engine's error on one line: OpenVINO's begins with lines naming its own source files, then says why."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = " ".join(line for line in lines if not line.startswith("Exception from")) or type(exc).__name__
+    return said if len(said) <= 300 else said[:297] + "..."
+
+
+def first_that_opens(spec: WorkerSpec, runtimes: Sequence[str], graph: graph_cache.Graph,
+                     make: Callable[[graph_cache.Graph, str], AdapterT]) -> AdapterT | None:
+    """`make(graph, runtime)` opened on the first runtime that can serve the graph, else None (torch serves it)."""
+    try:
+        for runtime, after in zip(runtimes, [*runtimes[1:], "torch"], strict=True):
+            try:
+                adapter = make(graph, runtime)
+                adapter.open()
+                return adapter
+            except MemoryError:
+                raise
+            except Exception as exc:  # any failure to compile or to agree with torch hands the graph on
+                log.warning("%s cannot serve %s (%s); serving it with %s", runtime, spec.model, reason(exc), after)
+        return None
+    finally:
+        if graph.temporary:
+            shutil.rmtree(graph.folder.parent, ignore_errors=True)  # an open runtime holds the graph in memory
+
+
+def build_lean(spec: WorkerSpec, weights_dir: Path, head: str,
+               make: Callable[[graph_cache.Graph, str], AdapterT]) -> AdapterT | None:
+    """The family's lean adapter over the graph of `head`, exported first if needed; None when torch must serve it."""
+    runtimes = runtimes_for(spec)
+    if not runtimes:
+        return None
+    graph = graph_cache.ensure_graph(weights_dir, engine_options(spec).onnx_cache_dir, head)
+    if graph is None:
+        return None
+    return first_that_opens(spec, runtimes, graph, make)
+
+
+def run_engine(runtime_kind: str) -> RunEngine:
+    return "onnx" if runtime_kind == "onnxruntime" else "openvino"
+
+
+class GraphSession:
+    """An open graph with its tokenizer and runtime: what a lean family's adapter composes."""
+
+    def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime_kind: str, max_length: int | None,
+                 lowercase: bool = False) -> None:
+        self.spec, self.graph, self.runtime_kind = spec, graph, runtime_kind
+        self.options = engine_options(spec)
+        self.max_length = int(max_length or min(graph.model_max_length, FALLBACK_MAX_LENGTH))
+        self.max_tokens = min(spec.max_batch_tokens, self.options.micro_batch_tokens)
+        self.lowercase = lowercase
+        self.lanes: graph_runtime.Lanes | None = None
+
+    @property
+    def engine(self) -> RunEngine:
+        return run_engine(self.runtime_kind)
+
+    def open(self) -> None:
+        """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected)."""
+        self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
+                                       lowercase=self.lowercase)
+        threads = self.spec.threads or os.cpu_count() or 1
+        default = threads if self.runtime_kind == "onnxruntime" else 1  # as dense_lean.default_lanes says why
+        lanes = max(1, min(self.options.onnx_lanes or default, threads))
+        precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(self.spec.compute_precision or "", "auto")
+        runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
+                                             precision=precision, arena=self.options.onnx_arena)
+        self.lanes = graph_runtime.Lanes(runtime)
+        log.info("engine: %s, graph %s (head %s)", runtime.describe(), self.graph.folder, self.graph.head)
+
+    def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
+        every = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: every[name] for name in self.graph.input_names}
+
+    def buckets(self, encodings: list[Encoding], max_items: int = MICRO_BATCH_ITEMS) -> list[Bucket]:
+        """The encodings in length buckets, each padded on its own to a multiple of PAD_MULTIPLE."""
+        counts = [len(encoding.ids) for encoding in encodings]
+        out: list[Bucket] = []
+        for indices in length_buckets(counts, max_items, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS, PAD_MULTIPLE):
+            longest = max(1, max(counts[i] for i in indices))
+            shape = (len(indices), max(longest, min(self.max_length, padded(longest, PAD_MULTIPLE))))
+            ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
+            mask, types = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+            for row, i in enumerate(indices):
+                encoding, n = encodings[i], counts[i]
+                ids[row, :n], mask[row, :n], types[row, :n] = encoding.ids, 1, encoding.type_ids
+            out.append((indices, self.feed(ids, mask, types)))
+        return out
+
+    def run(self, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        assert self.lanes is not None, "open() first"
+        return self.lanes.run_all(feeds)
+
+    def warm_up(self) -> None:
+        """The largest call the token cap allows at the full length (unless `warm_up: small`), then a small one: the
+        memory the worker reports at Ready is then its working set."""
+        length = min(self.max_length, self.max_tokens)
+        rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // length))
+        full = self.options.warm_up != "small"
+        for shape in [*([(rows, length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
+            ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
+            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))])
+
+    def close(self) -> None:
+        if self.lanes is not None:
+            self.lanes.close()
+        self.lanes = None

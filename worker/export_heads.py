@@ -1,0 +1,78 @@
+"""The heads the export helper traces after an encoder (export helper process, with torch): one torch module per
+`graph_cache` head kind, each a function of the tokenizer's named inputs returning the head's output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sie_worker.adapters.graph_cache import HIDDEN, SEQUENCE_LOGITS
+from sie_worker.adapters.torch_common import load_encoder
+
+# The tokenizer's special tokens a lean worker may need by role (ColBERT's query expansion, its skiplist).
+SPECIAL_ROLES = ("pad", "mask", "unk", "cls", "sep", "bos", "eos")
+
+
+class LastHidden(torch.nn.Module):
+    """The encoder's last hidden state [B, T, H]."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(**inputs).last_hidden_state
+        return out
+
+
+class SequenceLogits(torch.nn.Module):
+    """A sequence-classification head's logits [B, labels] in float32."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.model(**inputs).logits.float()
+        return out
+
+
+class SpladeWeights(torch.nn.Module):
+    """SPLADE term weights [B, vocabulary] from a masked LM, as `sparse.splade_pool` computes them: logits masked,
+    relu, log1p (twice for `log1p_relu`), then max or sum over the tokens."""
+
+    def __init__(self, model: torch.nn.Module, strategy: str, activation: str) -> None:
+        super().__init__()
+        self.model, self.strategy, self.activation = model, strategy, activation
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        logits = self.model(**inputs).logits
+        weights = torch.log1p(torch.relu(logits * inputs["attention_mask"].unsqueeze(-1).to(logits.dtype)))
+        if self.activation == "log1p_relu":
+            weights = torch.log1p(weights)
+        return weights.amax(dim=1) if self.strategy == "max" else weights.sum(dim=1)
+
+
+def head_model(weights_dir: Path, head: str) -> Any:
+    """The checkpoint in float32 under `head`, in eval mode; ValueError for a head this helper does not know."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    if head == HIDDEN:
+        return LastHidden(load_encoder(weights_dir, torch.float32)).eval()
+    if head == SEQUENCE_LOGITS:
+        model = AutoModelForSequenceClassification.from_pretrained(weights_dir, local_files_only=True,
+                                                                   dtype=torch.float32)
+        return SequenceLogits(model).eval()
+    kind, _, rest = head.partition("-")
+    strategy, _, activation = rest.partition("-")
+    if kind == "splade" and strategy in ("max", "sum") and activation in ("relu", "log1p_relu"):
+        model = AutoModelForMaskedLM.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32)
+        return SpladeWeights(model, strategy, activation).eval()
+    raise ValueError(f"unknown graph head {head!r}")
+
+
+def special_ids(tokenizer: Any) -> dict[str, int]:
+    found = {role: getattr(tokenizer, f"{role}_token_id", None) for role in SPECIAL_ROLES}
+    return {role: int(i) for role, i in found.items() if i is not None}
