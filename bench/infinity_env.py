@@ -5,9 +5,12 @@ Each step is stamped, bounded in time, and returns (ok, reason) instead of raisi
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +52,26 @@ def _run(cmd: list[str], log_name: str, timeout_s: float) -> tuple[bool, str]:
     return True, ""
 
 
+@contextlib.contextmanager
+def _locked(name: str) -> Iterator[None]:
+    """One installer at a time: benches and sessions share .cache/bench, and a second pip into a half-built venv
+    breaks it."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with (CACHE / f".{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def ensure(engine: str, timeout_s: float = 900.0) -> tuple[bool, str]:
     """Make the venv ready for `engine` ('torch' or 'optimum'); the torch step always comes first."""
+    with _locked("infinity-venv"):
+        return _ensure(engine, timeout_s)
+
+
+def _ensure(engine: str, timeout_s: float) -> tuple[bool, str]:
     wanted = ["torch"] if engine == "torch" else ["torch", "optimum"]
     if not python().exists():
         ok, why = _run([sys.executable, "-m", "venv", "--clear", str(VENV)], "infinity-install.log", 120)
@@ -71,6 +92,11 @@ def ensure(engine: str, timeout_s: float = 900.0) -> tuple[bool, str]:
 
 def onnx_model(model_dir: Path, timeout_s: float = 300.0) -> tuple[Path | None, str]:
     """A copy of `model_dir` with a model.onnx next to the weights (exported once, by the Infinity venv's torch)."""
+    with _locked("minilm-onnx"):
+        return _onnx_model(model_dir, timeout_s)
+
+
+def _onnx_model(model_dir: Path, timeout_s: float) -> tuple[Path | None, str]:
     target = ONNX_DIR / "model.onnx"
     if target.exists():
         return ONNX_DIR, ""

@@ -30,20 +30,20 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "n/a"
 
 
-def table(rows: dict[str, dict], shapes: list[str]) -> tuple[str, list[str]]:
+def table(rows: dict[str, dict], shapes: list[str], ceiling: float | None = None) -> tuple[str, list[str]]:
     """The printed table, and the list of cosine failures (empty when every response matched the bare model)."""
     folded = summary(rows)
-    head = f"{'target':<16} {'c1 s/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
+    head = f"{'target':<20} {'c1 s/s':>8} {'p50 ms':>7} {'p99 ms':>7}"
     rest = [s for s in shapes if s != "c1"]
     head += "".join(f" {s + ' s/s':>11}" for s in rest) + f" {'min cos':>9} {'errors':>6}"
     lines, failures = [head, "-" * len(head)], []
     for name, row in rows.items():
         if row.get("unavailable"):
-            lines.append(f"{name:<16} unavailable: {row['unavailable']}")
+            lines.append(f"{name:<20} unavailable: {row['unavailable']}")
             continue
         got = folded.get(name, {})
         c1 = got.get("c1")
-        line = f"{name:<16} " + (f"{c1['sent_per_s']:8.1f} {c1['p50_ms']:7.1f} {c1['p99_ms']:7.1f}" if c1 else
+        line = f"{name:<20} " + (f"{c1['sent_per_s']:8.1f} {c1['p50_ms']:7.1f} {c1['p99_ms']:7.1f}" if c1 else
                                  f"{'-':>8} {'-':>7} {'-':>7}")
         line += "".join(f" {got[s]['sent_per_s']:11.1f}" if s in got else f" {'-':>11}" for s in rest)
         cos = min((v["min_cos"] for v in got.values()), default=float("nan"))
@@ -51,19 +51,22 @@ def table(rows: dict[str, dict], shapes: list[str]) -> tuple[str, list[str]]:
         lines.append(line)
         failures += [f"{name} {s}: min cosine {v['min_cos']:.6f} < {COS_FLOOR}" for s, v in got.items()
                      if not v["min_cos"] >= COS_FLOOR]
-    lines += ratio_lines(folded, shapes)
+    lines += ratio_lines(folded, shapes, ceiling)
     return "\n".join(lines), failures
 
 
-def ratio_lines(folded: dict[str, dict], shapes: list[str]) -> list[str]:
+def ratio_lines(folded: dict[str, dict], shapes: list[str], ceiling: float | None = None) -> list[str]:
+    """Ours against the bare model, against Infinity's best engine at each shape (c1: p50 against its lowest p50),
+    and against the compute ceiling (ceiling.py)."""
     ours, bare = folded.get("ours", {}), folded.get("bare", {})
     infinity = [v for k, v in folded.items() if k.startswith("infinity")]
     best = {s: max((v[s]["sent_per_s"] for v in infinity if s in v), default=None) for s in shapes}
-    out = ["-" * 16]
+    lowest_p50 = min((v["c1"]["p50_ms"] for v in infinity if "c1" in v), default=None)
+    out = ["-" * 20]
 
     def row(label: str, other: dict[str, float | None], c1_extra: str) -> str:
         vals = {s: _ratio(ours.get(s, {}).get("sent_per_s"), other.get(s)) for s in shapes}
-        return (f"{label:<16} {vals.get('c1', ''):>8} {c1_extra:>15}"
+        return (f"{label:<20} {vals.get('c1', ''):>8} {c1_extra:>15}"
                 + "".join(f" {vals[s]:>11}" for s in shapes if s != "c1"))
 
     if ours and bare:
@@ -71,18 +74,34 @@ def ratio_lines(folded: dict[str, dict], shapes: list[str]) -> list[str]:
                if "c1" in ours and "c1" in bare else "")
         out.append(row("ours/bare", {s: bare.get(s, {}).get("sent_per_s") for s in shapes}, p50))
     if ours and infinity:
-        out.append(row("ours/inf-best", best, ""))
+        p50 = f"p50 {_ratio(ours['c1']['p50_ms'], lowest_p50)}" if "c1" in ours and lowest_p50 else ""
+        out.append(row("ours/inf-best", best, p50))
+    if ours and ceiling:
+        out.append(row("ours/ceiling", dict.fromkeys(shapes, ceiling), f"({ceiling:.0f} s/s)"))
     return out
+
+
+def latency_table(rows: dict[str, dict], shapes: list[str]) -> str:
+    """p50/p99 of each server at each shape (a request: one sentence, or 32 or 256 in the batched shapes)."""
+    folded = summary(rows)
+    head = f"{'target':<20}" + "".join(f" {s:>15}" for s in shapes)
+    lines = [head, "-" * len(head)]
+    for name, got in folded.items():
+        if name == "bare":
+            continue
+        lines.append(f"{name:<20}" + "".join(
+            f" {got[s]['p50_ms']:7.1f}/{got[s]['p99_ms']:<7.1f}" if s in got else f" {'-':>15}" for s in shapes))
+    return "\n".join(lines)
 
 
 def cpu_lines(rows: dict[str, dict], shapes: list[str]) -> str:
     """Cores used by each server's process tree during each shape, and the most other tenants used meanwhile."""
     folded = summary(rows)
-    lines = [f"{'server cores':<16}" + "".join(f" {s:>11}" for s in shapes)]
+    lines = [f"{'server cores':<20}" + "".join(f" {s:>11}" for s in shapes)]
     for name, got in folded.items():
         if name == "bare":
             continue
-        lines.append(f"{name:<16}" + "".join(f" {got[s]['server_cores']:11.2f}" if s in got else f" {'-':>11}"
+        lines.append(f"{name:<20}" + "".join(f" {got[s]['server_cores']:11.2f}" if s in got else f" {'-':>11}"
                                              for s in shapes))
     foreign = max((v["foreign_cores"] for got in folded.values() for v in got.values()), default=0.0)
     lines.append(f"most cores used by other tenants during any measurement: {foreign:.2f}")
@@ -99,25 +118,25 @@ def _verdict(value: float | None, target: float | None) -> str:
 
 def memory_table(memory: dict[str, dict], targets_mib: dict[str, float]) -> str:
     """Each server's process tree (the server and every descendant) after the last load shape."""
-    head = f"{'server':<16} {'tree PSS MiB':>12} {'tree RSS MiB':>12} {'processes':>9}  {'target PSS':>10}"
+    head = f"{'server':<20} {'tree PSS MiB':>12} {'tree RSS MiB':>12} {'processes':>9}  {'target PSS':>10}"
     lines = [head, "-" * len(head)]
     for name, m in memory.items():
         if m.get("error"):
-            lines.append(f"{name:<16} {m['error']}")
+            lines.append(f"{name:<20} {m['error']}")
             continue
         target = targets_mib.get(name)
-        lines.append(f"{name:<16} {m['pss_mib']:12.0f} {m['rss_mib']:12.0f} {m['processes']:9d}  "
+        lines.append(f"{name:<20} {m['pss_mib']:12.0f} {m['rss_mib']:12.0f} {m['processes']:9d}  "
                      + (f"{'<= ' + format(target, '.0f'):>10} {_verdict(m['pss_mib'], target)}" if target else ""))
     return "\n".join(lines)
 
 
 def startup_table(timings: list[dict]) -> str:
     """Seconds to the first embedding: median, min and max over the starts (or reloads) that answered."""
-    head = f"{'server':<16} {'what':<32} {'runs':>4} {'median s':>8} {'min s':>6} {'max s':>6}  {'target':>8}"
+    head = f"{'server':<20} {'what':<32} {'runs':>4} {'median s':>8} {'min s':>6} {'max s':>6}  {'target':>8}"
     lines = [head, "-" * len(head)]
     for t in timings:
         got = t["seconds"]
-        line = f"{t['server']:<16} {t['what']:<32} {len(got):>4} "
+        line = f"{t['server']:<20} {t['what']:<32} {len(got):>4} "
         line += (f"{t['median_s']:8.2f} {min(got):6.2f} {max(got):6.2f}" if got else f"{'-':>8} {'-':>6} {'-':>6}")
         if t["target_s"] is not None:
             line += f"  {'<= ' + format(t['target_s'], 'g') + ' s':>8} {_verdict(t['median_s'], t['target_s'])}"

@@ -1,7 +1,10 @@
-"""`make bench`: bare model vs our server vs Infinity (torch and ONNX engines), one run, one machine, loopback only.
+"""`make bench`: bare model vs our server vs Infinity (torch, ONNX and torch bf16 engines), one run, one machine,
+loopback only.
 
-Prints sentences/s for each load shape, p50/p99 at concurrency 1, ratios, and the worst cosine against the bare model;
-then each server's process tree PSS after the last shape, our model's reload after an eviction, and cold starts.
+Prints sentences/s for each load shape, p50/p99 at concurrency 1, ratios (to Infinity's best engine per shape, and to
+the compute ceiling measured in the same run: ceiling.py), and the worst cosine against the bare model; p50/p99 of
+every shape; then each server's process tree PSS after the last shape, our model's reload after an eviction, and
+cold starts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+import ceiling
 import coldstart
 import cpustat
 import infinity_env
@@ -35,6 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PSS_TARGET_MIB = 450.0
 COLD_START_TARGET_S = 3.0
 RELOAD_TARGET_S = 1.5
+# Infinity's engines, as (--engine, --dtype): fp32 torch, fp32 ONNX Runtime through optimum, and torch in bfloat16,
+# its own reduced precision on this CPU. Infinity's best is the fastest of them at each shape.
+INFINITY_ENGINES = [("torch", "auto"), ("optimum", "auto"), ("torch", "bfloat16")]
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -91,8 +98,8 @@ def plan_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) 
     wanted: list[Callable[[], targets.Server]] = [partial(targets.ours, a.threads,
                                                           ["--device", a.device, *a.server_arg])]
     if not a.skip_infinity:
-        for engine in ("torch", "optimum") if a.device == "cpu" else ("torch",):
-            name = "infinity-onnx" if engine == "optimum" else "infinity-torch"
+        for engine, dtype in INFINITY_ENGINES if a.device == "cpu" else [("torch", "auto")]:
+            name = targets.infinity_name(engine, dtype)
             print(f"# {name}: preparing {infinity_env.VENV} (the first time installs it, about 2 minutes)", flush=True)
             ok, why = infinity_env.ensure(engine)
             folder = model_dir
@@ -102,7 +109,7 @@ def plan_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) 
             if not ok:
                 rows[name] = {"unavailable": why}
                 continue
-            wanted.append(partial(targets.infinity, engine, folder, a.threads, infinity_env.cli(), a.device))
+            wanted.append(partial(targets.infinity, engine, folder, a.threads, infinity_env.cli(), a.device, dtype))
     return wanted
 
 
@@ -177,7 +184,7 @@ def cold_start_phase(a: argparse.Namespace, plans: list[Callable[[], targets.Ser
 def progress(name: str, shape: str, rep: int, r: dict) -> None:
     extra = f" server {r['server_cores']:.2f} cores" if "server_cores" in r else ""
     errors = f" ERRORS {r['errors']}: {r['first_errors'][:1]}" if r["errors"] else ""
-    print(f"  {name:<15} {shape:<8} rep{rep} {r['sent_per_s']:8.1f} s/s  p50 {r['p50_ms']:7.1f} ms  p99 "
+    print(f"  {name:<19} {shape:<8} rep{rep} {r['sent_per_s']:8.1f} s/s  p50 {r['p50_ms']:7.1f} ms  p99 "
           f"{r['p99_ms']:7.1f} ms  cos {r['min_cos']:.6f}{extra} other tenants {r['foreign_cores']:.2f} cores"
           f"{errors}", flush=True)
 
@@ -200,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     tried = ", ".join(f"{k}: {v:.0f}" for k, v in sweep.items())
     print(f"# bare model: {model_dir} ({len(corpus)} sentences, corpus {corpus_digest(corpus)}); reference in "
           f"{time.perf_counter() - t0:.0f} s; best batch {best} (sentences/s by batch: {tried})", flush=True)
+    limit = ceiling.measure(model_dir, corpus, a.threads) if a.device == "cpu" else None
+    if limit:
+        print(ceiling.line(limit), flush=True)
     rows: dict[str, dict] = {"bare": {"runs": {}}}
     servers: list[targets.Server] = []
     memory: dict[str, dict] = {}
@@ -217,10 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_cold_start:
         timings = cold_start_phase(a, plans) + timings
     names = [s.name for s in shapes]
-    text, failures = report.table(rows, names)
+    text, failures = report.table(rows, names, limit["sent_per_s"] if limit else None)
     print(f"\n# sentences/s (median of {a.repeats}); bare: c1 at batch 1, the other shapes at its best batch ({best});"
           " p50/p99 at concurrency 1")
     print(text)
+    if limit:
+        print(ceiling.line(limit))
+    print("\n# latency per request by shape, p50/p99 ms (median of the repeats)")
+    print(report.latency_table(rows, names))
     print(report.cpu_lines(rows, names))
     print("\n# server process tree after the last load shape (PSS counts shared pages once; RSS once per process)")
     print(report.memory_table(memory, {"ours": PSS_TARGET_MIB}))
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(see {server.log})")
     print(f"# load average at the end: {[round(x, 2) for x in os.getloadavg()]}")
     if a.json:
-        out = {"meta": {**meta, "best_batch": best, "sweep": sweep}, "rows": rows, "summary": report.summary(rows),
+        out = {"meta": {**meta, "best_batch": best, "sweep": sweep, "ceiling": limit}, "rows": rows,
+               "summary": report.summary(rows),
                "memory": {name: {**m, "target_pss_mib": PSS_TARGET_MIB if name == "ours" else None}
                           for name, m in memory.items()},
                "startup": rows_timed}

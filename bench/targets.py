@@ -107,13 +107,16 @@ def ours(threads: int, extra: list[str]) -> Server:
     return Server("ours", cmd, port, "/v1/embeddings", "/readyz")
 
 
-def infinity(engine: str, model_dir: Path, threads: int, cli: Path, device: str = "cpu") -> Server:
+def infinity(engine: str, model_dir: Path, threads: int, cli: Path, device: str = "cpu", dtype: str = "auto") -> Server:
     """Infinity runs in the model folder with `--model-id .`: optimum-onnx matches the ONNX file name Infinity passes
     (the path it globbed) against bare names, so an absolute model path makes it fail to find model.onnx."""
     port = free_port()
     cmd = [str(cli), "v2", "--model-id", ".", "--served-model-name", MODEL, "--engine", engine, "--device", device,
-           "--pooling-method", "mean", "--host", "127.0.0.1", "--port", str(port)]
+           "--dtype", dtype, "--pooling-method", "mean", "--host", "127.0.0.1", "--port", str(port)]
     env = {"OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
            "HF_HOME": str(ROOT / ".cache" / "bench" / "hf")}
-    name = "infinity-onnx" if engine == "optimum" else f"infinity-{engine}"
-    return Server(name, cmd, port, "/embeddings", "/health", env, cwd=model_dir)
+    return Server(infinity_name(engine, dtype), cmd, port, "/embeddings", "/health", env, cwd=model_dir)
+
+
+def infinity_name(engine: str, dtype: str = "auto") -> str:
+    return ("infinity-onnx" if engine == "optimum" else f"infinity-{engine}") + ("-bf16" if dtype == "bfloat16" else "")

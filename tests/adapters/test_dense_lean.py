@@ -258,13 +258,21 @@ def test_lanes_run_buckets_side_by_side_and_agree_with_one_lane(make_adapter: Ma
         callers.add(threading.get_ident())
         return run(feed)
 
-    lanes.lanes.runtime.run = recording
+    alone: list[int] = []
+    run_alone = lanes.lanes.runtime.run_alone
+
+    def recording_alone(feed: dict[str, np.ndarray]) -> np.ndarray:
+        alone.append(len(feed["input_ids"]))
+        return run_alone(feed)
+
+    lanes.lanes.runtime.run, lanes.lanes.runtime.run_alone = recording, recording_alone
     got = encode(lanes, TEXTS, ["dense"]).dense.numpy()
-    assert len(callers) == 2, "the buckets of one batch ran on both lanes"
+    assert len(callers) == 2 and not alone, "the buckets of one batch ran on both lanes"
     assert cosines(got, encode(single, TEXTS, ["dense"]).dense.numpy()).min() > 0.99999
     callers.clear()
-    encode(lanes, ["one lone sentence"], ["dense"])
-    assert len(callers) == 1
+    lone = encode(lanes, ["one lone sentence"], ["dense"]).dense.numpy()
+    assert not callers and alone == [1], "a lone bucket runs alone, on every thread"
+    assert cosines(lone, encode(single, ["one lone sentence"], ["dense"]).dense.numpy()).min() > 0.99999
 
 
 def test_an_unwritable_cache_exports_into_a_temporary_folder(make_adapter: MakeAdapter, minilm_dir: Path,

@@ -43,10 +43,14 @@ log = logging.getLogger("sie.worker")
 
 # The maximum length when neither the model config nor the checkpoint's files limit it.
 FALLBACK_MAX_LENGTH = 512
-# Padded lengths are multiples of this. OpenVINO keeps compiled kernels and buffers for every input shape it has run:
-# a MiniLM worker grew 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8, -> 380 at 16, -> 329 at 32,
-# -> 272 at 64, at the same throughput; a lone sentence was no slower at 32 (5.5 ms against 6.1 at 8).
-PAD_MULTIPLE = 32
+# Padded lengths are multiples of this: a corpus sentence of 38 tokens computes as 40, not 64 (real tokens 92% of those
+# computed, against 73% at 32). OpenVINO keeps executors and buffers for every input shape it has run, which grew a
+# MiniLM worker 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8 (-> 329 at 32); that cache is now
+# bounded (graph_runtime.SHAPE_CACHE_CAPACITY), so the multiple no longer bounds the memory.
+PAD_MULTIPLE = 8
+# A batch of one row (one sentence at concurrency 1) pads to a multiple of this instead: it runs on the lone-row model,
+# whose shape cache is then at most 8 shapes for 256 tokens, and costs no more (5.5 ms at 32 against 6.1 at 8).
+PAD_ALONE = 32
 
 
 # The runtimes a spec may run on: one rule for every lean family (lean_engine).
@@ -96,6 +100,11 @@ class LeanDenseAdapter:
         runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
                                              precision=precision, arena=self.options.onnx_arena)
         self.lanes = graph_runtime.Lanes(runtime)
+        if self.runtime_kind == "openvino":
+            # Each stream keeps the working memory of the largest call it has run, so the streams share the token cap:
+            # two streams of 512 tokens a call hold what one of 1024 did (a worker after a mixed-length soak: 461
+            # MiB against 537), for 0-3% of throughput on batches of 32 and 256 (bench/README.md).
+            self.max_tokens = max(PAD_ALONE, self.max_tokens // lanes)
         log.info("engine: %s, graph %s", runtime.describe(), self.graph.folder)
 
     def load(self) -> LoadInfo:
@@ -107,18 +116,23 @@ class LeanDenseAdapter:
 
     def default_lanes(self, threads: int) -> int:
         """ORT: one call per thread (a barrier per operator costs more than the lanes' split: bench/README.md,
-        "lanes"). OpenVINO: one stream on every thread; a second stream doubles the working memory for ~9%."""
-        return threads if self.runtime_kind == "onnxruntime" else 1
+        "lanes"). OpenVINO: two streams of threads // 2 (a lone row runs alone on every thread): 20-50% more sentences
+        per CPU second on batches of 32 and 256 for about 120 MiB (bench/README.md, "dense at the compute limit")."""
+        return threads if self.runtime_kind == "onnxruntime" else min(2, threads)
 
     def warm_up(self) -> None:
         """The largest call the token cap allows at the full length (unless the option `warm_up: small`), then a small
-        one: the memory the worker reports at Ready is then its working set."""
+        one: the memory the worker reports at Ready is then its working set. With several lanes the largest call runs
+        on each stream, and a lone row of the full length alone (split_for_lanes shares out any bucket of two rows)."""
+        assert self.lanes is not None, "open() first"
         length = min(self.max_length, self.max_tokens)  # a longer text runs alone, in a call of its own
         rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // length))
+        lanes = self.lanes.runtime.lanes
         full = self.options.warm_up != "small"
-        for shape in [*([(rows, length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
-            ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
-            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))])
+        calls = [(rows, length, lanes), *([(1, length, 1)] if lanes > 1 else [])] if full else []
+        for rows, length, count in [*calls, (1, min(PAD_MULTIPLE, self.max_length), 1)]:
+            ids = np.full((rows, length), self.graph.pad_token_id, dtype=np.int64)
+            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))] * count)
 
     def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
         every = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
@@ -143,9 +157,9 @@ class LeanDenseAdapter:
         if not truncate:
             refuse_over_length(counts, self.max_length)
         buckets = []
-        for indices in length_buckets(counts, MICRO_BATCH_ITEMS, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS,
-                                      PAD_MULTIPLE):
-            shape = (len(indices), min(self.max_length, padded(max(1, max(counts[i] for i in indices)), PAD_MULTIPLE)))
+        multiple = PAD_ALONE if len(counts) == 1 else PAD_MULTIPLE
+        for indices in length_buckets(counts, MICRO_BATCH_ITEMS, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS, multiple):
+            shape = (len(indices), min(self.max_length, padded(max(1, max(counts[i] for i in indices)), multiple)))
             ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
             mask, types = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
             for row, i in enumerate(indices):

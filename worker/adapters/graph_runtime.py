@@ -28,6 +28,12 @@ RUNTIMES = ("openvino", "onnxruntime")
 # holding hundreds of MiB it will not return by itself. malloc_trim costs ~1 ms, a small batch's forward a few ms,
 # so only calls at least this large pay for it (bench/onnx_memory.py).
 TRIM_ABOVE_TOKENS = 4096
+# Entries in the stream model's cache of per-shape executors (OpenVINO's default 5000; a MiniLM shape fills about a
+# hundred). Each shape it has run keeps executors and buffers there: over a mixed-length soak with lengths padded to
+# multiples of 8 a MiniLM worker grew 346 -> 995 MiB at 1000 entries, and stayed at 533 with 0 and 587 with 64
+# (bench/README.md, "dense at the compute limit"). A batch's forward is long enough to rebuild them; the lone-row
+# model keeps OpenVINO's default, as it sees few shapes (dense_lean.PAD_ALONE).
+SHAPE_CACHE_CAPACITY = 64
 
 Feed = dict[str, np.ndarray]
 
@@ -52,20 +58,25 @@ class Runtime(Protocol):
 
     def run(self, feed: Feed) -> np.ndarray: ...
 
+    def run_alone(self, feed: Feed) -> np.ndarray: ...
+
     def describe(self) -> str: ...
 
     def computes(self) -> str: ...
 
 
 class Lanes:
-    """Runs buckets on a runtime's lanes, longest first, and trims the heap after a large call."""
+    """Runs buckets on a runtime's lanes, longest first, and trims the heap after a large call. A lone bucket runs
+    alone, on every thread (OpenVINO: its one-stream model)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.executor = ThreadPoolExecutor(runtime.lanes, thread_name_prefix="sie-lane") if runtime.lanes > 1 else None
 
     def run_all(self, feeds: list[Feed]) -> list[np.ndarray]:
-        if self.executor is None or len(feeds) == 1:
+        if len(feeds) == 1:
+            hidden = [self.runtime.run_alone(feeds[0])]
+        elif self.executor is None:
             hidden = [self.runtime.run(feed) for feed in feeds]
         else:
             order = sorted(range(len(feeds)), key=lambda i: -feeds[i]["input_ids"].size)
@@ -80,8 +91,27 @@ class Lanes:
             self.executor.shutdown(wait=True)
 
 
+class _Requests:
+    """Infer requests of one compiled model; a request is not thread-safe, so each call takes a free one."""
+
+    def __init__(self, compiled: Any, count: int) -> None:
+        self.free: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(count):
+            self.free.put(compiled.create_infer_request())
+
+    def run(self, feed: Feed) -> np.ndarray:
+        request = self.free.get()
+        try:
+            request.infer(feed)
+            return np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its output buffer
+        finally:
+            self.free.put(request)
+
+
 class OpenVinoRuntime:
-    """One compiled model with a stream per lane; `precision` "auto" lets OpenVINO pick (bf16 where native).
+    """A compiled model with a stream per lane; `precision` "auto" lets OpenVINO pick (bf16 where native). With more
+    than one lane, a second model compiled with one stream on every thread runs a lone bucket (`run_alone`): a
+    stream has threads // lanes threads, so one sentence on a stream of its own would take twice as long.
 
     OpenVINO's IR stores the weights in float16, which bf16 compute rounds further anyway. float32 compute reads the
     ONNX file's float32 weights instead: float16 weights under float32 compute would be a silent approximation of the
@@ -90,31 +120,37 @@ class OpenVinoRuntime:
     def __init__(self, graph: Graph, threads: int, lanes: int, precision: str) -> None:
         import openvino as ov
 
-        config: dict[str, Any] = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": lanes,
-                                  "PERFORMANCE_HINT": "LATENCY" if lanes == 1 else "THROUGHPUT"}
-        if precision != "auto":
-            config["INFERENCE_PRECISION_HINT"] = {"float32": "f32", "bfloat16": "bf16"}[precision]
+        hints = {"float32": {"INFERENCE_PRECISION_HINT": "f32"}, "bfloat16": {"INFERENCE_PRECISION_HINT": "bf16"}}
+        hint = hints.get(precision, {})
         core = ov.Core()
         native_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         float32 = precision == "float32" or (precision == "auto" and not native_bf16)
         path = graph.model_path if float32 else graph.openvino_path
-        self.compiled = core.compile_model(core.read_model(path), "CPU", config)
+
+        def compile_for(model_path: Any, streams: int, capped: bool = True) -> Any:
+            config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": streams,
+                      "PERFORMANCE_HINT": "LATENCY" if streams == 1 else "THROUGHPUT", **hint}
+            if capped:
+                config["CPU_RUNTIME_CACHE_CAPACITY"] = SHAPE_CACHE_CAPACITY
+            return core.compile_model(core.read_model(model_path), "CPU", config)
+
         self.lanes = lanes
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
-        if self.precision == "f32" and path != graph.model_path:  # OpenVINO chose float32 after all
-            self.compiled = core.compile_model(core.read_model(graph.model_path), "CPU", config)
-        # An infer request is not thread-safe: each call takes a free one.
-        self.requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        for _ in range(lanes):
-            self.requests.put(self.compiled.create_infer_request())
+        with ThreadPoolExecutor(1) as pool:  # the lone-row model compiles beside the other: 0.3 s off every load
+            alone = pool.submit(compile_for, path, 1, False) if lanes > 1 else None
+            compiled = compile_for(path, lanes)
+            self.precision = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "bf16", "f32"
+            if self.precision == "f32" and path != graph.model_path:  # OpenVINO chose float32 after all
+                path = graph.model_path
+                compiled = compile_for(path, lanes)
+                alone = pool.submit(compile_for, path, 1, False) if lanes > 1 else None
+            self.streams = _Requests(compiled, lanes)
+            self.alone = _Requests(alone.result(), 1) if alone is not None else self.streams
 
     def run(self, feed: Feed) -> np.ndarray:
-        request = self.requests.get()
-        try:
-            request.infer(feed)
-            return np.array(request.get_output_tensor(0).data)  # a copy: the request reuses its output buffer
-        finally:
-            self.requests.put(request)
+        return self.streams.run(feed)
+
+    def run_alone(self, feed: Feed) -> np.ndarray:
+        return self.alone.run(feed)
 
     def describe(self) -> str:
         return f"openvino ({self.precision}, {self.lanes} stream(s))"
@@ -142,6 +178,8 @@ class OrtRuntime:
 
     def run(self, feed: Feed) -> np.ndarray:
         return np.asarray(self.session.run(None, feed)[0])
+
+    run_alone = run  # every call has the same threads
 
     def describe(self) -> str:
         return f"onnxruntime (float32, {self.lanes} lane(s))"
