@@ -26,7 +26,7 @@ import zmq
 from sie_sdk.codes import ErrorCode
 from sie_worker import cuda, protocol, telemetry, tokens
 from sie_worker.adapters import build_adapter, graph_cache
-from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask
+from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask, torch_precision
 from sie_worker.failures import batch_failure_code, load_error_class
 from sie_worker.parent import die_with_parent
 from sie_worker.protocol import (
@@ -142,7 +142,7 @@ class Worker:
         log.info("loaded %s in %.2fs on %s (dims %s)", self.spec.model, seconds, info.engine, info.dims)
         self.send_handshake(Ready(worker_id=self.spec.worker_id, model=self.spec.model, device=self.spec.device,
                         memory_bytes=adapter.memory_bytes(), dims=info.dims, capabilities=info.capabilities,
-                        engine=info.engine,
+                        engine=info.engine, precision=info.precision or torch_precision(self.spec),
                         max_sequence_length=info.max_sequence_length, load_seconds=seconds, pid=os.getpid(),
                         context_bytes=context_bytes))
         return adapter

@@ -218,6 +218,9 @@ class Ready(Message):
     capabilities: list[str]
     engine: RunEngine
     max_sequence_length: int | None = None
+    # What the forward computes in (float32, bfloat16, float16): a lean runtime's own choice under `auto`, which the
+    # configured precision alone does not say (TEI's /info `model_dtype`, the model listing).
+    precision: str = "float32"
     load_seconds: float = 0.0
     pid: int = 0
     # Device memory the CUDA context took (free memory before and after CUDA init); 0 on the CPU. NVML's per-process

@@ -42,6 +42,7 @@ def model_info(state: AppState, name: str) -> dict[str, Any]:
         "profiles": {p: {"is_default": p == "default"} for p in config.profiles},
         "device": worker.device if worker else None,
         "engine": info.engine if info else None,  # what the loaded worker runs: torch, onnx or openvino
+        "precision": info.precision if info else None,  # what it computes in: float32, bfloat16 or float16
         "memory_bytes": info.memory_bytes if info else None,
         "id": name,
         "object": "model",

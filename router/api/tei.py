@@ -300,7 +300,8 @@ async def info(call: Call, request: Request, body: bytes) -> Any:
         pooling = "splade" if kind == "splade" else card.pooling or model.runtime.get("pooling") or "mean"
         model_kind = {"embedding": {"pooling": pooling}}
     limits = call.state.pool.batch_limits(model.key)
-    precision = settings.dtype if settings.dtype != "auto" else (
+    # What the loaded worker computes in (a lean runtime picks bf16 under `auto`), else what it is configured to.
+    precision = worker.info.precision if worker and worker.info else settings.dtype if settings.dtype != "auto" else (
         model.config.profiles[model.profile].compute_precision or "float32")
     return {"model_id": model.config.hf_id or model.key, "model_sha": model.config.hf_revision,
             "model_dtype": precision, "served_model_name": model.name, "model_type": model_kind,

@@ -98,6 +98,7 @@ def test_models_listing_serves_sie_and_openai_shapes(server: Server) -> None:
     one = httpx.get(f"{server.url}/v1/models/{MINILM}").json()
     assert one["state"] == "loaded" and one["dims"] == {"dense": 384}
     assert one["engine"] == ("openvino" if importlib.util.find_spec("openvino") else "onnx")  # auto, on the CPU
+    assert one["precision"] == precision.mode(), "what the worker computes in: bf16 under auto on a bf16 CPU"
     assert httpx.get(f"{server.url}/v1/models/test/fake-dense").json()["engine"] == "fake"
     missing = httpx.get(f"{server.url}/v1/models/nope/nope")
     assert missing.status_code == 404 and missing.json()["detail"]["code"] == "MODEL_NOT_FOUND"

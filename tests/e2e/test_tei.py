@@ -109,6 +109,7 @@ def test_inference_client_info_health_and_similarity(tei: FamilyServer, referenc
     hf = client(tei.url + PREFIX, provider="hf-inference")
     info = hf.get_endpoint_info()
     assert list(info) == INFO_KEYS and info["model_id"] == MINILM
+    assert info["model_dtype"] == precision.mode(), "what the loaded worker computes in, bf16 under auto"
     assert info["model_type"] == {"embedding": {"pooling": "mean"}} and info["max_input_length"] == 256
     assert hf.health_check() is True
     scores = client(tei.url + PREFIX).sentence_similarity(SENTENCES[0], SENTENCES[1:])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, RunEngine, ScoreBatch
+from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, RunEngine, ScoreBatch, WorkerSpec
 
 Batch = EncodeBatch | ScoreBatch | ExtractBatch
 
@@ -55,6 +55,14 @@ class LoadInfo:
     capabilities: list[str]
     max_sequence_length: int | None = None
     engine: RunEngine = "torch"  # what runs the model; the lean dense adapter's graph runtimes say otherwise
+    precision: str | None = None  # what the forward computes in, where the adapter knows better than the spec
+
+
+def torch_precision(spec: WorkerSpec) -> str:
+    """What a torch adapter computes in (torch_common.compute_dtype, without importing torch): the spec's precision
+    (resolved on a GPU at start-up), float32 on the CPU unless bfloat16 is asked for."""
+    precision = spec.compute_precision or "float32"
+    return "float32" if precision == "float16" and not spec.device.startswith("cuda") else precision
 
 
 @dataclass

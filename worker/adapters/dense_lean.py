@@ -95,7 +95,7 @@ class LeanDenseAdapter:
             self.open()
         self.session.warm_up()
         return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length,
-                        engine=self.session.engine)
+                        engine=self.session.engine, precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         """Tokenise without padding, then pad each length bucket on its own."""

@@ -72,7 +72,7 @@ class LeanClassifierAdapter:
             self.open()
         self.session.warm_up()
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.session.max_length,
-                        engine=self.session.engine)
+                        engine=self.session.engine, precision=self.session.precision)
 
     def zero_shot(self, batch: ExtractBatch) -> bool:
         """Whether this batch is NLI zero-shot: labels given, or asked for, or an NLI head by default."""

@@ -81,7 +81,7 @@ class LeanCrossEncoderAdapter:
             self.open()
         self.session.warm_up()
         return LoadInfo(dims={}, capabilities=["score"], max_sequence_length=self.session.max_length,
-                        engine=self.session.engine)
+                        engine=self.session.engine, precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, ScoreBatch):

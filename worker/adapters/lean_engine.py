@@ -139,6 +139,13 @@ class GraphSession:
     def engine(self) -> RunEngine:
         return run_engine(self.runtime_kind)
 
+    @property
+    def precision(self) -> str:
+        """What the open runtime computes in: OpenVINO's choice under `auto` (bf16 where the CPU has it natively)."""
+        assert self.lanes is not None, "open() first"
+        return {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}.get(self.lanes.runtime.computes(),
+                                                                          self.lanes.runtime.computes())
+
     def open(self) -> None:
         """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected)."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,

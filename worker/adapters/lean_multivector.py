@@ -137,7 +137,8 @@ class LeanMultivectorAdapter:
             self.open()
         self.session.warm_up()
         return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
-                        max_sequence_length=self.session.max_length, engine=self.session.engine)
+                        max_sequence_length=self.session.max_length, engine=self.session.engine,
+                        precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, EncodeBatch):

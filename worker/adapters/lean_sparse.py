@@ -53,7 +53,8 @@ class LeanSparseAdapter:
             self.open()
         self.session.warm_up()
         return LoadInfo(dims={"sparse": self.session.graph.output_width}, capabilities=["sparse"],
-                        max_sequence_length=self.session.max_length, engine=self.session.engine)
+                        max_sequence_length=self.session.max_length, engine=self.session.engine,
+                        precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, EncodeBatch):
