@@ -44,6 +44,8 @@ from sie_worker.protocol import (
     FakeOptions,
     InputItem,
     LoadErrorClass,
+    LoadFailed,
+    Ready,
     WorkerSpec,
 )
 
@@ -113,6 +115,41 @@ def test_spawn_handshake_call_and_stop() -> None:
 
     [(_, code)] = run(scenario)
     assert code == 0  # Shutdown, then a wait for the exit: no signal reaches a worker that stops when told
+
+
+def test_an_export_announced_just_before_ready_still_reaches_placement() -> None:
+    """The worker says `ExportStarting`, then `Ready`: however the two arrive, apart or in the same instant on a busy
+    router (here both are in before the handshake looks), the export's callback runs once, before the worker is handed
+    over; a `LoadFailed` skips it."""
+    ready = Ready(worker_id="w", model="test/fake", device="cpu", memory_bytes=1, dims={}, capabilities=[],
+                  engine="fake")
+    failed = LoadFailed(worker_id="w", code=ErrorCode.INTERNAL_ERROR, error_class=LoadErrorClass.CONFIG,
+                        message="x")
+
+    async def scenario(supervisor: Supervisor, exits: list[tuple[Worker, int | None]]) -> None:
+        for answer, expected in ((ready, [True]), (failed, [])):
+            exports: list[bool] = []
+
+            async def on_export(exports: list[bool] = exports) -> None:
+                exports.append(True)
+
+            loop = asyncio.get_running_loop()
+            handshake, export = loop.create_future(), loop.create_future()
+            export.set_result(None)
+            handshake.set_result(answer)
+            worker = Worker(worker_id="w", key="test/fake", process=None, device="cpu")  # type: ignore[arg-type]
+            assert await supervisor._handshake(worker, handshake, export, on_export) is answer
+            assert exports == expected
+        announced: list[bool] = []
+
+        async def on_real_export() -> None:
+            announced.append(True)
+
+        real = await supervisor.spawn(spec(supervisor, announce_export=True), "test/fake", on_real_export)
+        assert real.info is not None and announced == [True]
+        await supervisor.stop([real], 10)
+
+    run(scenario)
 
 
 def test_a_load_failure_is_classified_by_type_and_is_no_crash(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from sie_worker.protocol import DecodeBatch, Token, TokenizeBatch, TokenizeResul
 
 
 def tokenizer_of(adapter: Any) -> Any:
-    tokenizer = getattr(adapter, "tokenizer", None)
+    """The adapter's tokenizer: its own (torch adapters, lean dense), or its graph session's (the lean families)."""
+    tokenizer = getattr(adapter, "tokenizer", None) or getattr(getattr(adapter, "session", None), "tokenizer", None)
     if tokenizer is None:
         raise BadInput("this model has no text tokenizer")
     return tokenizer

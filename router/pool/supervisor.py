@@ -189,10 +189,16 @@ class Supervisor:
 
     async def _handshake(self, worker: Worker, handshake: asyncio.Future[Handshake], export: asyncio.Future[None],
                          on_export: Callable[[], Awaitable[None]] | None) -> Handshake:
-        """The worker's `Ready` or `LoadFailed`, after `on_export()` if the worker announced an export before it."""
+        """The worker's `Ready` or `LoadFailed`, after `on_export()` if the worker announced an export before it.
+
+        The worker sends `ExportStarting` before `Ready`, so a Ready that came in the same instant (a fast export, a
+        busy router) still follows the export: placement sees it either way, and the same budget gives the same answer
+        whatever the timing."""
         try:
             await asyncio.wait([handshake, export], return_when=asyncio.FIRST_COMPLETED)
-            if export.done() and not export.cancelled() and not handshake.done() and on_export is not None:
+            failed = handshake.done() and (handshake.cancelled() or handshake.exception() is not None
+                                           or isinstance(handshake.result(), LoadFailed))
+            if export.done() and not export.cancelled() and not failed and on_export is not None:
                 try:
                     await on_export()
                 except BaseException:
