@@ -36,14 +36,17 @@ class Tolerance:
     precision: Precision  # the precision these bars are for
     min_cosine: float  # per vector
     value: float  # per element of a vector, absolute
-    score: float  # per score (a similarity, a rerank score), absolute
+    score: float  # per score computed from vectors (a similarity), absolute
+    # Per score a family's head computes in the graph (a cross-encoder's score, a class probability), absolute: in bf16
+    # a head's logit carries the backbone's rounding straight into the score (issue 22's contract: within 0.02).
+    head_score: float
 
 
 TOLERANCES: dict[Precision, Tolerance] = {
     # Lean float32 (OpenVINO or ONNX Runtime) and torch agree to ~1e-6; the bars leave room for summation order.
-    "float32": Tolerance("float32", min_cosine=0.99999, value=1e-4, score=1e-4),
+    "float32": Tolerance("float32", min_cosine=0.99999, value=1e-4, score=1e-4, head_score=1e-4),
     # The contract with users is cosine >= 0.999 to float32; measured 0.99997 on AMX and AVX512-BF16 (issue 28).
-    "bfloat16": Tolerance("bfloat16", min_cosine=0.9999, value=2e-3, score=5e-3),
+    "bfloat16": Tolerance("bfloat16", min_cosine=0.9999, value=2e-3, score=5e-3, head_score=0.02),
 }
 
 
@@ -115,10 +118,12 @@ def assert_vectors_close(got: object, want: object, tol: Tolerance | None = None
     assert off <= tol.value, f"max |difference| {off:.2e} > {tol.value} ({tol.precision} bars)"
 
 
-def assert_scores_close(got: object, want: object, tol: Tolerance | None = None) -> None:
-    """Scores against reference scores, element-wise within `tol.score` (the mode's)."""
+def assert_scores_close(got: object, want: object, tol: Tolerance | None = None, head: bool = False) -> None:
+    """Scores against reference scores, element-wise within `tol.score` (the mode's), or `tol.head_score` for scores
+    a family's head computes (`head`)."""
     tol = tol or tolerance()
+    bar = tol.head_score if head else tol.score
     got_arr, want_arr = np.asarray(got, np.float64), np.asarray(want, np.float64)
     assert got_arr.shape == want_arr.shape, f"shape {got_arr.shape} != {want_arr.shape}"
     off = float(np.abs(got_arr - want_arr).max()) if got_arr.size else 0.0
-    assert off <= tol.score, f"max |score difference| {off:.2e} > {tol.score} ({tol.precision} bars)"
+    assert off <= bar, f"max |score difference| {off:.2e} > {bar} ({tol.precision} bars)"
