@@ -6,8 +6,10 @@ imports torch or transformers."""
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 import torch
 from sentence_transformers import CrossEncoder, SparseEncoder
 
-from sie_worker.adapters import graph_cache
+from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
 from sie_worker.adapters.base import InputTooLong
 from sie_worker.adapters.cross_encoder import CrossEncoderAdapter
 from sie_worker.adapters.lean_classifier import LeanClassifierAdapter
@@ -209,6 +211,37 @@ def test_a_corrupt_ir_falls_back_to_onnx_runtime_and_a_broken_graph_to_torch(
     np.testing.assert_allclose(score(adapter, PAIRS).scores.numpy(), reference.predict(PAIRS),
                                atol=precision.TORCH_FLOAT32_ATOL)
 
+
+
+def test_a_runtime_that_hangs_in_the_warm_up_hands_the_model_to_the_next(
+        make_adapter: MakeAdapter, cross_encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OpenVINO stream whose warm-up call never returns is a hung runtime: ONNX Runtime serves the model, with one
+    warning naming the call. (The probe check runs on the loading thread and is not held.)"""
+    release = threading.Event()
+    real_run = graph_runtime.OpenVinoRuntime.run
+
+    def hangs_on_the_warm_up(self: graph_runtime.OpenVinoRuntime, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if threading.current_thread().name == "sie-load-call":
+            release.wait()  # until the test ends: a call that never returns while the load waits on it
+        return real_run(self, feed)
+
+    monkeypatch.setattr(graph_runtime.OpenVinoRuntime, "run", hangs_on_the_warm_up)
+    monkeypatch.setattr(lean_engine, "WARM_UP_FLOOR_S", 5.0)  # a tiny model's real calls take milliseconds
+    try:
+        with caplog.at_level(logging.WARNING, logger="sie.worker"):
+            adapter = lean(make_adapter, "cross_encoder", cross_encoder_dir, tmp_path / "graphs",
+                           compute_precision="float32")
+    finally:
+        release.set()
+    assert isinstance(adapter, LeanCrossEncoderAdapter) and adapter.load().engine == "onnx"
+    warned = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("openvino cannot serve"), warned
+    assert re.search(r"warm-up call \(\d+ x \d+ tokens\) did not return within \d+s", warned[0]), warned[0]
+    assert "serving it with onnxruntime" in warned[0]
+    reference = CrossEncoder(str(cross_encoder_dir), device="cpu")
+    np.testing.assert_allclose(score(adapter, PAIRS).scores.numpy(), reference.predict(PAIRS),
+                               atol=precision.TORCH_FLOAT32_ATOL)
 
 FAMILY_SCRIPT = """
 import sys

@@ -93,7 +93,6 @@ class LeanDenseAdapter:
     def load(self) -> LoadInfo:
         if self.session.lanes is None:
             self.open()
-        self.session.warm_up()
         return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length,
                         engine=self.session.engine, precision=self.session.precision)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import queue
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -49,6 +50,37 @@ def _malloc_trim() -> Callable[[int], int] | None:
 _MALLOC_TRIM = _malloc_trim()
 
 
+def trim_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc only)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+class RuntimeHung(RuntimeError):
+    """A runtime call of the load did not return within its deadline."""
+
+
+def within(seconds: float, what: str, call: Callable[..., Any], *args: Any) -> Any:
+    """`call(*args)` on a thread of its own, waited for at most `seconds`; RuntimeHung after that. A hung call cannot be
+    stopped: its thread is left behind (a daemon), and the load goes on without that runtime."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call(*args)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="sie-load-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise RuntimeHung(f"{what} did not return within {seconds:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
 class GraphRejected(Exception):
     """The runtime's output disagrees with torch on the probe batch."""
 
@@ -82,8 +114,8 @@ class Lanes:
             order = sorted(range(len(feeds)), key=lambda i: -feeds[i]["input_ids"].size)
             done = dict(zip(order, self.executor.map(self.runtime.run, [feeds[i] for i in order]), strict=True))
             hidden = [done[i] for i in range(len(feeds))]
-        if _MALLOC_TRIM is not None and sum(feed["input_ids"].size for feed in feeds) > TRIM_ABOVE_TOKENS:
-            _MALLOC_TRIM(0)
+        if sum(feed["input_ids"].size for feed in feeds) > TRIM_ABOVE_TOKENS:
+            trim_heap()
         return hidden
 
     def close(self) -> None:
@@ -228,8 +260,7 @@ def open_runtime(kind: str, graph: Graph, *, threads: int, lanes: int, precision
             # check ran once for this cache entry; the model that serves is compiled afresh, without it.
             del runtime
             runtime = OpenVinoRuntime(graph, threads, lanes, precision)
-            if _MALLOC_TRIM is not None:
-                _MALLOC_TRIM(0)
+            trim_heap()
     elif kind == "onnxruntime":
         runtime = OrtRuntime(graph, threads, lanes, arena)
         cosine, _ = checked_cosine(kind, runtime, graph, precision)

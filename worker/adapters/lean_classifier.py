@@ -70,7 +70,6 @@ class LeanClassifierAdapter:
     def load(self) -> LoadInfo:
         if self.session.lanes is None:
             self.open()
-        self.session.warm_up()
         return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.session.max_length,
                         engine=self.session.engine, precision=self.session.precision)
 

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -46,6 +47,11 @@ FALLBACK_MAX_LENGTH = 512
 # A batch of one row (one sentence at concurrency 1) pads to a multiple of this instead: it runs on the lone-row model,
 # whose shape cache is then at most 8 shapes for 256 tokens, and costs no more (5.5 ms at 32 against 6.1 at 8).
 PAD_ALONE = 32
+# Deadlines of the warm-up's calls: the first (one row of PAD_ALONE tokens) gets this long; a later call this long or
+# HUNG_FACTOR times what its tokens take at the first call's pace, whichever is longer. A call past its deadline is a
+# hung runtime (graph_runtime.RuntimeHung), and the next runtime serves the model instead.
+WARM_UP_FLOOR_S = 60.0
+HUNG_FACTOR = 50
 
 
 class Openable(Protocol):
@@ -147,7 +153,8 @@ class GraphSession:
                                                                           self.lanes.runtime.computes())
 
     def open(self) -> None:
-        """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected)."""
+        """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected), and warm it
+        up (RuntimeHung): `first_that_opens` hands a runtime that fails either to the next."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
                                        lowercase=self.lowercase)
         threads = self.spec.threads or os.cpu_count() or 1
@@ -162,6 +169,7 @@ class GraphSession:
             # MiB against 537), for 0-3% of throughput on batches of 32 and 256 (bench/README.md).
             self.max_tokens = max(PAD_ALONE, self.max_tokens // lanes)
         log.info("engine: %s, graph %s (head %s)", runtime.describe(), self.graph.folder, self.graph.head)
+        self.warm_up()
 
     def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
         every = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
@@ -190,18 +198,37 @@ class GraphSession:
         return self.lanes.run_all(feeds)
 
     def warm_up(self) -> None:
-        """The largest call the token cap allows at the full length (unless the option `warm_up: small`), then a small
-        one: the memory the worker reports at Ready is then its working set. With several lanes the largest call runs
-        on each stream, and a lone row of the full length alone (split_for_lanes shares out any bucket of two rows)."""
+        """A small call, then the largest call the token cap allows at the full length on each stream (unless the
+        option `warm_up: small`) and a lone row of the full length on the lone-row model: the memory the worker
+        reports at Ready is then its working set.
+
+        The calls run one at a time, and each has a deadline. A load once hung on CI after its OpenVINO runtime
+        opened, in this warm-up, which then ran the largest call on both streams side by side: the worker never said
+        Ready, and the router killed it at its 600 s load timeout. Every infer request specialises itself on its first
+        call of a shape, and requests doing that side by side on one new shape is the suspect (ultralytics#25923 saw
+        such hangs on low-core AMD EPYC runners). It never recurred here under stress, so the cause is not proven,
+        and a runtime whose call passes its deadline is handed on to the next runtime, as one that fails is."""
         assert self.lanes is not None, "open() first"
+        runtime = self.lanes.runtime
+        small = min(PAD_ALONE, self.max_length)
+        started = time.monotonic()
+        graph_runtime.within(WARM_UP_FLOOR_S, f"{runtime.describe()}'s first call (1 x {small} tokens)",
+                             runtime.run_alone, self._pad_feed(1, small))
+        seconds_per_token = (time.monotonic() - started) / small
+        if self.options.warm_up == "small":
+            return
         length = min(self.max_length, self.max_tokens)  # a longer text runs alone, in a call of its own
         rows = max(1, min(MICRO_BATCH_ITEMS, self.max_tokens // length))
-        lanes = self.lanes.runtime.lanes
-        full = self.options.warm_up != "small"
-        calls = [(rows, length, lanes), *([(1, length, 1)] if lanes > 1 else [])] if full else []
-        for rows, length, count in [*calls, (1, min(PAD_ALONE, self.max_length), 1)]:
-            ids = np.full((rows, length), self.graph.pad_token_id, dtype=np.int64)
-            self.run([self.feed(ids, np.ones_like(ids), np.zeros_like(ids))] * count)
+        calls = [(runtime.run, rows)] * runtime.lanes + ([(runtime.run_alone, 1)] if runtime.lanes > 1 else [])
+        for run, count in calls:
+            deadline = max(WARM_UP_FLOOR_S, HUNG_FACTOR * seconds_per_token * count * length)
+            graph_runtime.within(deadline, f"{runtime.describe()}'s warm-up call ({count} x {length} tokens)", run,
+                                 self._pad_feed(count, length))
+        graph_runtime.trim_heap()
+
+    def _pad_feed(self, rows: int, length: int) -> dict[str, np.ndarray]:
+        ids = np.full((rows, length), self.graph.pad_token_id, dtype=np.int64)
+        return self.feed(ids, np.ones_like(ids), np.zeros_like(ids))
 
     def close(self) -> None:
         if self.lanes is not None:

@@ -135,7 +135,6 @@ class LeanMultivectorAdapter:
     def load(self) -> LoadInfo:
         if self.session.lanes is None:
             self.open()
-        self.session.warm_up()
         return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
                         max_sequence_length=self.session.max_length, engine=self.session.engine,
                         precision=self.session.precision)

@@ -51,7 +51,6 @@ class LeanSparseAdapter:
     def load(self) -> LoadInfo:
         if self.session.lanes is None:
             self.open()
-        self.session.warm_up()
         return LoadInfo(dims={"sparse": self.session.graph.output_width}, capabilities=["sparse"],
                         max_sequence_length=self.session.max_length, engine=self.session.engine,
                         precision=self.session.precision)
