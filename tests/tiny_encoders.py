@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import (
     AutoModel,
     BertConfig,
@@ -113,13 +113,29 @@ ARCHITECTURES: dict[str, tuple[Shape, Any, Any]] = {
 }
 
 
+def word_piece_vocab(texts: list[str], specials: list[str], lowercase: bool, size: int = 300) -> dict[str, int]:
+    """The same vocabulary on every run, unlike the tokenizers trainer's (its ties fall in hash order, so each build
+    had other tokens, and bf16 tests saw other vectors from run to run): the special tokens, every character alone and
+    as a continuation, then the commonest words, ties in alphabetical order."""
+    normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    splitter = pre_tokenizers.BertPreTokenizer()
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)):
+            counts[word] = counts.get(word, 0) + 1
+    characters = sorted({character for word in counts for character in word})
+    tokens = [*specials, *characters, *(f"##{character}" for character in characters)]
+    words = sorted((word for word in counts if len(word) > 1), key=lambda word: (-counts[word], word))
+    tokens += words[:max(0, size - len(tokens))]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
 def tokenizer_for(shape: Shape) -> PreTrainedTokenizerFast:
-    """A word-piece tokenizer trained on the test sentences, framed as `shape` says."""
-    trained = Tokenizer(models.WordPiece(unk_token=shape.roles["unk_token"]))
+    """A word-piece tokenizer over the test sentences' vocabulary, framed as `shape` says."""
+    vocab = word_piece_vocab([*SENTENCES, *WORDS], list(shape.specials), shape.lowercase)
+    trained = Tokenizer(models.WordPiece(vocab, unk_token=shape.roles["unk_token"]))
     trained.normalizer = normalizers.BertNormalizer(lowercase=shape.lowercase)
     trained.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=list(shape.specials), show_progress=False)
-    trained.train_from_iterator([*SENTENCES, *WORDS], trainer=trainer)
     specials = [token for token in shape.specials if token in shape.template]
     trained.post_processor = processors.TemplateProcessing(
         single=shape.template, special_tokens=[(token, trained.token_to_id(token)) for token in specials])
