@@ -213,21 +213,28 @@ def test_a_corrupt_ir_falls_back_to_onnx_runtime_and_a_broken_graph_to_torch(
 
 
 
-def test_a_runtime_that_hangs_in_the_warm_up_hands_the_model_to_the_next(
+# the thread a load's runtime call runs on -> (the deadline's module and name, what the warning names)
+HUNG_CALLS = {"sie-probe": (graph_runtime, "PROBE_DEADLINE_S", r"probe check"),
+              "sie-warm-up": (lean_engine, "WARM_UP_FLOOR_S", r"warm-up call \(\d+ x \d+ tokens\)")}
+
+
+@pytest.mark.parametrize("thread", list(HUNG_CALLS))
+def test_a_runtime_that_hangs_while_loading_hands_the_model_to_the_next(
         make_adapter: MakeAdapter, cross_encoder_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """An OpenVINO stream whose warm-up call never returns is a hung runtime: ONNX Runtime serves the model, with one
-    warning naming the call. (The probe check runs on the loading thread and is not held.)"""
+        monkeypatch: pytest.MonkeyPatch, thread: str) -> None:
+    """An OpenVINO stream call of the probe check or of the warm-up that never returns is a hung runtime: ONNX Runtime
+    serves the model, with one warning naming the call."""
     release = threading.Event()
     real_run = graph_runtime.OpenVinoRuntime.run
 
-    def hangs_on_the_warm_up(self: graph_runtime.OpenVinoRuntime, feed: dict[str, np.ndarray]) -> np.ndarray:
-        if threading.current_thread().name == "sie-load-call":
+    def hangs(self: graph_runtime.OpenVinoRuntime, feed: dict[str, np.ndarray]) -> np.ndarray:
+        if threading.current_thread().name == thread:
             release.wait()  # until the test ends: a call that never returns while the load waits on it
         return real_run(self, feed)
 
-    monkeypatch.setattr(graph_runtime.OpenVinoRuntime, "run", hangs_on_the_warm_up)
-    monkeypatch.setattr(lean_engine, "WARM_UP_FLOOR_S", 5.0)  # a tiny model's real calls take milliseconds
+    module, deadline, what = HUNG_CALLS[thread]
+    monkeypatch.setattr(graph_runtime.OpenVinoRuntime, "run", hangs)
+    monkeypatch.setattr(module, deadline, 5.0)  # a tiny model's real calls take milliseconds
     try:
         with caplog.at_level(logging.WARNING, logger="sie.worker"):
             adapter = lean(make_adapter, "cross_encoder", cross_encoder_dir, tmp_path / "graphs",
@@ -237,11 +244,12 @@ def test_a_runtime_that_hangs_in_the_warm_up_hands_the_model_to_the_next(
     assert isinstance(adapter, LeanCrossEncoderAdapter) and adapter.load().engine == "onnx"
     warned = [r.getMessage() for r in caplog.records if "cannot serve" in r.getMessage()]
     assert len(warned) == 1 and warned[0].startswith("openvino cannot serve"), warned
-    assert re.search(r"warm-up call \(\d+ x \d+ tokens\) did not return within \d+s", warned[0]), warned[0]
+    assert re.search(what + r" did not return within \d+s", warned[0]), warned[0]
     assert "serving it with onnxruntime" in warned[0]
     reference = CrossEncoder(str(cross_encoder_dir), device="cpu")
     np.testing.assert_allclose(score(adapter, PAIRS).scores.numpy(), reference.predict(PAIRS),
                                atol=precision.TORCH_FLOAT32_ATOL)
+
 
 FAMILY_SCRIPT = """
 import sys

@@ -35,6 +35,9 @@ TRIM_ABOVE_TOKENS = 4096
 # (bench/README.md, "dense at the compute limit"). A batch's forward is long enough to rebuild them; the lone-row
 # model keeps OpenVINO's default, as it sees few shapes (lean_engine.PAD_ALONE).
 SHAPE_CACHE_CAPACITY = 64
+# The most the probe check may take (the short probes, then two rows at the model's maximum length, up to 512): a
+# runtime that has not answered by then is hung (RuntimeHung), and the next runtime serves the model.
+PROBE_DEADLINE_S = 120.0
 
 Feed = dict[str, np.ndarray]
 
@@ -60,9 +63,9 @@ class RuntimeHung(RuntimeError):
     """A runtime call of the load did not return within its deadline."""
 
 
-def within(seconds: float, what: str, call: Callable[..., Any], *args: Any) -> Any:
-    """`call(*args)` on a thread of its own, waited for at most `seconds`; RuntimeHung after that. A hung call cannot be
-    stopped: its thread is left behind (a daemon), and the load goes on without that runtime."""
+def within(seconds: float, what: str, call: Callable[..., Any], *args: Any, thread: str = "sie-load-call") -> Any:
+    """`call(*args)` on a thread of its own (named `thread`), waited for at most `seconds`; RuntimeHung after that. A
+    hung call cannot be stopped: its thread is left behind (a daemon), and the load goes on without that runtime."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -71,10 +74,10 @@ def within(seconds: float, what: str, call: Callable[..., Any], *args: Any) -> A
         except BaseException as exc:  # handed to the caller's thread
             outcome["error"] = exc
 
-    thread = threading.Thread(target=run, name="sie-load-call", daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
+    runner = threading.Thread(target=run, name=thread, daemon=True)
+    runner.start()
+    runner.join(seconds)
+    if runner.is_alive():
         raise RuntimeHung(f"{what} did not return within {seconds:.0f}s")
     if "error" in outcome:
         raise outcome["error"]
@@ -234,7 +237,8 @@ def checked_cosine(kind: str, runtime: Runtime, graph: Graph, precision: str) ->
     cosine = probe_record.recorded(graph.folder, what)
     if cosine is not None:
         return cosine, False
-    cosine = probe_cosine(runtime, graph)
+    cosine = within(PROBE_DEADLINE_S, f"{runtime.describe()}'s probe check", probe_cosine, runtime, graph,
+                    thread="sie-probe")
     probe_record.record(graph.folder, what, cosine)
     return cosine, True
 

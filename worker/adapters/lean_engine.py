@@ -213,7 +213,7 @@ class GraphSession:
         small = min(PAD_ALONE, self.max_length)
         started = time.monotonic()
         graph_runtime.within(WARM_UP_FLOOR_S, f"{runtime.describe()}'s first call (1 x {small} tokens)",
-                             runtime.run_alone, self._pad_feed(1, small))
+                             runtime.run_alone, self._pad_feed(1, small), thread="sie-warm-up")
         seconds_per_token = (time.monotonic() - started) / small
         if self.options.warm_up == "small":
             return
@@ -223,7 +223,7 @@ class GraphSession:
         for run, count in calls:
             deadline = max(WARM_UP_FLOOR_S, HUNG_FACTOR * seconds_per_token * count * length)
             graph_runtime.within(deadline, f"{runtime.describe()}'s warm-up call ({count} x {length} tokens)", run,
-                                 self._pad_feed(count, length))
+                                 self._pad_feed(count, length), thread="sie-warm-up")
         graph_runtime.trim_heap()
 
     def _pad_feed(self, rows: int, length: int) -> dict[str, np.ndarray]:
