@@ -48,6 +48,9 @@ BUILD = ("import sys; from pathlib import Path; from tests import tiny_models as
          "'dense': lambda: t.build_dense_st(out), 'sparse': lambda: t.build_mlm(out), "
          "'cross_encoder': lambda: t.build_cross_encoder(out), "
          "'multivector': lambda: t.build_colbert_stanford(out), 'classifier': lambda: x.build_sentiment(out), "
+         "'nli': lambda: x.build_nli(out), 'ner': lambda: x.build_ner(out), 'hybrid': lambda: t.build_bge_m3(out), "
+         "'clip': lambda: x.build_clip(out), "
+         "'gliner': lambda: x.build_gliner(out, x.build_bert(out.parent / (out.name + '-backbone'))), "
          "'colbert-minilm': lambda: t.build_colbert_like(out, Path(m()))}[kind]()")
 SERVER_ARGS: list[str] = []  # --server-arg, for every start of our server
 TARGETS = {"extra_model_mib": 150, "up_s": 3.0, "rerank_vs_best": 1.5, "p50_vs_best": 0.7, "offline_vs_ref": 2.0}
@@ -305,7 +308,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per rerank shape and server")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="threads per server and reference")
     p.add_argument("--batches", type=int, default=8, help="batches of 32 per offline measurement")
-    p.add_argument("--families", default="dense,sparse,cross_encoder,multivector,classifier",
+    p.add_argument("--families", default="dense,sparse,cross_encoder,multivector,classifier,nli,ner,hybrid,clip,gliner",
                    help="families for density")
     p.add_argument("--server-arg", action="append", default=[], help="extra flag for our server (repeatable), "
                                                                      "e.g. --server-arg=--engine=torch")
