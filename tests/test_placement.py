@@ -84,19 +84,19 @@ def test_the_median_base_ignores_one_odd_worker_and_outlives_its_eviction() -> N
 
 
 def test_the_base_is_learned_per_kind_of_worker_so_lean_workers_do_not_shrink_torch_estimates() -> None:
-    """On the CPU a lean dense worker runs without torch while a NER one imports torch (~400 MiB): each estimate
+    """On the CPU a lean dense worker runs without torch while a GLiNER one imports torch (~400 MiB): each estimate
     comes from workers of its own family and engine once one has measured itself, else from those of its engine."""
     host = FakeHost()
     placement = Placement(Settings(memory_budget=10_000 * MiB), host)
     for pid, (key, family, held, engine) in enumerate((("d1", "dense", 70, "openvino"), ("d2", "dense", 90, "onnx"),
-                                                       ("s1", "ner", 480, "torch"))):
+                                                       ("s1", "gliner", 480, "torch"))):
         placement.estimate(key, config(family=family), "")
         placement.reserve(key, "cpu", 1)
         host.held[pid] = held * MiB
         placement.settle(key, pid, "cpu", reported=0, engine=engine)
     assert placement.estimate("d3", config(family="dense"), "") == 80 * MiB
-    assert placement.estimate("s2", config(family="ner"), "") == 480 * MiB
-    assert placement.estimate("c1", config(family="gliner"), "") == 480 * MiB, "no such worker yet: torch's"
+    assert placement.estimate("s2", config(family="gliner"), "") == 480 * MiB
+    assert placement.estimate("c1", config(family="ner"), "", engine="torch") == 480 * MiB, "none yet: torch's"
     assert placement.estimate("d4", config(family="dense"), "", engine="torch") == 480 * MiB, "engine: torch"
 
 
@@ -115,7 +115,7 @@ def test_a_lean_workers_first_estimate_is_a_lean_workers_size_so_tiny_models_fit
     assert first == LEAN_CPU_BASE + int(TINY_WEIGHTS * LEAN_WEIGHTS_FACTOR)
     assert 120 * MiB <= first <= 140 * MiB, "honest, and two fit: a tiny lean worker measured 120 MiB RSS at Ready"
     assert 2 * first <= placement.ledger.devices["cpu"].free, "two loads started together fit"
-    assert placement.estimate("t", config(family="ner"), str(tmp_path)) > DEFAULT_BASE["cpu"]
+    assert placement.estimate("t", config(family="gliner"), str(tmp_path)) > DEFAULT_BASE["cpu"]
     assert placement.plan("a", first, lambda k: True) == ("cpu", [])
     placement.reserve("a", "cpu", first)
     host.held[1] = 120 * MiB
@@ -132,7 +132,7 @@ def test_a_lean_family_that_fell_back_to_torch_teaches_torchs_base(tmp_path: Pat
     placement.reserve("a", "cpu", 1)
     host.held[1] = 500 * MiB
     placement.settle("a", 1, "cpu", reported=0, engine="torch")  # its export failed: the torch adapter serves it
-    assert placement.estimate("s", config(family="ner"), "") == 500 * MiB
+    assert placement.estimate("s", config(family="gliner"), "") == 500 * MiB
     assert placement.estimate("b", config(family="dense"), "") == LEAN_CPU_BASE, "no lean worker measured yet"
 
 

@@ -37,6 +37,7 @@ from sie_worker.adapters.graph_cache import (
     agreement,
     min_agreement,
     pair_head,
+    per_token_head,
     write_graph_meta,
 )
 from sie_worker.export_heads import head_model, special_ids
@@ -101,7 +102,7 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, 
     """Trace the encoder and its head to `out`, leaving the model in eval mode."""
     sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
     axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["output"] = {0: "batch", 1: "sequence"} if head == HIDDEN else {0: "batch"}
+    axes["output"] = {0: "batch", 1: "sequence"} if per_token_head(head) else {0: "batch"}
     wrapper = _Positional(model, names).eval()
     try:
         # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from sie_worker.adapters.graph_cache import HIDDEN, SEQUENCE_LOGITS
+from sie_worker.adapters.graph_cache import HIDDEN, SEQUENCE_LOGITS, TOKEN_LOGITS
 from sie_worker.adapters.torch_common import load_encoder
 
 # The tokenizer's special tokens a lean worker may need by role (ColBERT's query expansion, its skiplist).
@@ -27,8 +27,8 @@ class LastHidden(torch.nn.Module):
         return out
 
 
-class SequenceLogits(torch.nn.Module):
-    """A sequence-classification head's logits [B, labels] in float32."""
+class Logits(torch.nn.Module):
+    """A classification head's logits in float32: [B, labels] per sequence, [B, T, labels] per token."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -63,14 +63,13 @@ class SpladeWeights(torch.nn.Module):
 
 def head_model(weights_dir: Path, head: str) -> Any:
     """The checkpoint in float32 under `head`, in eval mode; ValueError for a head this helper does not know."""
-    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     if head == HIDDEN:
         return LastHidden(load_encoder(weights_dir, torch.float32)).eval()
-    if head == SEQUENCE_LOGITS:
-        model = AutoModelForSequenceClassification.from_pretrained(weights_dir, local_files_only=True,
-                                                                   dtype=torch.float32)
-        return SequenceLogits(model).eval()
+    if head in (SEQUENCE_LOGITS, TOKEN_LOGITS):
+        auto = AutoModelForSequenceClassification if head == SEQUENCE_LOGITS else AutoModelForTokenClassification
+        return Logits(auto.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32)).eval()
     kind, _, rest = head.partition("-")
     strategy, _, activation = rest.partition("-")
     if kind == "splade" and strategy in ("max", "sum") and activation in ("relu", "log1p_relu"):

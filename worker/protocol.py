@@ -333,7 +333,7 @@ EXPORT_HELPER_WEIGHTS_FACTOR = 4
 # The families a CPU worker serves without torch, from an exported graph under OpenVINO or ONNX Runtime, unless its
 # `engine` option is torch: the worker builds them so (adapters.build_adapter), and the router's placement estimates
 # their workers so before the first one has measured itself.
-LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier"})
+LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier", "ner"})
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -356,7 +356,7 @@ PoolingName = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmea
 
 class GraphEngineOptions(Common):
     """The engine options of every family a lean worker serves from an exported graph on the CPU (dense, sparse,
-    ColBERT, cross-encoders): which runtime, how many calls side by side, where graphs are cached."""
+    ColBERT, cross-encoders, classifiers, NER): which runtime, how many calls side by side, where graphs are cached."""
 
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
@@ -443,8 +443,8 @@ class GlinerOptions(Common, tag="gliner"):
     multi_label: bool = False
 
 
-class NerOptions(Common, tag="ner"):
-    """Token-classification NER."""
+class NerOptions(GraphEngineOptions, tag="ner"):
+    """Token-classification NER: torch, or on the CPU an exported graph under OpenVINO or ONNX Runtime."""
 
 
 class FakeOptions(Common, tag="fake"):

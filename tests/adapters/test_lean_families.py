@@ -1,7 +1,7 @@
-"""The lean engine beyond dense: cross-encoders, SPLADE and ColBERT served from exported graphs under OpenVINO and
-ONNX Runtime, against sentence-transformers' `CrossEncoder`, `SparseEncoder` and the ColBERT formula on the same
-checkpoints; the shared fallback over runtimes (a corrupt IR, a broken graph); and a worker per family that never
-imports torch or transformers."""
+"""The lean engine beyond dense: cross-encoders, SPLADE, ColBERT, classifiers and NER served from exported graphs under
+OpenVINO and ONNX Runtime, against sentence-transformers' `CrossEncoder`, `SparseEncoder`, the ColBERT formula and
+transformers' pipelines on the same checkpoints; the shared fallback over runtimes (a corrupt IR, a broken graph); and
+a worker per family that never imports torch or transformers."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ import torch
 from sentence_transformers import CrossEncoder, SparseEncoder
 
 from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
-from sie_worker.adapters.base import InputTooLong
+from sie_worker.adapters.base import InputTooLong, UnsupportedTask
 from sie_worker.adapters.cross_encoder import CrossEncoderAdapter
 from sie_worker.adapters.lean_classifier import LeanClassifierAdapter
 from sie_worker.adapters.lean_cross_encoder import LeanCrossEncoderAdapter
 from sie_worker.adapters.lean_multivector import LeanMultivectorAdapter
+from sie_worker.adapters.lean_ner import LeanNerAdapter
 from sie_worker.adapters.lean_sparse import LeanSparseAdapter
-from sie_worker.protocol import ExtractBatch, InputItem, ScoreBatch
+from sie_worker.adapters.ner import NerAdapter
+from sie_worker.protocol import EncodeBatch, ExtractBatch, ExtractResult, InputItem, ScoreBatch
 from tests import declared, precision, tiny_extract_models, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items, score, sparse_items
 from tests.references import colbert as colbert_reference
@@ -50,6 +52,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sentiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_extract_models.build_sentiment(tmp_path_factory.mktemp("sentiment") / "model")
+
+
+@pytest.fixture(scope="module")
+def ner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_extract_models.build_ner(tmp_path_factory.mktemp("ner") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +178,105 @@ def test_a_lean_classifier_scores_as_the_pipeline_in_each_precision(make_adapter
                                       precision.tolerance(dtype), head=True)
 
 
+NER_TEXTS = ["Alice lives in Paris and works for Acme Corporation.", "Bob moved from Berlin to London last year!",
+             "Zyxxy Qworp, unseen-words & punctuation... in Kraków.", *SENTENCES[:20]]
+
+
+def extract(adapter: Any, texts: list[str], labels: list[str] | None = None) -> ExtractResult:
+    batch = ExtractBatch(batch_id=1, items=[InputItem(text=t) for t in texts], labels=labels or [])
+    result = adapter.forward(adapter.prepare(batch))
+    assert isinstance(result, ExtractResult)
+    return result
+
+
+def reference_probabilities(weights: Path, texts: list[str]) -> list[np.ndarray]:
+    """transformers' float32 tag probabilities [tokens, tags] of each text run alone, as the pipeline runs it."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    model = AutoModelForTokenClassification.from_pretrained(weights, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [torch.softmax(model(**tokenizer(text, return_tensors="pt")).logits[0], dim=-1).numpy()
+                for text in texts]
+
+
+@pytest.mark.numeric
+@pytest.mark.parametrize(("engine", "dtype"), ENGINES)
+def test_lean_ner_finds_the_pipelines_entities(make_adapter: MakeAdapter, ner_dir: Path, cache: Path, engine: str,
+                                               dtype: precision.Precision) -> None:
+    """Each token's tag is the reference's best, its score within the precision's bar for a head's score; and each
+    text whose tags are all the reference's has the pipeline's entities (`aggregation_strategy="simple"`): same spans
+    and labels, the text sliced from the input. In bf16 a tag may be another whose probability is within the bar of
+    the best: the random head's near ties (top two 1e-3 apart) then go either way, as on a GPU in half precision."""
+    from transformers import pipeline
+
+    adapter = lean(make_adapter, "ner", ner_dir, cache, engine, compute_precision=dtype)
+    assert isinstance(adapter, LeanNerAdapter) and adapter.load().engine == engine
+    tol = precision.tolerance(dtype)
+    prepared = adapter.prepare(ExtractBatch(batch_id=1, items=[InputItem(text=t) for t in NER_TEXTS]))
+    scores, tags = adapter.tag(prepared)
+    result = adapter.forward(prepared)
+    pipeline_entities = pipeline("token-classification", model=str(ner_dir), aggregation_strategy="simple",
+                                 device="cpu")(NER_TEXTS)
+    compared = 0
+    for i, probabilities in enumerate(reference_probabilities(ner_dir, NER_TEXTS)):
+        rows = np.arange(len(probabilities))
+        assert np.all(probabilities[rows, tags[i]] >= probabilities.max(axis=-1) - tol.head_score)
+        precision.assert_scores_close(scores[i], probabilities[rows, tags[i]], tol, head=True)
+        if dtype == "float32":
+            assert tags[i] == probabilities.argmax(axis=-1).tolist()
+        elif tags[i] != probabilities.argmax(axis=-1).tolist():
+            continue
+        got, want = result.items[i].entities, pipeline_entities[i]
+        assert [(e.label, e.start, e.end) for e in got] == [(w["entity_group"], w["start"], w["end"]) for w in want]
+        precision.assert_scores_close([e.score for e in got], [float(w["score"]) for w in want], tol, head=True)
+        assert all(e.text == NER_TEXTS[i][e.start:e.end] for e in got)
+        compared += len(got)
+    assert compared >= 20, "the random head tags enough tokens for the comparison to mean something"
+
+
+@pytest.mark.numeric
+def test_lean_ner_truncates_narrows_and_refuses_as_the_torch_adapter(make_adapter: MakeAdapter, ner_dir: Path,
+                                                                    cache: Path) -> None:
+    """Texts cut at the maximum length, labels narrowing the tag set, and an encode batch refused, as `ner` does."""
+    texts = [*NER_TEXTS[:3], " ".join(["Alice met Bob in Paris."] * 12)]
+    lean_ner = lean(make_adapter, "ner", ner_dir, cache, "onnx", max_sequence_length=16)
+    torch_ner = make_adapter("ner", ner_dir, max_sequence_length=16)
+    assert isinstance(lean_ner, LeanNerAdapter) and isinstance(torch_ner, NerAdapter)
+    every = {e.label for item in extract(torch_ner, texts).items for e in item.entities}
+    for labels in ([], sorted(every)[:1]):
+        got, want = extract(lean_ner, texts, labels), extract(torch_ner, texts, labels)
+        assert got.token_counts == want.token_counts and max(got.token_counts) == 16
+        assert [[(e.label, e.start, e.end, e.text) for e in item.entities] for item in got.items] == [
+            [(e.label, e.start, e.end, e.text) for e in item.entities] for item in want.items]
+        for mine, theirs in zip(got.items, want.items, strict=True):
+            precision.assert_scores_close([e.score for e in mine.entities], [e.score for e in theirs.entities],
+                                          precision.tolerance("float32"), head=True)
+    assert {e.label for item in extract(lean_ner, texts, sorted(every)[:1]).items for e in item.entities} == set(
+        sorted(every)[:1])
+    with pytest.raises(UnsupportedTask):
+        lean_ner.prepare(EncodeBatch(batch_id=1, items=[InputItem(text="x")], output_types=["dense"]))
+
+
+def test_a_token_heads_agreement_reads_the_real_tokens_only() -> None:
+    """Padding rows' logits are never read, so they may differ; a real token's error counts against the bar."""
+    expected = np.zeros((1, 4, 3), dtype=np.float32)
+    mask = np.array([[1, 1, 0, 0]])
+    padding_off, token_off = expected.copy(), expected.copy()
+    padding_off[0, 3] = 5.0
+    token_off[0, 1, 2] = 0.5
+    assert graph_cache.agreement(graph_cache.TOKEN_LOGITS, expected, padding_off, mask) == 1.0
+    assert graph_cache.agreement(graph_cache.TOKEN_LOGITS, expected, token_off, mask) == 0.5
+    assert graph_cache.min_agreement(graph_cache.TOKEN_LOGITS) == graph_cache.min_agreement(
+        graph_cache.SEQUENCE_LOGITS)
+
+
 def test_the_cache_key_covers_the_head(mlm_dir: Path) -> None:
     keys = {graph_cache.cache_key(mlm_dir, head) for head in (graph_cache.HIDDEN, graph_cache.SEQUENCE_LOGITS,
+                                                               graph_cache.TOKEN_LOGITS,
                                                                graph_cache.splade_head("max", "relu"),
                                                                graph_cache.splade_head("sum", "relu"))}
-    assert len(keys) == 4
+    assert len(keys) == 5
 
 
 def _garble(path: Path) -> None:
@@ -268,24 +369,28 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
 @pytest.mark.parametrize(("family", "adapter_name"), [("cross_encoder", "LeanCrossEncoderAdapter"),
                                                       ("sparse", "LeanSparseAdapter"),
                                                       ("multivector", "LeanMultivectorAdapter"),
-                                                      ("classifier", "LeanClassifierAdapter")])
+                                                      ("classifier", "LeanClassifierAdapter"),
+                                                      ("ner", "LeanNerAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        sentiment_dir: Path, cache: Path) -> None:
+        sentiment_dir: Path, ner_dir: Path, cache: Path) -> None:
     """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
     weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
-               "classifier": sentiment_dir}[family]
+               "classifier": sentiment_dir, "ner": ner_dir}[family]
     head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
-            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS}[family]
+            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS,
+            "ner": graph_cache.TOKEN_LOGITS}[family]
     assert graph_cache.ensure_graph(weights, cache, head) is not None
     encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
             "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector"),
-            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])'}[family]
+            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])',
+            "ner": 'ExtractBatch(batch_id=1, items=[InputItem(text="Alice lives in Paris")])'}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
-               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions"}[family]
-    batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem"}.get(family,
-                                                                             "EncodeBatch, InputItem")
+               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions",
+               "ner": "NerOptions"}[family]
+    batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem",
+             "ner": "ExtractBatch, InputItem"}.get(family, "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),
                                   cache=str(cache), call=call)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)

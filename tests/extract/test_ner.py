@@ -11,7 +11,7 @@ import pytest
 from transformers import pipeline
 
 from sie_worker.adapters.base import Adapter, UnsupportedTask
-from sie_worker.adapters.ner import Token, entities
+from sie_worker.adapters.ner_rules import Token, entities
 from sie_worker.protocol import EncodeBatch, ExtractBatch, ExtractResult, InputItem
 
 TEXTS = ["Alice lives in Paris and works for Acme Corporation.",

@@ -68,10 +68,12 @@ LOAD_AFTER_EXPORT_S = 120.0
 on_export_start: Callable[[], None] | None = None
 # What the graph computes after the backbone (`export_heads.head_model` builds each): `hidden`, the last hidden state
 # [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
-# logits [B, labels] over single texts or pairs (cross-encoders); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's
-# SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it.
+# logits [B, labels] over single texts or pairs (cross-encoders); `token_logits`, a token-classification head's logits
+# [B, T, labels] (NER); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's SPLADE term weights [B, vocabulary],
+# pooled inside the graph so the [B, T, vocabulary] logits never leave it.
 HIDDEN = "hidden"
 SEQUENCE_LOGITS = "sequence_logits"
+TOKEN_LOGITS = "token_logits"
 # How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
 # the reference's, and sigmoid or softmax move less than the logit does.
 MAX_LOGIT_ERROR = 0.02
@@ -83,6 +85,11 @@ MAX_SPLADE_ERROR = 2e-3
 
 def splade_head(strategy: str, activation: str) -> str:
     return f"splade-{strategy}-{activation}"
+
+
+def per_token_head(head: str) -> bool:
+    """Whether the graph's output has a row per token [B, T, ...], so only the real tokens' rows are compared."""
+    return head in (HIDDEN, TOKEN_LOGITS)
 
 
 def pair_head(head: str) -> bool:
@@ -249,22 +256,25 @@ def write_graph_meta(folder: Path, input_names: list[str], hidden_size: int, pad
 
 def min_agreement(head: str) -> float:
     """The bar `agreement` must reach for a runtime to serve a graph of this head."""
-    if head == SEQUENCE_LOGITS:
+    if head in (SEQUENCE_LOGITS, TOKEN_LOGITS):
         return 1.0 - MAX_LOGIT_ERROR
     return 1.0 - MAX_SPLADE_ERROR if head.startswith("splade-") else MIN_COSINE
 
 
 def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
     """How closely a runtime's output of the probe batch matches torch's, on the scale `min_agreement` judges: the
-    lowest cosine per real token (hidden states) or per item (SPLADE weights); for logits, 1 minus the largest error
-    relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing; for SPLADE
-    weights, 1 minus the largest error."""
+    lowest cosine per real token (hidden states); for logits, 1 minus the largest error relative to the largest logit
+    (at least 1), as a cosine of a one-label head's scalar says nothing, over the real tokens only for a token head
+    (a padding row's logits are never read); for SPLADE weights, 1 minus the largest error."""
     if head == HIDDEN:
         return masked_min_cosine(expected, got, mask)
     if expected.shape != got.shape:
         return -1.0
     a, b = expected.astype(np.float64), got.astype(np.float64)
-    if head == SEQUENCE_LOGITS:
+    if head == TOKEN_LOGITS:
+        keep = mask.astype(bool)
+        a, b = a[keep], b[keep]
+    if head in (SEQUENCE_LOGITS, TOKEN_LOGITS):
         return 1.0 - float(np.abs(a - b).max() / max(1.0, float(np.abs(a).max())))
     return 1.0 - float(np.abs(a - b).max())
 

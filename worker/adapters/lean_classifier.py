@@ -25,7 +25,7 @@ from sie_worker.adapters.lean_engine import GraphSession, build_lean
 from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 
-def _softmax(x: np.ndarray) -> np.ndarray:
+def softmax(x: np.ndarray) -> np.ndarray:
     shifted = np.exp(x - x.max(axis=-1, keepdims=True))
     return np.asarray(shifted / shifted.sum(axis=-1, keepdims=True))
 
@@ -132,7 +132,7 @@ class LeanClassifierAdapter:
         elif self.problem_type == "multi_label_classification" or len(self.id2label) == 1:
             scores = _sigmoid(logits)
         else:
-            scores = _softmax(logits)
+            scores = softmax(logits)
         labels = [self.id2label[i] for i in range(len(scores))]
         return ExtractItem(classifications=sorted_classifications(labels, scores.tolist()))
 
@@ -143,9 +143,9 @@ class LeanClassifierAdapter:
         if raw:
             scores = entail
         elif bool(option(batch, "multi_label", self.options.multi_label)) or len(batch.labels) == 1:
-            scores = _softmax(logits[..., [self.contradiction, self.entailment]])[..., 1]
+            scores = softmax(logits[..., [self.contradiction, self.entailment]])[..., 1]
         else:
-            scores = _softmax(entail)
+            scores = softmax(entail)
         return [ExtractItem(classifications=sorted_classifications(batch.labels, row.tolist())) for row in scores]
 
     def memory_bytes(self) -> int:

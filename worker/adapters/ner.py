@@ -1,23 +1,18 @@
-"""Token-classification NER (worker process): BIO tags per token grouped into character-offset entity spans.
-
-The grouping is transformers' "token-classification" pipeline with `aggregation_strategy="simple"`: each token takes
-its argmax tag, adjacent tokens of one entity type merge unless a `B-` tag opens a new one, and the span's score is the
-mean of its tokens' scores. Entity text is sliced from the input with the tokenizer's offsets, so it matches exactly.
+"""Token-classification NER with torch (worker process): BIO tags per token grouped into character-offset entity spans
+as transformers' "token-classification" pipeline does with `aggregation_strategy="simple"` (`ner_rules`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from sie_sdk.types import Entity
 from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.classifier_rules import texts_of
+from sie_worker.adapters.ner_rules import extract_result
 from sie_worker.adapters.torch_common import (
     PAD_MULTIPLE,
     Stopwatch,
@@ -31,49 +26,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
-
-IGNORED = "O"
-
-
-@dataclass
-class Token:
-    """One non-special token with its argmax tag."""
-
-    tag: str
-    score: float
-    start: int
-    end: int
-
-
-def split_tag(tag: str) -> tuple[str, str]:
-    """("B" or "I", entity type); a tag without a B-/I- prefix continues, like the pipeline's `get_tag`."""
-    if tag.startswith(("B-", "I-")):
-        return tag[0], tag[2:]
-    return "I", tag
-
-
-def group(tokens: list[Token]) -> list[list[Token]]:
-    groups: list[list[Token]] = []
-    for token in tokens:
-        bi, kind = split_tag(token.tag)
-        if groups and bi != "B" and split_tag(groups[-1][-1].tag)[1] == kind:
-            groups[-1].append(token)
-        else:
-            groups.append([token])
-    return groups
-
-
-def entities(text: str, tokens: list[Token]) -> list[Entity]:
-    found = []
-    for members in group(tokens):
-        label = members[0].tag.split("-", 1)[-1]  # the pipeline names a group after its first token's tag
-        if label == IGNORED:
-            continue
-        start, end = members[0].start, members[-1].end
-        score = float(np.mean(np.array([m.score for m in members], dtype=np.float32)))
-        found.append(Entity(text=text[start:end], label=label, score=score, start=start, end=end))
-    return found
+from sie_worker.protocol import ExtractBatch, ExtractResult, WorkerSpec
 
 
 class NerAdapter:
@@ -136,23 +89,7 @@ class NerAdapter:
         return scores, tags
 
     def forward(self, prepared: Prepared) -> ExtractResult:
-        batch = prepared.batch
-        assert isinstance(batch, ExtractBatch)
-        scores, tags = self._tag(prepared)
-        wanted = set(batch.labels)
-        items = []
-        for i, item in enumerate(batch.items):
-            tokens = self._tokens(scores[i], tags[i], prepared.extra["offsets"][i], prepared.extra["special"][i])
-            found = entities(item.text or "", tokens)
-            if wanted:  # labels narrow a fixed tag set down to the types the caller asked for
-                found = [e for e in found if e.label in wanted]
-            items.append(ExtractItem(entities=found))
-        return ExtractResult(items=items, token_counts=prepared.token_counts)
-
-    def _tokens(self, scores: list[float], tags: list[int], offsets: list[list[int]],
-                special: list[int]) -> list[Token]:
-        return [Token(self.id2label[tag], score, start, end)
-                for score, tag, (start, end), skip in zip(scores, tags, offsets, special, strict=True) if not skip]
+        return extract_result(prepared, self.id2label, *self._tag(prepared))
 
     def memory_bytes(self) -> int:
         return memory_bytes(self.device)
