@@ -7,6 +7,7 @@ Memory contract: after `close()` the adapter holds no device memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,11 +41,31 @@ class InputTooLong(BadInput):
 
 
 def refuse_over_length(token_counts: list[int], max_length: int | None) -> None:
-    """For `truncate: false`: fail the batch, stating the token count, if any text is over `max_length` tokens."""
+    """For `truncates()` false: fail the batch, stating the token count, if any text is over `max_length` tokens."""
     longest = max(token_counts, default=0)
     if max_length is not None and longest > max_length:
         raise InputTooLong(f"input is {longest} tokens long, over this model's maximum of {max_length}; shorten it "
-                           "or leave `truncate` on")
+                           "or let it be cut (`truncate` on, `overflow_policy` not `error`)")
+
+
+OVERFLOW_POLICIES = ("default", "truncate_text", "error")
+
+
+def truncates(options: dict[str, Any]) -> bool:
+    """Whether a text over the model's maximum is cut there (the default) or refused: `truncate: false` (encode and
+    score), or `overflow_policy: error` (score and extract, sie-native section 8; `default` and `truncate_text` cut).
+    Any other policy is BadInput."""
+    policy = options.get("overflow_policy") or "default"
+    if policy not in OVERFLOW_POLICIES:
+        raise BadInput(f"overflow_policy must be one of {', '.join(OVERFLOW_POLICIES)}, not {policy!r}")
+    return options.get("truncate", True) is not False and policy != "error"
+
+
+def refuse_overflow(batch: ExtractBatch, untruncated_counts: Callable[[], list[int]], max_length: int | None) -> None:
+    """For the extract families, which cut by default: fail the batch if `truncates()` is false and a text is over
+    the maximum, counted untruncated by `untruncated_counts()` (called only then)."""
+    if not truncates(batch.options):
+        refuse_over_length(untruncated_counts(), max_length)
 
 
 @dataclass

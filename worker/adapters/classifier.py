@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
 from sie_worker.adapters.torch_common import (
     Stopwatch,
@@ -79,7 +79,9 @@ class ClassifierAdapter:
             raise UnsupportedTask("this model only extracts (classifies)")
         clock = Stopwatch()
         texts = texts_of(batch)
-        if self.zero_shot(batch):
+        zero_shot = self.zero_shot(batch)
+        refuse_overflow(batch, lambda: self._untruncated_counts(batch, texts, zero_shot), self.max_length)
+        if zero_shot:
             encoded, counts = self._tokenize_pairs(batch, texts)
         else:
             encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
@@ -87,17 +89,26 @@ class ClassifierAdapter:
             counts = encoded["attention_mask"].sum(dim=1).tolist()
         return Prepared(batch=batch, inputs=dict(encoded), token_counts=counts, tokenize_ms=clock.ms())
 
-    def _tokenize_pairs(self, batch: ExtractBatch, texts: list[str]) -> tuple[Any, list[int]]:
+    def _untruncated_counts(self, batch: ExtractBatch, texts: list[str], zero_shot: bool) -> list[int]:
+        """Each text's tokens, or with zero-shot its longest premise-hypothesis pair's, untruncated."""
+        if not zero_shot:
+            return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(self._pairs(batch, texts))["input_ids"]]
+        return [max(lengths[i:i + len(batch.labels)]) for i in range(0, len(lengths), len(batch.labels))]
+
+    def _pairs(self, batch: ExtractBatch, texts: list[str]) -> list[tuple[str, str]]:
         template = str(option(batch, "hypothesis_template", self.options.hypothesis_template))
-        hypotheses = [hypothesis(template, label) for label in batch.labels]
-        pairs = [(text, hypothesis) for text in texts for hypothesis in hypotheses]
+        return [(text, hypothesis(template, label)) for text in texts for label in batch.labels]
+
+    def _tokenize_pairs(self, batch: ExtractBatch, texts: list[str]) -> tuple[Any, list[int]]:
+        pairs = self._pairs(batch, texts)
         kwargs: dict[str, Any] = {"padding": True, "max_length": self.max_length, "return_tensors": "pt"}
         try:
             # Truncate only the premise, so that the hypothesis (the label) stays whole, as the pipeline does.
             encoded = self.tokenizer(pairs, truncation="only_first", **kwargs)
         except Exception:  # the hypothesis alone is over max_length: fall back to trimming both
             encoded = self.tokenizer(pairs, truncation="longest_first", **kwargs)
-        per_pair = encoded["attention_mask"].sum(dim=1).view(len(texts), len(hypotheses))
+        per_pair = encoded["attention_mask"].sum(dim=1).view(len(texts), len(batch.labels))
         return encoded, per_pair.sum(dim=1).tolist()
 
     def forward(self, prepared: Prepared) -> ExtractResult:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, truncates
 from sie_worker.adapters.torch_common import (
     Stopwatch,
     compute_dtype,
@@ -82,7 +82,7 @@ class CrossEncoderAdapter:
         docs = [doc for _, doc in batch.pairs]
         buckets, counts = tokenize_in_buckets(self.tokenizer, queries, self.max_length, pairs=docs,
                                               max_batch_tokens=self.spec.max_batch_tokens, device=self.device,
-                                              truncate=batch.options.get("truncate", True) is not False,
+                                              truncate=truncates(batch.options),
                                               truncation_side=str(batch.options.get("truncation_direction", "right")))
         return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from sie_sdk.types import Entity
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.classifier_rules import option, texts_of
 from sie_worker.adapters.torch_common import (
     MICRO_BATCH_ITEMS,
@@ -73,6 +73,9 @@ class GlinerAdapter:
             raise BadInput("GLiNER needs labels: the entity types to look for")
         clock = Stopwatch()
         texts = texts_of(batch)
+        # GLiNER cuts a text at `max_len` of its own word tokens (its processor's splitter), not at subwords.
+        splitter = self.model.data_processor.words_splitter
+        refuse_overflow(batch, lambda: [sum(1 for _ in splitter(text)) for text in texts], self.model.config.max_len)
         counts = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]]
         return Prepared(batch=batch, inputs=texts, token_counts=counts, tokenize_ms=clock.ms())
 
@@ -82,8 +85,10 @@ class GlinerAdapter:
         threshold = float(option(batch, "threshold", self.options.threshold))
         flat_ner = bool(option(batch, "flat_ner", self.options.flat_ner))
         multi_label = bool(option(batch, "multi_label", self.options.multi_label))
-        found = self.model.inference(prepared.inputs, list(batch.labels), flat_ner=flat_ner, threshold=threshold,
-                                     multi_label=multi_label, batch_size=max(1, len(prepared.inputs)))
+        with warnings.catch_warnings():  # one per text it cuts: the cut is `overflow_policy`'s default, not news
+            warnings.filterwarnings("ignore", message="Sentence of length .* has been truncated", category=UserWarning)
+            found = self.model.inference(prepared.inputs, list(batch.labels), flat_ner=flat_ner, threshold=threshold,
+                                         multi_label=multi_label, batch_size=max(1, len(prepared.inputs)))
         items = [ExtractItem(entities=[to_entity(e) for e in spans]) for spans in found]
         return ExtractResult(items=items, token_counts=prepared.token_counts)
 

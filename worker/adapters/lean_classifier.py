@@ -18,7 +18,7 @@ import psutil
 from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
 from sie_worker.adapters.lean_engine import GraphSession, build_lean
@@ -90,7 +90,9 @@ class LeanClassifierAdapter:
         clock = Stopwatch()
         texts = texts_of(batch)
         tokenizer, max_length = self.session.tokenizer, self.session.max_length
-        if self.zero_shot(batch):
+        zero_shot = self.zero_shot(batch)
+        refuse_overflow(batch, lambda: self._untruncated_counts(batch, texts, zero_shot), max_length)
+        if zero_shot:
             encodings = self._pairs(batch, texts)
             per_pair = np.array([len(e.ids) for e in encodings]).reshape(len(texts), len(batch.labels))
             counts = per_pair.sum(axis=1).tolist()
@@ -100,10 +102,19 @@ class LeanClassifierAdapter:
         return Prepared(batch=batch, inputs=self.session.buckets(encodings), token_counts=counts,
                         tokenize_ms=clock.ms(), extra={"rows": len(encodings)})
 
-    def _pairs(self, batch: ExtractBatch, texts: list[str]) -> list[Encoding]:
+    def _untruncated_counts(self, batch: ExtractBatch, texts: list[str], zero_shot: bool) -> list[int]:
+        """Each text's tokens, or with zero-shot its longest premise-hypothesis pair's, untruncated."""
+        if not zero_shot:
+            return [len(e.ids) for e in self.session.tokenizer.encode_batch(texts, None)]
+        lengths = [len(e.ids) for e in self.session.tokenizer.encode_pairs(self._text_pairs(batch, texts), None)]
+        return [max(lengths[i:i + len(batch.labels)]) for i in range(0, len(lengths), len(batch.labels))]
+
+    def _text_pairs(self, batch: ExtractBatch, texts: list[str]) -> list[tuple[str, str]]:
         template = str(option(batch, "hypothesis_template", self.options.hypothesis_template))
-        hypotheses = [hypothesis(template, label) for label in batch.labels]
-        pairs = [(text, h) for text in texts for h in hypotheses]
+        return [(text, hypothesis(template, label)) for text in texts for label in batch.labels]
+
+    def _pairs(self, batch: ExtractBatch, texts: list[str]) -> list[Encoding]:
+        pairs = self._text_pairs(batch, texts)
         backend = self.session.tokenizer.backend
         try:
             # Truncate only the premise, so that the hypothesis (the label) stays whole, as the pipeline does.

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import Stopwatch, split_for_lanes
 from sie_worker.adapters.lean_engine import GraphSession, build_lean
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
@@ -86,7 +86,7 @@ class LeanCrossEncoderAdapter:
         if not isinstance(batch, ScoreBatch):
             raise UnsupportedTask("this model only scores")
         clock = Stopwatch()
-        truncate = batch.options.get("truncate", True) is not False
+        truncate = truncates(batch.options)
         side = str(batch.options.get("truncation_direction", "right"))
         max_length = self.session.max_length
         encodings = self.session.tokenizer.encode_pairs([(q, d) for q, d in batch.pairs],

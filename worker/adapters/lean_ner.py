@@ -14,7 +14,7 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.classifier_rules import texts_of
 from sie_worker.adapters.lean_classifier import softmax
@@ -68,12 +68,14 @@ class LeanNerAdapter:
                         engine=self.session.engine, precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
-        """Truncated to the maximum length as the torch adapter does; offsets and the special-token mask stay here
-        for the grouping."""
+        """Truncated to the maximum length as the torch adapter does (or refused: `overflow_policy: error`); offsets
+        and the special-token mask stay here for the grouping."""
         if not isinstance(batch, ExtractBatch):
             raise UnsupportedTask("this model only extracts entities")
         clock = Stopwatch()
-        encodings = self.session.tokenizer.encode_batch(texts_of(batch), self.session.max_length)
+        texts, tokenizer, max_length = texts_of(batch), self.session.tokenizer, self.session.max_length
+        refuse_overflow(batch, lambda: [len(e.ids) for e in tokenizer.encode_batch(texts, None)], max_length)
+        encodings = tokenizer.encode_batch(texts, max_length)
         spans = {"offsets": [e.offsets for e in encodings], "special": [e.special_tokens_mask for e in encodings]}
         return Prepared(batch=batch, inputs=self.session.buckets(encodings),
                         token_counts=[len(e.ids) for e in encodings], tokenize_ms=clock.ms(), extra=spans)

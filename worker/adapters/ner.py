@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.classifier_rules import texts_of
 from sie_worker.adapters.ner_rules import extract_result
 from sie_worker.adapters.torch_common import (
@@ -58,7 +58,9 @@ class NerAdapter:
         if not isinstance(batch, ExtractBatch):
             raise UnsupportedTask("this model only extracts entities")
         clock = Stopwatch()
-        encoded = self.tokenizer(texts_of(batch), truncation=True, max_length=self.max_length,
+        texts = texts_of(batch)
+        refuse_overflow(batch, lambda: [len(ids) for ids in self.tokenizer(texts)["input_ids"]], self.max_length)
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length,
                                  return_offsets_mapping=True, return_special_tokens_mask=True)
         counts = [len(ids) for ids in encoded["input_ids"]]
         buckets = []
