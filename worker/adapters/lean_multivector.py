@@ -46,9 +46,13 @@ class NumpyProjection:
             out += self.bias
         activation = ACTIVATIONS[self.activation]
         out = out if activation is None else activation(out)
-        if normalize:  # as torch's F.normalize: x / max(||x||, 1e-12)
-            out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-        return np.asarray(out, dtype=np.float32)
+        return l2_normalized(out) if normalize else np.asarray(out, dtype=np.float32)
+
+
+def l2_normalized(vectors: np.ndarray) -> np.ndarray:
+    """float32 vectors along the last axis as torch's F.normalize makes them: x / max(||x||, 1e-12)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 def _safetensors(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
