@@ -37,9 +37,10 @@ from sie_worker.adapters.graph_cache import (
     agreement,
     min_agreement,
     pair_head,
+    token_head,
     write_graph_meta,
 )
-from sie_worker.export_heads import head_model, special_ids
+from sie_worker.export_heads import head_model, special_ids, write_head_files
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -101,7 +102,7 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, 
     """Trace the encoder and its head to `out`, leaving the model in eval mode."""
     sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
     axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
-    axes["output"] = {0: "batch", 1: "sequence"} if head == HIDDEN else {0: "batch"}
+    axes["output"] = {0: "batch", 1: "sequence"} if token_head(head) else {0: "batch"}
     wrapper = _Positional(model, names).eval()
     try:
         # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what
@@ -232,6 +233,7 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
         save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
         backend.save(str(staging / "tokenizer.json"))
         np.savez(staging / "probe.npz", **probe)
+        write_head_files(weights_dir, head, staging)
         write_graph_meta(staging, names, int(model.model.config.hidden_size), int(tokenizer.pad_token_id or 0),
                          int(min(tokenizer.model_max_length, 1 << 20)),
                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine, head=head,

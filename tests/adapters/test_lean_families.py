@@ -1,7 +1,7 @@
 """The lean engine beyond dense: cross-encoders, SPLADE and ColBERT served from exported graphs under OpenVINO and
 ONNX Runtime, against sentence-transformers' `CrossEncoder`, `SparseEncoder` and the ColBERT formula on the same
-checkpoints; the shared fallback over runtimes (a corrupt IR, a broken graph); and a worker per family that never
-imports torch or transformers."""
+checkpoints (BGE-M3: test_lean_hybrid.py); the shared fallback over runtimes (a corrupt IR, a broken graph); and a
+worker per family that never imports torch or transformers."""
 
 from __future__ import annotations
 
@@ -227,22 +227,26 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
 @pytest.mark.parametrize(("family", "adapter_name"), [("cross_encoder", "LeanCrossEncoderAdapter"),
                                                       ("sparse", "LeanSparseAdapter"),
                                                       ("multivector", "LeanMultivectorAdapter"),
-                                                      ("classifier", "LeanClassifierAdapter")])
+                                                      ("classifier", "LeanClassifierAdapter"),
+                                                      ("hybrid", "LeanHybridAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        sentiment_dir: Path, cache: Path) -> None:
+        sentiment_dir: Path, bge_m3_dir: Path, cache: Path) -> None:
     """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
     weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
-               "classifier": sentiment_dir}[family]
+               "classifier": sentiment_dir, "hybrid": bge_m3_dir}[family]
     head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
-            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS}[family]
+            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS,
+            "hybrid": graph_cache.HYBRID}[family]
     assert graph_cache.ensure_graph(weights, cache, head) is not None
-    encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
+    encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types={!r})'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
-            "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector"),
-            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])'}[family]
+            "sparse": encode_call.format(["sparse"]), "multivector": encode_call.format(["multivector"]),
+            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])',
+            "hybrid": encode_call.format(["dense", "sparse", "multivector"])}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
-               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions"}[family]
+               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions",
+               "hybrid": "HybridOptions"}[family]
     batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem"}.get(family,
                                                                              "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),

@@ -69,9 +69,13 @@ on_export_start: Callable[[], None] | None = None
 # What the graph computes after the backbone (`export_heads.head_model` builds each): `hidden`, the last hidden state
 # [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
 # logits [B, labels] over single texts or pairs (cross-encoders); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's
-# SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it.
+# SPLADE term weights [B, vocabulary], pooled inside the graph so the [B, T, vocabulary] logits never leave it;
+# `bge_m3`, the last hidden state as `hidden` plus BGE-M3's sparse and ColBERT linear heads in HYBRID_HEADS, read by
+# numpy (their `.pt` files need torch to read).
 HIDDEN = "hidden"
 SEQUENCE_LOGITS = "sequence_logits"
+HYBRID = "bge_m3"
+HYBRID_HEADS = "heads.npz"
 # How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
 # the reference's, and sigmoid or softmax move less than the logit does.
 MAX_LOGIT_ERROR = 0.02
@@ -83,6 +87,11 @@ MAX_SPLADE_ERROR = 2e-3
 
 def splade_head(strategy: str, activation: str) -> str:
     return f"splade-{strategy}-{activation}"
+
+
+def token_head(head: str) -> bool:
+    """Whether the graph's output is per token, [B, T, H], so its probe is judged per real token."""
+    return head in (HIDDEN, HYBRID)
 
 
 def pair_head(head: str) -> bool:
@@ -259,7 +268,7 @@ def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray
     lowest cosine per real token (hidden states) or per item (SPLADE weights); for logits, 1 minus the largest error
     relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing; for SPLADE
     weights, 1 minus the largest error."""
-    if head == HIDDEN:
+    if token_head(head):
         return masked_min_cosine(expected, got, mask)
     if expected.shape != got.shape:
         return -1.0
