@@ -356,7 +356,7 @@ PoolingName = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmea
 
 class GraphEngineOptions(Common):
     """The engine options of every family a lean worker serves from an exported graph on the CPU (dense, sparse,
-    ColBERT, cross-encoders): which runtime, how many calls side by side, where graphs are cached."""
+    ColBERT, BGE-M3, cross-encoders): which runtime, how many calls side by side, where graphs are cached."""
 
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
