@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import InputTooLong, UnsupportedTask
@@ -68,8 +69,11 @@ def test_lean_bge_m3_computes_the_bge_m3_formulas(make_adapter: MakeAdapter, bge
     torch_info = make_adapter("hybrid", bge_m3_dir).load()
     assert (info.dims, info.capabilities, info.max_sequence_length) == (
         torch_info.dims, torch_info.capabilities, torch_info.max_sequence_length)
-    assert_matches_reference(encode(adapter, TEXTS, ALL), bge_m3_dir, TEXTS, info.dims["sparse"],
-                             precision.tolerance(dtype))
+    result = encode(adapter, TEXTS, ALL)
+    assert_matches_reference(result, bge_m3_dir, TEXTS, info.dims["sparse"], precision.tolerance(dtype))
+    tokenizer = AutoTokenizer.from_pretrained(bge_m3_dir)
+    specials = [tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    assert not sparse_items(result, info.dims["sparse"])[:, specials].any()
 
 
 def test_returns_only_the_requested_outputs_and_refuses_as_torch(make_adapter: MakeAdapter, bge_m3_dir: Path,
