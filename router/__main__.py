@@ -80,8 +80,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", metavar=_one_of("device"), help="where workers run (default auto: a GPU "
                                                                           "when NVML finds one, else the CPU)")
     serve.add_argument("--engine", metavar=_one_of("engine"),
-                       help="the CPU engine of dense, sparse (SPLADE), ColBERT, cross-encoder and classifier models: "
-                            "auto (a worker without torch serving the graph exported "
+                       help="the CPU engine of dense, sparse (SPLADE), ColBERT, BGE-M3, cross-encoder and classifier "
+                            "models: auto (a worker without torch serving the graph exported "
                             "and cached at first load, under OpenVINO in bf16 where the CPU has it natively, else ONNX "
                             "Runtime), openvino, onnx (ONNX Runtime in float32; Infinity's 'optimum' means the same) "
                             "or torch; GPUs always run torch (default auto)")

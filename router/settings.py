@@ -40,8 +40,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     port: int = 8080
     device: Device = "auto"
     worker_threads: int = 0
-    # The CPU engine of the lean families (dense, sparse, ColBERT, cross-encoders, classifiers: adapters.LEAN), torch,
-    # onnx, openvino or auto; a model config's own `engine` option wins. auto: a worker without torch serving the
+    # The CPU engine of the lean families (dense, sparse, ColBERT, BGE-M3, rerankers, classifiers: adapters.LEAN),
+    # torch, onnx, openvino or auto; a model config's own `engine` option wins. auto: a worker without torch serving the
     # exported graph under OpenVINO (bf16 where the CPU has it natively and the head's probe bar holds), else ONNX
     # Runtime; torch on GPUs and whenever the export or its check fails (worker/adapters/lean_engine.py).
     engine: Engine = DEFAULT_ENGINE

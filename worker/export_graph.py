@@ -40,7 +40,7 @@ from sie_worker.adapters.graph_cache import (
     per_token_head,
     write_graph_meta,
 )
-from sie_worker.export_heads import head_model, special_ids
+from sie_worker.export_heads import head_model, special_ids, write_head_files
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -233,6 +233,7 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
         save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
         backend.save(str(staging / "tokenizer.json"))
         np.savez(staging / "probe.npz", **probe)
+        write_head_files(weights_dir, head, staging)
         write_graph_meta(staging, names, int(model.model.config.hidden_size), int(tokenizer.pad_token_id or 0),
                          int(min(tokenizer.model_max_length, 1 << 20)),
                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine, head=head,

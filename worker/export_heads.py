@@ -6,9 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from sie_worker.adapters.graph_cache import HIDDEN, SEQUENCE_LOGITS, TOKEN_LOGITS
+from sie_worker.adapters.graph_cache import HIDDEN, HYBRID, HYBRID_HEADS, SEQUENCE_LOGITS, TOKEN_LOGITS
+from sie_worker.adapters.hybrid_heads import HEAD_FILES
 from sie_worker.adapters.torch_common import load_encoder
 
 # The tokenizer's special tokens a lean worker may need by role (ColBERT's query expansion, its skiplist).
@@ -65,7 +67,7 @@ def head_model(weights_dir: Path, head: str) -> Any:
     """The checkpoint in float32 under `head`, in eval mode; ValueError for a head this helper does not know."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    if head == HIDDEN:
+    if head in (HIDDEN, HYBRID):
         return LastHidden(load_encoder(weights_dir, torch.float32)).eval()
     if head in (SEQUENCE_LOGITS, TOKEN_LOGITS):
         auto = AutoModelForSequenceClassification if head == SEQUENCE_LOGITS else AutoModelForTokenClassification
@@ -76,6 +78,18 @@ def head_model(weights_dir: Path, head: str) -> Any:
         model = AutoModelForMaskedLM.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32)
         return SpladeWeights(model, strategy, activation).eval()
     raise ValueError(f"unknown graph head {head!r}")
+
+
+def write_head_files(weights_dir: Path, head: str, folder: Path) -> None:
+    """What a head's numpy step reads beside its graph, into `folder`: for HYBRID, BGE-M3's linear heads as float32
+    arrays named `<head>.weight` and `<head>.bias` (graph_cache.HYBRID_HEADS)."""
+    if head != HYBRID:
+        return
+    arrays: dict[str, np.ndarray] = {}
+    for name, file in HEAD_FILES.items():
+        state = torch.load(weights_dir / file, map_location="cpu", weights_only=True)
+        arrays.update({f"{name}.{key}": value.float().numpy() for key, value in state.items()})
+    np.savez(folder / HYBRID_HEADS, **arrays)
 
 
 def special_ids(tokenizer: Any) -> dict[str, int]:

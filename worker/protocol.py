@@ -333,7 +333,7 @@ EXPORT_HELPER_WEIGHTS_FACTOR = 4
 # The families a CPU worker serves without torch, from an exported graph under OpenVINO or ONNX Runtime, unless its
 # `engine` option is torch: the worker builds them so (adapters.build_adapter), and the router's placement estimates
 # their workers so before the first one has measured itself.
-LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier", "ner"})
+LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier", "ner", "hybrid"})
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -356,7 +356,8 @@ PoolingName = Literal["cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmea
 
 class GraphEngineOptions(Common):
     """The engine options of every family a lean worker serves from an exported graph on the CPU (dense, sparse,
-    ColBERT, cross-encoders, classifiers, NER): which runtime, how many calls side by side, where graphs are cached."""
+    ColBERT, BGE-M3, cross-encoders, classifiers, NER): which runtime, how many calls side by side, where graphs are
+    cached."""
 
     # On the CPU, auto takes OpenVINO where it is installed, else ONNX Runtime; GPUs always run torch.
     engine: Engine = DEFAULT_ENGINE
@@ -405,7 +406,7 @@ class MultivectorOptions(GraphEngineOptions, tag="multivector"):
     skiplist_words: list[str] | None = None
 
 
-class HybridOptions(Common, tag="hybrid"):
+class HybridOptions(GraphEngineOptions, tag="hybrid"):
     """BGE-M3's dense, sparse and multivector heads."""
 
     normalize: bool = True

@@ -1,7 +1,7 @@
 """The lean engine beyond dense: cross-encoders, SPLADE, ColBERT, classifiers and NER served from exported graphs under
 OpenVINO and ONNX Runtime, against sentence-transformers' `CrossEncoder`, `SparseEncoder`, the ColBERT formula and
-transformers' pipelines on the same checkpoints; the shared fallback over runtimes (a corrupt IR, a broken graph); and
-a worker per family that never imports torch or transformers."""
+transformers' pipelines on the same checkpoints (BGE-M3: test_lean_hybrid.py); the shared fallback over runtimes (a
+corrupt IR, a broken graph); and a worker per family that never imports torch or transformers."""
 
 from __future__ import annotations
 
@@ -370,25 +370,27 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
                                                       ("sparse", "LeanSparseAdapter"),
                                                       ("multivector", "LeanMultivectorAdapter"),
                                                       ("classifier", "LeanClassifierAdapter"),
-                                                      ("ner", "LeanNerAdapter")])
+                                                      ("ner", "LeanNerAdapter"),
+                                                      ("hybrid", "LeanHybridAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        sentiment_dir: Path, ner_dir: Path, cache: Path) -> None:
+        sentiment_dir: Path, ner_dir: Path, bge_m3_dir: Path, cache: Path) -> None:
     """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
     weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
-               "classifier": sentiment_dir, "ner": ner_dir}[family]
+               "classifier": sentiment_dir, "ner": ner_dir, "hybrid": bge_m3_dir}[family]
     head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
             "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS,
-            "ner": graph_cache.TOKEN_LOGITS}[family]
+            "ner": graph_cache.TOKEN_LOGITS, "hybrid": graph_cache.HYBRID}[family]
     assert graph_cache.ensure_graph(weights, cache, head) is not None
-    encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
+    encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types={!r})'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
-            "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector"),
+            "sparse": encode_call.format(["sparse"]), "multivector": encode_call.format(["multivector"]),
             "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])',
-            "ner": 'ExtractBatch(batch_id=1, items=[InputItem(text="Alice lives in Paris")])'}[family]
+            "ner": 'ExtractBatch(batch_id=1, items=[InputItem(text="Alice lives in Paris")])',
+            "hybrid": encode_call.format(["dense", "sparse", "multivector"])}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
                "multivector": "MultivectorOptions", "classifier": "ClassifierOptions",
-               "ner": "NerOptions"}[family]
+               "ner": "NerOptions", "hybrid": "HybridOptions"}[family]
     batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem",
              "ner": "ExtractBatch, InputItem"}.get(family, "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),

@@ -32,6 +32,7 @@ LEAN: dict[str, str] = {
     "multivector": "sie_worker.adapters.lean_multivector:build",
     "classifier": "sie_worker.adapters.lean_classifier:build",
     "ner": "sie_worker.adapters.lean_ner:build",
+    "hybrid": "sie_worker.adapters.lean_hybrid:build",
 }
 # Placement estimates a worker by LEAN_FAMILIES (the router cannot import this module's table): both name the same.
 if set(LEAN) != LEAN_FAMILIES:

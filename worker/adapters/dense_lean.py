@@ -23,7 +23,7 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import (
     Stopwatch,
     split_for_lanes,
@@ -103,7 +103,7 @@ class LeanDenseAdapter:
         clock = Stopwatch()
         pipeline = self.settings.batch_pipeline(batch.options)
         prompt = self.settings.batch_prompt(batch.options, batch.is_query)
-        truncate = batch.options.get("truncate", True) is not False
+        truncate = truncates(batch.options)
         side = str(batch.options.get("truncation_direction", "right"))
         encodings = self.tokenizer.encode_batch([prompt + (item.text or "") for item in batch.items],
                                                 self.max_length if truncate else None, side)

@@ -70,10 +70,13 @@ on_export_start: Callable[[], None] | None = None
 # [B, T, H] (dense; ColBERT, whose projection runs in numpy); `sequence_logits`, a sequence-classification head's
 # logits [B, labels] over single texts or pairs (cross-encoders); `token_logits`, a token-classification head's logits
 # [B, T, labels] (NER); `splade-<max|sum>-<relu|log1p_relu>`, a masked-LM's SPLADE term weights [B, vocabulary],
-# pooled inside the graph so the [B, T, vocabulary] logits never leave it.
+# pooled inside the graph so the [B, T, vocabulary] logits never leave it; `bge_m3`, the last hidden state as `hidden`
+# plus BGE-M3's sparse and ColBERT linear heads in HYBRID_HEADS, read by numpy (their `.pt` files need torch to read).
 HIDDEN = "hidden"
 SEQUENCE_LOGITS = "sequence_logits"
 TOKEN_LOGITS = "token_logits"
+HYBRID = "bge_m3"
+HYBRID_HEADS = "heads.npz"
 # How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
 # the reference's, and sigmoid or softmax move less than the logit does.
 MAX_LOGIT_ERROR = 0.02
@@ -89,7 +92,12 @@ def splade_head(strategy: str, activation: str) -> str:
 
 def per_token_head(head: str) -> bool:
     """Whether the graph's output has a row per token [B, T, ...], so only the real tokens' rows are compared."""
-    return head in (HIDDEN, TOKEN_LOGITS)
+    return head in (HIDDEN, HYBRID, TOKEN_LOGITS)
+
+
+def hidden_state_head(head: str) -> bool:
+    """Whether the graph's output is the encoder's last hidden state [B, T, H], judged by cosine per real token."""
+    return head in (HIDDEN, HYBRID)
 
 
 def pair_head(head: str) -> bool:
@@ -266,7 +274,7 @@ def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray
     lowest cosine per real token (hidden states); for logits, 1 minus the largest error relative to the largest logit
     (at least 1), as a cosine of a one-label head's scalar says nothing, over the real tokens only for a token head
     (a padding row's logits are never read); for SPLADE weights, 1 minus the largest error."""
-    if head == HIDDEN:
+    if hidden_state_head(head):
         return masked_min_cosine(expected, got, mask)
     if expected.shape != got.shape:
         return -1.0

@@ -6,7 +6,6 @@ Checkpoint layout as BAAI/bge-m3: a Hugging Face encoder folder plus `sparse_lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared
+from sie_worker.adapters.hybrid_heads import HEAD_FILES, MAX_LENGTH, OUTPUTS, SKIP_ROLES, Outputs, check_batch
 from sie_worker.adapters.multivector import token_rows
-from sie_worker.adapters.packing import SparseRow, join_rows, join_sparse
 from sie_worker.adapters.sparse import sparse_rows
 from sie_worker.adapters.torch_common import (
     compute_dtype,
@@ -28,9 +27,7 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, Tensor, WorkerSpec
-
-OUTPUTS = ("dense", "sparse", "multivector")
+from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, WorkerSpec
 
 
 def load_linear(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Linear:
@@ -43,9 +40,9 @@ def load_linear(path: Path, dtype: torch.dtype, device: torch.device) -> torch.n
 
 
 def special_ids(tokenizer: Any) -> list[int]:
-    """Ids that never carry lexical weight, FlagEmbedding's list: cls, eos, pad, unk (XLM-R's eos is also its sep)."""
-    names = ("cls_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-    return sorted({int(i) for i in (getattr(tokenizer, n, None) for n in names) if i is not None})
+    """Ids that never carry lexical weight (hybrid_heads.SKIP_ROLES)."""
+    found = (getattr(tokenizer, f"{role}_token_id", None) for role in SKIP_ROLES)
+    return sorted({int(i) for i in found if i is not None})
 
 
 def dense_vectors(hidden: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -72,21 +69,6 @@ def colbert_vectors(hidden: torch.Tensor, mask: torch.Tensor, head: torch.nn.Lin
     return token_rows(vectors, mask[:, 1:])
 
 
-@dataclass
-class Outputs:
-    """Per-item outputs gathered across the length buckets of one batch, in item order."""
-
-    dense: list[np.ndarray]
-    sparse: list[SparseRow]
-    multivector: list[np.ndarray]
-
-    @classmethod
-    def sized(cls, count: int) -> Outputs:
-        # Each requested slot is overwritten by exactly one bucket; the placeholders only give the lists their length.
-        empty = np.empty(0, np.float32)
-        return cls([empty] * count, [(np.empty(0, np.int32), empty)] * count, [empty] * count)
-
-
 class HybridAdapter:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
@@ -100,13 +82,13 @@ class HybridAdapter:
         dtype = compute_dtype(self.spec.compute_precision, self.device)
         model = AutoModel.from_pretrained(self.weights_dir, local_files_only=True, dtype=dtype)
         self.model = model.to(self.device).eval()
-        self.heads = {name: load_linear(self.weights_dir / f"{name}_linear.pt", dtype, self.device)
-                      for name in ("sparse", "colbert")}
+        self.heads = {name: load_linear(self.weights_dir / file, dtype, self.device)
+                      for name, file in HEAD_FILES.items()}
         self.colbert_dim = int(self.heads["colbert"].out_features)
         self.vocab_size = int(self.model.config.vocab_size)
         self.skip_ids = special_ids(self.tokenizer)
         if self.max_length is None:
-            self.max_length = min(int(self.tokenizer.model_max_length), 8192)
+            self.max_length = min(int(self.tokenizer.model_max_length), MAX_LENGTH)
         dims = {"dense": int(self.model.config.hidden_size), "sparse": self.vocab_size,
                 "multivector": self.colbert_dim}
         # All three heads at the budget: BGE-M3's 8192 tokens are where a GPU runs out of memory, if anywhere.
@@ -116,11 +98,8 @@ class HybridAdapter:
         return LoadInfo(dims=dims, capabilities=list(OUTPUTS), max_sequence_length=self.max_length)
 
     def prepare(self, batch: Any) -> Prepared:
-        if not isinstance(batch, EncodeBatch):
-            raise UnsupportedTask("this model only encodes")
-        if set(batch.output_types) - set(OUTPUTS):
-            raise UnsupportedTask(f"this model has no {sorted(set(batch.output_types) - set(OUTPUTS))} outputs")
-        return prepare_texts(batch, self.tokenizer, self.max_length, self.spec.max_batch_tokens, self.device)
+        return prepare_texts(check_batch(batch), self.tokenizer, self.max_length, self.spec.max_batch_tokens,
+                             self.device)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         batch = prepared.batch
@@ -129,34 +108,20 @@ class HybridAdapter:
         with torch.inference_mode():
             for indices, tensors in prepared.inputs:
                 self._forward_bucket(indices, to_device(tensors, self.device), batch.output_types, out)
-        return self._result(prepared.token_counts, batch.output_types, out)
+        return out.result(prepared.token_counts, batch.output_types, self.colbert_dim)
 
     def _forward_bucket(self, indices: list[int], inputs: dict[str, torch.Tensor], output_types: list[str],
                         out: Outputs) -> None:
         hidden = self.model(**inputs).last_hidden_state
         mask = inputs["attention_mask"]
         if "dense" in output_types:
-            for i, row in zip(indices, dense_vectors(hidden, self.normalize).cpu().numpy(), strict=True):
-                out.dense[i] = row
+            out.put("dense", indices, dense_vectors(hidden, self.normalize).cpu().numpy())
         if "sparse" in output_types:
             weights = sparse_weights(hidden, inputs["input_ids"], mask, self.heads["sparse"], self.vocab_size,
                                      self.skip_ids)
-            for i, pair in zip(indices, sparse_rows(weights), strict=True):
-                out.sparse[i] = pair
+            out.put("sparse", indices, sparse_rows(weights))
         if "multivector" in output_types:
-            for i, rows in zip(indices, colbert_vectors(hidden, mask, self.heads["colbert"], self.normalize),
-                               strict=True):
-                out.multivector[i] = rows
-
-    def _result(self, token_counts: list[int], output_types: list[str], out: Outputs) -> EncodeResult:
-        result = EncodeResult(token_counts=token_counts)
-        if "dense" in output_types:
-            result.dense = Tensor.from_numpy(np.stack(out.dense))
-        if "sparse" in output_types:
-            result.sparse_indices, result.sparse_values, result.sparse_offsets = join_sparse(out.sparse)
-        if "multivector" in output_types:
-            result.multivector, result.multivector_offsets = join_rows(out.multivector, self.colbert_dim)
-        return result
+            out.put("multivector", indices, colbert_vectors(hidden, mask, self.heads["colbert"], self.normalize))
 
     def memory_bytes(self) -> int:
         return memory_bytes(self.device)

@@ -24,16 +24,18 @@ import numpy as np
 from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache, graph_runtime
+from sie_worker.adapters.base import Prepared, refuse_over_length, truncates
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
     MICRO_BATCH_ITEMS,
     PAD_MULTIPLE,
     Bucket,
+    Stopwatch,
     length_buckets,
     padded,
 )
 from sie_worker.adapters.text_tokenizer import TextTokenizer
-from sie_worker.protocol import GraphEngineOptions, RunEngine, WorkerSpec
+from sie_worker.protocol import EncodeBatch, GraphEngineOptions, RunEngine, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 
@@ -192,6 +194,19 @@ class GraphSession:
                 ids[row, :n], mask[row, :n], types[row, :n] = encoding.ids, 1, encoding.type_ids
             out.append((indices, self.feed(ids, mask, types)))
         return out
+
+    def prepare_texts(self, batch: EncodeBatch) -> Prepared:
+        """The `prepare` step of a plain text encoder: its items' texts tokenised, cut at max_length from the side
+        `truncation_direction` names (InputTooLong instead where `base.truncates` is false), in length buckets."""
+        clock = Stopwatch()
+        truncate = truncates(batch.options)
+        side = str(batch.options.get("truncation_direction", "right"))
+        encodings = self.tokenizer.encode_batch([item.text or "" for item in batch.items],
+                                                self.max_length if truncate else None, side)
+        counts = [len(encoding.ids) for encoding in encodings]
+        if not truncate:
+            refuse_over_length(counts, self.max_length)
+        return Prepared(batch=batch, inputs=self.buckets(encodings), token_counts=counts, tokenize_ms=clock.ms())
 
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         assert self.lanes is not None, "open() first"

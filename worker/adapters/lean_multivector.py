@@ -18,7 +18,7 @@ from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.colbert_config import ColbertSettings, colbert_settings
 from sie_worker.adapters.lean_engine import GraphSession, build_lean
@@ -46,9 +46,13 @@ class NumpyProjection:
             out += self.bias
         activation = ACTIVATIONS[self.activation]
         out = out if activation is None else activation(out)
-        if normalize:  # as torch's F.normalize: x / max(||x||, 1e-12)
-            out /= np.maximum(np.linalg.norm(out, axis=-1, keepdims=True), 1e-12)
-        return np.asarray(out, dtype=np.float32)
+        return l2_normalized(out) if normalize else np.asarray(out, dtype=np.float32)
+
+
+def l2_normalized(vectors: np.ndarray) -> np.ndarray:
+    """float32 vectors along the last axis as torch's F.normalize makes them: x / max(||x||, 1e-12)."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
 
 
 def _safetensors(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray] | None:
@@ -148,7 +152,7 @@ class LeanMultivectorAdapter:
         settings = self.settings
         prefix = settings.query_prefix if batch.is_query else settings.doc_prefix
         # Queries are always cut at query_max_length: the cap is part of how ColBERT encodes them, not a limit.
-        truncate = batch.is_query or batch.options.get("truncate", True) is not False
+        truncate = batch.is_query or truncates(batch.options)
         max_length = settings.query_max_length if batch.is_query else self.session.max_length
         encodings = self.session.tokenizer.encode_batch([prefix + (item.text or "") for item in batch.items],
                                                         max_length if truncate else None)

@@ -13,8 +13,8 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length
-from sie_worker.adapters.batching import Stopwatch, split_for_lanes
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.batching import split_for_lanes
 from sie_worker.adapters.lean_engine import GraphSession, build_lean
 from sie_worker.adapters.packing import SparseRow, join_sparse, positive_rows
 from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, WorkerSpec
@@ -60,17 +60,7 @@ class LeanSparseAdapter:
             raise UnsupportedTask("this model only encodes")
         if set(batch.output_types) - {"sparse"}:
             raise UnsupportedTask(f"this model only has sparse outputs, not {sorted(batch.output_types)}")
-        clock = Stopwatch()
-        truncate = batch.options.get("truncate", True) is not False
-        side = str(batch.options.get("truncation_direction", "right"))
-        max_length = self.session.max_length
-        encodings = self.session.tokenizer.encode_batch([item.text or "" for item in batch.items],
-                                                        max_length if truncate else None, side)
-        counts = [len(encoding.ids) for encoding in encodings]
-        if not truncate:
-            refuse_over_length(counts, max_length)
-        return Prepared(batch=batch, inputs=self.session.buckets(encodings), token_counts=counts,
-                        tokenize_ms=clock.ms())
+        return self.session.prepare_texts(batch)
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         assert self.session.lanes is not None, "load() first"

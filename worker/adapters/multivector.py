@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AddedToken, AutoModel, AutoTokenizer
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, truncates
 from sie_worker.adapters.colbert_config import colbert_settings
 from sie_worker.adapters.packing import join_rows
 from sie_worker.adapters.torch_common import (
@@ -201,7 +201,7 @@ class MultivectorAdapter:
         prefix = self.query_prefix if batch.is_query else self.doc_prefix
         texts = [prefix + (item.text or "") for item in batch.items]
         # Queries are always cut at query_max_length: the cap is part of how ColBERT encodes them, not a limit.
-        truncate = batch.is_query or batch.options.get("truncate", True) is not False
+        truncate = batch.is_query or truncates(batch.options)
         max_length = self.query_max_length if batch.is_query else self.max_length
         buckets, counts = tokenize_in_buckets(self.tokenizer, texts, max_length, truncate=truncate,
                                               max_batch_tokens=self.spec.max_batch_tokens, device=self.device)

@@ -10,7 +10,7 @@ from typing import Any
 import psutil
 import torch
 
-from sie_worker.adapters.base import Prepared, refuse_over_length
+from sie_worker.adapters.base import Prepared, refuse_over_length, truncates
 from sie_worker.adapters.batching import (  # noqa: F401  (re-exported: the adapters import them from here)
     CPU_CALL_OVERHEAD_TOKENS,
     GPU_CALL_OVERHEAD_TOKENS,
@@ -167,6 +167,6 @@ def prepare_texts(batch: EncodeBatch, tokenizer: Any, max_length: int | None, ma
     clock = Stopwatch()
     texts = [prefix + (item.text or "") for item in batch.items]
     buckets, counts = tokenize_in_buckets(tokenizer, texts, max_length, max_batch_tokens=max_batch_tokens,
-                                          device=device, truncate=batch.options.get("truncate", True) is not False,
+                                          device=device, truncate=truncates(batch.options),
                                           truncation_side=str(batch.options.get("truncation_direction", "right")))
     return Prepared(batch=batch, inputs=buckets, token_counts=counts, tokenize_ms=clock.ms())
