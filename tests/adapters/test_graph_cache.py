@@ -101,6 +101,27 @@ def test_two_loads_of_one_key_run_one_export(weights: Path, tmp_path: Path, help
     assert len(helper_runs) == 1, helper_runs
 
 
+def test_exports_of_other_keys_wait_for_a_free_slot(weights: Path, tmp_path: Path, helper_runs: list[list[str]],
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """With every export slot taken (here the one slot, held by this test as another export would), a load of a new
+    key runs no helper: it waits for a slot until the export deadline, then serves torch with one warning. Once the
+    slot is free, the same load exports."""
+    root = tmp_path / "graphs"
+    monkeypatch.setattr(export_lock, "export_slots", lambda: 1)
+    monkeypatch.setattr(graph_cache, "EXPORT_TIMEOUT_S", 1.0)
+    with export_lock.export_slot(root, deadline=float("inf")) as held:
+        assert held is not None
+        with caplog.at_level(logging.INFO, logger="sie.worker.graph"):
+            assert graph_cache.ensure_graph(weights, root) is None
+    said = [r.getMessage() for r in caplog.records]
+    assert any("waiting for a free export slot (1 export(s) at a time" in line for line in said), said
+    assert any("no export slot came free" in line and "serving it with torch" in line for line in said), said
+    assert helper_runs == []
+    monkeypatch.setattr(graph_cache, "EXPORT_TIMEOUT_S", 420.0)
+    assert graph_cache.ensure_graph(weights, root) is not None and len(helper_runs) == 1
+
+
 def test_a_folder_missing_a_file_is_exported_again(weights: Path, tmp_path: Path,
                                                    helper_runs: list[list[str]]) -> None:
     root = tmp_path / "graphs"

@@ -1,5 +1,6 @@
-"""One graph export per cache key at a time (worker process): a lock file per key, and the removal of the staging
-folders (`.export-<key>-<pid>-*`) that exports killed mid-way leave behind.
+"""One graph export per cache key at a time, and at most `export_slots()` exports of any keys at once (worker
+process): lock files per key and per slot, and the removal of the staging folders (`.export-<key>-<pid>-*`) that
+exports killed mid-way leave behind.
 
 The lock is `flock` on `<cache>/locks/<key>.lock`: the kernel releases it when its holders are gone, so a worker
 SIGKILLed mid-export never leaves a key locked. The worker that exports hands the locked descriptor to its helper
@@ -27,6 +28,14 @@ STAGING_PREFIX = ".export-"
 RETRY_S = 0.1
 _KEYED = re.compile(r"\.export-(?P<key>[0-9a-f]{32})-")
 _UNKEYED = re.compile(r"\.export-(?P<pid>\d+)-")  # GRAPH_FORMAT 2's helpers named their staging by pid alone
+
+
+def export_slots() -> int:
+    """How many graph exports run side by side under one cache: one per two CPUs this process may use. Each helper
+    runs torch on every thread and holds about 600 MiB; more of them at once only share the same cores (a server
+    started with eight new models on 2 cores had every export take ~2 minutes together) and multiply the memory."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // 2)
 
 
 def lock_path(root: Path, key: str) -> Path:
@@ -68,6 +77,25 @@ def export_lock(root: Path, key: str, deadline: float) -> Iterator[int | None]:
         yield fd
     finally:
         os.close(fd)  # releases the lock, unless a helper still holds a copy of the descriptor
+
+
+@contextlib.contextmanager
+def export_slot(root: Path, deadline: float) -> Iterator[int | None]:
+    """The locked descriptor of a free export slot (`<cache>/locks/export-slot-<i>.lock`), waiting for one until
+    `deadline` (time.monotonic()); None when the deadline passed first. Released on exit, unless the helper that
+    inherited it still lives."""
+    fds = [_open_lock(root, f"export-slot-{i}") for i in range(export_slots())]
+    try:
+        held = next((fd for fd in fds if _try_lock(fd)), None)
+        if held is None:
+            log.info("waiting for a free export slot (%d export(s) at a time under %s)", len(fds), root)
+        while held is None and time.monotonic() < deadline:
+            time.sleep(RETRY_S)
+            held = next((fd for fd in fds if _try_lock(fd)), None)
+        yield held
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def _key_free(root: Path, key: str) -> bool:

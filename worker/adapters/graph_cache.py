@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from sie_worker.adapters.batching import read_json
-from sie_worker.adapters.export_lock import export_lock, remove_stale_staging
+from sie_worker.adapters.export_lock import export_lock, export_slot, remove_stale_staging
 
 log = logging.getLogger("sie.worker.graph")
 
@@ -337,18 +337,25 @@ def _export(weights_dir: Path, folder: Path, lock: int, deadline: float, head: s
     if folder.exists():  # a file gone or rewritten since the export: not trusted, exported again
         log.warning("graph %s is incomplete; exporting it again", folder)
         shutil.rmtree(folder, ignore_errors=True)
-    log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
-    if on_export_start is not None:
-        on_export_start()
-    command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid()),
-               *(["--head", head] if head != HIDDEN else [])]
-    try:
-        # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed.
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
-                              timeout=max(1.0, deadline - time.monotonic()), check=False, pass_fds=(lock,))
-    except subprocess.TimeoutExpired:
-        log.warning("the graph export of %s took over %.0fs; serving it with torch", weights_dir, EXPORT_TIMEOUT_S)
-        return False
+    with export_slot(folder.parent, deadline) as slot:
+        if slot is None:
+            log.warning("no export slot came free for %s within %.0fs; serving it with torch", weights_dir,
+                        EXPORT_TIMEOUT_S)
+            return False
+        log.info("exporting %s to an ONNX graph in a helper process (first load of these weights)", weights_dir)
+        if on_export_start is not None:
+            on_export_start()
+        command = [sys.executable, "-m", "sie_worker.export_graph", str(weights_dir), str(folder), str(os.getpid()),
+                   *(["--head", head] if head != HIDDEN else [])]
+        try:
+            # The helper's log goes to our stderr, the server's log; its last line on stdout says why it failed. It
+            # inherits the key's lock and the slot, so both stay held while it lives.
+            done = subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True,
+                                  timeout=max(1.0, deadline - time.monotonic()), check=False, pass_fds=(lock, slot))
+        except subprocess.TimeoutExpired:
+            log.warning("the graph export of %s took over %.0fs; serving it with torch", weights_dir,
+                        EXPORT_TIMEOUT_S)
+            return False
     if done.returncode != 0:
         how = "cannot be served from a graph" if done.returncode == NOT_EXPORTABLE else "export failed"
         why = (done.stdout.strip().splitlines() or [f"helper exit {done.returncode}"])[-1]
