@@ -15,15 +15,13 @@ natively unless the model's precision is float32, checked on the cache's probe b
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import (
     Stopwatch,
     split_for_lanes,
@@ -63,9 +61,11 @@ def build(spec: WorkerSpec) -> LeanDenseAdapter | None:
                                   lambda graph, runtime: LeanDenseAdapter(spec, graph, runtime, settings, head))
 
 
-class LeanDenseAdapter:
+class LeanDenseAdapter(lean_engine.LeanAdapter):
     """A dense encoder's graph session (lean_engine.GraphSession: tokenizer, runtime, buckets, warm-up) and the
     checkpoint's sentence-transformers steps after it (st_head.Head)."""
+
+    capabilities = ("dense",)
 
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, settings: DenseSettings,
                  head: Head) -> None:
@@ -85,16 +85,8 @@ class LeanDenseAdapter:
     def tokenizer(self) -> TextTokenizer:
         return self.session.tokenizer
 
-    def open(self) -> None:
-        """Open the tokenizer and the runtime over the graph, and check it (GraphRejected when it disagrees with
-        torch)."""
-        self.session.open()
-
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={"dense": self.dim}, capabilities=["dense"], max_sequence_length=self.max_length,
-                        engine=self.session.engine, precision=self.session.precision)
+    def dims(self) -> dict[str, int]:
+        return {"dense": self.dim}
 
     def prepare(self, batch: Any) -> Prepared:
         """Tokenise without padding, then pad each length bucket on its own."""
@@ -132,9 +124,3 @@ class LeanDenseAdapter:
         for (indices, feed), hidden in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
             out[indices] = self.head(hidden, feed["attention_mask"], prompt_length, pipeline)
         return EncodeResult(token_counts=prepared.token_counts, dense=Tensor.from_numpy(out))
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

@@ -9,19 +9,17 @@ that is not padding, which it finds by the pad id the torch adapter sets at load
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import BadInput, LoadInfo, Prepared, UnsupportedTask, refuse_overflow
+from sie_worker.adapters.base import BadInput, Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
-from sie_worker.adapters.lean_engine import GraphSession, build_lean
+from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 
@@ -46,7 +44,9 @@ def build(spec: WorkerSpec) -> LeanClassifierAdapter | None:
     return build_lean(spec, Path(spec.weights_dir), graph_cache.SEQUENCE_LOGITS, make)
 
 
-class LeanClassifierAdapter:
+class LeanClassifierAdapter(LeanAdapter):
+    capabilities = ("extract",)
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, max_length: int,
                  config: dict[str, Any]) -> None:
         self.session = GraphSession(spec, graph, runtime, max_length)
@@ -63,15 +63,6 @@ class LeanClassifierAdapter:
         if found is not None:
             return found
         return len(self.id2label) - 1 if self.entailment == 0 else 0  # as `classifier` (the pipeline's rule)
-
-    def open(self) -> None:
-        self.session.open()
-
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.session.max_length,
-                        engine=self.session.engine, precision=self.session.precision)
 
     def zero_shot(self, batch: ExtractBatch) -> bool:
         """Whether this batch is NLI zero-shot: labels given, or asked for, or an NLI head by default."""
@@ -158,9 +149,3 @@ class LeanClassifierAdapter:
         else:
             scores = softmax(entail)
         return [ExtractItem(classifications=sorted_classifications(batch.labels, row.tolist())) for row in scores]
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

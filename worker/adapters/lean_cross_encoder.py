@@ -7,18 +7,16 @@ numpy as `cross_encoder` computes them with torch: a one-label head through the 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import Stopwatch, split_for_lanes
-from sie_worker.adapters.lean_engine import GraphSession, build_lean
+from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
 from sie_worker.st_layout import read_layout
 
@@ -67,20 +65,13 @@ def build(spec: WorkerSpec) -> LeanCrossEncoderAdapter | None:
     return adapter
 
 
-class LeanCrossEncoderAdapter:
+class LeanCrossEncoderAdapter(LeanAdapter):
+    capabilities = ("score",)
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, max_length: int | None,
                  activation: Callable[[np.ndarray], np.ndarray]) -> None:
         self.session = GraphSession(spec, graph, runtime, max_length)
         self.activation = activation
-
-    def open(self) -> None:
-        self.session.open()
-
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={}, capabilities=["score"], max_sequence_length=self.session.max_length,
-                        engine=self.session.engine, precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, ScoreBatch):
@@ -106,9 +97,3 @@ class LeanCrossEncoderAdapter:
             scores[indices], raw[indices] = scores_from_logits(logits, self.activation)
         return ScoreResult(scores=Tensor.from_numpy(scores), raw=Tensor.from_numpy(raw),
                            token_counts=prepared.token_counts)
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

@@ -18,13 +18,14 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, TypeVar
 
 import numpy as np
+import psutil
 from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache, graph_runtime
-from sie_worker.adapters.base import Prepared, refuse_over_length, truncates
+from sie_worker.adapters.base import LoadInfo, Prepared, refuse_over_length, truncates
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
     MICRO_BATCH_ITEMS,
@@ -249,3 +250,31 @@ class GraphSession:
         if self.lanes is not None:
             self.lanes.close()
         self.lanes = None
+
+
+class LeanAdapter:
+    """What every lean family's adapter shares: its GraphSession, opened once (checked, warmed up, and handed to the
+    next runtime on any failure by `first_that_opens`), the LoadInfo it reports, the process's memory and closing. A
+    family names its `capabilities` and `dims()`, and runs steps of its own in `open()` around `super().open()`."""
+
+    session: GraphSession
+    capabilities: ClassVar[tuple[str, ...]]
+
+    def open(self) -> None:
+        self.session.open()
+
+    def dims(self) -> dict[str, int]:
+        return {}
+
+    def load(self) -> LoadInfo:
+        if self.session.lanes is None:
+            self.open()
+        return LoadInfo(dims=self.dims(), capabilities=list(self.capabilities),
+                        max_sequence_length=self.session.max_length, engine=self.session.engine,
+                        precision=self.session.precision)
+
+    def memory_bytes(self) -> int:
+        return int(psutil.Process(os.getpid()).memory_info().rss)
+
+    def close(self) -> None:
+        self.session.close()

@@ -7,18 +7,16 @@ come from the graph's folder, where the export wrote them as numpy (`export_head
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared
+from sie_worker.adapters.base import Prepared
 from sie_worker.adapters.batching import read_json, split_for_lanes
 from sie_worker.adapters.hybrid_heads import HEAD_FILES, MAX_LENGTH, OUTPUTS, SKIP_ROLES, Outputs, check_batch
-from sie_worker.adapters.lean_engine import GraphSession, build_lean
+from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.lean_multivector import NumpyProjection, l2_normalized
 from sie_worker.adapters.packing import SparseRow
 from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, WorkerSpec
@@ -62,7 +60,9 @@ def build(spec: WorkerSpec) -> LeanHybridAdapter | None:
                       lambda graph, runtime: LeanHybridAdapter(spec, graph, runtime, vocab_size))
 
 
-class LeanHybridAdapter:
+class LeanHybridAdapter(LeanAdapter):
+    capabilities = OUTPUTS
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, vocab_size: int) -> None:
         max_length = spec.max_sequence_length or min(graph.model_max_length, MAX_LENGTH)
         self.session = GraphSession(spec, graph, runtime, max_length)
@@ -75,14 +75,10 @@ class LeanHybridAdapter:
         self.colbert_dim = int(self.heads["colbert"].weight.shape[0])
         special = self.session.graph.special_ids or {}
         self.skip_ids = np.array(sorted({special[role] for role in SKIP_ROLES if role in special}), dtype=np.int64)
-        self.session.open()
+        super().open()
 
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        dims = {"dense": self.session.graph.hidden_size, "sparse": self.vocab_size, "multivector": self.colbert_dim}
-        return LoadInfo(dims=dims, capabilities=list(OUTPUTS), max_sequence_length=self.session.max_length,
-                        engine=self.session.engine, precision=self.session.precision)
+    def dims(self) -> dict[str, int]:
+        return {"dense": self.session.graph.hidden_size, "sparse": self.vocab_size, "multivector": self.colbert_dim}
 
     def prepare(self, batch: Any) -> Prepared:
         return self.session.prepare_texts(check_batch(batch))
@@ -108,9 +104,3 @@ class LeanHybridAdapter:
             out.put("sparse", indices, lexical_rows(token_weights, feed["input_ids"], mask, self.skip_ids))
         if "multivector" in output_types:
             out.put("multivector", indices, colbert_rows(hidden, mask, self.heads["colbert"], self.normalize))
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

@@ -7,21 +7,19 @@ punctuation rows dropped (the skiplist). The settings are `colbert_config`'s, sh
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 from safetensors import safe_open
 from tokenizers import AddedToken, Tokenizer
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.colbert_config import ColbertSettings, colbert_settings
-from sie_worker.adapters.lean_engine import GraphSession, build_lean
+from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.packing import join_rows
 from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
@@ -116,7 +114,9 @@ def build(spec: WorkerSpec) -> LeanMultivectorAdapter | None:
                       lambda graph, runtime: LeanMultivectorAdapter(spec, graph, runtime, settings, projection))
 
 
-class LeanMultivectorAdapter:
+class LeanMultivectorAdapter(LeanAdapter):
+    capabilities = ("multivector",)
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, settings: ColbertSettings,
                  projection: NumpyProjection) -> None:
         self.session = GraphSession(spec, graph, runtime, settings.max_length)
@@ -124,7 +124,7 @@ class LeanMultivectorAdapter:
         self.dim = int(projection.weight.shape[0])
 
     def open(self) -> None:
-        self.session.open()
+        super().open()
         backend = self.session.tokenizer.backend
         register_prefix_tokens(backend, [self.settings.query_prefix, self.settings.doc_prefix])
         special = self.session.graph.special_ids or {}
@@ -136,12 +136,8 @@ class LeanMultivectorAdapter:
         ids = {backend.token_to_id(word) for word in self.settings.skiplist_words}
         self.skiplist = np.array(sorted(i for i in ids if i is not None and i != special.get("unk")), dtype=np.int64)
 
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={"multivector": self.dim}, capabilities=["multivector"],
-                        max_sequence_length=self.session.max_length, engine=self.session.engine,
-                        precision=self.session.precision)
+    def dims(self) -> dict[str, int]:
+        return {"multivector": self.dim}
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, EncodeBatch):
@@ -201,9 +197,3 @@ class LeanMultivectorAdapter:
                 parts[i] = vectors[row][keep[row]]
         multivector, offsets = join_rows(parts, self.dim)
         return EncodeResult(token_counts=prepared.token_counts, multivector=multivector, multivector_offsets=offsets)
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

@@ -6,19 +6,17 @@ pipeline's `aggregation_strategy="simple"`).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_overflow
+from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_overflow
 from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.classifier_rules import texts_of
 from sie_worker.adapters.lean_classifier import softmax
-from sie_worker.adapters.lean_engine import FALLBACK_MAX_LENGTH, GraphSession, build_lean
+from sie_worker.adapters.lean_engine import FALLBACK_MAX_LENGTH, GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.ner_rules import extract_result
 from sie_worker.protocol import ExtractBatch, ExtractResult, WorkerSpec
 
@@ -52,20 +50,13 @@ def build(spec: WorkerSpec) -> LeanNerAdapter | None:
     return adapter
 
 
-class LeanNerAdapter:
+class LeanNerAdapter(LeanAdapter):
+    capabilities = ("extract",)
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, max_length: int,
                  id2label: dict[int, str]) -> None:
         self.session = GraphSession(spec, graph, runtime, max_length)
         self.id2label = id2label
-
-    def open(self) -> None:
-        self.session.open()
-
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={}, capabilities=["extract"], max_sequence_length=self.session.max_length,
-                        engine=self.session.engine, precision=self.session.precision)
 
     def prepare(self, batch: Any) -> Prepared:
         """Truncated to the maximum length as the torch adapter does (or refused: `overflow_policy: error`); offsets
@@ -96,9 +87,3 @@ class LeanNerAdapter:
 
     def forward(self, prepared: Prepared) -> ExtractResult:
         return extract_result(prepared, self.id2label, *self.tag(prepared))
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()

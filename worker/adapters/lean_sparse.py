@@ -5,17 +5,15 @@ SPLADE's pooling in one graph (`graph_cache.splade_head`: masked logits, relu, l
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import Prepared, UnsupportedTask
 from sie_worker.adapters.batching import split_for_lanes
-from sie_worker.adapters.lean_engine import GraphSession, build_lean
+from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.packing import SparseRow, join_sparse, positive_rows
 from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, WorkerSpec
 from sie_worker.st_layout import read_layout
@@ -41,19 +39,14 @@ def build(spec: WorkerSpec) -> LeanSparseAdapter | None:
                       lambda graph, runtime: LeanSparseAdapter(spec, graph, runtime, max_length))
 
 
-class LeanSparseAdapter:
+class LeanSparseAdapter(LeanAdapter):
+    capabilities = ("sparse",)
+
     def __init__(self, spec: WorkerSpec, graph: graph_cache.Graph, runtime: str, max_length: int | None) -> None:
         self.session = GraphSession(spec, graph, runtime, max_length)
 
-    def open(self) -> None:
-        self.session.open()
-
-    def load(self) -> LoadInfo:
-        if self.session.lanes is None:
-            self.open()
-        return LoadInfo(dims={"sparse": self.session.graph.output_width}, capabilities=["sparse"],
-                        max_sequence_length=self.session.max_length, engine=self.session.engine,
-                        precision=self.session.precision)
+    def dims(self) -> dict[str, int]:
+        return {"sparse": self.session.graph.output_width}
 
     def prepare(self, batch: Any) -> Prepared:
         if not isinstance(batch, EncodeBatch):
@@ -72,9 +65,3 @@ class LeanSparseAdapter:
         sparse_indices, sparse_values, sparse_offsets = join_sparse(parts)
         return EncodeResult(token_counts=prepared.token_counts, sparse_indices=sparse_indices,
                             sparse_values=sparse_values, sparse_offsets=sparse_offsets)
-
-    def memory_bytes(self) -> int:
-        return int(psutil.Process(os.getpid()).memory_info().rss)
-
-    def close(self) -> None:
-        self.session.close()
