@@ -26,6 +26,7 @@ from sie_worker.adapters.lean_sparse import LeanSparseAdapter
 from sie_worker.protocol import ExtractBatch, InputItem, ScoreBatch
 from tests import declared, precision, tiny_extract_models, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items, score, sparse_items
+from tests.extract_server import image_bytes
 from tests.references import colbert as colbert_reference
 from tests.sentences import SENTENCES
 
@@ -48,6 +49,11 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def sentiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_extract_models.build_sentiment(tmp_path_factory.mktemp("sentiment") / "model")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_extract_models.build_clip(tmp_path_factory.mktemp("clip") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -227,22 +233,26 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
 @pytest.mark.parametrize(("family", "adapter_name"), [("cross_encoder", "LeanCrossEncoderAdapter"),
                                                       ("sparse", "LeanSparseAdapter"),
                                                       ("multivector", "LeanMultivectorAdapter"),
-                                                      ("classifier", "LeanClassifierAdapter")])
+                                                      ("classifier", "LeanClassifierAdapter"),
+                                                      ("clip", "LeanClipAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        sentiment_dir: Path, cache: Path) -> None:
-    """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
+        sentiment_dir: Path, clip_dir: Path, cache: Path) -> None:
+    """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graphs are cached."""
     weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
-               "classifier": sentiment_dir}[family]
-    head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
-            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS}[family]
-    assert graph_cache.ensure_graph(weights, cache, head) is not None
+               "classifier": sentiment_dir, "clip": clip_dir}[family]
+    heads = {"cross_encoder": [graph_cache.SEQUENCE_LOGITS], "sparse": [graph_cache.splade_head("max", "relu")],
+             "multivector": [graph_cache.HIDDEN], "classifier": [graph_cache.SEQUENCE_LOGITS],
+             "clip": [graph_cache.CLIP_TEXT, graph_cache.CLIP_IMAGE]}[family]
+    assert all(graph_cache.ensure_graph(weights, cache, head) is not None for head in heads)
     encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types=[{!r}])'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
             "sparse": encode_call.format("sparse"), "multivector": encode_call.format("multivector"),
-            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])'}[family]
+            "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])',
+            "clip": 'EncodeBatch(batch_id=1, items=[InputItem(text="hello"), InputItem(images=[{!r}])], '
+                    'output_types=["dense"])'.format(image_bytes("PNG"))}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
-               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions"}[family]
+               "multivector": "MultivectorOptions", "classifier": "ClassifierOptions", "clip": "ClipOptions"}[family]
     batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem"}.get(family,
                                                                              "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),

@@ -31,6 +31,7 @@ LEAN: dict[str, str] = {
     "sparse": "sie_worker.adapters.lean_sparse:build",
     "multivector": "sie_worker.adapters.lean_multivector:build",
     "classifier": "sie_worker.adapters.lean_classifier:build",
+    "clip": "sie_worker.adapters.lean_clip:build",
 }
 # Placement estimates a worker by LEAN_FAMILIES (the router cannot import this module's table): both name the same.
 if set(LEAN) != LEAN_FAMILIES:
