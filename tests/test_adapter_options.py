@@ -56,7 +56,9 @@ def test_the_profile_options_become_the_family_struct_over_the_server_settings()
     assert options == DenseOptions(engine="onnx", onnx_lanes=2, pooling="cls")  # the profile's engine wins
     clip = parse_config({"sie_id": "c", "hf_id": "c", "profiles": {"default": {"adapter": "clip",
                          "adapter_options": {"loadtime": {"max_image_pixels": 10}}}}}, "c")
-    assert clip.options(server=server) == ClipOptions(max_image_pixels=10, max_image_bytes=5000)
+    # CLIP runs on the lean engine too, so the server's engine settings reach it.
+    assert clip.options(server=server) == ClipOptions(engine="openvino", onnx_lanes=2, max_image_pixels=10,
+                                                      max_image_bytes=5000)
     assert clip.options() == ClipOptions(max_image_pixels=10)  # the Struct's own default for the rest
     plain = parse_config({"sie_id": "p", "hf_id": "p", "profiles": {"default": {"adapter": "dense"}}}, "p")
     assert plain.options(server=server) == DenseOptions(engine="openvino", onnx_lanes=2)

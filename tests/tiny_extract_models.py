@@ -139,8 +139,9 @@ def _clip_tokenizer():  # type: ignore[no-untyped-def]
                                    unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77)
 
 
-def build_clip(folder: Path) -> Path:
-    """A CLIPModel with 32-d two-layer towers, 32 px images in 8 px patches and a 16-d joint space."""
+def build_clip(folder: Path, projection_dim: int = 16) -> Path:
+    """A CLIPModel with 32-d two-layer towers, 32 px images in 8 px patches and a 16-d joint space (or wider: a 16-d
+    unit vector puts bf16's rounding into few elements, four times larger each than a 256-d one's)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     tokenizer = _clip_tokenizer()
@@ -151,7 +152,7 @@ def build_clip(folder: Path) -> Path:
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "image_size": 32, "patch_size": 8}
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(folder)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim)).save_pretrained(folder)
     images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=images, tokenizer=tokenizer).save_pretrained(folder)
     return folder

@@ -23,11 +23,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
+from sie_worker.adapters import clip_pixels
 from sie_worker.adapters.export_lock import staging_prefix
 from sie_worker.adapters.graph_cache import (
+    CLIP_IMAGE,
     HIDDEN,
     NOT_EXPORTABLE,
     OPENVINO_IR,
@@ -40,6 +43,7 @@ from sie_worker.adapters.graph_cache import (
     per_token_head,
     write_graph_meta,
 )
+from sie_worker.export_clip import checked_steps, image_probes, image_processor
 from sie_worker.export_heads import head_model, special_ids, write_head_files
 from sie_worker.parent import die_with_parent
 
@@ -89,7 +93,9 @@ def tokenize(tokenizer: Any, head: str, texts: list[str], pairs: list[tuple[str,
     return tokenizer(texts, **kwargs)
 
 
-def input_names(model: torch.nn.Module, tokenizer: Any) -> list[str]:
+def input_names(model: torch.nn.Module, tokenizer: Any, head: str = HIDDEN) -> list[str]:
+    if head == CLIP_IMAGE:
+        return ["pixel_values"]
     accepted = inspect.signature(model.forward).parameters
     produced = set(getattr(tokenizer, "model_input_names", INPUTS))
     names = ["input_ids", "attention_mask"]
@@ -98,10 +104,15 @@ def input_names(model: torch.nn.Module, tokenizer: Any) -> list[str]:
     return names
 
 
-def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, head: str = HIDDEN) -> None:
-    """Trace the encoder and its head to `out`, leaving the model in eval mode."""
-    sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
-    axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "sequence"} for name in names}
+def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, head: str = HIDDEN,
+           pixels: np.ndarray | None = None) -> None:
+    """Trace the encoder and its head to `out`, leaving the model in eval mode; an image head traces `pixels`."""
+    if pixels is not None:  # of the processor's size: only the batch varies
+        sample = {"pixel_values": torch.from_numpy(pixels)}
+        axes: dict[str, dict[int, str]] = {"pixel_values": {0: "batch"}}
+    else:
+        sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
+        axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes["output"] = {0: "batch", 1: "sequence"} if per_token_head(head) else {0: "batch"}
     wrapper = _Positional(model, names).eval()
     try:
@@ -199,6 +210,26 @@ def long_probe(tokenizer: Any, names: list[str], length: int) -> dict[str, np.nd
     return feed
 
 
+def text_probes(model: torch.nn.Module, tokenizer: Any, head: str, names: list[str]) -> list[dict[str, np.ndarray]]:
+    """The short texts (or pairs) padded together, and the long text. The long probe is one text (one segment, for a
+    pair head too): it checks the numbers at length, where a runtime's rounding accumulates most."""
+    short = tokenize(tokenizer, head, PROBE_TEXTS, PROBE_PAIRS, padding=True, pad_to_multiple_of=8, return_tensors="np")
+    return [{name: np.asarray(short[name], dtype=np.int64) for name in names},
+            long_probe(tokenizer, names, probe_length(model.model, tokenizer))]
+
+
+def image_head_probes(weights_dir: Path, head: str) -> tuple[list[dict[str, np.ndarray]], dict[str, Any]]:
+    """For the CLIP image head: its probe batches of pixel values and the image steps for `graph.json`, after checking
+    that the steps equal the checkpoint's image processor (NotExportable if not); nothing for any other head."""
+    if head != CLIP_IMAGE:
+        return [], {}
+    try:
+        steps = checked_steps(image_processor(weights_dir))
+    except clip_pixels.Unsupported as exc:
+        raise NotExportable(str(exc)) from None
+    return image_probes(steps), {"image_steps": msgspec.to_builtins(steps)}
+
+
 def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
     """Write the complete graph folder for `weights_dir` and `head` at `folder`; the graph's agreement with torch
     (`graph_cache.agreement`)."""
@@ -208,25 +239,22 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
     hf_logging.disable_progress_bar()  # a bar per load in the server's log says nothing
     tokenizer = AutoTokenizer.from_pretrained(weights_dir, local_files_only=True)
     backend = check_tokenizer(tokenizer, head)
+    image_feeds, extra = image_head_probes(weights_dir, head)
     model = head_model(weights_dir, head)
-    names = input_names(model.model, tokenizer)
+    names = input_names(model.model, tokenizer, head)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
-        export(model, tokenizer, names, staging / "model.onnx", head)
+        export(model, tokenizer, names, staging / "model.onnx", head,
+               image_feeds[0]["pixel_values"][:2] if image_feeds else None)
         names = graph_inputs(staging / "model.onnx", names)
-        short = tokenize(tokenizer, head, PROBE_TEXTS, PROBE_PAIRS, padding=True, pad_to_multiple_of=8,
-                         return_tensors="np")
-        # The long probe is one text (one segment, for a pair head too): it checks the numbers at length, where a
-        # runtime's rounding accumulates most.
-        feeds = [{name: np.asarray(short[name], dtype=np.int64) for name in names},
-                 long_probe(tokenizer, names, probe_length(model.model, tokenizer))]
+        feeds = image_feeds or text_probes(model, tokenizer, head, names)
         probe: dict[str, np.ndarray] = {}
         cosine = 1.0
         for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds), strict=True):
             with torch.inference_mode():
                 hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).float().numpy()
-            cosine = min(cosine, agreement(head, hidden, onnx, feed["attention_mask"]))
+            cosine = min(cosine, agreement(head, hidden, onnx, feed.get("attention_mask")))
             probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
         if cosine < min_agreement(head):
             raise NotExportable(f"the graph disagrees with torch (agreement {cosine:.6f} < {min_agreement(head)})")
@@ -234,10 +262,11 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
         backend.save(str(staging / "tokenizer.json"))
         np.savez(staging / "probe.npz", **probe)
         write_head_files(weights_dir, head, staging)
-        write_graph_meta(staging, names, int(model.model.config.hidden_size), int(tokenizer.pad_token_id or 0),
-                         int(min(tokenizer.model_max_length, 1 << 20)),
+        width = int(probe["hidden"].shape[-1])
+        write_graph_meta(staging, names, int(getattr(model.model.config, "hidden_size", width)),
+                         int(tokenizer.pad_token_id or 0), int(min(tokenizer.model_max_length, 1 << 20)),
                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine, head=head,
-                         output_width=int(probe["hidden"].shape[-1]), special_ids=special_ids(tokenizer))
+                         output_width=width, special_ids=special_ids(tokenizer), **extra)
         try:
             staging.rename(folder)  # atomic; fails when a concurrent helper got there first, whose folder serves
         except OSError:

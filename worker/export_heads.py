@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sie_worker.adapters.graph_cache import HIDDEN, HYBRID, HYBRID_HEADS, SEQUENCE_LOGITS, TOKEN_LOGITS
+from sie_worker.adapters.graph_cache import (
+    CLIP_IMAGE,
+    CLIP_TEXT,
+    HIDDEN,
+    HYBRID,
+    HYBRID_HEADS,
+    SEQUENCE_LOGITS,
+    TOKEN_LOGITS,
+)
 from sie_worker.adapters.hybrid_heads import HEAD_FILES
 from sie_worker.adapters.torch_common import load_encoder
 
@@ -63,6 +71,20 @@ class SpladeWeights(torch.nn.Module):
         return torch.log1p(weights) if self.activation == "log1p_relu" else weights
 
 
+class ClipTower(torch.nn.Module):
+    """A CLIP tower with its projection, unnormalised [B, D]: `get_text_features` over token ids or
+    `get_image_features` over pixel values, as the torch CLIP adapter calls them."""
+
+    def __init__(self, model: torch.nn.Module, image: bool) -> None:
+        super().__init__()
+        self.model, self.image = model, image
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        features = self.model.get_image_features if self.image else self.model.get_text_features
+        out: torch.Tensor = features(**inputs).pooler_output.float()
+        return out
+
+
 def head_model(weights_dir: Path, head: str) -> Any:
     """The checkpoint in float32 under `head`, in eval mode; ValueError for a head this helper does not know."""
     from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
@@ -72,6 +94,11 @@ def head_model(weights_dir: Path, head: str) -> Any:
     if head in (SEQUENCE_LOGITS, TOKEN_LOGITS):
         auto = AutoModelForSequenceClassification if head == SEQUENCE_LOGITS else AutoModelForTokenClassification
         return Logits(auto.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32)).eval()
+    if head in (CLIP_TEXT, CLIP_IMAGE):
+        from transformers import CLIPModel
+
+        clip = CLIPModel.from_pretrained(weights_dir, local_files_only=True, dtype=torch.float32)
+        return ClipTower(clip, head == CLIP_IMAGE).eval()
     kind, _, rest = head.partition("-")
     strategy, _, activation = rest.partition("-")
     if kind == "splade" and strategy in ("max", "sum") and activation in ("relu", "log1p_relu"):

@@ -333,7 +333,8 @@ EXPORT_HELPER_WEIGHTS_FACTOR = 4
 # The families a CPU worker serves without torch, from an exported graph under OpenVINO or ONNX Runtime, unless its
 # `engine` option is torch: the worker builds them so (adapters.build_adapter), and the router's placement estimates
 # their workers so before the first one has measured itself.
-LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier", "ner", "hybrid"})
+LEAN_FAMILIES = frozenset({"dense", "cross_encoder", "sparse", "multivector", "classifier", "ner", "hybrid",
+                           "clip"})
 
 
 class Common(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True, tag_field="family"):
@@ -412,7 +413,7 @@ class HybridOptions(GraphEngineOptions, tag="hybrid"):
     normalize: bool = True
 
 
-class ClipOptions(Common, tag="clip"):
+class ClipOptions(GraphEngineOptions, tag="clip"):
     """CLIP text and image towers."""
 
     normalize: bool = True

@@ -30,6 +30,7 @@ from sie_worker.adapters.ner import NerAdapter
 from sie_worker.protocol import EncodeBatch, ExtractBatch, ExtractResult, InputItem, ScoreBatch
 from tests import declared, precision, tiny_extract_models, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode, multivector_items, score, sparse_items
+from tests.extract_server import image_bytes
 from tests.references import colbert as colbert_reference
 from tests.sentences import SENTENCES
 
@@ -57,6 +58,11 @@ def sentiment_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ner_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_extract_models.build_ner(tmp_path_factory.mktemp("ner") / "model")
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_extract_models.build_clip(tmp_path_factory.mktemp("clip") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -371,26 +377,30 @@ print(type(adapter).__name__, sorted(m for m in ("torch", "transformers") if m i
                                                       ("multivector", "LeanMultivectorAdapter"),
                                                       ("classifier", "LeanClassifierAdapter"),
                                                       ("ner", "LeanNerAdapter"),
-                                                      ("hybrid", "LeanHybridAdapter")])
+                                                      ("hybrid", "LeanHybridAdapter"),
+                                                      ("clip", "LeanClipAdapter")])
 def test_a_lean_worker_of_each_family_never_imports_torch_or_transformers(
         family: str, adapter_name: str, cross_encoder_dir: Path, mlm_dir: Path, colbert_stanford_dir: Path,
-        sentiment_dir: Path, ner_dir: Path, bge_m3_dir: Path, cache: Path) -> None:
-    """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graph is cached."""
+        sentiment_dir: Path, ner_dir: Path, bge_m3_dir: Path, clip_dir: Path, cache: Path) -> None:
+    """In a fresh interpreter, as `python -m sie_worker` runs it, once the family's graphs are cached."""
     weights = {"cross_encoder": cross_encoder_dir, "sparse": mlm_dir, "multivector": colbert_stanford_dir,
-               "classifier": sentiment_dir, "ner": ner_dir, "hybrid": bge_m3_dir}[family]
-    head = {"cross_encoder": graph_cache.SEQUENCE_LOGITS, "sparse": graph_cache.splade_head("max", "relu"),
-            "multivector": graph_cache.HIDDEN, "classifier": graph_cache.SEQUENCE_LOGITS,
-            "ner": graph_cache.TOKEN_LOGITS, "hybrid": graph_cache.HYBRID}[family]
-    assert graph_cache.ensure_graph(weights, cache, head) is not None
+               "classifier": sentiment_dir, "ner": ner_dir, "hybrid": bge_m3_dir, "clip": clip_dir}[family]
+    heads = {"cross_encoder": [graph_cache.SEQUENCE_LOGITS], "sparse": [graph_cache.splade_head("max", "relu")],
+             "multivector": [graph_cache.HIDDEN], "classifier": [graph_cache.SEQUENCE_LOGITS],
+             "ner": [graph_cache.TOKEN_LOGITS], "hybrid": [graph_cache.HYBRID],
+             "clip": [graph_cache.CLIP_TEXT, graph_cache.CLIP_IMAGE]}[family]
+    assert all(graph_cache.ensure_graph(weights, cache, head) is not None for head in heads)
     encode_call = 'EncodeBatch(batch_id=1, items=[InputItem(text="hello")], output_types={!r})'
     call = {"cross_encoder": 'ScoreBatch(batch_id=1, pairs=[("q", "d")])',
             "sparse": encode_call.format(["sparse"]), "multivector": encode_call.format(["multivector"]),
             "classifier": 'ExtractBatch(batch_id=1, items=[InputItem(text="hello")])',
             "ner": 'ExtractBatch(batch_id=1, items=[InputItem(text="Alice lives in Paris")])',
-            "hybrid": encode_call.format(["dense", "sparse", "multivector"])}[family]
+            "hybrid": encode_call.format(["dense", "sparse", "multivector"]),
+            "clip": 'EncodeBatch(batch_id=1, items=[InputItem(text="hello"), InputItem(images=[{!r}])], '
+                    'output_types=["dense"])'.format(image_bytes("PNG"))}[family]
     options = {"cross_encoder": "CrossEncoderOptions", "sparse": "SparseOptions",
                "multivector": "MultivectorOptions", "classifier": "ClassifierOptions",
-               "ner": "NerOptions", "hybrid": "HybridOptions"}[family]
+               "ner": "NerOptions", "hybrid": "HybridOptions", "clip": "ClipOptions"}[family]
     batch = {"cross_encoder": "ScoreBatch", "classifier": "ExtractBatch, InputItem",
              "ner": "ExtractBatch, InputItem"}.get(family, "EncodeBatch, InputItem")
     script = FAMILY_SCRIPT.format(options=options, batch=batch, family=family, weights=str(weights),

@@ -33,6 +33,7 @@ LEAN: dict[str, str] = {
     "classifier": "sie_worker.adapters.lean_classifier:build",
     "ner": "sie_worker.adapters.lean_ner:build",
     "hybrid": "sie_worker.adapters.lean_hybrid:build",
+    "clip": "sie_worker.adapters.lean_clip:build",
 }
 # Placement estimates a worker by LEAN_FAMILIES (the router cannot import this module's table): both name the same.
 if set(LEAN) != LEAN_FAMILIES:

@@ -77,6 +77,13 @@ SEQUENCE_LOGITS = "sequence_logits"
 TOKEN_LOGITS = "token_logits"
 HYBRID = "bge_m3"
 HYBRID_HEADS = "heads.npz"
+# CLIP's towers with their projections: `clip_text` (input_ids, attention_mask -> text embeddings [B, D]) and
+# `clip_image` (pixel_values -> image embeddings [B, D]), whose graph.json also holds the image steps (clip_pixels).
+CLIP_TEXT = "clip_text"
+CLIP_IMAGE = "clip_image"
+# What the image steps depend on beyond the exporter: Pillow's resize kernels, and torchvision, whose presence makes
+# transformers pick another image processor.
+IMAGE_PACKAGES = ("pillow", "torchvision")
 # How far a logit may be from torch's, relative to the probe's largest (at least 1): scores must stay within 0.02 of
 # the reference's, and sigmoid or softmax move less than the logit does.
 MAX_LOGIT_ERROR = 0.02
@@ -161,7 +168,8 @@ def _key_files(weights_dir: Path) -> list[Path]:
 
 
 def _versions(head: str = HIDDEN) -> str:
-    versions = " ".join(f"{name}={_version(name)}" for name in EXPORTER_PACKAGES)
+    packages = EXPORTER_PACKAGES + (IMAGE_PACKAGES if head == CLIP_IMAGE else ())
+    versions = " ".join(f"{name}={_version(name)}" for name in packages)
     return f"format{GRAPH_FORMAT} opset{OPSET} head={head} {versions}"
 
 
@@ -269,13 +277,18 @@ def min_agreement(head: str) -> float:
     return 1.0 - MAX_SPLADE_ERROR if head.startswith("splade-") else MIN_COSINE
 
 
-def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray) -> float:
+def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> float:
     """How closely a runtime's output of the probe batch matches torch's, on the scale `min_agreement` judges: the
-    lowest cosine per real token (hidden states); for logits, 1 minus the largest error relative to the largest logit
-    (at least 1), as a cosine of a one-label head's scalar says nothing, over the real tokens only for a token head
-    (a padding row's logits are never read); for SPLADE weights, 1 minus the largest error."""
+    lowest cosine per real token (hidden states) or per row (CLIP embeddings); for logits, 1 minus the largest error
+    relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing, over the real
+    tokens only for a token head (a padding row's logits are never read); for SPLADE weights, 1 minus the largest
+    error."""
+    if per_token_head(head):
+        assert mask is not None, "a per-token output is judged over its real tokens"
     if hidden_state_head(head):
         return masked_min_cosine(expected, got, mask)
+    if head in (CLIP_TEXT, CLIP_IMAGE):  # one embedding per row
+        return masked_min_cosine(expected, got, np.ones(expected.shape[:1], dtype=bool))
     if expected.shape != got.shape:
         return -1.0
     a, b = expected.astype(np.float64), got.astype(np.float64)

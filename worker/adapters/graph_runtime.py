@@ -42,6 +42,12 @@ PROBE_DEADLINE_S = 120.0
 Feed = dict[str, np.ndarray]
 
 
+def feed_size(feed: Feed) -> int:
+    """A call's size: its padded tokens, or for an image feed its pixel values (an image's 150k values at 224 px: any
+    such call is over TRIM_ABOVE_TOKENS, and worth trimming after)."""
+    return int((feed["input_ids"] if "input_ids" in feed else next(iter(feed.values()))).size)
+
+
 def _malloc_trim() -> Callable[[int], int] | None:
     """glibc's malloc_trim, or None on a libc without it (musl, macOS)."""
     try:
@@ -114,10 +120,10 @@ class Lanes:
         elif self.executor is None:
             hidden = [self.runtime.run(feed) for feed in feeds]
         else:
-            order = sorted(range(len(feeds)), key=lambda i: -feeds[i]["input_ids"].size)
+            order = sorted(range(len(feeds)), key=lambda i: -feed_size(feeds[i]))
             done = dict(zip(order, self.executor.map(self.runtime.run, [feeds[i] for i in order]), strict=True))
             hidden = [done[i] for i in range(len(feeds))]
-        if sum(feed["input_ids"].size for feed in feeds) > TRIM_ABOVE_TOKENS:
+        if sum(feed_size(feed) for feed in feeds) > TRIM_ABOVE_TOKENS:
             trim_heap()
         return hidden
 
@@ -226,7 +232,7 @@ class OrtRuntime:
 def probe_cosine(runtime: Runtime, graph: Graph) -> float:
     """The runtime's lowest agreement with torch over every probe batch, the short texts and the long one
     (`graph_cache.agreement`: a cosine for hidden states)."""
-    return min(agreement(graph.head, expected, runtime.run(feed), feed["attention_mask"])
+    return min(agreement(graph.head, expected, runtime.run(feed), feed.get("attention_mask"))
                for feed, expected in graph.probes())
 
 

@@ -132,6 +132,25 @@ def default_lanes(runtime_kind: str, threads: int) -> int:
     return threads if runtime_kind == "onnxruntime" else min(2, threads)
 
 
+def open_lanes(spec: WorkerSpec, graph: graph_cache.Graph, runtime_kind: str) -> graph_runtime.Lanes:
+    """The runtime over the graph, checked on its probe batches (GraphRejected), with the spec's threads, lanes and
+    precision."""
+    options = engine_options(spec)
+    threads = spec.threads or os.cpu_count() or 1
+    lanes = max(1, min(options.onnx_lanes or default_lanes(runtime_kind, threads), threads))
+    precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(spec.compute_precision or "", "auto")
+    runtime = graph_runtime.open_runtime(runtime_kind, graph, threads=threads, lanes=lanes, precision=precision,
+                                         arena=options.onnx_arena)
+    log.info("engine: %s, graph %s (head %s)", runtime.describe(), graph.folder, graph.head)
+    return graph_runtime.Lanes(runtime)
+
+
+def computes(lanes: graph_runtime.Lanes) -> str:
+    """What an open runtime computes in: OpenVINO's choice under `auto` (bf16 where the CPU has it natively)."""
+    said = lanes.runtime.computes()
+    return {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}.get(said, said)
+
+
 class GraphSession:
     """An open graph with its tokenizer and runtime: what a lean family's adapter composes."""
 
@@ -152,26 +171,20 @@ class GraphSession:
     def precision(self) -> str:
         """What the open runtime computes in: OpenVINO's choice under `auto` (bf16 where the CPU has it natively)."""
         assert self.lanes is not None, "open() first"
-        return {"bf16": "bfloat16", "f32": "float32", "f16": "float16"}.get(self.lanes.runtime.computes(),
-                                                                          self.lanes.runtime.computes())
+        return computes(self.lanes)
 
     def open(self) -> None:
         """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected), and warm it
         up (RuntimeHung): `first_that_opens` hands a runtime that fails either to the next."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
                                        lowercase=self.lowercase)
-        threads = self.spec.threads or os.cpu_count() or 1
-        lanes = max(1, min(self.options.onnx_lanes or default_lanes(self.runtime_kind, threads), threads))
-        precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(self.spec.compute_precision or "", "auto")
-        runtime = graph_runtime.open_runtime(self.runtime_kind, self.graph, threads=threads, lanes=lanes,
-                                             precision=precision, arena=self.options.onnx_arena)
-        self.lanes = graph_runtime.Lanes(runtime)
+        self.lanes = open_lanes(self.spec, self.graph, self.runtime_kind)
+        lanes = self.lanes.runtime.lanes
         if self.runtime_kind == "openvino":
             # Each stream keeps the working memory of the largest call it has run, so the streams share the token cap:
             # two streams of 512 tokens a call hold what one of 1024 did (a worker after a mixed-length soak: 461
             # MiB against 537), for 0-3% of throughput on batches of 32 and 256 (bench/README.md).
             self.max_tokens = max(PAD_ALONE, self.max_tokens // lanes)
-        log.info("engine: %s, graph %s (head %s)", runtime.describe(), self.graph.folder, self.graph.head)
         self.warm_up()
 
     def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
