@@ -102,11 +102,11 @@ def test_lean_clip_pools_several_images_and_leaves_vectors_unnormalised(make_ada
                                                                         cache: Path, reference: tuple[Any, Any],
                                                                         engine: str,
                                                                         dtype: precision.Precision) -> None:
-    """Many images, more than one call holds (three calls of at most `image_rows`), pooled per item as the torch
+    """Many images, more than one call holds (three calls of at most `image.rows`), pooled per item as the torch
     adapter pools them; `normalize: false` from the profile, `normalize: true` from the request."""
     adapter = lean(make_adapter, "clip", clip_dir, cache, engine, compute_precision=dtype,
                    options={"normalize": False, "micro_batch_tokens": 64})
-    assert isinstance(adapter, LeanClipAdapter) and adapter.image_rows() < 5
+    assert isinstance(adapter, LeanClipAdapter) and adapter.image.rows < 5
     torch_adapter = make_adapter("clip", clip_dir, options={"normalize": False})
     items = [InputItem(text=TEXTS[0]), InputItem(images=IMAGES), InputItem(images=IMAGES[:2] * 3)]
     tol = precision.tolerance(dtype)
