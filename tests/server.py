@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import psutil
 
+from sie_worker.adapters import graph_cache
 from tests import precision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +134,11 @@ class Server:
         return int(self.process.returncode)
 
 
+# How long a FamilyServer's first test waits for it: the graph export's own deadline, so that only an export the server
+# gives up on (and serves with torch) can run past it.
+READY_TIMEOUT_S = graph_cache.EXPORT_TIMEOUT_S
+
+
 @dataclass
 class FamilyServer:
     """A server of tiny checkpoints. It starts at once and `url` waits for it, so tests compute their references
@@ -141,10 +147,19 @@ class FamilyServer:
     server: Server
     folders: dict[str, Path] = field(default_factory=dict)  # sie_id -> checkpoint folder
     ready: bool = False
+    failed: BaseException | None = None  # why it never got ready: every later test fails with it at once
 
     @property
     def url(self) -> str:
+        if self.failed is not None:
+            raise RuntimeError(f"the module's server never got ready: {self.failed}")
         if not self.ready:
-            self.server.wait_ready(timeout=180)
+            try:
+                # A first start exports a graph per lean model, a few at a time (export_lock.export_slots): on a
+                # slow 2-core machine a dozen tiny models take minutes, and each export may take up to its deadline.
+                self.server.wait_ready(timeout=READY_TIMEOUT_S)
+            except BaseException as exc:
+                self.failed = exc
+                raise
             self.ready = True
         return self.server.url
