@@ -29,7 +29,6 @@ from sie_worker.adapters.base import LoadInfo, Prepared, refuse_over_length, tru
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
     MICRO_BATCH_ITEMS,
-    PAD_MULTIPLE,
     Bucket,
     Stopwatch,
     length_buckets,
@@ -42,16 +41,21 @@ log = logging.getLogger("sie.worker")
 
 # The maximum length when neither the model config nor the checkpoint's files limit it.
 FALLBACK_MAX_LENGTH = 512
-# Padded lengths are multiples of batching.PAD_MULTIPLE (8): a corpus sentence of 38 tokens computes as 40, not 64
-# (real tokens 92% of those computed, against 73% at 32). OpenVINO keeps executors and buffers for every input shape it
-# has run, which grew a MiniLM worker 239 -> 441 MiB over a mix of 300 batches padded to multiples of 8 (-> 329 at 32);
-# that cache is now bounded (graph_runtime.SHAPE_CACHE_CAPACITY), so the multiple no longer bounds the memory
-# (bench/README.md, "dense at the compute limit").
+# Padded lengths of the streams' calls are multiples of this: a corpus sentence of 38 tokens computes as 40 (real
+# tokens 96% of those computed over a batch of 256, against 91% at 8 and 73% at 32). OpenVINO keeps executors and
+# buffers for every input shape it has run, which once made the multiple the memory bound (a MiniLM worker grew 239 ->
+# 441 MiB over 300 mixed batches at multiples of 8); the stream model's shape cache is bounded now
+# (graph_runtime.SHAPE_CACHE_CAPACITY), so the multiple is a throughput choice: at 4, +2-4% sentences per CPU second on
+# batches of 256 against 8, no better at 1 (bench/README.md, "dense at the compute limit").
+PAD_MULTIPLE = 4
 # A batch of one row (one sentence at concurrency 1) pads to a multiple of this instead: it runs on the lone-row model,
-# whose shape cache is then at most 8 shapes for 256 tokens, and costs no more (5.5 ms at 32 against 6.1 at 8).
-PAD_ALONE = 32
-# Deadlines of the warm-up's calls: the first (one row of PAD_ALONE tokens) gets this long; a later call this long or
-# HUNG_FACTOR times what its tokens take at the first call's pace, whichever is longer. A call past its deadline is a
+# whose shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone
+# computed as 64 tokens at 32; at 8 its forward is 10% shorter once its shape has been seen.
+PAD_ALONE = 8
+# The warm-up's first call: one row of this many tokens, which also measures the runtime's pace.
+WARM_UP_FIRST_TOKENS = 32
+# Deadlines of the warm-up's calls: the first (one row of WARM_UP_FIRST_TOKENS) gets this long; a later call this long
+# or HUNG_FACTOR times what its tokens take at the first call's pace, whichever is longer. A call past its deadline is a
 # hung runtime (graph_runtime.RuntimeHung), and the next runtime serves the model instead.
 WARM_UP_FLOOR_S = 60.0
 HUNG_FACTOR = 50
@@ -184,7 +188,7 @@ class GraphSession:
             # Each stream keeps the working memory of the largest call it has run, so the streams share the token cap:
             # two streams of 512 tokens a call hold what one of 1024 did (a worker after a mixed-length soak: 461
             # MiB against 537), for 0-3% of throughput on batches of 32 and 256 (bench/README.md).
-            self.max_tokens = max(PAD_ALONE, self.max_tokens // lanes)
+            self.max_tokens = max(WARM_UP_FIRST_TOKENS, self.max_tokens // lanes)
         self.warm_up()
 
     def feed(self, ids: np.ndarray, mask: np.ndarray, types: np.ndarray) -> dict[str, np.ndarray]:
@@ -239,7 +243,7 @@ class GraphSession:
         and a runtime whose call passes its deadline is handed on to the next runtime, as one that fails is."""
         assert self.lanes is not None, "open() first"
         runtime = self.lanes.runtime
-        small = min(PAD_ALONE, self.max_length)
+        small = min(WARM_UP_FIRST_TOKENS, self.max_length)
         started = time.monotonic()
         graph_runtime.within(WARM_UP_FLOOR_S, f"{runtime.describe()}'s first call (1 x {small} tokens)",
                              runtime.run_alone, self._pad_feed(1, small), thread="sie-warm-up")
