@@ -29,6 +29,7 @@ from sie_worker.adapters.base import LoadInfo, Prepared, refuse_over_length, tru
 from sie_worker.adapters.batching import (
     CPU_CALL_OVERHEAD_TOKENS,
     MICRO_BATCH_ITEMS,
+    PAD_MULTIPLE,
     Bucket,
     Stopwatch,
     length_buckets,
@@ -41,16 +42,14 @@ log = logging.getLogger("sie.worker")
 
 # The maximum length when neither the model config nor the checkpoint's files limit it.
 FALLBACK_MAX_LENGTH = 512
-# Padded lengths of the streams' calls are multiples of this: a corpus sentence of 38 tokens computes as 40 (real
-# tokens 96% of those computed over a batch of 256, against 91% at 8 and 73% at 32). OpenVINO keeps executors and
-# buffers for every input shape it has run, which once made the multiple the memory bound (a MiniLM worker grew 239 ->
-# 441 MiB over 300 mixed batches at multiples of 8); the stream model's shape cache is bounded now
-# (graph_runtime.SHAPE_CACHE_CAPACITY), so the multiple is a throughput choice: at 4, +2-4% sentences per CPU second on
-# batches of 256 against 8, no better at 1 (bench/README.md, "dense at the compute limit").
-PAD_MULTIPLE = 4
-# A batch of one row (one sentence at concurrency 1) pads to a multiple of this instead: it runs on the lone-row model,
-# whose shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone
-# computed as 64 tokens at 32; at 8 its forward is 10% shorter once its shape has been seen.
+# The streams' calls pad to multiples of batching.PAD_MULTIPLE (8): a corpus sentence of 38 tokens computes as 40 (real
+# tokens 91% of those computed over a batch of 256, against 73% at 32). OpenVINO's stream model keeps few shapes
+# (graph_runtime.SHAPE_CACHE_CAPACITY), but the process still grows with the shapes it has run: at multiples of 4 (96%
+# real) the server tree after `make bench` held 515 MiB PSS against 423-432 at 8, for +2-5% on batches of 256 and
+# nothing at b32c4 (bench/README.md, "dense at the compute limit").
+# A batch of one row (one sentence at concurrency 1) pads to a multiple of this: it runs on the lone-row model, whose
+# shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone computed
+# as 64 tokens at 32: c1's p50 went 7.5 -> 5.9 ms at 8 through the server, and the tree's PSS 423 -> 432 MiB.
 PAD_ALONE = 8
 # The warm-up's first call: one row of this many tokens, which also measures the runtime's pace.
 WARM_UP_FIRST_TOKENS = 32
