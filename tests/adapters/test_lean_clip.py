@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoProcessor, CLIPImageProcessorPil, CLIPModel
 
-from sie_worker.adapters.base import BadInput
+from sie_worker.adapters.base import BadInput, InputTooLong
 from sie_worker.adapters.clip import ClipAdapter
 from sie_worker.adapters.clip_pixels import pixel_values
 from sie_worker.adapters.lean_clip import LeanClipAdapter
@@ -181,3 +181,31 @@ def test_lean_clip_keeps_the_limits_and_refusals(make_adapter: MakeAdapter, clip
         with pytest.raises(BadInput, match=message):
             adapter.prepare(EncodeBatch(batch_id=1, items=[item], output_types=["dense"]))
 
+
+
+@pytest.mark.numeric
+def test_both_clip_adapters_honour_truncate_and_its_direction(make_adapter: MakeAdapter, clip_dir: Path, cache: Path,
+                                                              reference: tuple[Any, Any]) -> None:
+    """`truncate: false` refuses a text over 77 tokens, stating its length, and leaves the others alone;
+    `truncation_direction: left` keeps a long text's end, as the tokenizer's `truncation_side="left"` does."""
+    model, processor = reference
+    tokenizer = processor.tokenizer
+    long_text = " ".join(f"word{i}" for i in range(120))  # its end differs from its beginning
+    tokenizer.truncation_side = "left"
+    try:
+        encoded = tokenizer([long_text], padding=True, truncation=True, max_length=77, return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = "right"
+    with torch.inference_mode():
+        left = model.get_text_features(**encoded).pooler_output.numpy()
+    right, _ = towers(reference, [long_text], [])
+    assert not np.allclose(left, right, atol=1e-3)  # the direction matters for this text
+    tol = precision.tolerance("float32")
+    for adapter in (make_adapter("clip", clip_dir), lean(make_adapter, "clip", clip_dir, cache, "onnx")):
+        with pytest.raises(InputTooLong, match=r"input is \d+ tokens long, over this model's maximum of 77"):
+            encode(adapter, [InputItem(text=TEXTS[0]), InputItem(text=long_text)], truncate=False)
+        short = encode(adapter, [InputItem(text=TEXTS[0])], truncate=False, normalize=False).dense.numpy()
+        assert_rows_close(short, towers(reference, TEXTS[:1], [])[0], tol)
+        got = encode(adapter, [InputItem(text=long_text)], truncation_direction="left", normalize=False)
+        assert got.token_counts == [77]
+        assert_rows_close(got.dense.numpy(), left, tol)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, CLIPModel
 
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
 from sie_worker.adapters.clip_inputs import (
     TEXT_TOKENS,
     ClipBatch,
@@ -78,10 +78,19 @@ class ClipAdapter:
         inputs: dict[str, Any] = {}
         text_counts: list[int] = []
         if split.texts:
-            encoded = self.processor.tokenizer(split.texts, padding=True, truncation=True, max_length=self.max_length,
-                                               return_tensors="pt")
-            inputs["text"] = dict(encoded)
+            truncate, tokenizer = truncates(batch.options), self.processor.tokenizer
+            # The tokenizer belongs to the prepare thread, so setting its side for one call is safe.
+            side, tokenizer.truncation_side = tokenizer.truncation_side, str(batch.options.get("truncation_direction",
+                                                                                               "right"))
+            try:
+                encoded = tokenizer(split.texts, padding=True, truncation=truncate,
+                                    max_length=self.max_length if truncate else None, return_tensors="pt")
+            finally:
+                tokenizer.truncation_side = side
             text_counts = encoded["attention_mask"].sum(dim=1).tolist()
+            if not truncate:
+                refuse_over_length(text_counts, self.max_length)
+            inputs["text"] = dict(encoded)
         if split.images:
             inputs["pixel_values"] = self.processor.image_processor(images=split.images,
                                                                     return_tensors="pt")["pixel_values"]
