@@ -129,7 +129,7 @@ def rerank_servers(model_dir: Path, threads: int, peers: bool) -> list[tuple[str
         engines.insert(1, ("infinity onnx fp32", "optimum", "float32", onnx_dir))
     for label, engine, dtype, folder in engines:
         port = targets.free_port()
-        cmd = [str(infinity_env.cli()), "v2", "--model-id", ".", "--served-model-name", "reranker", "--engine", engine,
+        cmd = [*infinity_env.cli(), "v2", "--model-id", ".", "--served-model-name", "reranker", "--engine", engine,
                "--device", "cpu", "--dtype", dtype, "--host", "127.0.0.1", "--port", str(port)]
         env = {"OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
                "HF_HOME": str(targets.ROOT / ".cache" / "bench" / "hf")}

@@ -30,8 +30,10 @@ def python() -> Path:
     return VENV / "bin" / "python"
 
 
-def cli() -> Path:
-    return VENV / "bin" / "infinity_emb"
+def cli() -> list[str]:
+    """Infinity's command line, run as a module of the venv's interpreter: the console script `infinity_emb` carries
+    the absolute path of the checkout that created the venv in its shebang, and breaks once that checkout moves."""
+    return [str(python()), "-m", "infinity_emb.cli"]
 
 
 def _run(cmd: list[str], log_name: str, timeout_s: float) -> tuple[bool, str]:

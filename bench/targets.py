@@ -107,11 +107,12 @@ def ours(threads: int, extra: list[str]) -> Server:
     return Server("ours", cmd, port, "/v1/embeddings", "/readyz")
 
 
-def infinity(engine: str, model_dir: Path, threads: int, cli: Path, device: str = "cpu", dtype: str = "auto") -> Server:
+def infinity(engine: str, model_dir: Path, threads: int, cli: list[str], device: str = "cpu",
+             dtype: str = "auto") -> Server:
     """Infinity runs in the model folder with `--model-id .`: optimum-onnx matches the ONNX file name Infinity passes
     (the path it globbed) against bare names, so an absolute model path makes it fail to find model.onnx."""
     port = free_port()
-    cmd = [str(cli), "v2", "--model-id", ".", "--served-model-name", MODEL, "--engine", engine, "--device", device,
+    cmd = [*cli, "v2", "--model-id", ".", "--served-model-name", MODEL, "--engine", engine, "--device", device,
            "--dtype", dtype, "--pooling-method", "mean", "--host", "127.0.0.1", "--port", str(port)]
     env = {"OMP_NUM_THREADS": str(threads), "INFINITY_ANONYMOUS_USAGE_STATS": "0",
            "HF_HOME": str(ROOT / ".cache" / "bench" / "hf")}
