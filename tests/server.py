@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -163,3 +164,12 @@ class FamilyServer:
                 raise
             self.ready = True
         return self.server.url
+
+    def engines(self) -> dict[str, str | None]:
+        """sie_id -> the engine its loaded worker reports in `/v1/models` (None while not loaded)."""
+        return {m["name"]: m["engine"] for m in httpx.get(f"{self.url}/v1/models").json()["models"]}
+
+
+def lean_engine() -> str:
+    """The engine a lean family runs on the CPU under `engine: auto`: OpenVINO where installed, else ONNX Runtime."""
+    return "openvino" if importlib.util.find_spec("openvino") else "onnx"

@@ -29,6 +29,7 @@ from tests.extract_server import (
     NER,
     NLI,
     NLI_TEMPLATE,
+    PRELOADED,
     SENTIMENT,
     TEXTS,
     ExtractServer,
@@ -38,6 +39,7 @@ from tests.extract_server import (
     declared_png,
     image_bytes,
 )
+from tests.server import lean_engine
 
 RESULT_KEYS = ["id", "entities", "relations", "classifications", "objects", "data"]
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
@@ -319,3 +321,10 @@ def test_bad_input_is_a_coded_4xx_and_the_workers_keep_serving(
     elif model == CLIP:
         ok = post_msgpack(f"{extract_server.url}/v1/encode/{CLIP}", _image(IMAGES["png"]))
         assert ok.status_code == 200, ok.text
+
+
+def test_every_family_but_gliner_serves_on_the_lean_engine(extract_server: ExtractServer) -> None:
+    """A lean family that fell back to torch (an export or a runtime refused) would pass every test above unseen:
+    each preloaded model's worker reports its engine, and only GLiNER stays on torch."""
+    want = {model: lean_engine() for model in PRELOADED} | {GLINER: "torch"}
+    assert {model: extract_server.engines()[model] for model in PRELOADED} == want

@@ -27,12 +27,14 @@ from tests.retrieval_server import (
     CASSETTE,
     COLBERT,
     COLBERT_PYLATE,
+    PRELOADED,
     RERANKER,
     SPLADE,
     RetrievalServer,
     vocab_size,
 )
 from tests.sentences import SENTENCES
+from tests.server import lean_engine
 from tests.tiny_models import COLBERT_DIM
 
 MSGPACK = {"Content-Type": "application/msgpack", "Accept": "application/msgpack"}
@@ -437,3 +439,9 @@ def test_bad_input_is_a_coded_4xx_and_the_workers_keep_serving(retrieval_server:
     assert encode(retrieval_server, SPLADE, ["berlin"], output_types=["sparse"])[0]["sparse"]["values"].size
     scored = post(retrieval_server, f"/v1/score/{RERANKER}", {"query": {"text": "q"}, "items": ONE})
     assert scored.status_code == 200
+
+
+def test_every_family_serves_on_the_lean_engine(retrieval_server: RetrievalServer) -> None:
+    """A lean family that fell back to torch (an export or a runtime refused) would pass every test above unseen:
+    each preloaded model's worker reports its engine."""
+    assert {model: retrieval_server.engines()[model] for model in PRELOADED} == dict.fromkeys(PRELOADED, lean_engine())
