@@ -18,7 +18,8 @@ from sie_router.pool.pool import WorkerPool
 from sie_router.pool.slots import ModelState
 from sie_router.pool.supervisor import Worker
 from sie_router.settings import Settings
-from sie_worker.protocol import GPU_MAX_BATCH_TOKENS, BatchDone, EncodeBatch, EncodeResult, InputItem, Ready, Tensor
+from sie_worker.options import GPU_MAX_BATCH_TOKENS
+from sie_worker.protocol import BatchDone, EncodeBatch, EncodeResult, InputItem, Ready, Tensor
 from tests.fake_nvml import FakeGpu, FakeNvml, MiB
 
 UUID = "GPU-5e3a8c1f-2b6d-4e9a-8f70-1c2d3e4f5a6b"

@@ -14,7 +14,8 @@ from sie_router.models.config import ModelConfig
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
 from sie_router.pool.devices import Devices, available_cpus, gpu_worker_env
 from sie_router.settings import Settings
-from sie_worker.protocol import FamilyOptions, LoadErrorClass, WorkerSpec
+from sie_worker.options import FamilyOptions
+from sie_worker.protocol import LoadErrorClass, WorkerSpec
 
 log = logging.getLogger("sie.pool")
 

@@ -25,7 +25,7 @@ from sie_router.pool.slots import ModelState, Slot, loaded_workers
 from sie_router.pool.supervisor import Supervisor, Worker
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import DEFAULT_ENGINE
+from sie_worker.options import DEFAULT_ENGINE
 
 log = logging.getLogger("sie.pool")
 
