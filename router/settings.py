@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from sie_worker.protocol import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RUNTIME_LANES, Engine
+from sie_worker.options import DEFAULT_ENGINE, MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, RUNTIME_LANES, Engine
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_BUNDLE = "default"

@@ -11,7 +11,7 @@ import pytest
 from sie_router.models.config import ModelConfig, Profile, parse_config
 from sie_router.pool.batcher import BatchLimits
 from sie_router.settings import Settings
-from sie_worker.protocol import (
+from sie_worker.options import (
     DEFAULT_ENGINE,
     MAX_BATCH_TOKENS,
     MAX_IMAGE_BYTES,
@@ -21,8 +21,8 @@ from sie_worker.protocol import (
     DenseOptions,
     FakeOptions,
     FamilyOptions,
-    WorkerSpec,
 )
+from sie_worker.protocol import WorkerSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,7 +69,7 @@ def test_the_profile_options_become_the_family_struct_over_the_server_settings()
 
 
 def test_each_default_is_written_once_and_the_workers_read_fields() -> None:
-    """The token budget, the image limits and the engine are defined in the protocol, and the server's defaults,
+    """The token budget, the image limits and the engine are defined in the worker's options, and the server's defaults,
     the batcher's and the spec's are those; no worker reads an option by name from a dict."""
     assert Settings().engine == DenseOptions().engine == DEFAULT_ENGINE
     assert (Settings().max_image_bytes, Settings().max_image_pixels) == (MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS) == (
@@ -81,9 +81,9 @@ def test_each_default_is_written_once_and_the_workers_read_fields() -> None:
     sources = {path: path.read_text() for folder in ("router", "worker", "sdk")
                for path in (REPO / folder).rglob("*.py")}
     for literal in (str(MAX_BATCH_TOKENS), "40_000_000", "20 * 1024 * 1024"):
-        assert [p.name for p, text in sources.items() if literal in text] == ["protocol.py"], literal
+        assert [p.name for p, text in sources.items() if literal in text] == ["options.py"], literal
     worker = {p: text for p, text in sources.items() if (REPO / "worker") in p.parents}
-    assert not [p.name for p, text in worker.items() if "loadtime" in text and p.name != "protocol.py"]
+    assert not [p.name for p, text in worker.items() if "loadtime" in text and p.name != "options.py"]
     assert not [p.name for p, text in worker.items() if "SIE_MAX_IMAGE" in text], "image limits travel as options"
 
 

@@ -126,6 +126,7 @@ def test_custom_code_runs_only_when_the_server_trusts_it(monkeypatch: pytest.Mon
 
     from sie_router.models.registry import build_registry
     from sie_router.pool.devices import detect
+    from sie_router.pool.launch import worker_spec
     from sie_router.pool.pool import WorkerPool
 
     monkeypatch.delenv("SIE_TRUST_REMOTE_CODE", raising=False)
@@ -134,6 +135,8 @@ def test_custom_code_runs_only_when_the_server_trusts_it(monkeypatch: pytest.Mon
         assert settings.trust_remote_code is trusted
         pool = WorkerPool(settings, build_registry("test", (), (), offline=True), detect("cpu"))
         try:
-            assert pool._spec(pool.registry.configs["test/fake-dense"], "", "cpu", None).trust_remote_code is trusted
+            spec = worker_spec(settings, pool.devices, pool.supervisor.worker_endpoints,
+                               pool.registry.configs["test/fake-dense"], "", "cpu", None)
+            assert spec.trust_remote_code is trusted
         finally:
             asyncio.run(pool.supervisor.close())

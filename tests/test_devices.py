@@ -14,11 +14,14 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from sie_router.models.config import ModelConfig
 from sie_router.models.registry import build_registry
 from sie_router.pool.devices import HostMemory, NoDevice, NvmlDevices, budgets, detect, visible_filter
+from sie_router.pool.launch import worker_spec
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.pool.pool import WorkerPool
 from sie_router.settings import Settings
+from sie_worker.protocol import WorkerSpec
 from tests.fake_nvml import H100_IDLE_USED, H100_TOTAL, FakeGpu, FakeNvml, MiB
 
 UUIDS = ["GPU-5e3a8c1f-2b6d-4e9a-8f70-1c2d3e4f5a6b", "GPU-a1b2c3d4-0000-4e9a-8f70-1c2d3e4f5a6b",
@@ -93,12 +96,17 @@ def pool_on(tmp_path: Path) -> Iterator[object]:
         asyncio.run(pool.supervisor.close())  # closes the worker client's sockets and context
 
 
+def spec_on(pool: WorkerPool, config: ModelConfig, folder: str, device: str, options: None) -> WorkerSpec:
+    """The spec the pool would start a worker of `config` on `device` with."""
+    return worker_spec(pool.settings, pool.devices, pool.supervisor.worker_endpoints, config, folder, device, options)
+
+
 def test_the_pool_gives_each_worker_its_gpu_uuid_under_an_inherited_subset(pool_on) -> None:  # type: ignore[no-untyped-def]
     pool = pool_on(three_gpus(), visible="2,1")  # a Slurm allocation of two of the node's three GPUs
     assert {name for name, d in pool.ledger.devices.items() if d.placeable} == {"cuda:1", "cuda:2"}
     config = pool.registry.configs["test/fake-dense"]
     for device in ("cuda:1", "cuda:2"):
-        spec = pool._spec(config, "", device, None)
+        spec = spec_on(pool, config, "", device, None)
         assert spec.env["CUDA_VISIBLE_DEVICES"] == UUIDS[int(device[-1])] and spec.device == device
 
 
@@ -108,11 +116,11 @@ def test_gpu_workers_load_cuda_lazily_and_grow_segments_unless_the_server_says_o
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")  # the operator's own, inherited
     pool = pool_on(three_gpus())
     config = pool.registry.configs["test/fake-dense"]
-    spec = pool._spec(config, "", "cuda:0", None)
+    spec = spec_on(pool, config, "", "cuda:0", None)
     assert spec.env["CUDA_MODULE_LOADING"] == "LAZY"
     assert "PYTORCH_CUDA_ALLOC_CONF" not in spec.env, "the inherited setting is the worker's, not overwritten"
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    assert pool._spec(config, "", "cuda:1", None).env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert spec_on(pool, config, "", "cuda:1", None).env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
 # -- 4. NVML errors after start ---------------------------------------------------------------------------------------
@@ -225,9 +233,9 @@ async def test_the_pool_reserves_against_free_memory_read_just_before(pool_on) -
     slot = pool.slots["test/fake-dense"]
     gpu.used = H100_TOTAL - 1000 * MiB  # after start, another process takes all but 1000 MiB
     with pytest.raises(SIEError) as raised:
-        await pool._reserve(slot, 2000 * MiB, evict=True)
+        await pool.loader.reserve(slot, 2000 * MiB, evict=True)
     assert raised.value.code == "RESOURCE_EXHAUSTED" and "1000 MiB is free" in raised.value.message
-    assert await pool._reserve(slot, 900 * MiB, evict=True) == "cuda:0"
+    assert await pool.loader.reserve(slot, 900 * MiB, evict=True) == "cuda:0"
 
 
 # -- 9. exclusive-process compute mode --------------------------------------------------------------------------------

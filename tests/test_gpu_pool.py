@@ -14,10 +14,12 @@ import pytest
 from sie_router.models.registry import build_registry
 from sie_router.pool.batcher import CPU_BATCH_ITEMS, item_cap
 from sie_router.pool.devices import available_cpus, cgroup_cpu_quota, detect
-from sie_router.pool.pool import ModelState, WorkerPool
+from sie_router.pool.pool import WorkerPool
+from sie_router.pool.slots import ModelState
 from sie_router.pool.supervisor import Worker
 from sie_router.settings import Settings
-from sie_worker.protocol import GPU_MAX_BATCH_TOKENS, BatchDone, EncodeBatch, EncodeResult, InputItem, Ready, Tensor
+from sie_worker.options import GPU_MAX_BATCH_TOKENS
+from sie_worker.protocol import BatchDone, EncodeBatch, EncodeResult, InputItem, Ready, Tensor
 from tests.fake_nvml import FakeGpu, FakeNvml, MiB
 
 UUID = "GPU-5e3a8c1f-2b6d-4e9a-8f70-1c2d3e4f5a6b"
@@ -71,7 +73,7 @@ async def test_models_load_one_at_a_time_per_gpu(pools, monkeypatch: pytest.Monk
         return worker
 
     monkeypatch.setattr(pool.supervisor, "spawn", spawn)
-    loads = [asyncio.create_task(pool._start_worker(pool.slots[key], evict=False))
+    loads = [asyncio.create_task(pool.loader.start_worker(pool.slots[key], evict=False))
              for key in (MODEL, "test/fake-slow-load")]
     async with asyncio.timeout(5):
         while not running:

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import msgspec
 import numpy as np
 import pytest
 
@@ -18,9 +17,11 @@ from sie_router.errors import LoadError, SIEError
 from sie_router.models.registry import build_registry
 from sie_router.pipeline.jobs import BatchKey, EncodeJob, Resolved, TokenizeJob
 from sie_router.pipeline.service import Service
-from sie_router.pool import pool as pool_module
+from sie_router.pool import eviction
 from sie_router.pool.devices import detect
-from sie_router.pool.pool import ModelState, Slot, WorkerPool
+from sie_router.pool.loader import cooldown
+from sie_router.pool.pool import WorkerPool
+from sie_router.pool.slots import ModelState, Slot
 from sie_router.pool.supervisor import Worker
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
@@ -55,7 +56,7 @@ class GoneProcess:
 
 @pytest.fixture
 async def pool(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[WorkerPool]:
-    monkeypatch.setattr(pool_module, "IDLE_CHECK_S", 0.01)
+    monkeypatch.setattr(eviction, "IDLE_CHECK_S", 0.01)
     started = WorkerPool(Settings(bundle="test", idle_ttl_s=0.05), build_registry("test", (), (), offline=True),
                          detect("cpu"))
     await started.start()
@@ -75,7 +76,7 @@ def loaded(pool: WorkerPool, key: str) -> Worker:
 
 async def test_the_idle_evictor_survives_an_exception_and_evicts_again(pool: WorkerPool,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
-    real, failures = pool._evictable, []
+    real, failures = pool.evictor.evictable, []
 
     def flaky(key: str) -> bool:
         if not failures:
@@ -83,7 +84,7 @@ async def test_the_idle_evictor_survives_an_exception_and_evicts_again(pool: Wor
             raise RuntimeError("injected")
         return real(key)
 
-    pool._evictable = flaky  # type: ignore[method-assign]
+    pool.evictor.evictable = flaky  # type: ignore[method-assign]
     loaded(pool, MODEL)
     async with asyncio.timeout(5):
         while pool.slots[MODEL].worker is not None:  # evicted by the restarted loop
@@ -180,7 +181,7 @@ async def test_one_clock_of_use_and_a_batch_after_the_worker_went_is_retryable(p
 async def test_a_crashed_worker_s_model_answers_its_back_off_then_the_pool_loads_it_again(
         pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> None:
     loads: list[tuple[str, bool]] = []
-    monkeypatch.setattr(pool, "_start_load", lambda slot, evict: loads.append((slot.key, evict)))
+    monkeypatch.setattr(pool.loader, "start", lambda slot, evict: loads.append((slot.key, evict)))
     worker = loaded(pool, MODEL)
     worker.backoff_s = pool.supervisor.restarts.crashed(MODEL, served_s=1.0)  # as the sentinel does for a crash
     pool._on_exit(worker, -9)
@@ -201,17 +202,17 @@ async def test_a_permanent_load_failure_stays_failed_until_the_operator_evicts(p
     slot = pool.slots[MODEL]
     for error_class, permanent in ((LoadErrorClass.CONFIG, True), (LoadErrorClass.STORAGE, False)):
         slot.state, slot.load_error = ModelState.FAILED, LoadError(error_class, "injected")
-        slot.failed_at = time.monotonic() - 10 * pool.cooldown(slot.load_error)  # long past any cooldown
+        slot.failed_at = time.monotonic() - 10 * cooldown(pool.settings, slot.load_error)  # long past any cooldown
         if permanent:
             with pytest.raises(LoadError) as failed:
-                pool._check_failed(slot)
+                pool.loader.check_failed(slot)
             assert failed.value.permanent and failed.value.code is ErrorCode.MODEL_LOAD_FAILED
         else:
-            pool._check_failed(slot)  # a passing failure: the next request loads again
+            pool.loader.check_failed(slot)  # a passing failure: the next request loads again
     slot.load_error = LoadError(LoadErrorClass.CONFIG, "injected")
     await pool.evict(MODEL, reason="admin")
     assert slot.state == ModelState.AVAILABLE and slot.load_error is None
-    pool._check_failed(slot)
+    pool.loader.check_failed(slot)
 
 
 def refused_loads(key: str) -> float:
@@ -219,11 +220,13 @@ def refused_loads(key: str) -> float:
 
 
 @pytest.fixture
-async def small_pool() -> AsyncIterator[WorkerPool]:
+async def small_pool(request: pytest.FixtureRequest) -> AsyncIterator[WorkerPool]:
     """350 MiB, of which test/fake-b (pinned, so never evicted) holds 100: test/fake-a's 300 MiB does not fit. A
-    refusal holds an hour, so that how fast a test runs cannot matter."""
+    refusal holds an hour unless a test's `indirect` parameter says otherwise, so that how fast a test runs cannot
+    matter."""
+    hold_s = getattr(request, "param", 3600.0)
     started = WorkerPool(Settings(bundle="test", memory_budget=350 * 2**20, pinned=("test/fake-b",),
-                                  load_refusal_hold_s=3600.0),
+                                  load_refusal_hold_s=hold_s),
                          build_registry("test", (), (), offline=True), detect("cpu"))
     await started.start()
     worker = loaded(started, "test/fake-b")
@@ -241,7 +244,7 @@ def record_loads(pool: WorkerPool, monkeypatch: pytest.MonkeyPatch) -> list[tupl
         slot.loading = asyncio.get_running_loop().create_future()  # type: ignore[assignment]
         slot.placed.set()  # as if placement had reserved its memory
 
-    monkeypatch.setattr(pool, "_start_load", start)
+    monkeypatch.setattr(pool.loader, "start", start)
     return loads
 
 
@@ -277,10 +280,10 @@ async def test_a_load_refused_for_memory_is_every_polls_answer_until_memory_is_f
     assert loads == [(key, True)]
 
 
+@pytest.mark.parametrize("small_pool", [0.0], indirect=True)  # no hold
 async def test_a_refusal_stands_no_longer_than_its_hold(small_pool: WorkerPool,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """With no hold left, each poll tries placement again (busy models may have become idle, and evictable)."""
-    small_pool.settings = msgspec.structs.replace(small_pool.settings, load_refusal_hold_s=0.0)
     pool, key, before = small_pool, "test/fake-a", refused_loads("test/fake-a")
     for attempt in range(1, 4):
         await refuse_first_load(pool, key)
@@ -306,11 +309,11 @@ async def test_an_export_reserves_its_helper_evicting_idle_models_or_is_refused(
     pool.placement.reserve(loaded(pool, "test/fake-growing").key, "cpu", 100 * 2**20)  # idle, so evictable
     pool.placement.reserve(key, "cpu", 10 * 2**20)
     with pytest.raises(SIEError) as refused:  # 350 MiB cannot hold a helper (over 512 MiB) whatever goes
-        await pool._reserve_export(pool.slots[key], evict=True)
+        await pool.loader.reserve_export(pool.slots[key], evict=True)
     assert refused.value.code is ErrorCode.RESOURCE_EXHAUSTED and "exporting its graph" in refused.value.message
     assert pool.ledger.reserved(key) == 10 * 2**20
     room = 10 * 2**20 + pool.placement.export_estimate(key) + 8 * 2**20  # the helper fits once the idle model goes
     pool.ledger.devices["cpu"].budget = pool.ledger.devices["cpu"].limit = room
-    await pool._reserve_export(pool.slots[key], evict=True)
+    await pool.loader.reserve_export(pool.slots[key], evict=True)
     assert pool.ledger.reserved(key) == 10 * 2**20 + pool.placement.export_estimate(key)
     assert pool.slots["test/fake-growing"].worker is None, "the idle model made room for the helper"

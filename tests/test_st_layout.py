@@ -14,7 +14,8 @@ import pytest
 
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.st_config import dense_settings
-from sie_worker.protocol import DenseOptions, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import WorkerSpec
 from sie_worker.st_layout import read_layout
 from tests import tiny_models as tiny
 from tests.adapters.conftest import encode

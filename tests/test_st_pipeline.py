@@ -18,7 +18,8 @@ from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense import pool as torch_pool
 from sie_worker.adapters.st_head import ACTIVATION_FUNCTIONS, Head, WeightsNeedTorch, pool
 from sie_worker.failures import load_error_class
-from sie_worker.protocol import DenseOptions, LoadErrorClass, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import LoadErrorClass, WorkerSpec
 from sie_worker.st_layout import read_layout
 from sie_worker.st_pipeline import POOLING_MODES, Dense, Unsupported, max_length, read_pipeline
 from tests import tiny_encoders as tiny

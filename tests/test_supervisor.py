@@ -35,13 +35,13 @@ from sie_router.pool.supervisor import (
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
 from sie_worker.cuda import EXIT_DEVICE_FAULT
+from sie_worker.options import FakeOptions
 from sie_worker.protocol import (
     BatchDone,
     BatchFailed,
     BatchTiming,
     EncodeBatch,
     EncodeResult,
-    FakeOptions,
     InputItem,
     LoadErrorClass,
     LoadFailed,
@@ -91,13 +91,14 @@ async def until(condition: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_the_router_imports_only_the_shared_torch_free_modules_of_the_worker_package() -> None:
-    """The protocol, the one reader of sentence-transformers files and the steps it computes (family inference), and
-    the logs and traces both processes write; none of them pulls torch or transformers."""
+    """The protocol and the family options it carries, the one reader of sentence-transformers files and the steps it
+    computes (family inference), and the logs and traces both processes write; none of them pulls torch or
+    transformers."""
     code = ("import sys, sie_router.app, sie_router.pool.supervisor; "
             "print(sorted(m for m in sys.modules if m.startswith('sie_worker')), "
             "[m for m in ('torch', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == ("['sie_worker', 'sie_worker.protocol', 'sie_worker.st_layout', "
+    assert out.strip() == ("['sie_worker', 'sie_worker.options', 'sie_worker.protocol', 'sie_worker.st_layout', "
                            "'sie_worker.st_pipeline', 'sie_worker.telemetry'] []")
 
 

@@ -18,17 +18,8 @@ from sie_worker.adapters.fake import InjectedOutOfMemory
 from sie_worker.failures import batch_failure_code as _failure_code
 from sie_worker.failures import load_error_class
 from sie_worker.loop import Worker
-from sie_worker.protocol import (
-    GPU_MAX_BATCH_TOKENS,
-    MAX_BATCH_TOKENS,
-    BatchDone,
-    BatchFailed,
-    EncodeBatch,
-    EncodeResult,
-    InputItem,
-    LoadErrorClass,
-    WorkerSpec,
-)
+from sie_worker.options import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS
+from sie_worker.protocol import BatchDone, BatchFailed, EncodeBatch, EncodeResult, InputItem, LoadErrorClass, WorkerSpec
 
 
 @pytest.mark.parametrize("exc", [

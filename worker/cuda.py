@@ -15,7 +15,8 @@ from typing import Any
 
 from sie_worker.adapters.batching import read_json
 from sie_worker.failures import is_out_of_memory
-from sie_worker.protocol import MAX_BATCH_TOKENS, WorkerSpec
+from sie_worker.options import MAX_BATCH_TOKENS
+from sie_worker.protocol import WorkerSpec
 
 log = logging.getLogger("sie.worker")
 

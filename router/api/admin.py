@@ -17,7 +17,8 @@ from sie_router.api.state import app_state
 from sie_router.errors import invalid
 from sie_router.pipeline import codec
 from sie_router.pipeline.resolve import resolve
-from sie_router.pool.pool import Slot, WorkerPool
+from sie_router.pool.pool import WorkerPool
+from sie_router.pool.slots import Slot
 from sie_sdk.types import AddModelRequest
 
 
@@ -38,7 +39,7 @@ def worker_row(pool: WorkerPool, slot: Slot) -> dict[str, Any]:
         "requests_served": worker.items_served if worker else 0,
         "last_used_s_ago": round(time.monotonic() - used, 3) if used is not None else None,
         "uptime_s": round(time.time() - worker.started_at, 3) if worker else None,
-        "pinned": pool.pinned(slot.key),
+        "pinned": pool.evictor.pinned(slot.key),
         # Crashes and hangs of its ready workers, each followed by a restart; the back-off left before the next.
         "restarts": backoff.restarts,
         "backoff_s": round(backoff.left(), 3) or None,

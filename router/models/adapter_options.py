@@ -1,6 +1,6 @@
 """Per-family adapter options (router process): a profile's options as its family's typed Struct.
 
-The Structs are the protocol's (`DenseOptions` and the rest in `sie_worker.protocol`): the router checks a profile's
+The Structs are the worker's (`DenseOptions` and the rest in `sie_worker.options`): the router checks a profile's
 `loadtime` and `runtime` options against its family's Struct when a bundle loads, so a misspelt key or a wrong type
 fails at start, naming the file and profile, and sends the same Struct to the worker. One precedence rule holds for
 every family: a request's option wins over the profile's, which wins over the server's setting of the same name
@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from sie_worker.protocol import FAMILY_OPTIONS, Common
+from sie_worker.options import FAMILY_OPTIONS, Common
 
 
 def check_options(family: str, loadtime: Mapping[str, Any], runtime: Mapping[str, Any],

@@ -15,7 +15,7 @@ import msgspec
 import yaml
 
 from sie_router.models.adapter_options import check_options
-from sie_worker.protocol import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS, Common
+from sie_worker.options import GPU_MAX_BATCH_TOKENS, MAX_BATCH_TOKENS, Common
 
 log = logging.getLogger("sie.registry")
 

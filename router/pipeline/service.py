@@ -17,7 +17,8 @@ from sie_router.errors import SIEError
 from sie_router.models.config import ModelConfig
 from sie_router.pipeline.jobs import BatchKey, Encoded, EncodeJob, ExtractJob, Job, Scored, ScoreJob, TokenizeJob, thaw
 from sie_router.pool.pacing import BatchReport
-from sie_router.pool.pool import Worker, WorkerPool
+from sie_router.pool.pool import WorkerPool
+from sie_router.pool.supervisor import Worker
 from sie_router.request_labels import note_inputs
 from sie_router.settings import Settings
 from sie_router.telemetry import Tracing

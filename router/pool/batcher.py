@@ -30,7 +30,7 @@ from sie_router.loops import Loop
 from sie_router.pool.pacing import BatchReport, Pacer
 from sie_router.telemetry import Tracing, Waiting
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import MAX_BATCH_TOKENS
+from sie_worker.options import MAX_BATCH_TOKENS
 
 log = logging.getLogger("sie.batcher")
 

@@ -20,7 +20,7 @@ from sie_router.pool.devices import Devices, HostMemory, budgets
 from sie_router.pool.ledger import MemoryLedger
 from sie_router.settings import Settings
 from sie_sdk.codes import ErrorCode
-from sie_worker.protocol import DEFAULT_ENGINE, EXPORT_HELPER_BASE_BYTES, EXPORT_HELPER_WEIGHTS_FACTOR, LEAN_FAMILIES
+from sie_worker.options import DEFAULT_ENGINE, EXPORT_HELPER_BASE_BYTES, EXPORT_HELPER_WEIGHTS_FACTOR, LEAN_FAMILIES
 
 # Estimate for a model whose config gives none: a per-process base, plus its weight files times a factor (the weights
 # and a working set). The base before any worker of the same engine on a device has measured itself (RSS on the CPU):
@@ -36,7 +36,7 @@ LEAN_CPU_BASE = 124 * 2**20
 LEAN_WEIGHTS_FACTOR = 1.75
 DEFAULT_GPU_BASE = 768 * 2**20
 # A lean worker's first load of a checkpoint exports its graph in a helper process that imports torch, transformers
-# and the exporters; its memory (protocol.EXPORT_HELPER_*, measured there) is reserved beside the worker's own estimate
+# and the exporters; its memory (options.EXPORT_HELPER_*, measured there) is reserved beside the worker's own estimate
 # from the worker's `ExportStarting` until its `Ready` (which also covers a fallback to torch when the export fails).
 # Engines that serve a lean worker's graph, as `Ready.engine` names them.
 LEAN_ENGINES = frozenset({"onnx", "openvino"})

@@ -9,10 +9,13 @@ transient ones after their cooldown and leaves permanent ones failed.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
+from sie_router.errors import SIEError
 from sie_router.settings import Settings
+from sie_sdk.codes import ErrorCode
 
 
 @dataclass
@@ -54,6 +57,15 @@ class Restarts:
     def left(self, key: str) -> float:
         backoff = self.models.get(key)
         return backoff.left() if backoff else 0.0
+
+    def restarting(self, key: str, why: str) -> SIEError:
+        """503 MODEL_LOADING for a model whose worker died or hung: Retry-After is the back-off left (at least 1 s,
+        the header's unit), and the native body says how many restarts and how long."""
+        backoff = self.of(key)
+        left = backoff.left()
+        return SIEError(ErrorCode.MODEL_LOADING, f"{why}; model '{key}' is restarting" +
+                        (f" in {left:.1f}s" if left else "") + ", retry shortly",
+                        retry_after=max(1, math.ceil(left)), restarts=backoff.restarts, backoff_s=round(left, 3))
 
     def forget(self, key: str) -> None:
         """An operator's eviction: the model starts afresh."""

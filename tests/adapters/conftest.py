@@ -18,16 +18,8 @@ import pytest
 
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import (
-    FAMILY_OPTIONS,
-    EncodeBatch,
-    EncodeResult,
-    FamilyOptions,
-    InputItem,
-    ScoreBatch,
-    ScoreResult,
-    WorkerSpec,
-)
+from sie_worker.options import FAMILY_OPTIONS, FamilyOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, InputItem, ScoreBatch, ScoreResult, WorkerSpec
 from tests import tiny_models
 
 MakeAdapter = Callable[..., Adapter]

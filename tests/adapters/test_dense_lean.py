@@ -29,7 +29,8 @@ from sie_worker.adapters.base import BadInput, InputTooLong
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.text_tokenizer import TextTokenizer
-from sie_worker.protocol import DecodeBatch, DenseOptions, EncodeBatch, Engine, InputItem, TokenizeBatch, WorkerSpec
+from sie_worker.options import DenseOptions, Engine
+from sie_worker.protocol import DecodeBatch, EncodeBatch, InputItem, TokenizeBatch, WorkerSpec
 from tests import declared, precision, tiny_models
 from tests.adapters.conftest import MakeAdapter, encode
 from tests.sentences import SENTENCES
@@ -116,7 +117,8 @@ def test_a_lean_worker_never_imports_torch_or_transformers(minilm_dir: Path, cac
     script = f"""
 import sys
 from sie_worker.adapters import build_adapter
-from sie_worker.protocol import DenseOptions, EncodeBatch, InputItem, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 spec = WorkerSpec(worker_id="w", model="m", adapter="dense", weights_dir={str(minilm_dir)!r}, threads=2,
                   to_worker_endpoint="inproc://a", from_worker_endpoint="inproc://b",
                   options=DenseOptions(engine="auto", onnx_cache_dir={str(cache)!r}))

@@ -361,7 +361,8 @@ def test_a_runtime_that_hangs_while_loading_hands_the_model_to_the_next(
 FAMILY_SCRIPT = """
 import sys
 from sie_worker.adapters import build_adapter
-from sie_worker.protocol import {options}, {batch}, WorkerSpec
+from sie_worker.options import {options}
+from sie_worker.protocol import {batch}, WorkerSpec
 spec = WorkerSpec(worker_id="w", model="m", adapter={family!r}, weights_dir={weights!r}, threads=2,
                   to_worker_endpoint="inproc://a", from_worker_endpoint="inproc://b",
                   options={options}(engine="auto", onnx_cache_dir={cache!r}))

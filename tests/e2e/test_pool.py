@@ -19,7 +19,7 @@ import pytest
 from sie_sdk import SIEClient, admin
 from sie_sdk.types import Item
 from sie_worker.adapters import graph_cache
-from sie_worker.protocol import EXPORT_HELPER_BASE_BYTES
+from sie_worker.options import EXPORT_HELPER_BASE_BYTES
 from tests.server import MINILM, ROOT, Server, make_bundle
 
 

@@ -15,7 +15,8 @@ import pytest
 
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import FAMILY_OPTIONS, WorkerSpec
+from sie_worker.options import FAMILY_OPTIONS
+from sie_worker.protocol import WorkerSpec
 from tests import tiny_extract_models as tiny
 from tests.adapters.conftest import family_options
 

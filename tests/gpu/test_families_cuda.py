@@ -18,7 +18,8 @@ from PIL import Image
 from sie_worker import cuda
 from sie_worker.adapters import build_adapter
 from sie_worker.adapters.base import Adapter
-from sie_worker.protocol import DenseOptions, EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, ExtractBatch, InputItem, ScoreBatch, WorkerSpec
 from tests import tiny_extract_models, tiny_models
 from tests.sentences import SENTENCES
 

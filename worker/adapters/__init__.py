@@ -6,7 +6,8 @@ import importlib
 from pathlib import Path
 
 from sie_worker.adapters.base import Adapter, BadModelConfig, UnknownFamily
-from sie_worker.protocol import LEAN_FAMILIES, WorkerSpec
+from sie_worker.options import LEAN_FAMILIES
+from sie_worker.protocol import WorkerSpec
 
 # Family name -> "module:Class". Modules import torch lazily through this table, so a family's heavy imports
 # (gliner, PIL) are paid only by the workers that serve it.
@@ -37,7 +38,7 @@ LEAN: dict[str, str] = {
 }
 # Placement estimates a worker by LEAN_FAMILIES (the router cannot import this module's table): both name the same.
 if set(LEAN) != LEAN_FAMILIES:
-    raise ImportError(f"adapters.LEAN {sorted(LEAN)} and protocol.LEAN_FAMILIES {sorted(LEAN_FAMILIES)} differ")
+    raise ImportError(f"adapters.LEAN {sorted(LEAN)} and options.LEAN_FAMILIES {sorted(LEAN_FAMILIES)} differ")
 
 
 def refuse_custom_code(spec: WorkerSpec) -> None:

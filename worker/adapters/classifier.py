@@ -23,7 +23,8 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
+from sie_worker.options import ClassifierOptions
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 
 class ClassifierAdapter:

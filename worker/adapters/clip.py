@@ -32,7 +32,8 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import ClipOptions, EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.options import ClipOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 
 class ClipAdapter:

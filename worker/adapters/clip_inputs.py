@@ -14,7 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from sie_worker.adapters.base import BadInput
-from sie_worker.protocol import ClipOptions, EncodeBatch, InputItem
+from sie_worker.options import ClipOptions
+from sie_worker.protocol import EncodeBatch, InputItem
 
 TEXT_TOKENS = 77
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sie_worker.adapters.batching import read_json
-from sie_worker.protocol import MultivectorOptions, WorkerSpec
+from sie_worker.options import MultivectorOptions
+from sie_worker.protocol import WorkerSpec
 from sie_worker.st_layout import Layout
 
 

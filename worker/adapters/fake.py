@@ -21,13 +21,13 @@ import psutil
 from sie_sdk.types import Classification
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import LoadInfo, OutOfMemory, Prepared
+from sie_worker.options import FakeOptions
 from sie_worker.protocol import (
     EncodeBatch,
     EncodeResult,
     ExtractBatch,
     ExtractItem,
     ExtractResult,
-    FakeOptions,
     Result,
     ScoreBatch,
     ScoreResult,

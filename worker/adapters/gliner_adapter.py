@@ -25,7 +25,8 @@ from sie_worker.adapters.torch_common import (
     release,
     torch_device,
 )
-from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, GlinerOptions, WorkerSpec
+from sie_worker.options import GlinerOptions
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 with warnings.catch_warnings():
     # gliner decorates with torch.jit.script, deprecated in torch 2.13; nothing to act on here.

@@ -27,7 +27,8 @@ from sie_worker.adapters.torch_common import (
     torch_device,
     warm_up,
 )
-from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, WorkerSpec
+from sie_worker.options import HybridOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 
 
 def load_linear(path: Path, dtype: torch.dtype, device: torch.device) -> torch.nn.Linear:

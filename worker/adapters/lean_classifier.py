@@ -20,7 +20,8 @@ from sie_worker.adapters.base import BadInput, Prepared, UnsupportedTask, refuse
 from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
-from sie_worker.protocol import ClassifierOptions, ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
+from sie_worker.options import ClassifierOptions
+from sie_worker.protocol import ExtractBatch, ExtractItem, ExtractResult, WorkerSpec
 
 
 def softmax(x: np.ndarray) -> np.ndarray:

@@ -41,7 +41,8 @@ from sie_worker.adapters.lean_engine import (
     open_lanes,
     run_engine,
 )
-from sie_worker.protocol import ClipOptions, EncodeBatch, EncodeResult, Tensor, WorkerSpec
+from sie_worker.options import ClipOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, Tensor, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 

@@ -36,7 +36,8 @@ from sie_worker.adapters.batching import (
     padded,
 )
 from sie_worker.adapters.text_tokenizer import TextTokenizer
-from sie_worker.protocol import EncodeBatch, GraphEngineOptions, RunEngine, WorkerSpec
+from sie_worker.options import GraphEngineOptions
+from sie_worker.protocol import EncodeBatch, RunEngine, WorkerSpec
 
 log = logging.getLogger("sie.worker")
 

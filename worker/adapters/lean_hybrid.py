@@ -19,7 +19,8 @@ from sie_worker.adapters.hybrid_heads import HEAD_FILES, MAX_LENGTH, OUTPUTS, SK
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.lean_multivector import NumpyProjection, l2_normalized
 from sie_worker.adapters.packing import SparseRow
-from sie_worker.protocol import EncodeBatch, EncodeResult, HybridOptions, WorkerSpec
+from sie_worker.options import HybridOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 
 
 def read_heads(path: Path) -> dict[str, NumpyProjection]:

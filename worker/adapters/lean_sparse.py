@@ -15,7 +15,8 @@ from sie_worker.adapters.base import Prepared, UnsupportedTask
 from sie_worker.adapters.batching import split_for_lanes
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.packing import SparseRow, join_sparse, positive_rows
-from sie_worker.protocol import EncodeBatch, EncodeResult, SparseOptions, WorkerSpec
+from sie_worker.options import SparseOptions
+from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 from sie_worker.st_layout import read_layout
 
 

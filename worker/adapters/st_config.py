@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from sie_worker.adapters.base import BadInput, BadModelConfig
-from sie_worker.protocol import DenseOptions, WorkerSpec
+from sie_worker.options import DenseOptions
+from sie_worker.protocol import WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
 from sie_worker.st_pipeline import Pipeline, Unsupported, custom_code, pooling_mode, read_pipeline
 

@@ -23,7 +23,8 @@ from sie_worker.adapters.batching import (  # noqa: F401  (re-exported: the adap
     read_json,
     split_for_lanes,
 )
-from sie_worker.protocol import Common, EncodeBatch, WorkerSpec
+from sie_worker.options import Common
+from sie_worker.protocol import EncodeBatch, WorkerSpec
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # Encoder-decoder families whose encoder alone embeds, loaded as sentence-transformers loads them (AutoModel would
