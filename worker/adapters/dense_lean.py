@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
-from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import Prepared, UnsupportedTask
 from sie_worker.adapters.batching import (
     Stopwatch,
     split_for_lanes,
@@ -95,14 +95,9 @@ class LeanDenseAdapter(lean_engine.LeanAdapter):
         clock = Stopwatch()
         pipeline = self.settings.batch_pipeline(batch.options)
         prompt = self.settings.batch_prompt(batch.options, batch.is_query)
-        truncate = truncates(batch.options)
-        side = str(batch.options.get("truncation_direction", "right"))
-        encodings = self.tokenizer.encode_batch([prompt + (item.text or "") for item in batch.items],
-                                                self.max_length if truncate else None, side)
-        counts = [len(encoding.ids) for encoding in encodings]
-        if not truncate:
-            refuse_over_length(counts, self.max_length)
-        return Prepared(batch=batch, inputs=self.session.buckets(encodings), token_counts=counts,
+        encodings = self.session.tokenize([prompt + (item.text or "") for item in batch.items], batch.options)
+        return Prepared(batch=batch, inputs=self.session.buckets(encodings),
+                        token_counts=[len(encoding.ids) for encoding in encodings],
                         tokenize_ms=clock.ms(),
                         extra={"pipeline": pipeline, "prompt_length": self.prompt_length(prompt, pipeline)})
 

@@ -19,7 +19,7 @@ import numpy as np
 import psutil
 
 from sie_worker.adapters import graph_cache, graph_runtime
-from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import LoadInfo, Prepared, UnsupportedTask
 from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.clip_inputs import (
     TEXT_TOKENS,
@@ -161,11 +161,7 @@ class LeanClipAdapter:
             raise UnsupportedTask("this model only encodes")
         clock = Stopwatch()
         split = ClipBatch.split(batch, self.limits)
-        truncate, side = truncates(batch.options), str(batch.options.get("truncation_direction", "right"))
-        encodings = self.session.tokenizer.encode_batch(split.texts, self.max_length if truncate else None, side) \
-            if split.texts else []
-        if not truncate:
-            refuse_over_length([len(encoding.ids) for encoding in encodings], self.max_length)
+        encodings = self.session.tokenize(split.texts, batch.options) if split.texts else []
         inputs = {"text": self.session.buckets(encodings) if encodings else [],
                   "pixels": pixel_values(split.images, self.image.steps) if split.images else None}
         return Prepared(batch=batch, inputs=inputs, token_counts=split.token_counts([len(e.ids) for e in encodings]),

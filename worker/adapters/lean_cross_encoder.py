@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sie_worker.adapters import graph_cache
-from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
+from sie_worker.adapters.base import Prepared, UnsupportedTask
 from sie_worker.adapters.batching import Stopwatch, split_for_lanes
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
@@ -77,16 +77,9 @@ class LeanCrossEncoderAdapter(LeanAdapter):
         if not isinstance(batch, ScoreBatch):
             raise UnsupportedTask("this model only scores")
         clock = Stopwatch()
-        truncate = truncates(batch.options)
-        side = str(batch.options.get("truncation_direction", "right"))
-        max_length = self.session.max_length
-        encodings = self.session.tokenizer.encode_pairs([(q, d) for q, d in batch.pairs],
-                                                        max_length if truncate else None, side)
-        counts = [len(encoding.ids) for encoding in encodings]
-        if not truncate:
-            refuse_over_length(counts, max_length)
-        return Prepared(batch=batch, inputs=self.session.buckets(encodings), token_counts=counts,
-                        tokenize_ms=clock.ms())
+        encodings = self.session.tokenize([(q, d) for q, d in batch.pairs], batch.options)
+        return Prepared(batch=batch, inputs=self.session.buckets(encodings),
+                        token_counts=[len(encoding.ids) for encoding in encodings], tokenize_ms=clock.ms())
 
     def forward(self, prepared: Prepared) -> ScoreResult:
         assert self.session.lanes is not None, "load() first"

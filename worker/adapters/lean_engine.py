@@ -18,7 +18,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 import psutil
@@ -213,18 +213,26 @@ class GraphSession:
             out.append((indices, self.feed(ids, mask, types)))
         return out
 
-    def prepare_texts(self, batch: EncodeBatch) -> Prepared:
-        """The `prepare` step of a plain text encoder: its items' texts tokenised, cut at max_length from the side
-        `truncation_direction` names (InputTooLong instead where `base.truncates` is false), in length buckets."""
-        clock = Stopwatch()
-        truncate = truncates(batch.options)
-        side = str(batch.options.get("truncation_direction", "right"))
-        encodings = self.tokenizer.encode_batch([item.text or "" for item in batch.items],
-                                                self.max_length if truncate else None, side)
-        counts = [len(encoding.ids) for encoding in encodings]
+    def tokenize(self, texts: list[str] | list[tuple[str, str]], options: dict[str, Any]) -> list[Encoding]:
+        """Texts, or (query, document) pairs, tokenised and cut at max_length from the side `truncation_direction`
+        names (pairs longest first); InputTooLong instead, stating the length, where `base.truncates` is false."""
+        truncate = truncates(options)
+        side = str(options.get("truncation_direction", "right"))
+        max_length = self.max_length if truncate else None
+        if texts and isinstance(texts[0], tuple):
+            encodings = self.tokenizer.encode_pairs(texts, max_length, side)  # type: ignore[arg-type]
+        else:
+            encodings = self.tokenizer.encode_batch(texts, max_length, side)  # type: ignore[arg-type]
         if not truncate:
-            refuse_over_length(counts, self.max_length)
-        return Prepared(batch=batch, inputs=self.buckets(encodings), token_counts=counts, tokenize_ms=clock.ms())
+            refuse_over_length([len(encoding.ids) for encoding in encodings], self.max_length)
+        return encodings
+
+    def prepare_texts(self, batch: EncodeBatch) -> Prepared:
+        """The `prepare` step of a plain text encoder: its items' texts tokenised (`tokenize`), in length buckets."""
+        clock = Stopwatch()
+        encodings = self.tokenize([item.text or "" for item in batch.items], batch.options)
+        return Prepared(batch=batch, inputs=self.buckets(encodings), token_counts=[len(e.ids) for e in encodings],
+                        tokenize_ms=clock.ms())
 
     def run(self, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
         assert self.lanes is not None, "open() first"
