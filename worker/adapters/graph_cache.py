@@ -35,7 +35,11 @@ from sie_worker.adapters.export_lock import export_lock, export_slot, remove_sta
 log = logging.getLogger("sie.worker.graph")
 
 # Bumped whenever the folder's contents change meaning, so that an older cache is exported again, not misread.
-GRAPH_FORMAT = 4
+GRAPH_FORMAT = 5
+# How a graph takes its inputs (graph.json's `layout`): padded rows [B, L], or a packed graph's real tokens end to end
+# (adapters.packed_feed), which the runtime builds from the same padded feeds.
+PADDED = "padded"
+PACKED = "packed"
 OPSET = 17
 # Files whose contents define the graph or the tokenizer: weights, architecture and tokenizer configs, vocabularies.
 KEY_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".txt", ".model")
@@ -127,6 +131,11 @@ class Graph:
     head: str = HIDDEN
     output_width: int = 0  # the head's last dimension: hidden size, labels or vocabulary
     special_ids: dict[str, int] | None = None  # the tokenizer's special tokens by role (mask, pad, unk, cls, sep)
+    layout: str = PADDED
+
+    @property
+    def packed(self) -> bool:
+        return self.layout == PACKED
 
     @property
     def model_path(self) -> Path:
@@ -253,7 +262,8 @@ def read_graph(folder: Path, temporary: bool = False) -> Graph | None:
                      clean_up_tokenization_spaces=bool(meta["clean_up_tokenization_spaces"]),
                      export_cosine=float(meta["export_cosine"]), temporary=temporary,
                      head=str(meta.get("head", HIDDEN)), output_width=int(meta.get("output_width", 0)),
-                     special_ids={str(k): int(v) for k, v in (meta.get("special_ids") or {}).items()})
+                     special_ids={str(k): int(v) for k, v in (meta.get("special_ids") or {}).items()},
+                     layout=str(meta.get("layout", PADDED)))
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -262,7 +272,7 @@ def write_graph_meta(folder: Path, input_names: list[str], hidden_size: int, pad
                      model_max_length: int, clean_up_tokenization_spaces: bool, export_cosine: float,
                      **head: Any) -> None:
     """Write `graph.json`, last: it lists every other file in `folder` with its size; `head` adds the head's fields
-    (head, output_width, special_ids)."""
+    (head, output_width, special_ids, layout)."""
     meta = {"format": GRAPH_FORMAT, "input_names": input_names, "hidden_size": hidden_size,
             "pad_token_id": pad_token_id, "model_max_length": model_max_length,
             "clean_up_tokenization_spaces": clean_up_tokenization_spaces, "export_cosine": export_cosine, **head,

@@ -1,6 +1,7 @@
 """Runtimes that serve a cached encoder graph on CPU without torch (worker process): OpenVINO and ONNX Runtime.
 
-Both take padded numpy buckets and return last hidden states, running up to `lanes` buckets side by side (one
+Both take padded numpy buckets (packed just before the call for a packed graph: adapters.packed_feed) and return last
+hidden states, running up to `lanes` buckets side by side (one
 OpenVINO stream or one ORT call per lane). Each is checked against torch's float32 hidden states for the cache's
 probe batches (short texts, and a long one at the model's maximum length) once per cache entry, runtime, precision
 and CPU kind (probe_record). OpenVINO computes in bfloat16 where the CPU has it natively (AVX512-BF16, AMX) unless
@@ -21,6 +22,7 @@ import numpy as np
 
 from sie_worker.adapters import probe_record
 from sie_worker.adapters.graph_cache import Graph, agreement, min_agreement
+from sie_worker.adapters.packed_feed import graph_inputs, pack
 
 log = logging.getLogger("sie.worker.graph")
 
@@ -40,6 +42,11 @@ SHAPE_CACHE_CAPACITY = 64
 PROBE_DEADLINE_S = 120.0
 
 Feed = dict[str, np.ndarray]
+
+
+def graph_feed(graph: Graph) -> Callable[[Feed], Feed]:
+    """What turns a padded feed into the graph's inputs: packing, for a packed graph (adapters.packed_feed)."""
+    return pack if graph.packed else graph_inputs
 
 
 def feed_size(feed: Feed) -> int:
@@ -176,6 +183,7 @@ class OpenVinoRuntime:
             return core.compile_model(core.read_model(model_path), "CPU", config)
 
         self.lanes = lanes
+        self.inputs = graph_feed(graph)
         with ThreadPoolExecutor(1) as pool:  # the lone-row model compiles beside the other: 0.3 s off every load
             alone = pool.submit(compile_for, path, 1, False) if lanes > 1 else None
             compiled = compile_for(path, lanes)
@@ -188,10 +196,10 @@ class OpenVinoRuntime:
             self.alone = _Requests(alone.result(), 1) if alone is not None else self.streams
 
     def run(self, feed: Feed) -> np.ndarray:
-        return self.streams.run(feed)
+        return self.streams.run(self.inputs(feed))
 
     def run_alone(self, feed: Feed) -> np.ndarray:
-        return self.alone.run(feed)
+        return self.alone.run(self.inputs(feed))
 
     def describe(self) -> str:
         return f"openvino ({self.precision}, {self.lanes} stream(s))"
@@ -216,9 +224,10 @@ class OrtRuntime:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         self.session = ort.InferenceSession(str(graph.model_path), options, providers=["CPUExecutionProvider"])
         self.lanes = lanes
+        self.inputs = graph_feed(graph)
 
     def run(self, feed: Feed) -> np.ndarray:
-        return np.asarray(self.session.run(None, feed)[0])
+        return np.asarray(self.session.run(None, self.inputs(feed))[0])
 
     run_alone = run  # every call has the same threads
 

@@ -20,6 +20,7 @@ from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_leng
 from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json, split_for_lanes
 from sie_worker.adapters.colbert_config import ColbertSettings, colbert_settings
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
+from sie_worker.adapters.packed_feed import COMPUTED
 from sie_worker.adapters.packing import join_rows
 from sie_worker.protocol import EncodeBatch, EncodeResult, WorkerSpec
 from sie_worker.st_layout import Layout, read_layout
@@ -175,7 +176,9 @@ class LeanMultivectorAdapter(LeanAdapter):
             for row, i in enumerate(indices):
                 n = len(encodings[i].ids)
                 ids[row, :n], mask[row, :n], types[row, :n] = encodings[i].ids, 1, encodings[i].type_ids
-            out.append((indices, self.session.feed(ids, mask, types)))
+            feed = self.session.feed(ids, mask, types)
+            feed[COMPUTED] = np.ones_like(ids)  # every expansion token's vector is returned (`kept`)
+            out.append((indices, feed))
         return out
 
     def kept(self, feed: dict[str, np.ndarray], is_query: bool) -> np.ndarray:
