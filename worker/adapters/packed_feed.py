@@ -22,7 +22,7 @@ PACKED_INPUTS = ("input_ids", "token_type_ids", "position_ids", "gather_index", 
 COMPUTED = "computed"
 # A call's flat token count is rounded up to a multiple of this with spare tokens (computed and never read): each
 # distinct count is a shape the runtime specialises for and keeps in its shape cache, so counts are few.
-TOKEN_MULTIPLE = 16
+TOKEN_MULTIPLE = 8
 
 
 def graph_inputs(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
