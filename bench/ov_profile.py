@@ -20,12 +20,13 @@ import numpy as np
 LINEAR_FLOPS_PER_TOKEN = 6 * 2 * (4 * 384 * 384 + 2 * 384 * 1536)
 
 
-def graph_path() -> str:
+def served_graph():
+    """The graph the worker serves (graph_cache.Graph)."""
     import levers
 
     adapter = levers.adapter_for({}, 1)
     try:
-        return str(adapter.session.graph.openvino_path)
+        return adapter.session.graph
     finally:
         adapter.close()
 
@@ -62,10 +63,13 @@ def main() -> None:
     a = p.parse_args()
     import openvino as ov
 
+    from sie_worker.adapters.graph_runtime import graph_feed
+
+    graph = served_graph()
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(graph_path()), "CPU", {
+    compiled = core.compile_model(core.read_model(graph.openvino_path), "CPU", {
         "INFERENCE_NUM_THREADS": a.threads, "NUM_STREAMS": 1, "PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "bf16"})
-    request, inputs = compiled.create_infer_request(), feed(a.rows, a.length)
+    request, inputs = compiled.create_infer_request(), graph_feed(graph)(feed(a.rows, a.length))
     for _ in range(3):
         request.infer(inputs)
     spent: collections.Counter[tuple[str, str]] = collections.Counter()
