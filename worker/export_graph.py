@@ -40,6 +40,8 @@ from sie_worker.adapters.graph_cache import (
     PADDED,
     PROBE_BATCHES,
     PROBE_MAX_LENGTH,
+    SEQUENCE_LOGITS,
+    TOKEN_LOGITS,
     agreement,
     hidden_state_head,
     min_agreement,
@@ -50,7 +52,7 @@ from sie_worker.adapters.graph_cache import (
 from sie_worker.adapters.packed_feed import PACKED_INPUTS, pack
 from sie_worker.export_clip import checked_steps, image_probes, image_processor
 from sie_worker.export_heads import head_model, special_ids, write_head_files
-from sie_worker.export_packed import PackedEncoder, unpackable
+from sie_worker.export_packed import PackedClassifier, PackedEncoder, classifier_unpackable, unpackable
 from sie_worker.parent import die_with_parent
 
 log = logging.getLogger("sie.worker.export")
@@ -126,7 +128,7 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, 
         graph_names = list(PACKED_INPUTS)
         axes = {name: {0: "tokens"} for name in graph_names}
         axes["gather_index"] = axes["attention_mask"] = {0: "batch", 1: "sequence"}
-        wrapper = PackedEncoder(model.model)
+        wrapper = PackedEncoder(model.model) if hidden_state_head(head) else PackedClassifier(model.model)
     else:
         sample = tokenize(tokenizer, head, EXPORT_TEXTS, EXPORT_PAIRS, padding=True, return_tensors="pt")
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
@@ -248,6 +250,14 @@ def image_head_probes(weights_dir: Path, head: str) -> tuple[list[dict[str, np.n
     return image_probes(steps), {"image_steps": msgspec.to_builtins(steps)}
 
 
+def packable(model: torch.nn.Module, head: str) -> bool:
+    """Whether export_packed reproduces `head` over this checkpoint: a BERT-shaped encoder's last hidden state, or its
+    sequence or token classification head."""
+    if hidden_state_head(head):
+        return unpackable(model.model) is None
+    return head in (SEQUENCE_LOGITS, TOKEN_LOGITS) and classifier_unpackable(model.model) is None
+
+
 def export_checked(model: torch.nn.Module, tokenizer: Any, names: list[str], staging: Path, head: str,
                    image_feeds: list[dict[str, np.ndarray]], packed: bool,
                    ) -> tuple[list[str], dict[str, np.ndarray], float]:
@@ -284,7 +294,7 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN, padded: b
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
-        packed = not padded and hidden_state_head(head) and unpackable(model.model) is None
+        packed = not padded and packable(model, head)
         names, probe, cosine = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
         if packed and cosine < min_agreement(head):
             log.warning("the packed graph of %s disagrees with torch (agreement %.6f); exporting it padded",

@@ -3,15 +3,26 @@ as transformers' forward, with the linear layers, layer norms and residuals over
 to end `[N, H]`; only attention sees padded rows `[B, L]` (adapters.packed_feed holds the layout and why).
 
 Packed here: BertModel, RobertaModel and XLMRobertaModel (MiniLM, BGE, E5, GTE, BGE-M3 and their kin), whose layers
-are transformers' post-norm blocks with absolute positions. Any other encoder is exported padded. The export helper
-checks a packed graph against transformers' own forward on the probe batches, as it checks every graph, and exports
-padded instead where it disagrees.
+are transformers' post-norm blocks with absolute positions, for their last hidden state; and their sequence and token
+classification heads (cross-encoders such as ms-marco-MiniLM and bge-reranker, NER taggers) over it. Any other
+encoder or head is exported padded. The export helper checks a packed graph against transformers' own forward on the
+probe batches, as it checks every graph, and exports padded instead where it disagrees.
 """
 
 from __future__ import annotations
 
 import torch
 
+# The classification heads over the last hidden state [B, L, H], as transformers' forward applies them (dropout is the
+# identity in eval): BERT's pools the [CLS] row through its pooler; RoBERTa's sequence head reads the [CLS] row itself.
+CLASSIFIERS = {
+    "BertForSequenceClassification": lambda model, hidden: model.classifier(model.bert.pooler(hidden)),
+    "RobertaForSequenceClassification": lambda model, hidden: model.classifier(hidden),
+    "XLMRobertaForSequenceClassification": lambda model, hidden: model.classifier(hidden),
+    "BertForTokenClassification": lambda model, hidden: model.classifier(hidden),
+    "RobertaForTokenClassification": lambda model, hidden: model.classifier(hidden),
+    "XLMRobertaForTokenClassification": lambda model, hidden: model.classifier(hidden),
+}
 # transformers' classes whose modules this forward reproduces, with where their position ids start: RoBERTa's count
 # from its padding index + 1 (create_position_ids_from_input_ids, for rows padded on the right), BERT's from 0.
 PACKABLE = ("BertModel", "RobertaModel", "XLMRobertaModel")
@@ -86,3 +97,25 @@ class PackedEncoder(torch.nn.Module):
     def padded(flat: torch.Tensor, gather_index: torch.Tensor) -> torch.Tensor:
         """[N, D] tokens into padded rows [B, L, D], zeros at padding (gather_index names row N, appended here)."""
         return torch.cat([flat, flat.new_zeros(1, flat.shape[1])])[gather_index]
+
+
+class PackedClassifier(torch.nn.Module):
+    """A sequence or token classification model's float32 logits ([B, labels] or [B, L, labels]) from a packed call:
+    its encoder packed (PackedEncoder), its head over the padded hidden state as transformers applies it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.encoder = PackedEncoder(model.base_model)  # type: ignore[arg-type]
+        self.head = CLASSIFIERS[type(model).__name__]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.model, self.encoder(*inputs))
+        return logits.float()
+
+
+def classifier_unpackable(model: torch.nn.Module) -> str | None:
+    """Why a classification model cannot be exported packed, or None when it can."""
+    if type(model).__name__ not in CLASSIFIERS:
+        return f"{type(model).__name__} is not one of {', '.join(CLASSIFIERS)}"
+    return unpackable(model.base_model)  # type: ignore[arg-type]

@@ -149,3 +149,43 @@ def test_a_packed_graph_computes_the_expansion_tokens_attention_ignores(tmp_path
         want = AutoModel.from_pretrained(weights).eval()(**{k: torch.from_numpy(v) for k, v in feed.items()})
     got = graph_runtime.OrtRuntime(graph, threads=1, lanes=1).run({**feed, COMPUTED: np.ones_like(feed["input_ids"])})
     np.testing.assert_allclose(got, want.last_hidden_state.numpy(), atol=2e-5, rtol=0)
+
+
+def classifier_checkpoint(arch: str, kind: str, folder: Path) -> Path:
+    """A tiny seeded sequence or token classifier over the architecture's tiny backbone and tokenizer."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    backbone = build_backbone(arch, folder / "backbone")
+    config = AutoConfig.from_pretrained(backbone, num_labels=3)
+    torch.manual_seed(1)
+    sequence = kind == graph_cache.SEQUENCE_LOGITS
+    auto = AutoModelForSequenceClassification if sequence else AutoModelForTokenClassification
+    auto.from_config(config).eval().save_pretrained(folder / "model")
+    AutoTokenizer.from_pretrained(backbone).save_pretrained(folder / "model")
+    return folder / "model"
+
+
+@pytest.mark.parametrize("kind", [graph_cache.SEQUENCE_LOGITS, graph_cache.TOKEN_LOGITS])
+@pytest.mark.parametrize("arch", ["bert", "xlm-roberta"])
+def test_a_packed_classifier_gives_transformers_logits(arch: str, kind: str, tmp_path: Path) -> None:
+    """Cross-encoders (pairs, the [CLS] row through BERT's pooler or RoBERTa's head) and token classifiers."""
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    weights = classifier_checkpoint(arch, kind, tmp_path)
+    export_graph.export_folder(weights, tmp_path / "graph", kind)
+    graph = graph_cache.read_graph(tmp_path / "graph")
+    assert graph is not None and graph.packed and graph.head == kind
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    if kind == graph_cache.SEQUENCE_LOGITS:
+        batch = tokenizer(TEXTS[:4], TEXTS[4:8], padding=True, return_tensors="np")
+        auto: type = AutoModelForSequenceClassification
+    else:
+        batch = tokenizer(TEXTS, padding=True, return_tensors="np")
+        auto = AutoModelForTokenClassification
+    feed = {name: np.asarray(batch[name], np.int64) for name in graph.input_names}
+    with torch.inference_mode():
+        want = auto.from_pretrained(weights).eval()(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
+    got = graph_runtime.OrtRuntime(graph, threads=1, lanes=1).run(feed)
+    if kind == graph_cache.TOKEN_LOGITS:  # a padding row's logits are never read
+        got, want = real_tokens(got, feed["attention_mask"]), real_tokens(want, feed["attention_mask"])
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
