@@ -35,7 +35,7 @@ from sie_worker.adapters.export_lock import export_lock, export_slot, remove_sta
 log = logging.getLogger("sie.worker.graph")
 
 # Bumped whenever the folder's contents change meaning, so that an older cache is exported again, not misread.
-GRAPH_FORMAT = 5
+GRAPH_FORMAT = 6
 # How a graph takes its inputs (graph.json's `layout`): padded rows [B, L], or a packed graph's real tokens end to end
 # (adapters.packed_feed), which the runtime builds from the same padded feeds.
 PADDED = "padded"
