@@ -225,3 +225,50 @@ def test_the_probe_runs_once_per_cache_entry_and_covers_the_longest_input(
     cosine = graph_cache.masked_min_cosine(short_hidden, wrong.run(short_feed), short_feed["attention_mask"])
     assert cosine >= graph_cache.MIN_COSINE, "the short texts alone would have passed it"
     assert real(wrong, graph) < graph_cache.MIN_COSINE
+
+
+@pytest.mark.parametrize("head", [graph_cache.HIDDEN, graph_cache.SEQUENCE_LOGITS, graph_cache.TOKEN_LOGITS,
+                                  graph_cache.splade_head("max", "relu"), graph_cache.CLIP_TEXT])
+def test_an_output_that_is_not_finite_never_agrees(head: str) -> None:
+    """NaN compares false with every bar, so a NaN agreement would pass `cosine < bar` checks: it counts as -1."""
+    shape = (2, 3) if head in (graph_cache.SEQUENCE_LOGITS, graph_cache.CLIP_TEXT) else (2, 4, 3)
+    expected = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    mask = np.ones((2, 4), np.int64)
+    assert graph_cache.agreement(head, expected, expected.copy(), mask) == pytest.approx(1.0)
+    for bad in (np.nan, np.inf):
+        got = expected.copy()
+        got[0, 0] = bad
+        assert graph_cache.agreement(head, expected, got, mask) == -1.0
+        assert graph_cache.agreement(head, got, expected, mask) == -1.0
+
+
+def test_a_runtime_whose_probe_output_is_nan_is_rejected(weights: Path, tmp_path: Path) -> None:
+    graph = graph_cache.ensure_graph(weights, tmp_path / "graphs")
+    assert graph is not None
+
+    class NaNOnLong:
+        """ONNX Runtime's output, NaN on the long probe only (the second batch: min() over NaN kept the first)."""
+
+        def __init__(self) -> None:
+            self.inner = graph_runtime.OrtRuntime(graph, 1, 1)
+
+        def run(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+            hidden = self.inner.run(feed)
+            return np.full_like(hidden, np.nan) if hidden.shape[1] > 64 else hidden
+
+    assert graph_runtime.probe_cosine(NaNOnLong(), graph) == -1.0  # type: ignore[arg-type]
+
+
+def test_the_helper_refuses_a_graph_whose_output_is_nan(tiny_dir: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export's own check against torch: a graph that computes NaN is neither written packed nor padded."""
+    from sie_worker import export_graph
+
+    real = export_graph.onnx_hidden
+
+    def nan_outputs(*args: Any, **kwargs: Any) -> list[np.ndarray]:
+        return [np.full_like(hidden, np.nan) for hidden in real(*args, **kwargs)]
+
+    monkeypatch.setattr(export_graph, "onnx_hidden", nan_outputs)
+    assert export_graph.main([str(tiny_dir), str(tmp_path / "graph")]) == graph_cache.NOT_EXPORTABLE
+    assert not (tmp_path / "graph").exists()

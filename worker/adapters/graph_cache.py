@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -292,7 +293,13 @@ def agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray
     lowest cosine per real token (hidden states) or per row (CLIP embeddings); for logits, 1 minus the largest error
     relative to the largest logit (at least 1), as a cosine of a one-label head's scalar says nothing, over the real
     tokens only for a token head (a padding row's logits are never read); for SPLADE weights, 1 minus the largest
-    error."""
+    error. -1 where either side is not finite: a NaN compares false with every bar, so it would pass one."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # judged below, not warned about
+        value = _agreement(head, expected, got, mask)
+    return value if math.isfinite(value) else -1.0
+
+
+def _agreement(head: str, expected: np.ndarray, got: np.ndarray, mask: np.ndarray | None) -> float:
     if per_token_head(head):
         assert mask is not None, "a per-token output is judged over its real tokens"
     if hidden_state_head(head):
