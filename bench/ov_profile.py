@@ -2,6 +2,7 @@
 on one stream, by operator type and kernel, against torch's bf16 GEMM rate on the same threads.
 
     .venv/bin/python bench/ov_profile.py --rows 13 --length 40 --threads 1
+    .venv/bin/python bench/ov_profile.py --graph /tmp/variant --precision f32   # another export, another precision
 
 The rows get lengths between length - 7 and length (padded to `length`, as a bucket is), so the attention masks
 are those of a real call. The graph is the one the worker serves, from the engine cache (exported first if missing).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import collections
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -60,15 +62,22 @@ def main() -> None:
     p.add_argument("--length", type=int, default=40)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=20)
+    p.add_argument("--precision", default="bf16", help="OpenVINO's inference precision hint")
+    p.add_argument("--graph", help="a graph folder (export_graph's output) instead of the one the worker serves")
     a = p.parse_args()
     import openvino as ov
-
+    from sie_worker.adapters import graph_cache
     from sie_worker.adapters.graph_runtime import graph_feed
 
-    graph = served_graph()
+    if a.graph:
+        graph = graph_cache.read_graph(Path(a.graph))
+        assert graph is not None, f"no graph in {a.graph}"
+    else:
+        graph = served_graph()
     core = ov.Core()
     compiled = core.compile_model(core.read_model(graph.openvino_path), "CPU", {
-        "INFERENCE_NUM_THREADS": a.threads, "NUM_STREAMS": 1, "PERF_COUNT": True, "INFERENCE_PRECISION_HINT": "bf16"})
+        "INFERENCE_NUM_THREADS": a.threads, "NUM_STREAMS": 1, "PERF_COUNT": True,
+        "INFERENCE_PRECISION_HINT": a.precision})
     request, inputs = compiled.create_infer_request(), graph_feed(graph)(feed(a.rows, a.length))
     for _ in range(3):
         request.infer(inputs)
