@@ -30,7 +30,8 @@ def _msgpack_hook(obj: Any) -> Any:
     raise NotImplementedError(f"cannot encode {type(obj).__name__} as msgpack")
 
 
-def _json_hook(obj: Any) -> Any:
+def json_hook(obj: Any) -> Any:
+    """numpy arrays as nested lists and numpy scalars as Python numbers (msgspec's `enc_hook`)."""
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     if isinstance(obj, np.generic):
@@ -39,7 +40,7 @@ def _json_hook(obj: Any) -> Any:
 
 
 _msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_msgpack_hook)
-_json_encoder = msgspec.json.Encoder(enc_hook=_json_hook)
+_json_encoder = msgspec.json.Encoder(enc_hook=json_hook)
 
 
 def encode_msgpack(obj: Any) -> bytes:

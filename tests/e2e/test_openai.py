@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import httpx
 import numpy as np
@@ -39,6 +40,22 @@ def test_explicit_base64_is_little_endian_float32(server: Server, reference: np.
     vectors = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in body["data"]])
     precision.assert_vectors_close(vectors, reference[:2])
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 4
+
+
+def test_json_floats_are_float32s_shortest_form(server: Server) -> None:
+    """Each float reads back to exactly the float32 that base64 carries, written in at most 9 significant digits
+    (float32's shortest round-trip form, as TEI writes it), not the 17 of its float64 widening."""
+    def post(encoding_format: str) -> httpx.Response:
+        return httpx.post(f"{server.url}/v1/embeddings", json={"model": MINILM, "input": SENTENCES[:3],
+                                                                "encoding_format": encoding_format})
+
+    raw = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
+                    for d in post("base64").json()["data"]])
+    literals = [d["embedding"] for d in json.loads(post("float").content, parse_float=str)["data"]]
+    assert np.array_equal(np.asarray(literals, dtype=np.float32), raw)  # read as a client does: a float, then float32
+    digits = [len(text.lower().split("e")[0].replace("-", "").replace(".", "").strip("0")) for row in literals
+              for text in row]
+    assert max(digits) <= 9 and np.mean(digits) < 9
 
 
 def test_dimensions_renormalises_on_v1_and_slices_on_root(server: Server) -> None:
