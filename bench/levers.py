@@ -60,7 +60,8 @@ def _adapter_for(config: dict[str, int], threads: int):
 def padded_adapter(spec: WorkerSpec):
     """The lean adapter over MiniLM's graph exported padded (`export_graph --padded`), for an A/B against the packed
     graph the engine cache holds."""
-    folder = Path(__file__).resolve().parent.parent / ".cache" / "bench" / f"graph-padded-{graph_cache.GRAPH_FORMAT}"
+    name = f"graph-padded-{graph_cache.GRAPH_FORMAT}-{graph_cache.exporter_digest()}"
+    folder = Path(__file__).resolve().parent.parent / ".cache" / "bench" / name
     if graph_cache.read_graph(folder) is None:
         subprocess.run([sys.executable, "-m", "sie_worker.export_graph", spec.weights_dir, str(folder), "--padded"],
                        check=True)

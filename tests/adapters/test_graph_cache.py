@@ -272,3 +272,23 @@ def test_the_helper_refuses_a_graph_whose_output_is_nan(tiny_dir: Path, tmp_path
     monkeypatch.setattr(export_graph, "onnx_hidden", nan_outputs)
     assert export_graph.main([str(tiny_dir), str(tmp_path / "graph")]) == graph_cache.NOT_EXPORTABLE
     assert not (tmp_path / "graph").exists()
+
+
+def test_a_change_to_the_export_code_changes_every_cache_key(tiny_dir: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry exported by other export code is never read as this code's: its source is in the key."""
+    names = {path.name for path in graph_cache.exporter_sources()}
+    assert {"export_graph.py", "export_packed.py", "export_heads.py", "packed_feed.py"} <= names
+    worker = tmp_path / "worker"
+    (worker / "adapters").mkdir(parents=True)
+    (worker / "export_graph.py").write_text("ATTENTION = 'sdpa'\n")
+    (worker / "adapters" / "packed_feed.py").write_text("TOKEN_MULTIPLE = 8\n")
+    digest = graph_cache.exporter_digest.__wrapped__  # uncached: the same folder is read twice
+    before = digest(worker)
+    (worker / "export_graph.py").write_text("ATTENTION = 'eager'\n")
+    assert digest(worker) != before
+    keys = set()
+    for code in ("one", "another"):
+        monkeypatch.setattr(graph_cache, "exporter_digest", lambda code=code: code)
+        keys.add(graph_cache.cache_key(tiny_dir))
+    assert len(keys) == 2

@@ -12,6 +12,7 @@ the worker that serves never maps torch's libraries; one per key at a time (expo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -177,10 +178,31 @@ def _key_files(weights_dir: Path) -> list[Path]:
             if path.is_file() and path.suffix in KEY_SUFFIXES and path.name not in NOT_GRAPH_FILES]
 
 
+# The sie_worker package folder: the export helper's modules, read by exporter_digest.
+WORKER_DIR = Path(__file__).resolve().parent.parent
+
+
+def exporter_sources(worker_dir: Path = WORKER_DIR) -> list[Path]:
+    """The modules whose code decides what an export writes: the helper and its heads (`export_*.py`) and the packed
+    layout it traces (`adapters/packed_feed.py`)."""
+    return [*sorted(worker_dir.glob("export_*.py")), worker_dir / "adapters" / "packed_feed.py"]
+
+
+@functools.cache
+def exporter_digest(worker_dir: Path = WORKER_DIR) -> str:
+    """A digest of `exporter_sources`' bytes, read, never imported (they import torch). In every cache key, so that a
+    change to the export code re-exports even where nobody bumped GRAPH_FORMAT: a cache entry written by a
+    prototype of the packed export once outlived its code and was what two rounds of benchmarks measured."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in exporter_sources(worker_dir):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _versions(head: str = HIDDEN) -> str:
     packages = EXPORTER_PACKAGES + (IMAGE_PACKAGES if head == CLIP_IMAGE else ())
     versions = " ".join(f"{name}={_version(name)}" for name in packages)
-    return f"format{GRAPH_FORMAT} opset{OPSET} head={head} {versions}"
+    return f"format{GRAPH_FORMAT} opset{OPSET} exporter={exporter_digest()} head={head} {versions}"
 
 
 def cache_key(weights_dir: Path, head: str = HIDDEN) -> str:
