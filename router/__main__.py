@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
                        help="lean dense workers: forward calls side by side (ONNX Runtime calls of worker threads / N "
                             "threads each, default one thread each; OpenVINO streams, default 1)")
     serve.add_argument("--max-batch-items", type=int,
-                       help="most items in one batch (default: 64 on CPU; on GPUs the token budget decides)")
+                       help="most items in one batch (default on CPU: 64 joined from separate requests, 256 of one "
+                            "client batch; on GPUs the token budget decides)")
     serve.add_argument("--max-wait-ms", type=float,
                        help="while the worker is busy, how long a batch waits to fill until the worker's pace is "
                             "learned; after that it leaves just before the worker needs it (default 2; 0 never waits)")

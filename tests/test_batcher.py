@@ -69,6 +69,33 @@ async def test_big_client_batches_are_split_and_reassembled_in_order() -> None:
     await batcher.close()
 
 
+async def test_a_client_batch_stays_whole_up_to_the_request_cap_while_joined_requests_stop_at_the_item_cap() -> None:
+    recorder = Gated()
+    batcher = make(recorder, max_items=4, max_request_items=8, max_wait_ms=0, in_flight=1)
+    big = asyncio.create_task(batcher.submit("k", [f"x{i}" for i in range(10)], [1] * 10))
+    await until(lambda: len(recorder.batches) == 1)
+    # Single-item requests queue behind it: joined (with the client batch's last 2 items), they stop at the item cap.
+    small = [asyncio.create_task(batcher.submit("k", [f"s{i}"], [1])) for i in range(6)]
+    await until(lambda: batcher.queued_items == 2 + 6)
+    recorder.gate.set()
+    assert await big == [f"out:x{i}" for i in range(10)]
+    assert [await task for task in small] == [[f"out:s{i}"] for i in range(6)]
+    assert recorder.batches[0] == [f"x{i}" for i in range(8)]  # one batch of 8, over the item cap of 4
+    assert all(len(b) <= 4 for b in recorder.batches[1:]) and sum(map(len, recorder.batches[1:])) == 2 + 6
+    await batcher.close()
+
+
+async def test_a_client_batch_is_cut_at_the_token_budget_shortest_first() -> None:
+    recorder = Recorder()
+    batcher = make(recorder, max_items=64, max_request_items=64, max_tokens=10, max_wait_ms=0, in_flight=1)
+    costs = [4, 9, 3, 3, 12, 2]
+    items = [f"t{cost}_{i}" for i, cost in enumerate(costs)]
+    assert await batcher.submit("k", items, costs) == [f"out:{item}" for item in items]
+    # Length order 2, 3, 3, 4 | 9 | 12: each entry within 10 tokens, an item over the budget alone.
+    assert recorder.batches == [["t2_5", "t3_2", "t3_3"], ["t4_0"], ["t9_1"], ["t12_4"]]
+    await batcher.close()
+
+
 async def test_token_budget_and_keys_separate_batches() -> None:
     recorder = Recorder()
     batcher = make(recorder, max_tokens=10, max_wait_ms=20)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sie_router.models.registry import build_registry
-from sie_router.pool.batcher import CPU_BATCH_ITEMS, item_cap
+from sie_router.pool.batcher import CPU_BATCH_ITEMS, CPU_REQUEST_ITEMS, item_cap
 from sie_router.pool.devices import available_cpus, cgroup_cpu_quota, detect
 from sie_router.pool.pool import WorkerPool
 from sie_router.pool.slots import ModelState
@@ -46,7 +46,11 @@ async def test_on_a_gpu_the_token_budget_sizes_a_batch_and_the_item_cap_follows(
     assert (gpu.max_tokens, gpu.max_items) == (16384, 1024)  # the profile's budget, at 16 tokens an item
     cpu = pools("cpu").batch_limits(MODEL)
     assert (cpu.max_tokens, cpu.max_items) == (16384, CPU_BATCH_ITEMS)
-    assert pools(max_batch_items=200).batch_limits(MODEL).max_items == 200  # --max-batch-items stays an override
+    # A client batch stays whole further on the CPU (up to CPU_REQUEST_ITEMS); on a GPU the item cap already holds it.
+    assert (cpu.request_items, gpu.request_items) == (CPU_REQUEST_ITEMS, 1024)
+    override = pools(max_batch_items=200).batch_limits(MODEL)
+    assert (override.max_items, override.request_items) == (200, 200)  # --max-batch-items caps every batch
+    assert pools("cpu", max_batch_items=8).batch_limits(MODEL).request_items == 8
     # A profile without a budget of its own gets the GPU's, and the worker's spec the same figure.
     config = pools().registry.configs[MODEL]
     config.profiles["default"].max_batch_tokens = None

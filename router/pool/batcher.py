@@ -1,11 +1,12 @@
 """Per-model batching (router process): TEI's queue, in asyncio.
 
-Requests enqueue `Entry`s (a client batch is split so no entry exceeds the item cap). One task per model forms
-batches:
+Requests enqueue `Entry`s (a client batch is cut, in length order, into entries within the request item cap and the
+token budget). One task per model forms batches:
   1. wait for an entry; while a batch runs, hold the next one back until the worker is about to need it (the
      `Pacer` learns when; `max_wait_ms` until it knows, 0 turns waiting off) or a full batch is waiting;
   2. take the oldest live entry, then fill from a bounded window of entries with the same batch key, closest in
-     length first, so padding stays small, under the item cap and the token budget;
+     length first, so padding stays small, under the item cap and the token budget (one request's entry may hold more
+     items than the item cap: it is never joined then);
   3. skip entries whose request has gone (its future was cancelled);
   4. keep at most `in_flight` batches at the worker, so the next batch is ready while one runs;
   5. if a shared batch fails on one request's input, re-run its requests one by one so only that one fails;
@@ -62,6 +63,14 @@ RunBatch = Callable[[Any, list[Any]], Awaitable[BatchReport]]
 # holds at GPU_TOKENS_PER_ITEM tokens an item, so that short texts fill a GPU's forward.
 CPU_BATCH_ITEMS = 64
 GPU_TOKENS_PER_ITEM = 16
+# On the CPU one client batch stays one batch up to this many items (and the token budget), while batches joined from
+# separate requests stop at CPU_BATCH_ITEMS. The worker then buckets by length over the whole request, and its two
+# streams wait for each other once per request instead of once per 64 items: b256c1 (a client sending 256 corpus
+# sentences at a time) 364 -> 390-393 sentences/s through the server, and a batch of 64 runs at 369-383 sentences/s in
+# process against 389-394 for 256 (bench/README.md, "one request, one batch"). Fairness is unchanged: the queue is
+# FIFO, so a request arriving behind a client batch waited for all of it anyway. Joining more separate requests per
+# batch (an item cap of 256) left c128's throughput as it was and its p99 413 -> 520 ms, so that cap stays at 64.
+CPU_REQUEST_ITEMS = 256
 
 
 def item_cap(setting: int, max_tokens: int, gpu: bool) -> int:
@@ -71,6 +80,14 @@ def item_cap(setting: int, max_tokens: int, gpu: bool) -> int:
     return max(CPU_BATCH_ITEMS, max_tokens // GPU_TOKENS_PER_ITEM) if gpu else CPU_BATCH_ITEMS
 
 
+def request_item_cap(setting: int, max_items: int, gpu: bool) -> int:
+    """The most items of one client batch in one batch: the setting when given (it caps every batch), else the item
+    cap on a GPU, and CPU_REQUEST_ITEMS on the CPU."""
+    if setting > 0 or gpu:
+        return max_items
+    return max(max_items, CPU_REQUEST_ITEMS)
+
+
 @dataclass
 class BatchLimits:
     max_items: int = CPU_BATCH_ITEMS
@@ -78,6 +95,11 @@ class BatchLimits:
     max_wait_ms: float = 2.0
     max_queue_items: int = 512
     in_flight: int = 2
+    max_request_items: int = 0  # items of one client batch per entry; 0: max_items
+
+    @property
+    def request_items(self) -> int:
+        return self.max_request_items or self.max_items
 
 
 @dataclass
@@ -108,8 +130,8 @@ class Batcher:
         self._loop_task.start()
 
     async def submit(self, key: Any, items: list[Any], costs: list[int]) -> Any:
-        """Queue the items (split into entries of at most `max_items`) and return their outputs in order: a list,
-        or the batch outputs' own type when it has `join` (slices of one array, never row by row)."""
+        """Queue the items (cut into `entries`) and return their outputs in order: a list, or the batch outputs' own
+        type when it has `join` (slices of one array, never row by row)."""
         if len(items) > self.limits.max_queue_items:
             raise SIEError(ErrorCode.INVALID_INPUT, f"{len(items)} items is more than this model's queue can ever hold "
                            f"({self.limits.max_queue_items}); split the request", param="items")
@@ -117,12 +139,11 @@ class Batcher:
             raise SIEError(ErrorCode.QUEUE_FULL,
                            f"model '{self.name}' has {self.queued_items} items queued; retry shortly")
         loop = asyncio.get_running_loop()
-        step = self.limits.max_items
         # A big client batch is cut in length order, so each entry pads little; outputs are put back in order below.
         order = sorted(range(len(items)), key=costs.__getitem__)
         waiting = self.tracing.waiting() if self.tracing is not None else None
-        entries = [Entry(key, [items[j] for j in order[i:i + step]], [costs[j] for j in order[i:i + step]],
-                         loop.create_future(), waiting=waiting) for i in range(0, len(items), step)]
+        entries = [Entry(key, [items[j] for j in part], [costs[j] for j in part], loop.create_future(), waiting=waiting)
+                   for part in self._cut(order, costs)]
         self.queue.extend(entries)
         self._set_queued(self.queued_items + len(items))
         self._wakeup.set()
@@ -140,6 +161,20 @@ class Batcher:
         for position, output in zip(order, (out for part in parts for out in part), strict=True):
             outputs[position] = output
         return outputs
+
+    def _cut(self, order: list[int], costs: list[int]) -> list[list[int]]:
+        """A client batch's item indices (in length order) cut into entries of at most `request_items` items and,
+        unless one item alone is over it, of at most `max_tokens` tokens."""
+        parts: list[list[int]] = [[]]
+        tokens = 0
+        for index in order:
+            part = parts[-1]
+            if part and (len(part) >= self.limits.request_items or tokens + costs[index] > self.limits.max_tokens):
+                parts.append(part := [])
+                tokens = 0
+            part.append(index)
+            tokens += costs[index]
+        return parts
 
     def _take(self) -> list[Entry]:
         """Step 2: the oldest live entry plus similar-length entries of the same key, within the limits. The batch is

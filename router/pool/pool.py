@@ -21,7 +21,7 @@ from sie_router.errors import SIEError
 from sie_router.loops import Loop
 from sie_router.models.config import ModelConfig
 from sie_router.models.registry import Registry
-from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch, item_cap
+from sie_router.pool.batcher import Batcher, BatchLimits, RunBatch, item_cap, request_item_cap
 from sie_router.pool.devices import Devices
 from sie_router.pool.eviction import Evictor
 from sie_router.pool.ipc import WorkerLost
@@ -116,8 +116,10 @@ class WorkerPool:
         """A model's batch limits: on a server with GPUs, sized by tokens with the item cap following."""
         gpu = self.placement.has_gpus
         tokens = self.slots[key].config.max_batch_tokens(gpu=gpu)
-        return BatchLimits(max_items=item_cap(self.settings.max_batch_items, tokens, gpu), max_tokens=tokens,
-                           max_wait_ms=self.settings.max_wait_ms, max_queue_items=self.settings.max_queue_items)
+        items = item_cap(self.settings.max_batch_items, tokens, gpu)
+        return BatchLimits(max_items=items, max_tokens=tokens, max_wait_ms=self.settings.max_wait_ms,
+                           max_queue_items=self.settings.max_queue_items,
+                           max_request_items=request_item_cap(self.settings.max_batch_items, items, gpu))
 
     async def drain(self, key: str, deadline_s: float) -> bool:
         """Wait, up to the deadline, until a model's admitted requests have been answered; whether they were."""
