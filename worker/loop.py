@@ -26,7 +26,7 @@ import zmq
 from sie_sdk.codes import ErrorCode
 from sie_worker import cuda, protocol, telemetry, tokens
 from sie_worker.adapters import build_adapter, graph_cache
-from sie_worker.adapters.base import Adapter, BadInput, Prepared, UnsupportedTask, torch_precision
+from sie_worker.adapters.base import Adapter, BadInput, Prepared, StartsEarly, UnsupportedTask, torch_precision
 from sie_worker.failures import batch_failure_code, load_error_class
 from sie_worker.parent import die_with_parent
 from sie_worker.protocol import (
@@ -171,6 +171,8 @@ class Worker:
             try:
                 item: Any = (_Answered(message, adapter) if isinstance(message, TokenizeBatch | DecodeBatch)
                              else adapter.prepare(message))
+                if isinstance(item, Prepared) and isinstance(adapter, StartsEarly):
+                    adapter.start(item)  # its forward calls queue behind the running batch's (Lanes.start)
             except Exception as exc:
                 item = _Failed(message.batch_id, batch_failure_code(exc), f"{type(exc).__name__}: {exc}")
             self.trace(trace, "sie.worker.tokenize", message.batch_id, started)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from sie_worker.adapters import build_adapter
-from sie_worker.adapters.base import Adapter
+from sie_worker.adapters.base import Adapter, StartsEarly
 from sie_worker.options import FAMILY_OPTIONS, FamilyOptions
 from sie_worker.protocol import EncodeBatch, EncodeResult, InputItem, ScoreBatch, ScoreResult, WorkerSpec
 from tests import tiny_models
@@ -94,10 +94,14 @@ def make_adapter() -> Iterator[MakeAdapter]:
 
 def encode(adapter: Adapter, texts: list[str], output_types: list[str], *, is_query: bool = False,
            options: dict[str, Any] | None = None) -> EncodeResult:
-    """One batch through the adapter as the worker runs it: prepare, then forward."""
+    """One batch through the adapter as the worker runs it: prepare, start (where the adapter starts early), then
+    forward."""
     batch = EncodeBatch(batch_id=1, items=[InputItem(text=t) for t in texts], output_types=output_types,
                         is_query=is_query, options=options or {})
-    result = adapter.forward(adapter.prepare(batch))
+    prepared = adapter.prepare(batch)
+    if isinstance(adapter, StartsEarly):
+        adapter.start(prepared)
+    result = adapter.forward(prepared)
     assert isinstance(result, EncodeResult)
     return result
 

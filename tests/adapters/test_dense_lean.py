@@ -26,6 +26,7 @@ from sie_router.settings import Settings
 from sie_worker import tokens
 from sie_worker.adapters import dense_lean, graph_cache, graph_runtime
 from sie_worker.adapters.base import BadInput, InputTooLong
+from sie_worker.adapters.batching import split_for_lanes
 from sie_worker.adapters.dense import DenseAdapter
 from sie_worker.adapters.dense_lean import LeanDenseAdapter
 from sie_worker.adapters.text_tokenizer import TextTokenizer
@@ -275,6 +276,41 @@ def test_lanes_run_buckets_side_by_side_and_agree_with_one_lane(make_adapter: Ma
     lone = encode(lanes, ["one lone sentence"], ["dense"]).dense.numpy()
     assert not callers and alone == [1], "a lone bucket runs alone, on every thread"
     assert cosines(lone, encode(single, ["one lone sentence"], ["dense"]).dense.numpy()).min() > 0.99999
+
+
+def test_a_batch_started_early_runs_behind_the_running_batch_on_a_freed_lane(make_adapter: MakeAdapter,
+                                                                             minilm_dir: Path, cache: Path) -> None:
+    """The worker's prepare thread starts batch n+1 while batch n runs: a lane that is done with batch n's calls
+    takes batch n+1's before anyone has waited on batch n, and both batches get the vectors they get alone."""
+    adapter = lean(make_adapter, minilm_dir, cache, "openvino", options={"onnx_lanes": 2})
+    first_texts, second_texts = TEXTS[:20], TEXTS[20:]
+    first, second = (adapter.prepare(EncodeBatch(batch_id=i, items=[InputItem(text=t) for t in texts],
+                                                 output_types=["dense"]))
+                     for i, texts in ((1, first_texts), (2, second_texts)))
+    second_ids = [feed["input_ids"] for _, feed in split_for_lanes(second.inputs, 2)]
+    run = adapter.lanes.runtime.run
+    release_first, second_began = threading.Event(), threading.Event()
+    held: list[int] = []
+
+    def gated(feed: dict[str, np.ndarray]) -> np.ndarray:
+        if not held:  # the first call of all (the first batch's longest) holds its lane until released
+            held.append(id(feed))
+            assert release_first.wait(120)
+        if any(ids.shape == feed["input_ids"].shape and (ids == feed["input_ids"]).all() for ids in second_ids):
+            second_began.set()
+        return run(feed)
+
+    adapter.lanes.runtime.run = gated
+    adapter.start(first)
+    adapter.start(second)
+    assert len(first.extra["started"][0]) >= 2, "the first batch has a call for each lane"
+    # Nobody waits on the first batch, and its longest call still holds a lane: the other lane has gone on.
+    assert second_began.wait(120), "the second batch's calls began on the lane the first batch freed"
+    release_first.set()
+    got_first, got_second = adapter.forward(first).dense.numpy(), adapter.forward(second).dense.numpy()
+    adapter.lanes.runtime.run = run
+    assert cosines(got_first, encode(adapter, first_texts, ["dense"]).dense.numpy()).min() > 0.99999
+    assert cosines(got_second, encode(adapter, second_texts, ["dense"]).dense.numpy()).min() > 0.99999
 
 
 def test_an_unwritable_cache_exports_into_a_temporary_folder(make_adapter: MakeAdapter, minilm_dir: Path,

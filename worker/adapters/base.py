@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from sie_worker.protocol import EncodeBatch, ExtractBatch, Result, RunEngine, ScoreBatch, WorkerSpec
 
@@ -95,6 +95,14 @@ class Prepared:
     token_counts: list[int] = field(default_factory=list)
     tokenize_ms: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class StartsEarly(Protocol):
+    """An adapter that can begin a prepared batch's forward calls before its turn (queued behind the running
+    batch's), on the worker's prepare thread; its `forward` then waits for them."""
+
+    def start(self, prepared: Prepared) -> None: ...
 
 
 class Adapter(Protocol):

@@ -24,7 +24,6 @@ from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
 from sie_worker.adapters.base import Prepared, UnsupportedTask
 from sie_worker.adapters.batching import (
     Stopwatch,
-    split_for_lanes,
 )
 from sie_worker.adapters.st_config import DenseSettings, dense_settings
 from sie_worker.adapters.st_head import Head, WeightsNeedTorch
@@ -113,9 +112,7 @@ class LeanDenseAdapter(lean_engine.LeanAdapter):
         batch = prepared.batch
         assert isinstance(batch, EncodeBatch)
         pipeline, prompt_length = prepared.extra["pipeline"], prepared.extra["prompt_length"]
-        assert self.session.lanes is not None, "load() first"
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
         out = np.empty((len(batch.items), self.dim), dtype=np.float32)
-        for (indices, feed), hidden in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, feed), hidden in self.bucket_outputs(prepared):
             out[indices] = self.head(hidden, feed["attention_mask"], prompt_length, pipeline)
         return EncodeResult(token_counts=prepared.token_counts, dense=Tensor.from_numpy(out))

@@ -122,21 +122,30 @@ class Lanes:
         self.executor = ThreadPoolExecutor(runtime.lanes, thread_name_prefix="sie-lane") if runtime.lanes > 1 else None
 
     def run_all(self, feeds: list[Feed]) -> list[np.ndarray]:
-        if len(feeds) == 1:
-            hidden = [self.runtime.run_alone(feeds[0])]
-        elif self.executor is None:
-            hidden = [self.runtime.run(feed) for feed in feeds]
-        else:
-            order = sorted(range(len(feeds)), key=lambda i: -feed_size(feeds[i]))
-            done = dict(zip(order, self.executor.map(self.runtime.run, [feeds[i] for i in order]), strict=True))
-            hidden = [done[i] for i in range(len(feeds))]
+        return self.start(feeds)()
+
+    def start(self, feeds: list[Feed]) -> Callable[[], list[np.ndarray]]:
+        """Queue the feeds' calls on the lanes now, behind any queued before them, and return what waits for their
+        outputs, in order. A lane that finishes the last call of one batch so starts on the next batch's at once,
+        instead of idling until the slowest lane is done and the next batch is handed over. A lone feed (its own
+        model, every thread) or a single lane runs when waited on."""
+        if len(feeds) == 1 or self.executor is None:
+            return lambda: self._trimmed(feeds, [self.runtime.run_alone(feeds[0])] if len(feeds) == 1
+                                         else [self.runtime.run(feed) for feed in feeds])
+        executor = self.executor
+        futures = {i: executor.submit(self.runtime.run, feeds[i])
+                   for i in sorted(range(len(feeds)), key=lambda i: -feed_size(feeds[i]))}
+        return lambda: self._trimmed(feeds, [futures[i].result() for i in range(len(feeds))])
+
+    @staticmethod
+    def _trimmed(feeds: list[Feed], hidden: list[np.ndarray]) -> list[np.ndarray]:
         if sum(feed_size(feed) for feed in feeds) > TRIM_ABOVE_TOKENS:
             trim_heap()
         return hidden
 
     def close(self) -> None:
         if self.executor is not None:
-            self.executor.shutdown(wait=True)
+            self.executor.shutdown(wait=True, cancel_futures=True)
 
 
 class _Requests:

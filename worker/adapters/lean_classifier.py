@@ -17,7 +17,7 @@ from tokenizers import Encoding
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import BadInput, Prepared, UnsupportedTask, refuse_overflow
-from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
+from sie_worker.adapters.batching import Stopwatch, read_json
 from sie_worker.adapters.classifier_rules import hypothesis, label_index, option, sorted_classifications, texts_of
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.options import ClassifierOptions
@@ -118,9 +118,8 @@ class LeanClassifierAdapter(LeanAdapter):
     def forward(self, prepared: Prepared) -> ExtractResult:
         batch = prepared.batch
         assert isinstance(batch, ExtractBatch) and self.session.lanes is not None
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
         logits = np.empty((prepared.extra["rows"], self.session.graph.output_width), dtype=np.float32)
-        for (indices, _), out in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, _), out in self.bucket_outputs(prepared):
             logits[indices] = out
         raw = bool(option(batch, "raw_scores", self.options.raw_scores))
         if batch.labels:

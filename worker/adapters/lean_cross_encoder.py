@@ -15,7 +15,7 @@ import numpy as np
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import Prepared, UnsupportedTask
-from sie_worker.adapters.batching import Stopwatch, split_for_lanes
+from sie_worker.adapters.batching import Stopwatch
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.protocol import ScoreBatch, ScoreResult, Tensor, WorkerSpec
 from sie_worker.st_layout import read_layout
@@ -83,10 +83,9 @@ class LeanCrossEncoderAdapter(LeanAdapter):
 
     def forward(self, prepared: Prepared) -> ScoreResult:
         assert self.session.lanes is not None, "load() first"
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
         scores = np.empty(len(prepared.token_counts), dtype=np.float32)
         raw = np.empty_like(scores)
-        for (indices, _), logits in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, _), logits in self.bucket_outputs(prepared):
             scores[indices], raw[indices] = scores_from_logits(logits, self.activation)
         return ScoreResult(scores=Tensor.from_numpy(scores), raw=Tensor.from_numpy(raw),
                            token_counts=prepared.token_counts)

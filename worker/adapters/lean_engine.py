@@ -34,6 +34,7 @@ from sie_worker.adapters.batching import (
     Stopwatch,
     length_buckets,
     padded,
+    split_for_lanes,
 )
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.options import GraphEngineOptions
@@ -63,6 +64,10 @@ WARM_UP_FIRST_TOKENS = 32
 # hung runtime (graph_runtime.RuntimeHung), and the next runtime serves the model instead.
 WARM_UP_FLOOR_S = 60.0
 HUNG_FACTOR = 50
+# Where `LeanAdapter.start` leaves a prepared batch's begun calls for its forward.
+_STARTED = "started"
+# Buckets split for the lanes, and what waits for their outputs.
+StartedBuckets = tuple[list[Bucket], Callable[[], list[np.ndarray]]]
 
 
 class Openable(Protocol):
@@ -242,6 +247,13 @@ class GraphSession:
         assert self.lanes is not None, "open() first"
         return self.lanes.run_all(feeds)
 
+    def start(self, buckets: list[Bucket]) -> StartedBuckets:
+        """The buckets split so that every lane has work (`split_for_lanes`), their calls begun now on the lanes
+        (`Lanes.start`): calling the second element waits for their outputs, in order."""
+        assert self.lanes is not None, "open() first"
+        split = split_for_lanes(buckets, self.lanes.runtime.lanes)
+        return split, self.lanes.start([feed for _, feed in split])
+
     def warm_up(self) -> None:
         """A small call, then the largest call the token cap allows at the full length on each stream (unless the
         option `warm_up: small`) and a lone row of the full length on the lone-row model: the memory the worker
@@ -291,6 +303,17 @@ class LeanAdapter:
 
     def open(self) -> None:
         self.session.open()
+
+    def start(self, prepared: Prepared) -> None:
+        """Begin a prepared batch's forward calls now (`base.StartsEarly`): the worker's prepare thread does, while
+        the batch before it runs, so a lane done with that batch's calls goes straight on to this one's."""
+        prepared.extra[_STARTED] = self.session.start(prepared.inputs)
+
+    def bucket_outputs(self, prepared: Prepared) -> list[tuple[Bucket, np.ndarray]]:
+        """Each of the batch's buckets (split for the lanes) with the graph's output for it, from the calls `start`
+        began (begun here if it was not called)."""
+        buckets, outputs = prepared.extra.pop(_STARTED, None) or self.session.start(prepared.inputs)
+        return list(zip(buckets, outputs(), strict=True))
 
     def dims(self) -> dict[str, int]:
         return {}

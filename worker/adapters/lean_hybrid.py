@@ -14,7 +14,7 @@ import numpy as np
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import Prepared
-from sie_worker.adapters.batching import read_json, split_for_lanes
+from sie_worker.adapters.batching import read_json
 from sie_worker.adapters.hybrid_heads import HEAD_FILES, MAX_LENGTH, OUTPUTS, SKIP_ROLES, Outputs, check_batch
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.lean_multivector import NumpyProjection, l2_normalized
@@ -89,8 +89,7 @@ class LeanHybridAdapter(LeanAdapter):
         batch = prepared.batch
         assert isinstance(batch, EncodeBatch)
         out = Outputs.sized(len(prepared.token_counts))
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
-        for (indices, feed), hidden in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, feed), hidden in self.bucket_outputs(prepared):
             self.heads_of_bucket(indices, feed, hidden, batch.output_types, out)
         return out.result(prepared.token_counts, batch.output_types, self.colbert_dim)
 

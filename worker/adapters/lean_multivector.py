@@ -17,7 +17,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_over_length, truncates
-from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json, split_for_lanes
+from sie_worker.adapters.batching import MICRO_BATCH_ITEMS, Bucket, Stopwatch, read_json
 from sie_worker.adapters.colbert_config import ColbertSettings, colbert_settings
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.packed_feed import COMPUTED
@@ -191,9 +191,8 @@ class LeanMultivectorAdapter(LeanAdapter):
     def forward(self, prepared: Prepared) -> EncodeResult:
         assert self.session.lanes is not None, "load() first"
         is_query = prepared.batch.is_query
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
         parts: list[np.ndarray] = [np.empty((0, self.dim), np.float32)] * len(prepared.token_counts)
-        for (indices, feed), hidden in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, feed), hidden in self.bucket_outputs(prepared):
             vectors = self.projection(hidden, self.settings.normalize)
             keep = self.kept(feed, is_query)
             for row, i in enumerate(indices):

@@ -13,7 +13,7 @@ import numpy as np
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import Prepared, UnsupportedTask, refuse_overflow
-from sie_worker.adapters.batching import Stopwatch, read_json, split_for_lanes
+from sie_worker.adapters.batching import Stopwatch, read_json
 from sie_worker.adapters.classifier_rules import texts_of
 from sie_worker.adapters.lean_classifier import softmax
 from sie_worker.adapters.lean_engine import FALLBACK_MAX_LENGTH, GraphSession, LeanAdapter, build_lean
@@ -76,8 +76,7 @@ class LeanNerAdapter(LeanAdapter):
         assert self.session.lanes is not None, "load() first"
         scores: list[list[float]] = [[] for _ in prepared.token_counts]
         tags: list[list[int]] = [[] for _ in prepared.token_counts]
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
-        for (indices, _), logits in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, _), logits in self.bucket_outputs(prepared):
             probabilities = softmax(logits.astype(np.float32))
             best, tag = probabilities.max(axis=-1), probabilities.argmax(axis=-1)
             for row, i in enumerate(indices):

@@ -12,7 +12,6 @@ import numpy as np
 
 from sie_worker.adapters import graph_cache
 from sie_worker.adapters.base import Prepared, UnsupportedTask
-from sie_worker.adapters.batching import split_for_lanes
 from sie_worker.adapters.lean_engine import GraphSession, LeanAdapter, build_lean
 from sie_worker.adapters.packing import SparseRow, join_sparse, positive_rows
 from sie_worker.options import SparseOptions
@@ -58,9 +57,8 @@ class LeanSparseAdapter(LeanAdapter):
 
     def forward(self, prepared: Prepared) -> EncodeResult:
         assert self.session.lanes is not None, "load() first"
-        buckets = split_for_lanes(prepared.inputs, self.session.lanes.runtime.lanes)
         parts: list[SparseRow] = [(np.empty(0, np.int32), np.empty(0, np.float32))] * len(prepared.token_counts)
-        for (indices, _), weights in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        for (indices, _), weights in self.bucket_outputs(prepared):
             for i, row in zip(indices, positive_rows(weights), strict=True):
                 parts[i] = row
         sparse_indices, sparse_values, sparse_offsets = join_sparse(parts)
