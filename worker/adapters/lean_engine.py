@@ -50,8 +50,8 @@ FALLBACK_MAX_LENGTH = 512
 # real) the server tree after `make bench` held 515 MiB PSS against 423-432 at 8, for +2-5% on batches of 256 and
 # nothing at b32c4 (bench/README.md, "dense at the compute limit").
 # A packed graph's calls (packed_feed) pad only attention's rows, as its linear layers compute the real tokens alone:
-# to multiples of 16, fewer shapes and longer calls than at 8, for 1-3% more sentences/s on batches of 32 and 256 in
-# process (`bench/levers.py pad=8 pad=16 pad=32`, twice; 32 is no better than 16).
+# to multiples of 16, half the shapes of 8 for the same speed (`bench/levers.py packedpad=8 packedpad=16
+# packedpad=32`: 381.5 sentences/s at 8 and at 16 on batches of 256, 336.9 and 342.9 on 32; 32 is 2-3% slower).
 PACKED_PAD_MULTIPLE = 16
 # A batch of one row (one sentence at concurrency 1) pads to a multiple of this: it runs on the lone-row model, whose
 # shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone computed

@@ -7,7 +7,8 @@ as a padded graph's, with zeros at padding. Every caller builds padded feeds as 
 them (`pack`) just before the call: buckets, warm-up, probe checks and heads are the same for both layouts.
 
 Over a batch of 256 corpus sentences, lengths padded to multiples of 8, real tokens are 89% of the padded ones; packed,
-98% (N rounded up to TOKEN_MULTIPLE). One stream computed the batch 9% faster (bench/README.md, "packed graphs").
+98% (N rounded up to TOKEN_MULTIPLE). The worker computes batches of 32 and 256 3-4% faster than over the padded graph
+(bench/README.md, "a correction").
 """
 
 from __future__ import annotations
