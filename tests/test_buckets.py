@@ -74,3 +74,4 @@ def test_every_lane_gets_a_bucket_when_there_are_rows_enough() -> None:
         assert [10 + int(v) for v in tensors["input_ids"][:, 0]] == indices
     lone = [([7], {"input_ids": rows[:1]})]
     assert split_for_lanes(lone, 2) == lone  # one row cannot be shared
+    assert split_for_lanes([], 2) == []  # a batch with no texts (CLIP's images alone) has no calls

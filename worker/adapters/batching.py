@@ -85,9 +85,9 @@ Bucket = tuple[list[int], dict[str, Any]]
 
 def split_for_lanes(buckets: list[Bucket], lanes: int) -> list[Bucket]:
     """At least `lanes` buckets where there are rows enough, so that every lane has work: the bucket with the most
-    rows is halved until there are. Rows keep their bucket's padding."""
+    rows is halved until there are (none stay none). Rows keep their bucket's padding."""
     buckets = list(buckets)
-    while len(buckets) < lanes:
+    while buckets and len(buckets) < lanes:
         largest = max(range(len(buckets)), key=lambda i: len(buckets[i][0]))
         indices, tensors = buckets[largest]
         if len(indices) < 2:

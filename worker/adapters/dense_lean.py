@@ -22,9 +22,7 @@ import numpy as np
 
 from sie_worker.adapters import graph_cache, graph_runtime, lean_engine
 from sie_worker.adapters.base import Prepared, UnsupportedTask
-from sie_worker.adapters.batching import (
-    Stopwatch,
-)
+from sie_worker.adapters.batching import Stopwatch
 from sie_worker.adapters.st_config import DenseSettings, dense_settings
 from sie_worker.adapters.st_head import Head, WeightsNeedTorch
 from sie_worker.adapters.text_tokenizer import TextTokenizer

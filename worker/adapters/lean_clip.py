@@ -173,9 +173,8 @@ class LeanClipAdapter:
         normalize = bool(batch.options.get("normalize", self.limits.normalize))
         split: ClipBatch = prepared.extra["split"]
         text = np.empty((prepared.extra["texts"], self.image.graph.output_width), dtype=np.float32)
-        buckets = split_for_lanes(prepared.inputs["text"], self.session.lanes.runtime.lanes) \
-            if prepared.inputs["text"] else []
-        for (indices, _), vectors in zip(buckets, self.session.run([feed for _, feed in buckets]), strict=True):
+        buckets, outputs = self.session.start(prepared.inputs["text"])  # at its turn: images run after the texts
+        for (indices, _), vectors in zip(buckets, outputs(), strict=True):
             text[indices] = vectors
         pixels = prepared.inputs["pixels"]
         images = self.image.run(pixels, self.image.rows) if pixels is not None else text[:0]

@@ -243,10 +243,6 @@ class GraphSession:
         return Prepared(batch=batch, inputs=self.buckets(encodings), token_counts=[len(e.ids) for e in encodings],
                         tokenize_ms=clock.ms())
 
-    def run(self, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        assert self.lanes is not None, "open() first"
-        return self.lanes.run_all(feeds)
-
     def start(self, buckets: list[Bucket]) -> StartedBuckets:
         """The buckets split so that every lane has work (`split_for_lanes`), their calls begun now on the lanes
         (`Lanes.start`): calling the second element waits for their outputs, in order."""
