@@ -83,11 +83,11 @@ def export_variant(block: Block, weights: Path, folder: Path) -> Path:
     names = export_graph.input_names(model.model, tokenizer, HIDDEN)
     folder.mkdir(parents=True, exist_ok=True)
     export_packed.PackedEncoder.block = block  # type: ignore[method-assign]
-    try:
-        export_graph.export(model, tokenizer, names, folder / "model.onnx", HIDDEN, None, packed=True)
+    try:  # the OpenVINO conversion traces the module again, so it too runs with `block`
+        traced = export_graph.export(model, tokenizer, names, folder / "model.onnx", HIDDEN, None, packed=True)
+        export_graph.save_openvino_ir(folder / "model.onnx", folder / "openvino.xml", traced)
     finally:
         export_packed.PackedEncoder.block = SERVED  # type: ignore[method-assign]
-    export_graph.save_openvino_ir(folder / "model.onnx", folder / "openvino.xml")
     return folder / "openvino.xml"
 
 

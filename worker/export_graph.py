@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,10 +113,20 @@ def input_names(model: torch.nn.Module, tokenizer: Any, head: str = HIDDEN) -> l
     return names
 
 
+@dataclass(frozen=True)
+class Traced:
+    """What an export traced: the module, the example it traced on and its inputs' names, in order."""
+
+    module: torch.nn.Module
+    example: tuple[torch.Tensor, ...]
+    names: list[str]
+
+
 def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, head: str = HIDDEN,
-           pixels: np.ndarray | None = None, packed: bool = False) -> None:
+           pixels: np.ndarray | None = None, packed: bool = False) -> Traced:
     """Trace the encoder and its head to `out`, leaving the model in eval mode; an image head traces `pixels`, a
-    packed export (`export_packed`) takes its inputs in adapters.packed_feed's layout."""
+    packed export (`export_packed`) takes its inputs in adapters.packed_feed's layout. What was traced, for
+    save_openvino_ir."""
     graph_names = list(names)
     if pixels is not None:  # of the processor's size: only the batch varies
         sample = {"pixel_values": torch.from_numpy(pixels)}
@@ -135,16 +146,18 @@ def export(model: torch.nn.Module, tokenizer: Any, names: list[str], out: Path, 
         wrapper = _Positional(model, names)
     axes["output"] = {0: "batch", 1: "sequence"} if per_token_head(head) else {0: "batch"}
     wrapper.eval()
+    example = tuple(sample[name] for name in graph_names)
     try:
         # The TorchScript exporter warns about itself and about traced Python branches; the check after it is what
         # decides whether the graph is right.
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(wrapper, tuple(sample[name] for name in graph_names), str(out), input_names=graph_names,
+            torch.onnx.export(wrapper, example, str(out), input_names=graph_names,
                               output_names=["output"], dynamic_axes=axes, opset_version=OPSET,
                               dynamo=False)
     finally:
         model.eval()  # the exporter restores the training flag of the wrapper onto its children
+    return Traced(wrapper, example, graph_names)
 
 
 def graph_inputs(path: Path, names: list[str]) -> list[str]:
@@ -163,15 +176,29 @@ def onnx_hidden(path: Path, feeds: list[dict[str, np.ndarray]], packed: bool = F
     return [np.asarray(session.run(None, pack(feed) if packed else feed)[0]) for feed in feeds]
 
 
-def save_openvino_ir(onnx_path: Path, out: Path) -> None:
+def save_openvino_ir(onnx_path: Path, out: Path, packed: Traced | None = None) -> None:
     """The graph in OpenVINO's own format too, weights stored in float16, where OpenVINO is installed. A worker that
     compiles it holds ~105 MiB for MiniLM against ~210 MiB from the ONNX file, whose float32 constants OpenVINO keeps
-    (bench/README.md, "lean workers"); float16 weights cost nothing measurable on the probe's cosine."""
+    (bench/README.md, "lean workers"); float16 weights cost nothing measurable on the probe's cosine.
+
+    A packed graph is converted from the traced torch module itself, not from its ONNX file: OpenVINO's PyTorch
+    frontend keeps each layer's `scaled_dot_product_attention` as one ScaledDotProductAttention op, which the CPU
+    plugin runs as one fused kernel, where the ONNX file (opset 17 has no attention op) spells it as seven (MatMul,
+    Softmax, IsNaN, Select...). The worker checks either graph against torch on the probe batches when it opens it."""
     try:
         import openvino as ov
     except ImportError:
         return
-    ov.save_model(ov.Core().read_model(onnx_path), out, compress_to_fp16=True)
+    if packed is None:
+        model = ov.Core().read_model(onnx_path)
+    else:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's warnings on Python branches, as in export()
+            model = ov.convert_model(packed.module, example_input=packed.example)
+        for port, name in zip(model.inputs, packed.names, strict=True):  # the frontend names some inputs by number
+            port.get_tensor().set_names({name})
+        model.outputs[0].get_tensor().set_names({"output"})
+    ov.save_model(model, out, compress_to_fp16=True)
 
 
 def check_pairs(tokenizer: Any, backend: Any) -> None:
@@ -260,10 +287,10 @@ def packable(model: torch.nn.Module, head: str) -> bool:
 
 def export_checked(model: torch.nn.Module, tokenizer: Any, names: list[str], staging: Path, head: str,
                    image_feeds: list[dict[str, np.ndarray]], packed: bool,
-                   ) -> tuple[list[str], dict[str, np.ndarray], float]:
+                   ) -> tuple[list[str], dict[str, np.ndarray], float, Traced]:
     """Export the graph into `staging` and run it under ONNX Runtime on the probe batches: the input names a worker
-    feeds, the probe record (inputs and torch's outputs) and the graph's agreement with torch."""
-    export(model, tokenizer, names, staging / "model.onnx", head,
+    feeds, the probe record (inputs and torch's outputs), the graph's agreement with torch and what was traced."""
+    traced = export(model, tokenizer, names, staging / "model.onnx", head,
            image_feeds[0]["pixel_values"][:2] if image_feeds else None, packed)
     if not packed:  # a packed graph reads every input it is given (export_packed)
         names = graph_inputs(staging / "model.onnx", names)
@@ -276,7 +303,7 @@ def export_checked(model: torch.nn.Module, tokenizer: Any, names: list[str], sta
             hidden = model(**{k: torch.from_numpy(v) for k, v in feed.items()}).float().numpy()
         cosine = min(cosine, agreement(head, hidden, onnx, feed.get("attention_mask")))
         probe.update({prefix + "hidden": hidden, **{prefix + name: value for name, value in feed.items()}})
-    return names, probe, cosine
+    return names, probe, cosine, traced
 
 
 def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN, padded: bool = False) -> float:
@@ -295,15 +322,15 @@ def export_folder(weights_dir: Path, folder: Path, head: str = HIDDEN, padded: b
     staging = Path(tempfile.mkdtemp(prefix=staging_prefix(folder.name), dir=folder.parent))
     try:
         packed = not padded and packable(model, head)
-        names, probe, cosine = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
+        names, probe, cosine, traced = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
         if packed and cosine < min_agreement(head):
             log.warning("the packed graph of %s disagrees with torch (agreement %.6f); exporting it padded",
                         weights_dir, cosine)
             packed = False
-            names, probe, cosine = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
+            names, probe, cosine, traced = export_checked(model, tokenizer, names, staging, head, image_feeds, packed)
         if cosine < min_agreement(head):
             raise NotExportable(f"the graph disagrees with torch (agreement {cosine:.6f} < {min_agreement(head)})")
-        save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR)
+        save_openvino_ir(staging / "model.onnx", staging / OPENVINO_IR, traced if packed else None)
         backend.save(str(staging / "tokenizer.json"))
         np.savez(staging / "probe.npz", **probe)
         write_head_files(weights_dir, head, staging)

@@ -83,9 +83,10 @@ class PackedEncoder(torch.nn.Module):
         attention = layer.attention
         projected = self.padded(torch.nn.functional.linear(hidden, *qkv), gather_index)  # [B, L, 3 x H]
         q, k, v = projected.view(rows, length, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
-        # Traced as transformers' own SDPA attention is, which OpenVINO computes in bf16 whatever the padded length:
-        # eager attention (scores + a -inf bias, softmax) gave a text 0.012 off in its hidden state between L = 40
-        # and L = 48, this form 0.0.
+        # Traced as transformers' own SDPA attention is. The ONNX file (float32 engines) spells it in opset 17's ops;
+        # the bf16 engine's OpenVINO file keeps it as one ScaledDotProductAttention op, a fused kernel
+        # (export_graph.save_openvino_ir). In bf16 a text's vector then moves with its row's padded length by a
+        # cosine of 1e-5 at most (bench/README.md, "Attention as one OpenVINO op").
         context = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys,
                                                                    scale=attention.self.scaling)  # [B, heads, L, d]
         context = context.permute(0, 2, 1, 3).reshape(rows * length, self.heads * self.head_size)[unpad_index]

@@ -108,6 +108,42 @@ def test_a_packed_graph_computes_what_transformers_and_the_padded_graph_do(arch:
     np.testing.assert_allclose(real_tokens(from_padded, feed["attention_mask"]), want_tokens, atol=2e-5, rtol=0)
 
 
+def openvino_ir_output(graph: graph_cache.Graph, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """What the graph's OpenVINO file (the bf16 engine's; float16 weights) computes on `feed` in float32."""
+    import openvino as ov
+
+    assert graph.openvino_path.suffix == ".xml", "OpenVINO's own format, not the ONNX file"
+    compiled = ov.Core().compile_model(graph.openvino_path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    return np.asarray(compiled(pack(feed))[0])
+
+
+def test_a_packed_graphs_openvino_ir_is_converted_from_torch_with_one_attention_op_a_layer(tmp_path: Path) -> None:
+    """The bf16 engine's file: attention as OpenVINO's ScaledDotProductAttention (one fused kernel), not ONNX's seven
+    ops; the inputs named and ordered as a packed feed, and the same numbers as transformers (float16 weights)."""
+    import openvino as ov
+
+    weights = build_backbone("bert", tmp_path / "bert")
+    export_graph.export_folder(weights, tmp_path / "packed")
+    graph = graph_cache.read_graph(tmp_path / "packed")
+    assert graph is not None and graph.packed
+    model = ov.Core().read_model(graph.openvino_path)
+    ops = [op.get_type_name() for op in model.get_ordered_ops()]
+    layers = AutoModel.from_pretrained(weights).config.num_hidden_layers
+    assert ops.count("ScaledDotProductAttention") == layers and "IsNaN" not in ops and "Softmax" not in ops
+    assert [port.get_any_name() for port in model.inputs] == list(PACKED_INPUTS)
+    assert model.outputs[0].get_any_name() == "output"
+
+    tokenizer = AutoTokenizer.from_pretrained(weights)
+    batch = tokenizer(TEXTS, padding=True, pad_to_multiple_of=8, return_tensors="np")
+    feed = {name: np.asarray(batch[name], np.int64) for name in graph.input_names}
+    with torch.inference_mode():
+        want = AutoModel.from_pretrained(weights).eval()(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    got = openvino_ir_output(graph, feed)
+    assert got.shape == want.last_hidden_state.shape
+    np.testing.assert_allclose(real_tokens(got, feed["attention_mask"]),
+                               real_tokens(want.last_hidden_state.numpy(), feed["attention_mask"]), atol=2e-3, rtol=0)
+
+
 @pytest.mark.parametrize("arch", ["distilbert", "mpnet"])
 def test_an_encoder_the_packed_forward_does_not_reproduce_is_exported_padded(arch: str, tmp_path: Path) -> None:
     weights = build_backbone(arch, tmp_path / arch)
@@ -186,6 +222,9 @@ def test_a_packed_classifier_gives_transformers_logits(arch: str, kind: str, tmp
     with torch.inference_mode():
         want = auto.from_pretrained(weights).eval()(**{k: torch.from_numpy(v) for k, v in feed.items()}).logits.numpy()
     got = graph_runtime.OrtRuntime(graph, threads=1, lanes=1).run(feed)
+    from_ir = openvino_ir_output(graph, feed)  # the bf16 engine's file, converted from torch
     if kind == graph_cache.TOKEN_LOGITS:  # a padding row's logits are never read
         got, want = real_tokens(got, feed["attention_mask"]), real_tokens(want, feed["attention_mask"])
+        from_ir = real_tokens(from_ir, feed["attention_mask"])
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(from_ir, want, atol=2e-3, rtol=0)
