@@ -54,7 +54,8 @@ FALLBACK_MAX_LENGTH = 512
 # packedpad=32`: 381.5 sentences/s at 8 and at 16 on batches of 256, 336.9 and 342.9 on 32; 32 is 2-3% slower).
 PACKED_PAD_MULTIPLE = 16
 # A batch of one row (one sentence at concurrency 1) pads to a multiple of this: it runs on the lone-row model, whose
-# shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row. A corpus sentence alone computed
+# shape cache (OpenVINO's default) then holds at most max_length / 8 shapes of one row (behind busy lanes, on a stream
+# instead, whose cache is capped: graph_runtime.Lanes). A corpus sentence alone computed
 # as 64 tokens at 32: c1's p50 went 7.5 -> 5.9 ms at 8 through the server, and the tree's PSS 423 -> 432 MiB.
 PAD_ALONE = 8
 # The warm-up's first call: one row of this many tokens, which also measures the runtime's pace.
