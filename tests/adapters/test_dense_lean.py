@@ -313,6 +313,41 @@ def test_a_batch_started_early_runs_behind_the_running_batch_on_a_freed_lane(mak
     assert cosines(got_second, encode(adapter, second_texts, ["dense"]).dense.numpy()).min() > 0.99999
 
 
+def test_a_lone_row_started_behind_a_running_batch_runs_on_a_lane_and_gets_its_vector(make_adapter: MakeAdapter,
+                                                                                    minilm_dir: Path,
+                                                                                    cache: Path) -> None:
+    """A lone row the prepare thread starts while a batch runs queues as a lane call (not on the lone-row model
+    beside the batch's streams), and its vector is the one it gets alone on idle lanes."""
+    adapter = lean(make_adapter, minilm_dir, cache, "openvino", options={"onnx_lanes": 2})
+    batch, lone = (adapter.prepare(EncodeBatch(batch_id=i, items=[InputItem(text=t) for t in texts],
+                                               output_types=["dense"]))
+                   for i, texts in ((1, TEXTS[:20]), (2, ["one lone sentence"])))
+    runtime = adapter.lanes.runtime
+    run, run_alone = runtime.run, runtime.run_alone
+    release, lone_on_lane, alone_calls = threading.Event(), threading.Event(), []
+
+    def gated(feed: dict[str, np.ndarray]) -> np.ndarray:
+        if len(feed["input_ids"]) == 1 and feed["input_ids"].shape == lone.inputs[0][1]["input_ids"].shape:
+            lone_on_lane.set()
+        elif not release.is_set():
+            assert release.wait(120)  # the batch's calls hold their lanes until the lone row has begun
+        return run(feed)
+
+    def recording_alone(feed: dict[str, np.ndarray]) -> np.ndarray:
+        alone_calls.append(len(feed["input_ids"]))
+        return run_alone(feed)
+
+    runtime.run, runtime.run_alone = gated, recording_alone
+    adapter.start(batch)
+    adapter.start(lone)
+    release.set()
+    got_lone = adapter.forward(lone).dense.numpy()
+    adapter.forward(batch)
+    runtime.run, runtime.run_alone = run, run_alone
+    assert lone_on_lane.is_set() and not alone_calls, "the lone row ran on a lane, not on the lone-row model"
+    assert cosines(got_lone, encode(adapter, ["one lone sentence"], ["dense"]).dense.numpy()).min() > 0.99999
+
+
 def test_an_unwritable_cache_exports_into_a_temporary_folder(make_adapter: MakeAdapter, minilm_dir: Path,
                                                              tmp_path: Path) -> None:
     blocker = tmp_path / "file"
