@@ -63,6 +63,13 @@ def measure(model_dir: Path, corpus: list[str], threads: int) -> dict[str, float
             "gflop_per_sentence": flops / 1e9, "threads": threads}
 
 
+def again(ceiling: dict) -> float:
+    """The ceiling in sentences/s from the GEMM rate measured now, over the FLOPs per sentence of `ceiling` (a
+    `measure` result): the machine's pace moves by 10 % within minutes, so each of our measurements is paired with
+    a ceiling measured just before it."""
+    return max(gemm_gflops(ceiling["threads"]).values()) / ceiling["gflop_per_sentence"]
+
+
 def line(ceiling: dict) -> str:
     rates = ", ".join(f"{shape} {rate:.0f}" for shape, rate in ceiling["gemm_gflops"].items())
     return (f"# compute ceiling: {ceiling['sent_per_s']:.0f} sentences/s = torch bf16 GEMM {ceiling['gflops']:.0f} "

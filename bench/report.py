@@ -17,7 +17,10 @@ def fold(runs: list[dict]) -> dict:
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "min_cos": min(r["min_cos"] for r in runs), "errors": sum(r["errors"] for r in runs),
             "server_cores": statistics.median(r.get("server_cores", 0.0) for r in runs),
-            "foreign_cores": max(r.get("foreign_cores", 0.0) for r in runs), "repeats": len(runs)}
+            "foreign_cores": max(r.get("foreign_cores", 0.0) for r in runs), "repeats": len(runs),
+            # each repeat against the ceiling measured beside it (run.measure), where it was
+            "ceiling_fraction": statistics.median(r["sent_per_s"] / r["ceiling_beside"] for r in beside)
+            if (beside := [r for r in runs if r.get("ceiling_beside")]) else None}
 
 
 def summary(rows: dict[str, dict]) -> dict[str, dict]:
@@ -78,6 +81,11 @@ def ratio_lines(folded: dict[str, dict], shapes: list[str], ceiling: float | Non
         out.append(row("ours/inf-best", best, p50))
     if ours and ceiling:
         out.append(row("ours/ceiling", dict.fromkeys(shapes, ceiling), f"({ceiling:.0f} s/s)"))
+    paired = {s: ours[s]["ceiling_fraction"] for s in shapes if ours.get(s, {}).get("ceiling_fraction")}
+    if paired:
+        cells = {s: f"{paired[s]:.2f}" if s in paired else "-" for s in shapes}
+        out.append(f"{'ours/ceiling beside':<20} {cells.get('c1', ''):>8} {'(each repeat)':>15}"
+                   + "".join(f" {cells[s]:>11}" for s in shapes if s != "c1"))
     return out
 
 

@@ -129,8 +129,10 @@ def start_servers(a: argparse.Namespace, plans: list[Callable[[], targets.Server
 
 
 def measure(a: argparse.Namespace, bare: Bare, best: int, ref, corpus: list[str], servers: list[targets.Server],
-            rows: dict[str, dict], shapes: list[loadgen.Shape]) -> None:
-    """Interleaved: each repeat measures the bare model, then every shape on every server in turn."""
+            rows: dict[str, dict], shapes: list[loadgen.Shape], limit: dict | None = None) -> None:
+    """Interleaved: each repeat measures the bare model, then every shape on every server in turn. With `limit` (the
+    run's ceiling), each of our measurements also records the ceiling measured just before and just after it
+    (`ceiling.again`), the higher of the two."""
     for rep in range(a.repeats):
         bare_cells = ((1, [s.name for s in shapes if s.name == "c1"]),
                       (best, [s.name for s in shapes if s.name != "c1"]))
@@ -149,8 +151,12 @@ def measure(a: argparse.Namespace, bare: Bare, best: int, ref, corpus: list[str]
                 pids = [server.proc.pid] if server.proc else []
                 if a.quiet_wait:
                     cpustat.wait_quiet(pids, 0.25, a.quiet_wait)
+                paired = limit is not None and server.name == "ours"
+                before = ceiling.again(limit) if paired else None
                 with cpustat.Window(pids) as w:
                     r = loadgen.run(server.url, server.model, corpus, ref, shape, a.duration)
+                if paired:  # the higher of the two: a momentary slump on one side never flatters the ratio
+                    r["ceiling_beside"] = max(before, ceiling.again(limit))
                 r.update(server_cores=w.tree_cores, client_cores=w.self_cores, foreign_cores=w.foreign_cores,
                          rep=rep, loadavg=os.getloadavg()[0])
                 rows[server.name]["runs"].setdefault(shape.name, []).append(r)
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     plans = plan_servers(a, model_dir, rows)
     try:
         servers = start_servers(a, plans, rows)
-        measure(a, bare, best, ref, corpus, servers, rows, shapes)
+        measure(a, bare, best, ref, corpus, servers, rows, shapes, limit)
         memory = {server.name: tree_after(server) for server in servers}
         print(f"# reload after an eviction: our model evicted through the admin API, median of {a.starts}", flush=True)
         timings.append(coldstart.reloads(servers[0], a.starts, a.start_timeout, RELOAD_TARGET_S))

