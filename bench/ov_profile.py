@@ -3,6 +3,7 @@ on one stream, by operator type and kernel, against torch's bf16 GEMM rate on th
 
     .venv/bin/python bench/ov_profile.py --rows 13 --length 40 --threads 1
     .venv/bin/python bench/ov_profile.py --graph /tmp/variant --precision f32   # another export, another precision
+    .venv/bin/python bench/ov_profile.py --corpus 2 --calls 3   # the real calls of two corpus batches of 256
 
 The rows get lengths between length - 7 and length (padded to `length`, as a bucket is), so the attention masks
 are those of a real call. The graph is the one the worker serves, from the engine cache (exported first if missing).
@@ -41,6 +42,22 @@ def feed(rows: int, length: int) -> dict[str, np.ndarray]:
             "token_type_ids": np.zeros((rows, length), np.int64)}
 
 
+def corpus_calls(batches: int) -> list[dict[str, np.ndarray]]:
+    """The padded calls the served engine makes for the first `batches` corpus batches of 256 sentences."""
+    from sie_worker.protocol import EncodeBatch, InputItem
+
+    import levers
+    from corpus import make_corpus
+
+    adapter, corpus = levers.adapter_for({}, 2), make_corpus()
+    try:
+        return [padded for b in range(batches) for _, padded in adapter.prepare(EncodeBatch(
+            batch_id=b, items=[InputItem(text=t) for t in corpus[b * 256:(b + 1) * 256]],
+            output_types=["dense"])).inputs]
+    finally:
+        adapter.close()
+
+
 def gemm_rate(threads: int, m: int) -> float:
     """torch's bf16 GFLOP/s on MiniLM's FFN product (m x 384 x 1536), best of 5 windows."""
     import torch
@@ -64,6 +81,9 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=20)
     p.add_argument("--precision", default="bf16", help="OpenVINO's inference precision hint")
     p.add_argument("--graph", help="a graph folder (export_graph's output) instead of the one the worker serves")
+    p.add_argument("--corpus", type=int, default=0, metavar="BATCHES",
+                   help="profile the real calls of this many corpus batches of 256 (the served engine's buckets) "
+                        "instead of --rows x --length; --calls then counts rounds over them")
     a = p.parse_args()
     import openvino as ov
     from sie_worker.adapters import graph_cache
@@ -78,24 +98,31 @@ def main() -> None:
     compiled = core.compile_model(core.read_model(graph.openvino_path), "CPU", {
         "INFERENCE_NUM_THREADS": a.threads, "NUM_STREAMS": 1, "PERF_COUNT": True,
         "INFERENCE_PRECISION_HINT": a.precision})
-    request, inputs = compiled.create_infer_request(), graph_feed(graph)(feed(a.rows, a.length))
-    for _ in range(3):
+    names = {port.get_any_name() for port in compiled.inputs}
+    calls = [{k: v for k, v in graph_feed(graph)(padded).items() if k in names}
+             for padded in (corpus_calls(a.corpus) if a.corpus else [feed(a.rows, a.length)])]
+    request = compiled.create_infer_request()
+    for inputs in calls * 2:
         request.infer(inputs)
     spent: collections.Counter[tuple[str, str]] = collections.Counter()
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     started = time.perf_counter()
     for _ in range(a.calls):
-        request.infer(inputs)
-        for op in request.get_profiling_info():
-            spent[op.node_type, op.exec_type] += op.real_time.total_seconds()
-            counts[op.node_type, op.exec_type] += 1
+        for inputs in calls:
+            request.infer(inputs)
+            for op in request.get_profiling_info():
+                spent[op.node_type, op.exec_type] += op.real_time.total_seconds()
+                counts[op.node_type, op.exec_type] += 1
     wall = (time.perf_counter() - started) / a.calls
     total = sum(spent.values()) / a.calls
-    tokens = a.rows * a.length
-    print(f"{a.rows} x {a.length} tokens, {a.threads} thread(s): {wall * 1e3:.1f} ms a call, "
-          f"{a.rows / wall:.0f} sentences/s, profiled {total * 1e3:.1f} ms")
+    # the tokens the linear layers compute: a packed call's flat tokens, a padded call's every position
+    tokens = sum(int(inputs["input_ids"].size) for inputs in calls)
+    rows = sum(int(inputs["attention_mask"].shape[0]) for inputs in calls)
+    what = f"{len(calls)} calls of {a.corpus} corpus batches" if a.corpus else f"{a.rows} x {a.length} tokens"
+    print(f"{what}, {a.threads} thread(s): {wall * 1e3:.1f} ms a round, {rows / wall:.0f} sentences/s, profiled "
+          f"{total * 1e3:.1f} ms (the rest of the wall time is the runtime's own, outside the operators)")
     for (node, kernel), seconds in spent.most_common(12):
-        each, times = seconds / a.calls, counts[node, kernel] // a.calls
+        each, times = seconds / a.calls, counts[node, kernel] // a.calls // len(calls)
         print(f"  {each * 1e3:7.2f} ms {each / total:6.1%}  {times:3d}x {node} ({kernel})")
     fc = sum(s for (node, _), s in spent.items() if node == "FullyConnected") / a.calls
     print(f"FullyConnected: {LINEAR_FLOPS_PER_TOKEN * tokens / fc / 1e9:.0f} GFLOP/s; torch bf16 GEMM "
