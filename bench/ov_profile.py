@@ -121,12 +121,14 @@ def main() -> None:
     what = f"{len(calls)} calls of {a.corpus} corpus batches" if a.corpus else f"{a.rows} x {a.length} tokens"
     print(f"{what}, {a.threads} thread(s): {wall * 1e3:.1f} ms a round, {rows / wall:.0f} sentences/s, profiled "
           f"{total * 1e3:.1f} ms (the rest of the wall time is the runtime's own, outside the operators)")
+    print("  ms a round, share of the profiled time, operators of the kind in one call:")
     for (node, kernel), seconds in spent.most_common(12):
         each, times = seconds / a.calls, counts[node, kernel] // a.calls // len(calls)
-        print(f"  {each * 1e3:7.2f} ms {each / total:6.1%}  {times:3d}x {node} ({kernel})")
+        print(f"  {each * 1e3:7.2f} ms {each / total:6.1%}  {times:3d} a call: {node} ({kernel})")
     fc = sum(s for (node, _), s in spent.items() if node == "FullyConnected") / a.calls
+    per_call = max(1, tokens // len(calls))  # torch's product at a call's mean size
     print(f"FullyConnected: {LINEAR_FLOPS_PER_TOKEN * tokens / fc / 1e9:.0f} GFLOP/s; torch bf16 GEMM "
-          f"{tokens} x 384 x 1536 on {a.threads} thread(s): {gemm_rate(a.threads, tokens):.0f} GFLOP/s")
+          f"{per_call} x 384 x 1536 on {a.threads} thread(s): {gemm_rate(a.threads, per_call):.0f} GFLOP/s")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def ratio_lines(folded: dict[str, dict], shapes: list[str], ceiling: float | Non
         out.append(row("ours/inf-best", best, p50))
     if ours and ceiling:
         out.append(row("ours/ceiling", dict.fromkeys(shapes, ceiling), f"({ceiling:.0f} s/s)"))
-    paired = {s: ours[s]["ceiling_fraction"] for s in shapes if ours.get(s, {}).get("ceiling_fraction")}
+    paired = {s: ours[s]["ceiling_fraction"] for s in shapes if ours.get(s, {}).get("ceiling_fraction") is not None}
     if paired:
         cells = {s: f"{paired[s]:.2f}" if s in paired else "-" for s in shapes}
         out.append(f"{'ours/ceiling beside':<20} {cells.get('c1', ''):>8} {'(each repeat)':>15}"
