@@ -123,6 +123,22 @@ def test_gpu_workers_load_cuda_lazily_and_grow_segments_unless_the_server_says_o
     assert spec_on(pool, config, "", "cuda:1", None).env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
 
 
+def test_cpu_workers_turn_the_tokenizers_own_threads_off_unless_the_server_says_otherwise(
+        pool_on, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    gpus = pool_on(three_gpus())
+    config = gpus.registry.configs["test/fake-dense"]
+    assert "TOKENIZERS_PARALLELISM" not in spec_on(gpus, config, "", "cuda:0", None).env, "a GPU worker keeps them"
+    host = WorkerPool(Settings(bundle="test"), build_registry("test", (), (), offline=True), detect("cpu"))
+    try:
+        spec = spec_on(host, config, "", "cpu", None)
+        assert spec.env["TOKENIZERS_PARALLELISM"] == "false" and "CUDA_MODULE_LOADING" not in spec.env
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # the operator's own, inherited
+        assert "TOKENIZERS_PARALLELISM" not in spec_on(host, config, "", "cpu", None).env
+    finally:
+        asyncio.run(host.supervisor.close())
+
+
 # -- 4. NVML errors after start ---------------------------------------------------------------------------------------
 
 

@@ -56,9 +56,19 @@ class Devices(Protocol):
 GPU_WORKER_ENV = {"CUDA_MODULE_LOADING": "LAZY", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-def gpu_worker_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """GPU_WORKER_ENV less what `environ` (the server's environment, which workers inherit) already sets."""
-    return {name: value for name, value in GPU_WORKER_ENV.items() if name not in environ}
+# What a CPU worker's process gets unless the server's environment says otherwise. The Rust tokenizer's own thread pool
+# off: its threads spin for work beside the forward's calls on the same cores, and cost a quarter more CPU than one
+# thread. A lean worker splits a batch over threads itself, only while its lanes are idle
+# (sie_worker.adapters.lean_engine.tokenize_parts). Worth about 1-2% at b32c4, inside the runs' spread
+# (bench/README.md, "tokens beside the forward").
+CPU_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
+
+def worker_env(device: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """GPU_WORKER_ENV or CPU_WORKER_ENV, by `device`, less what `environ` (the server's environment, which workers
+    inherit) already sets."""
+    defaults = CPU_WORKER_ENV if device == "cpu" else GPU_WORKER_ENV
+    return {name: value for name, value in defaults.items() if name not in environ}
 
 
 def budgets(readings: list[DeviceMemory], gpu_fraction: float, cpu_budget: int) -> dict[str, int]:

@@ -12,7 +12,7 @@ import uuid
 from sie_router.errors import LoadError
 from sie_router.models.config import ModelConfig
 from sie_router.models.weights import WeightsNotFound, WeightsQuery, resolve_weights
-from sie_router.pool.devices import Devices, available_cpus, gpu_worker_env
+from sie_router.pool.devices import Devices, available_cpus, worker_env
 from sie_router.settings import Settings
 from sie_worker.options import FamilyOptions
 from sie_worker.protocol import LoadErrorClass, WorkerSpec
@@ -64,7 +64,7 @@ def worker_spec(settings: Settings, devices: Devices, endpoints: tuple[str, str]
         max_sequence_length=cfg.max_sequence_length,
         options=options,
         threads=settings.worker_threads or available_cpus(),
-        env={**(gpu_worker_env(os.environ) if device != "cpu" else {}), **settings.extra_env,
+        env={**worker_env(device, os.environ), **settings.extra_env,
              "CUDA_VISIBLE_DEVICES": visible},
         cpu_fallback=settings.device == "auto",  # a torch without CUDA then runs the worker on the CPU
         trust_remote_code=settings.trust_remote_code,

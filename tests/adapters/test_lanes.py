@@ -141,3 +141,25 @@ def test_a_lone_row_after_a_failed_call_still_runs(runtime_and_lanes: tuple[Reco
     with pytest.raises(RuntimeError, match="a call that fails"):
         first()
     assert [out[0, 0] for out in lone()] == [3]
+
+
+def test_lanes_are_idle_only_when_no_started_call_is_unfinished(
+        runtime_and_lanes: tuple[RecordingRuntime, Lanes]) -> None:
+    """What the worker's tokenizer reads to take every thread (graph_runtime.Lanes.idle, lean_engine.tokenize_parts):
+    a queued or running lane call, or a lone row on its own model, keeps the lanes busy."""
+    runtime, lanes = runtime_and_lanes
+    assert lanes.idle
+    runtime.hold(1)
+    batch = lanes.start([feed(1), feed(2), feed(3)])
+    assert runtime.began[1].wait(WAIT_S)
+    assert not lanes.idle
+    runtime.release[1].set()
+    assert [out[0, 0] for out in batch()] == [1, 2, 3]
+    assert lanes.idle
+    runtime.hold(4)
+    lone = lanes.start([feed(4)])
+    assert runtime.began[4].wait(WAIT_S)
+    assert not lanes.idle, "a lone row on every thread"
+    runtime.release[4].set()
+    assert [out[0, 0] for out in lone()] == [4]
+    assert lanes.idle

@@ -129,6 +129,14 @@ class Lanes:
         self._lane_calls: list[Future[np.ndarray]] = []  # started, not yet known done
         self._lone: Future[np.ndarray] | None = None  # the lone row started last
 
+    @property
+    def idle(self) -> bool:
+        """No call started and unfinished. With a single lane calls run when waited on, so it is never idle here."""
+        if self.executor is None:
+            return False
+        with self._order:
+            return all(call.done() for call in self._lane_calls) and (self._lone is None or self._lone.done())
+
     def run_all(self, feeds: list[Feed]) -> list[np.ndarray]:
         return self.start(feeds)()
 

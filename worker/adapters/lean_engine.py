@@ -58,6 +58,9 @@ PACKED_PAD_MULTIPLE = 16
 # instead, whose cache is capped: graph_runtime.Lanes). A corpus sentence alone computed
 # as 64 tokens at 32: c1's p50 went 7.5 -> 5.9 ms at 8 through the server, and the tree's PSS 423 -> 432 MiB.
 PAD_ALONE = 8
+# The fewest inputs a tokenising thread takes when a batch is split over threads (tokenize_parts): a corpus sentence
+# takes about 60 us on one thread, so a part of 8 outweighs handing it to another thread.
+SPLIT_TOKENIZE_ITEMS = 8
 # The warm-up's first call: one row of this many tokens, which also measures the runtime's pace.
 WARM_UP_FIRST_TOKENS = 32
 # Deadlines of the warm-up's calls: the first (one row of WARM_UP_FIRST_TOKENS) gets this long; a later call this long
@@ -91,6 +94,13 @@ def runtimes_for(spec: WorkerSpec) -> list[str]:
     if spec.compute_precision == "bfloat16":
         installed = [name for name in installed if name != "onnxruntime"]
     return [name for name in installed if engine != "onnx" or name == "onnxruntime"]
+
+
+def tokenize_parts(count: int, threads: int, lanes_idle: bool) -> int:
+    """How many threads tokenise a batch of `count` inputs: all `threads` while the lanes are idle (the batch waits
+    for its tokens, and nothing else wants the cores), one while calls run, so that the tokens take from those calls
+    no more than they cost. A part has at least SPLIT_TOKENIZE_ITEMS inputs."""
+    return max(1, min(threads, count // SPLIT_TOKENIZE_ITEMS)) if lanes_idle else 1
 
 
 def engine_options(spec: WorkerSpec) -> GraphEngineOptions:
@@ -191,7 +201,7 @@ class GraphSession:
         """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected), and warm it
         up (RuntimeHung): `first_that_opens` hands a runtime that fails either to the next."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
-                                       lowercase=self.lowercase)
+                                       lowercase=self.lowercase, threads=self.spec.threads or os.cpu_count() or 1)
         self.lanes = open_lanes(self.spec, self.graph, self.runtime_kind)
         lanes = self.lanes.runtime.lanes
         if self.runtime_kind == "openvino":
@@ -229,10 +239,13 @@ class GraphSession:
         truncate = truncates(options)
         side = str(options.get("truncation_direction", "right"))
         max_length = self.max_length if truncate else None
+        parts = tokenize_parts(len(texts), self.tokenizer.threads, self.lanes is not None and self.lanes.idle)
         if texts and isinstance(texts[0], tuple):
-            encodings = self.tokenizer.encode_pairs(texts, max_length, side)  # type: ignore[arg-type]
+            encodings = self.tokenizer.encode_pairs(texts, max_length, side, offsets=False,  # type: ignore[arg-type]
+                                                    parts=parts)
         else:
-            encodings = self.tokenizer.encode_batch(texts, max_length, side)  # type: ignore[arg-type]
+            encodings = self.tokenizer.encode_batch(texts, max_length, side, offsets=False,  # type: ignore[arg-type]
+                                                    parts=parts)
         if not truncate:
             refuse_over_length([len(encoding.ids) for encoding in encodings], self.max_length)
         return encodings
