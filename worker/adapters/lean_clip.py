@@ -139,6 +139,7 @@ class LeanClipAdapter:
 
     def __init__(self, spec: WorkerSpec, text: GraphSession, image: ImageSession) -> None:
         self.spec, self.session, self.image = spec, text, image
+        text.neighbours.append(image)  # texts take every thread only while neither tower's calls run
         self.limits = ClipLimits.of(spec.options_as(ClipOptions))
         self.max_length = text.max_length
 

@@ -186,6 +186,9 @@ class GraphSession:
         self.max_tokens = min(spec.max_batch_tokens, self.options.micro_batch_tokens)
         self.lowercase = lowercase
         self.lanes: graph_runtime.Lanes | None = None
+        # Other sessions of the same worker whose calls share these cores (CLIP's image tower): `lanes_idle` asks them
+        # too.
+        self.neighbours: list[Any] = []
 
     @property
     def engine(self) -> RunEngine:
@@ -239,7 +242,7 @@ class GraphSession:
         truncate = truncates(options)
         side = str(options.get("truncation_direction", "right"))
         max_length = self.max_length if truncate else None
-        parts = tokenize_parts(len(texts), self.tokenizer.threads, self.lanes is not None and self.lanes.idle)
+        parts = tokenize_parts(len(texts), self.tokenizer.threads, self.lanes_idle())
         if texts and isinstance(texts[0], tuple):
             encodings = self.tokenizer.encode_pairs(texts, max_length, side, offsets=False,  # type: ignore[arg-type]
                                                     parts=parts)
@@ -249,6 +252,10 @@ class GraphSession:
         if not truncate:
             refuse_over_length([len(encoding.ids) for encoding in encodings], self.max_length)
         return encodings
+
+    def lanes_idle(self) -> bool:
+        """No call of this session's lanes, or of its neighbours', started and unfinished."""
+        return all(session.lanes is not None and session.lanes.idle for session in (self, *self.neighbours))
 
     def prepare_texts(self, batch: EncodeBatch) -> Prepared:
         """The `prepare` step of a plain text encoder: its items' texts tokenised (`tokenize`), in length buckets."""
@@ -301,6 +308,8 @@ class GraphSession:
         if self.lanes is not None:
             self.lanes.close()
         self.lanes = None
+        if hasattr(self, "tokenizer"):  # open() makes it
+            self.tokenizer.close()
 
 
 class LeanAdapter:

@@ -152,7 +152,7 @@ class LeanMultivectorAdapter(LeanAdapter):
         truncate = batch.is_query or truncates(batch.options)
         max_length = settings.query_max_length if batch.is_query else self.session.max_length
         encodings = self.session.tokenizer.encode_batch([prefix + (item.text or "") for item in batch.items],
-                                                        max_length if truncate else None)
+                                                        max_length if truncate else None, offsets=False)
         counts = [len(encoding.ids) for encoding in encodings]
         if not truncate:
             refuse_over_length(counts, max_length)

@@ -65,7 +65,8 @@ class LeanNerAdapter(LeanAdapter):
             raise UnsupportedTask("this model only extracts entities")
         clock = Stopwatch()
         texts, tokenizer, max_length = texts_of(batch), self.session.tokenizer, self.session.max_length
-        refuse_overflow(batch, lambda: [len(e.ids) for e in tokenizer.encode_batch(texts, None)], max_length)
+        refuse_overflow(batch, lambda: [len(e.ids) for e in tokenizer.encode_batch(texts, None, offsets=False)],
+                        max_length)
         encodings = tokenizer.encode_batch(texts, max_length)
         spans = {"offsets": [e.offsets for e in encodings], "special": [e.special_tokens_mask for e in encodings]}
         return Prepared(batch=batch, inputs=self.session.buckets(encodings),

@@ -5,7 +5,7 @@ makes, with transformers' results.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +62,9 @@ class TextTokenizer:
     def _encode(self, inputs: list[Any], offsets: bool, parts: int) -> list[Encoding]:
         """The inputs encoded in `parts` contiguous slices, the first on this thread and each other on a helper; the
         Rust tokenizer lets go of the GIL while it encodes, so the slices run side by side. A CPU worker turns the
-        tokenizer's own thread pool off (sie_router.pool.devices.CPU_WORKER_ENV), so `parts` alone decides.
+        tokenizer's own thread pool off (sie_worker.cuda.CPU_WORKER_ENV) unless its operator turns it on; then the
+        pool splits each slice again. Every helper is done before this returns or raises: the next call may change
+        the shared tokenizer's truncation.
 
         Without offsets, `encode_batch_fast`: the same ids, token types and masks for a fifth less work (15.3 against
         19.7 ms for 256 corpus sentences on one thread; bench/README.md, "tokens beside the forward")."""
@@ -74,8 +76,16 @@ class TextTokenizer:
             self._helpers = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="sie-tokenize")
         bounds = [len(inputs) * part // parts for part in range(parts + 1)]
         others = [self._helpers.submit(encode, inputs[bounds[part]:bounds[part + 1]]) for part in range(1, parts)]
-        first = encode(inputs[:bounds[1]])
+        try:
+            first = encode(inputs[:bounds[1]])
+        finally:
+            wait(others)
         return first + [encoding for other in others for encoding in other.result()]
+
+    def close(self) -> None:
+        if self._helpers is not None:
+            self._helpers.shutdown(wait=True)
+        self._helpers = None
 
     def prompt_length(self, prompt: str) -> int:
         """The prompt's tokens as sentence-transformers counts them: special tokens included but a trailing one."""
