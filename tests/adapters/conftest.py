@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import importlib.util
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,20 @@ def multivector_items(result: EncodeResult) -> list[np.ndarray]:
     rows, offsets = result.multivector.numpy(), result.multivector_offsets
     assert rows.dtype == np.float32 and len(offsets) == len(result.token_counts) + 1 and offsets[-1] == len(rows)
     return [rows[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+class ThreadNames:
+    """A Rust tokenizer whose batch encodings note the names of the threads they ran on."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.names = backend, set[str]()
+
+    def __getattr__(self, name: str) -> Any:
+        found = getattr(self.backend, name)
+        if not name.startswith("encode_batch"):
+            return found
+
+        def noted(inputs: list[Any]) -> Any:
+            self.names.add(threading.current_thread().name)
+            return found(inputs)
+        return noted

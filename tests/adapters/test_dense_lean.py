@@ -33,7 +33,7 @@ from sie_worker.adapters.text_tokenizer import TextTokenizer
 from sie_worker.options import DenseOptions, Engine
 from sie_worker.protocol import DecodeBatch, EncodeBatch, InputItem, TokenizeBatch, WorkerSpec
 from tests import declared, precision, tiny_models
-from tests.adapters.conftest import MakeAdapter, encode
+from tests.adapters.conftest import MakeAdapter, ThreadNames, encode
 from tests.sentences import SENTENCES
 
 declared.module("openvino")
@@ -313,35 +313,18 @@ def test_a_batch_started_early_runs_behind_the_running_batch_on_a_freed_lane(mak
     assert cosines(got_second, encode(adapter, second_texts, ["dense"]).dense.numpy()).min() > 0.99999
 
 
-class ThreadSpy:
-    """A Rust tokenizer whose batch encodings note the threads they ran on."""
-
-    def __init__(self, backend: Any) -> None:
-        self.backend, self.threads = backend, set[int]()
-
-    def __getattr__(self, name: str) -> Any:
-        found = getattr(self.backend, name)
-        if not name.startswith("encode_batch"):
-            return found
-
-        def noted(*args: Any) -> Any:
-            self.threads.add(threading.get_ident())
-            return found(*args)
-        return noted
-
-
 def test_a_batch_is_tokenised_on_every_thread_only_while_the_lanes_are_idle(make_adapter: MakeAdapter,
                                                                          minilm_dir: Path, cache: Path) -> None:
     """A batch that arrives to idle lanes waits for its tokens, so every thread tokenises it; one prepared while a
     batch's calls run is tokenised on one thread beside them (lean_engine.tokenize_parts). Both get the vectors they
     get alone."""
     adapter = lean(make_adapter, minilm_dir, cache, "openvino", options={"onnx_lanes": 2})
-    spy = ThreadSpy(adapter.session.tokenizer.backend)
+    spy = ThreadNames(adapter.session.tokenizer.backend)
     adapter.session.tokenizer.backend = spy
     texts = TEXTS[:20]
     batch = EncodeBatch(batch_id=1, items=[InputItem(text=t) for t in texts], output_types=["dense"])
     first = adapter.prepare(batch)
-    assert len(spy.threads) == 2, "idle lanes: the batch split over the worker's two threads"
+    assert len(spy.names) == 2, "idle lanes: the batch split over the worker's two threads"
     run = adapter.lanes.runtime.run
     release, began = threading.Event(), threading.Event()
 
@@ -354,9 +337,9 @@ def test_a_batch_is_tokenised_on_every_thread_only_while_the_lanes_are_idle(make
     try:
         adapter.start(first)
         assert began.wait(120)
-        spy.threads.clear()
+        spy.names.clear()
         second = adapter.prepare(EncodeBatch(batch_id=2, items=batch.items, output_types=["dense"]))
-        assert spy.threads == {threading.get_ident()}, "busy lanes: one thread, the preparing one"
+        assert spy.names == {threading.current_thread().name}, "busy lanes: one thread, the preparing one"
     finally:
         release.set()
     got_first, got_second = adapter.forward(first).dense.numpy(), adapter.forward(second).dense.numpy()

@@ -11,24 +11,8 @@ from tokenizers import Encoding, Tokenizer
 
 from sie_worker.adapters.lean_engine import SPLIT_TOKENIZE_ITEMS, tokenize_parts
 from sie_worker.adapters.text_tokenizer import TextTokenizer
+from tests.adapters.conftest import ThreadNames
 from tests.sentences import SENTENCES
-
-
-class ThreadNames:
-    """A Rust tokenizer whose batch encodings note the names of the threads they ran on."""
-
-    def __init__(self, backend: Tokenizer) -> None:
-        self.backend, self.names = backend, set[str]()
-
-    def __getattr__(self, name: str) -> object:
-        found = getattr(self.backend, name)
-        if not name.startswith("encode_batch"):
-            return found
-
-        def noted(inputs: list) -> list[Encoding]:
-            self.names.add(threading.current_thread().name)
-            return found(inputs)
-        return noted
 
 
 def reference(path: Path, inputs: list, max_length: int, side: str) -> list[Encoding]:
