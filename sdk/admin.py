@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -211,20 +212,49 @@ def models_ls(targets: Sequence[Target], as_json: bool, out: TextIO, err: TextIO
     return status
 
 
+class _Interrupt:
+    """SIGINT during `watch`: raised (KeyboardInterrupt) only while the watch pauses between listings; during a listing
+    only noted, so that the watch ends once that listing is shown. A second SIGINT during a listing exits at once."""
+
+    def __init__(self) -> None:
+        self.asked = False
+        self.pausing = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        if self.asked and not self.pausing:
+            os._exit(130)  # the listing in hand is stuck (its requests wait out --timeout): the operator insists
+        self.asked = True
+        if self.pausing:
+            raise KeyboardInterrupt
+
+
 def watch(show: Callable[[TextIO, TextIO], int], interval_s: float, out: TextIO, err: TextIO,
           sleep: Callable[[float], None] = time.sleep) -> int:
     """Shows the listing every interval until interrupted (Ctrl-C ends it with status 0). On a terminal each one
-    replaces the last, as `watch` does; otherwise they follow one another under a time stamp, as a log would."""
+    replaces the last, as `watch` does; otherwise they follow one another under a time stamp, as a log would.
+
+    Ctrl-C never raises inside a listing, so never inside the HTTP client's code: a CI run once waited 30 s for a watch
+    it had interrupted (where the exception then landed is not known). A listing in hand is finished first."""
     tty = out.isatty()
+    interrupt = _Interrupt()
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
-        while True:
+        while not interrupt.asked:
             print("\x1b[H\x1b[2J" if tty else "", end="", file=out)
             print(f"Every {interval_s:g}s: {time.strftime('%Y-%m-%d %H:%M:%S')}\n", file=out)
             show(out, err)
             out.flush()
-            sleep(interval_s)
+            interrupt.pausing = True
+            try:
+                if not interrupt.asked:
+                    sleep(interval_s)
+            finally:
+                interrupt.pausing = False
     except KeyboardInterrupt:
-        return 0
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 0
 
 
 def workers_evict(targets: Sequence[Target], model: str, out: TextIO, err: TextIO) -> int:

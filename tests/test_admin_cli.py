@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -253,6 +254,31 @@ def test_watch_shows_the_table_again_until_interrupted(api: tuple[str, type[Admi
     tables = [t for t in out.split("Every 0.2s: ") if t]
     assert len(tables) >= 3 and all("org/model-a" in t and "loading,pinned" in t for t in tables[:3])
     assert run("workers", "ls", "--watch", "--interval", "0", "--url", url)[0] == 2
+
+
+def test_ctrl_c_during_a_listing_ends_the_watch_once_that_listing_is_shown() -> None:
+    """The signal is only noted while a listing runs (its HTTP requests are never cut short), then ends the watch."""
+    before = signal.getsignal(signal.SIGINT)
+    shown: list[str] = []
+
+    def listing(out: io.StringIO, err: io.StringIO) -> int:
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs on this thread before kill returns to this code
+        shown.append("finished")
+        print("a listing", file=out)
+        return 0
+
+    out = io.StringIO()
+    assert admin.watch(listing, 60.0, out, io.StringIO()) == 0, "and no 60 s pause after it"
+    assert shown == ["finished"] and out.getvalue().count("a listing") == 1
+    assert signal.getsignal(signal.SIGINT) is before, "the watch's handler is gone with it"
+
+
+def test_ctrl_c_during_the_pause_ends_the_watch_at_once() -> None:
+    def pause(seconds: float) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the pause went on after Ctrl-C")
+
+    assert admin.watch(lambda out, err: 0, 60.0, io.StringIO(), io.StringIO(), sleep=pause) == 0
 
 
 def test_models_ls_against_a_real_server(server: Server) -> None:
