@@ -16,18 +16,11 @@ from typing import Any
 
 from sie_worker.adapters.batching import read_json
 from sie_worker.failures import is_out_of_memory
-from sie_worker.options import MAX_BATCH_TOKENS
+from sie_worker.options import CPU_WORKER_ENV, MAX_BATCH_TOKENS
 from sie_worker.protocol import WorkerSpec
 
 log = logging.getLogger("sie.worker")
 
-# What a CPU worker's process gets unless the server's environment says otherwise (the router's launch sets it, and a
-# worker that falls back from a GPU placement sets it itself). The Rust tokenizer's own thread pool off: its threads
-# spin for work beside the forward's calls on the same cores, and cost about a quarter more CPU than one thread. A lean
-# worker splits a batch over threads itself, only while its lanes are idle (adapters.lean_engine.tokenize_parts); a
-# torch worker on the CPU tokenises on one thread. b32c4 and b256c1 moved within the runs' spread, either way
-# (bench/README.md, "tokens beside the forward").
-CPU_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
 # Exit status of a worker whose CUDA context broke (any non-zero status is a crash to the router).
 EXIT_DEVICE_FAULT = 4
 _FAULT_MARKERS = ("CUDA error", "CUBLAS_STATUS_", "cuDNN error", "CUDNN_STATUS_", "device-side assert")

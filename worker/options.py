@@ -14,6 +14,14 @@ from typing import Literal, TypeVar
 
 import msgspec
 
+# What a CPU worker's process gets unless the server's environment says otherwise (the router's launch sets it, and a
+# worker that falls back from a GPU placement sets it itself). The Rust tokenizer's own thread pool off: its threads
+# spin for work beside the forward's calls on the same cores, and cost about a quarter more CPU than one thread. A lean
+# worker splits a batch over threads itself, only while its lanes are idle (adapters.lean_engine.tokenize_parts); a
+# torch worker on the CPU tokenises on one thread. b32c4 and b256c1 moved within the runs' spread, either way
+# (bench/README.md, "tokens beside the forward").
+CPU_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
+
 # The router checks a profile's `loadtime` and `runtime` options against its family's Struct when a bundle loads and
 # sends the Struct in the worker's spec; each default below is the only one. A field that is None by default is one
 # the checkpoint's own files may declare: the adapter then takes the checkpoint's value, else its own stated fallback.

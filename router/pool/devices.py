@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import psutil
 import pynvml
 
-from sie_worker.cuda import CPU_WORKER_ENV
+from sie_worker.options import CPU_WORKER_ENV
 
 log = logging.getLogger("sie.devices")
 
@@ -59,7 +59,7 @@ GPU_WORKER_ENV = {"CUDA_MODULE_LOADING": "LAZY", "PYTORCH_CUDA_ALLOC_CONF": "exp
 
 
 def worker_env(device: str, environ: Mapping[str, str]) -> dict[str, str]:
-    """GPU_WORKER_ENV or the worker's own CPU_WORKER_ENV (sie_worker.cuda), by `device`, less what `environ` (the
+    """GPU_WORKER_ENV or the worker's own CPU_WORKER_ENV (sie_worker.options), by `device`, less what `environ` (the
     server's environment, which workers inherit) already sets."""
     defaults = CPU_WORKER_ENV if device == "cpu" else GPU_WORKER_ENV
     return {name: value for name, value in defaults.items() if name not in environ}

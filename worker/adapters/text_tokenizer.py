@@ -62,7 +62,7 @@ class TextTokenizer:
     def _encode(self, inputs: list[Any], offsets: bool, parts: int) -> list[Encoding]:
         """The inputs encoded in `parts` contiguous slices, the first on this thread and each other on a helper; the
         Rust tokenizer lets go of the GIL while it encodes, so the slices run side by side. A CPU worker turns the
-        tokenizer's own thread pool off (sie_worker.cuda.CPU_WORKER_ENV) unless its operator turns it on; then the
+        tokenizer's own thread pool off (sie_worker.options.CPU_WORKER_ENV) unless its operator turns it on; then the
         pool splits each slice again. Every helper is done before this returns or raises: the next call may change
         the shared tokenizer's truncation.
 
