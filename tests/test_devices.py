@@ -60,6 +60,7 @@ def test_each_gpu_is_pinned_by_uuid() -> None:
     assert [d.name for d in devices.snapshot()] == ["cuda:0", "cuda:1", "cuda:2"]
     assert [devices.cuda_visible(f"cuda:{i}") for i in range(3)] == UUIDS
     assert HostMemory().cuda_visible("cpu") == ""  # a CPU worker sees no GPU at all
+    assert devices.cuda_visible("cpu") == ""  # nor on a GPU host
 
 
 @pytest.mark.parametrize(("visible", "names"), [

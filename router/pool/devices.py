@@ -201,8 +201,9 @@ class NvmlDevices:
         return reported + context_bytes if reported else None
 
     def cuda_visible(self, device: str) -> str:
-        """The worker's CUDA_VISIBLE_DEVICES: the device's UUID, so it sees that GPU, as cuda:0, whatever the order."""
-        return self.gpus[device].visible_uuid
+        """The worker's CUDA_VISIBLE_DEVICES: the device's UUID, so it sees that GPU, as cuda:0, whatever the order. A
+        CPU worker on a GPU host sees none."""
+        return "" if device == "cpu" else self.gpus[device].visible_uuid
 
 
 class HostMemory:

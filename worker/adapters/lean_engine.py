@@ -156,11 +156,16 @@ def default_lanes(runtime_kind: str, threads: int) -> int:
     return threads if runtime_kind == "onnxruntime" else min(2, threads)
 
 
+def worker_threads(spec: WorkerSpec) -> int:
+    """The threads a worker computes on: the spec's, or every CPU. The runtime and the tokenizer's helpers share it."""
+    return spec.threads or os.cpu_count() or 1
+
+
 def open_lanes(spec: WorkerSpec, graph: graph_cache.Graph, runtime_kind: str) -> graph_runtime.Lanes:
     """The runtime over the graph, checked on its probe batches (GraphRejected), with the spec's threads, lanes and
     precision."""
     options = engine_options(spec)
-    threads = spec.threads or os.cpu_count() or 1
+    threads = worker_threads(spec)
     lanes = max(1, min(options.onnx_lanes or default_lanes(runtime_kind, threads), threads))
     precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(spec.compute_precision or "", "auto")
     runtime = graph_runtime.open_runtime(runtime_kind, graph, threads=threads, lanes=lanes, precision=precision,
@@ -204,7 +209,7 @@ class GraphSession:
         """Open the tokenizer and the runtime over the graph, checked on the probe batch (GraphRejected), and warm it
         up (RuntimeHung): `first_that_opens` hands a runtime that fails either to the next."""
         self.tokenizer = TextTokenizer(self.graph.tokenizer_path, self.graph.clean_up_tokenization_spaces,
-                                       lowercase=self.lowercase, threads=self.spec.threads or os.cpu_count() or 1)
+                                       lowercase=self.lowercase, threads=worker_threads(self.spec))
         self.lanes = open_lanes(self.spec, self.graph, self.runtime_kind)
         lanes = self.lanes.runtime.lanes
         if self.runtime_kind == "openvino":
