@@ -82,7 +82,7 @@ def main() -> None:
             run(b, 1.0)
     figures: dict[tuple[str, int], list[float]] = {(name, b): [] for name in runs for b in batches}
     fractions: dict[tuple[str, int], list[float]] = {key: [] for key in figures}
-    first = ceiling.measure(model_dir, corpus, a.threads)
+    first = ceiling.measure(model_dir, corpus, a.threads, adapter.session.precision)
     print(ceiling.line(first), flush=True)
     limits = []
     for repeat in range(a.repeats):

@@ -40,7 +40,8 @@ PSS_TARGET_MIB = 450.0
 COLD_START_TARGET_S = 3.0
 RELOAD_TARGET_S = 1.5
 # Infinity's engines, as (--engine, --dtype): fp32 torch, fp32 ONNX Runtime through optimum, and torch in bfloat16,
-# its own reduced precision on this CPU. Infinity's best is the fastest of them at each shape.
+# its own reduced precision, where the CPU computes bf16 natively (as our server then does). Infinity's best is the
+# fastest of them at each shape.
 INFINITY_ENGINES = [("torch", "auto"), ("optimum", "auto"), ("torch", "bfloat16")]
 
 
@@ -100,6 +101,12 @@ def plan_servers(a: argparse.Namespace, model_dir: Path, rows: dict[str, dict]) 
     if not a.skip_infinity:
         for engine, dtype in INFINITY_ENGINES if a.device == "cpu" else [("torch", "auto")]:
             name = targets.infinity_name(engine, dtype)
+            if dtype == "bfloat16" and not ceiling.native_bf16():  # our server computes float32 here too
+                rows[name] = {"unavailable": "this CPU has no native bf16 (AVX512-BF16 or AMX): torch emulates it at "
+                                             "about 1 GFLOP/s, and our server computes float32, so Infinity's float32 "
+                                             "engines are the like-for-like anchor"}
+                print(f"# {name}: left out: {rows[name]['unavailable']}", flush=True)
+                continue
             print(f"# {name}: preparing {infinity_env.VENV} (the first time installs it, about 2 minutes)", flush=True)
             ok, why = infinity_env.ensure(engine)
             folder = model_dir
@@ -213,16 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     tried = ", ".join(f"{k}: {v:.0f}" for k, v in sweep.items())
     print(f"# bare model: {model_dir} ({len(corpus)} sentences, corpus {corpus_digest(corpus)}); reference in "
           f"{time.perf_counter() - t0:.0f} s; best batch {best} (sentences/s by batch: {tried})", flush=True)
-    limit = ceiling.measure(model_dir, corpus, a.threads) if a.device == "cpu" else None
-    if limit:
-        print(ceiling.line(limit), flush=True)
     rows: dict[str, dict] = {"bare": {"runs": {}}}
     servers: list[targets.Server] = []
     memory: dict[str, dict] = {}
     timings: list[coldstart.Timing] = []
+    limit: dict | None = None
     plans = plan_servers(a, model_dir, rows)
     try:
         servers = start_servers(a, plans, rows)
+        if a.device == "cpu":  # in the precision our server computes in, which it says once it is up
+            limit = ceiling.measure(model_dir, corpus, a.threads, ceiling.served_dtype(servers[0].port))
+            print(ceiling.line(limit), flush=True)
         measure(a, bare, best, ref, corpus, servers, rows, shapes, limit)
         memory = {server.name: tree_after(server) for server in servers}
         print(f"# reload after an eviction: our model evicted through the admin API, median of {a.starts}", flush=True)
