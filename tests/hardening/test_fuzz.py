@@ -200,7 +200,9 @@ def check(response: httpx.Response, model: str | None, body: bytes) -> None:
         assert code, f"an error that did not go through the error table: {context}"
     if status < 500:
         return
-    named = model or body.decode("utf-8", "replace")
+    # What reached the server names the model: httpx removes a path's dot segments (RFC 3986), so a drawn
+    # "test/fake-dense/../fake-broken" is sent as, and answered for, test/fake-broken.
+    named = f"{response.request.url.path} {model or ''} {body.decode('utf-8', 'replace')}"
     if status == 503 and code in RETRYABLE and "retry-after" in response.headers:
         return
     assert status == 502 and code == "MODEL_LOAD_FAILED" and any(m in named for m in FAILING), context
