@@ -51,7 +51,8 @@ def test_split_over_threads_and_without_offsets_the_encodings_are_the_rust_token
     spy = ThreadNames(tokenizer.backend)
     tokenizer.backend = spy
     same(tokenizer.encode_batch(texts, 24, offsets=False, parts=3), reference(path, texts, 24, "right"))
-    assert len(spy.names) == 3 and threading.current_thread().name in spy.names, "the caller and two helpers"
+    # The caller runs one part and the helpers the others; one helper may take two parts when the other is not free.
+    assert len(spy.names) >= 2 and threading.current_thread().name in spy.names, "the caller and its helpers"
     tokenizer.close()
     assert not set(threading.enumerate()) - earlier, "close() ends the helpers"
 
